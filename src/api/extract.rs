@@ -1,0 +1,126 @@
+//! Streaming request bodies to disk: raw bodies and multipart fields alike go to a temp file
+//! next to the blobs, hashed as they arrive, never held whole in memory.
+
+use crate::error::{ApiError, ErrorCode};
+use crate::startup::AppState;
+use axum::body::Body;
+use axum::extract::{FromRequest, Multipart, Request};
+use axum::http::header::CONTENT_TYPE;
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt};
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncWriteExt;
+
+/// A received file in the staging directory; dropped means deleted.
+pub struct Received {
+    pub temp: tempfile::TempPath,
+    pub size: u64,
+    pub sha256: String,
+}
+
+/// A whole request: the file (if any) and, for multipart forms, the `spec` field.
+pub struct Upload {
+    pub file: Option<Received>,
+    pub file_name: Option<String>,
+    pub spec: Option<Bytes>,
+}
+
+/// Largest JSON spec accepted.
+pub const MAX_SPEC_BYTES: usize = 1 << 20;
+
+pub fn is_multipart(req: &Request) -> bool {
+    req.headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.to_ascii_lowercase().starts_with("multipart/form-data"))
+}
+
+async fn to_temp<S, E>(state: &AppState, mut stream: S) -> Result<Received, ApiError>
+where
+    S: Stream<Item = Result<Bytes, E>> + Unpin,
+    E: std::fmt::Display,
+{
+    let limit = state.config.max_upload_bytes;
+    let temp = tempfile::Builder::new()
+        .prefix("upload-")
+        .tempfile_in(state.blobs.staging_dir())
+        .map_err(ApiError::internal)?;
+    let (file, temp) = temp.into_parts();
+    let mut file = tokio::io::BufWriter::with_capacity(1 << 20, tokio::fs::File::from_std(file));
+    let mut hasher = Sha256::new();
+    let mut size = 0u64;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| ApiError::new(ErrorCode::InvalidRequest, format!("upload interrupted: {e}")))?;
+        size += chunk.len() as u64;
+        if size > limit {
+            // `temp` is dropped here, which removes the partial file.
+            return Err(ApiError::new(
+                ErrorCode::PayloadTooLarge,
+                format!("upload exceeds the limit of {limit} bytes (MODELPRESS_MAX_UPLOAD_BYTES)"),
+            ));
+        }
+        hasher.update(&chunk);
+        file.write_all(&chunk).await.map_err(ApiError::internal)?;
+    }
+    file.flush().await.map_err(ApiError::internal)?;
+    metrics::counter!("modelpress_upload_bytes_total").increment(size);
+    Ok(Received { temp, size, sha256: hex::encode(hasher.finalize()) })
+}
+
+/// Reads a raw body or a multipart form (`file`, optional `spec`).
+pub async fn receive(state: &AppState, req: Request) -> Result<Upload, ApiError> {
+    if !is_multipart(&req) {
+        let stream = req.into_body().into_data_stream();
+        let file = to_temp(state, stream).await?;
+        return Ok(Upload { file: Some(file), file_name: None, spec: None });
+    }
+    let mut form = Multipart::from_request(req, state)
+        .await
+        .map_err(|e| ApiError::new(ErrorCode::InvalidRequest, format!("bad multipart form: {e}")))?;
+    let mut upload = Upload { file: None, file_name: None, spec: None };
+    loop {
+        let field = form
+            .next_field()
+            .await
+            .map_err(|e| ApiError::new(ErrorCode::InvalidRequest, format!("bad multipart form: {e}")))?;
+        let Some(field) = field else { break };
+        match field.name() {
+            Some("file") => {
+                if upload.file.is_some() {
+                    return Err(ApiError::new(ErrorCode::InvalidRequest, "the form has more than one `file` field"));
+                }
+                upload.file_name = field.file_name().map(str::to_string);
+                upload.file = Some(to_temp(state, field).await?);
+            }
+            Some("spec") => {
+                let mut buf = Vec::new();
+                let mut field = field;
+                while let Some(chunk) = field
+                    .chunk()
+                    .await
+                    .map_err(|e| ApiError::new(ErrorCode::InvalidRequest, format!("bad multipart form: {e}")))?
+                {
+                    if buf.len() + chunk.len() > MAX_SPEC_BYTES {
+                        return Err(ApiError::new(ErrorCode::PayloadTooLarge, "the spec field is larger than 1 MiB"));
+                    }
+                    buf.extend_from_slice(&chunk);
+                }
+                upload.spec = Some(Bytes::from(buf));
+            }
+            other => {
+                return Err(ApiError::new(
+                    ErrorCode::InvalidRequest,
+                    format!("unexpected form field {:?} (expected `file` and, for jobs, `spec`)", other.unwrap_or("")),
+                ))
+            }
+        }
+    }
+    Ok(upload)
+}
+
+/// Reads a small body whole (JSON specs), refusing anything over `limit`.
+pub async fn small_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|_| ApiError::new(ErrorCode::PayloadTooLarge, format!("the request body is larger than {limit} bytes")))
+}

@@ -1,0 +1,115 @@
+//! HTTP routes, one module per resource.
+
+pub mod artifacts;
+pub mod extract;
+pub mod health;
+pub mod jobs;
+pub mod models;
+
+use crate::error::{ApiError, ErrorCode};
+use crate::startup::AppState;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::{get, post};
+use axum::Router;
+use std::time::Instant;
+
+/// Every served (method, path). The OpenAPI drift test checks this list against
+/// `openapi.yaml` and against the router itself.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("GET", "/healthz"),
+    ("GET", "/readyz"),
+    ("GET", "/metrics"),
+    ("GET", "/openapi.yaml"),
+    ("POST", "/v1/models"),
+    ("GET", "/v1/models"),
+    ("GET", "/v1/models/{id}"),
+    ("DELETE", "/v1/models/{id}"),
+    ("GET", "/v1/models/{id}/tensors"),
+    ("POST", "/v1/jobs"),
+    ("GET", "/v1/jobs"),
+    ("GET", "/v1/jobs/{id}"),
+    ("POST", "/v1/jobs/{id}/cancel"),
+    ("GET", "/v1/jobs/{id}/artifacts/{name}"),
+];
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .route("/metrics", get(health::metrics))
+        .route("/openapi.yaml", get(health::openapi))
+        .route("/v1/models", post(models::upload).get(models::list))
+        .route("/v1/models/{id}", get(models::get_one).delete(models::delete))
+        .route("/v1/models/{id}/tensors", get(models::tensors))
+        .route("/v1/jobs", post(jobs::create).get(jobs::list))
+        .route("/v1/jobs/{id}", get(jobs::get_one))
+        .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
+        .route("/v1/jobs/{id}/artifacts/{name}", get(artifacts::download))
+        .route_layer(middleware::from_fn(track_metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        // Uploads are streamed to disk with their own limit; nothing is buffered whole.
+        .layer(DefaultBodyLimit::disable())
+        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(ErrorCode::NotFound, "no such route; see /openapi.yaml")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(ErrorCode::MethodNotAllowed, "method not allowed on this route; see /openapi.yaml")
+}
+
+/// Counts requests by matched route (never the raw URI) and status.
+async fn track_metrics(req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|m| m.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".into());
+    let method = req.method().to_string();
+    let start = Instant::now();
+    let resp = next.run(req).await;
+    let status = resp.status().as_u16().to_string();
+    metrics::counter!("modelpress_http_requests_total", "method" => method.clone(), "route" => route.clone(), "status" => status)
+        .increment(1);
+    metrics::histogram!("modelpress_http_request_duration_seconds", "method" => method, "route" => route)
+        .record(start.elapsed().as_secs_f64());
+    resp
+}
+
+/// RFC 3339 from unix milliseconds.
+pub fn rfc3339(ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_default()
+}
+
+/// Parses an id from the path; a malformed id is simply not found.
+pub fn parse_id(raw: &str, code: ErrorCode, what: &str) -> Result<uuid::Uuid, ApiError> {
+    uuid::Uuid::parse_str(raw).map_err(|_| ApiError::new(code, format!("no {what} with id {raw:?}")))
+}
+
+/// `limit` and `cursor` query parameters shared by the list routes.
+pub fn page_params(q: &std::collections::HashMap<String, String>) -> Result<(u32, Option<uuid::Uuid>), ApiError> {
+    let limit = match q.get("limit") {
+        None => 50,
+        Some(l) => l
+            .parse::<u32>()
+            .ok()
+            .filter(|l| (1..=500).contains(l))
+            .ok_or_else(|| ApiError::new(ErrorCode::InvalidRequest, "limit must be an integer from 1 to 500"))?,
+    };
+    let cursor = match q.get("cursor").filter(|c| !c.is_empty()) {
+        None => None,
+        Some(c) => Some(
+            uuid::Uuid::parse_str(c).map_err(|_| ApiError::new(ErrorCode::InvalidRequest, "cursor is not a value this API returned"))?,
+        ),
+    };
+    Ok((limit, cursor))
+}

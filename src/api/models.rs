@@ -1,0 +1,130 @@
+//! `/v1/models`: upload, list, inspect, delete.
+
+use super::extract::{self, Received};
+use super::{page_params, parse_id, rfc3339};
+use crate::error::{ApiError, ErrorCode};
+use crate::formats;
+use crate::queue::{ModelRecord, QueueError};
+use crate::startup::{AppState, DEFAULT_TENANT};
+use axum::extract::{Path, Query, Request, State};
+use axum::http::StatusCode;
+use axum::Json;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use uuid::Uuid;
+
+pub fn model_view(m: &ModelRecord) -> Value {
+    json!({
+        "id": m.id,
+        "name": m.name,
+        "format": m.format,
+        "size_bytes": m.size_bytes,
+        "sha256": m.sha256,
+        "tensor_count": m.tensor_count,
+        "parameter_count": m.parameter_count,
+        "created_at": rfc3339(m.created_at),
+    })
+}
+
+/// Validates a received file and stores it as a model. The file is parsed before anything is
+/// stored, so a bad file leaves no trace.
+pub async fn store_model(state: &AppState, file: Received, name: Option<String>) -> Result<ModelRecord, ApiError> {
+    if file.size == 0 {
+        return Err(ApiError::new(ErrorCode::InvalidModel, "the upload is empty"));
+    }
+    let path = file.temp.to_path_buf();
+    let parsed = tokio::task::spawn_blocking(move || {
+        formats::read_path(&path).map(|set| (set.format, formats::inventory(&set), set.parameter_count()))
+    })
+    .await
+    .map_err(ApiError::internal)?;
+    let (format, inventory, parameters) = match parsed {
+        Ok(v) => v,
+        Err(e) if e.is_user_error() => return Err(ApiError::new(ErrorCode::InvalidModel, e.to_string())),
+        Err(e) => return Err(ApiError::internal(e)),
+    };
+    let id = Uuid::now_v7();
+    let default_name = format!("model.{}", format.extension());
+    let name = name
+        .map(|n| n.chars().filter(|c| !c.is_control()).take(255).collect::<String>())
+        .filter(|n| !n.is_empty())
+        .unwrap_or(default_name);
+    let record = ModelRecord {
+        id,
+        tenant_id: DEFAULT_TENANT.into(),
+        name,
+        format: format.as_str().into(),
+        size_bytes: file.size,
+        sha256: file.sha256.clone(),
+        tensor_count: inventory.len() as u64,
+        parameter_count: parameters,
+        blob_key: format!("models/{id}"),
+        tensors_json: serde_json::to_string(&inventory).map_err(ApiError::internal)?,
+        created_at: crate::queue::now_ms(),
+    };
+    state.blobs.put_file(&record.blob_key, &file.temp).await?;
+    // The file now lives under its key; the temp path no longer exists.
+    let _ = file.temp.keep();
+    if let Err(e) = state.models.insert_model(&record).await {
+        let _ = state.blobs.delete(&record.blob_key).await;
+        return Err(e.into());
+    }
+    tracing::info!(model_id = %id, format = record.format, bytes = record.size_bytes, "model stored");
+    Ok(record)
+}
+
+pub async fn upload(
+    State(state): State<AppState>,
+    Query(q): Query<HashMap<String, String>>,
+    req: Request,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let up = extract::receive(&state, req).await?;
+    if up.spec.is_some() {
+        return Err(ApiError::new(ErrorCode::InvalidRequest, "a `spec` field belongs to POST /v1/jobs"));
+    }
+    let file = up.file.ok_or_else(|| ApiError::new(ErrorCode::InvalidRequest, "the form has no `file` field"))?;
+    let name = q.get("name").cloned().or(up.file_name);
+    let record = store_model(&state, file, name).await?;
+    Ok((StatusCode::CREATED, Json(model_view(&record))))
+}
+
+pub async fn list(State(state): State<AppState>, Query(q): Query<HashMap<String, String>>) -> Result<Json<Value>, ApiError> {
+    let (limit, cursor) = page_params(&q)?;
+    let items = state.models.list_models(DEFAULT_TENANT, limit, cursor).await?;
+    let next = (items.len() == limit as usize).then(|| items.last().map(|m| m.id)).flatten();
+    Ok(Json(json!({"items": items.iter().map(model_view).collect::<Vec<_>>(), "next_cursor": next})))
+}
+
+async fn find(state: &AppState, raw: &str) -> Result<ModelRecord, ApiError> {
+    let id = parse_id(raw, ErrorCode::ModelNotFound, "model")?;
+    state
+        .models
+        .get_model(DEFAULT_TENANT, id)
+        .await?
+        .ok_or_else(|| ApiError::new(ErrorCode::ModelNotFound, format!("no model with id {id}")))
+}
+
+pub async fn get_one(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+    Ok(Json(model_view(&find(&state, &id).await?)))
+}
+
+pub async fn tensors(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+    let m = find(&state, &id).await?;
+    let items: Value = serde_json::from_str(&m.tensors_json).map_err(ApiError::internal)?;
+    Ok(Json(json!({"model_id": m.id, "items": items})))
+}
+
+pub async fn delete(State(state): State<AppState>, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
+    let id = parse_id(&id, ErrorCode::ModelNotFound, "model")?;
+    let keys = match state.models.delete_model(DEFAULT_TENANT, id).await {
+        Ok(k) => k,
+        Err(QueueError::NotFound) => return Err(ApiError::new(ErrorCode::ModelNotFound, format!("no model with id {id}"))),
+        Err(e) => return Err(e.into()),
+    };
+    for k in keys {
+        if let Err(e) = state.blobs.delete(&k).await {
+            tracing::warn!(key = k, error = %e, "could not delete blob of a deleted model");
+        }
+    }
+    Ok(StatusCode::NO_CONTENT)
+}

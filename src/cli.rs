@@ -1,0 +1,99 @@
+//! `modelpress compress` and `modelpress inspect`: the same pipeline as a job, no server.
+
+use crate::compress::{self, Control};
+use crate::config::{CompressArgs, InspectArgs};
+use crate::formats;
+use crate::runner;
+use indicatif::{ProgressBar, ProgressStyle};
+
+struct BarControl(ProgressBar);
+
+impl Control for BarControl {
+    fn progress(&self, fraction: f64, stage: &str) {
+        self.0.set_position((fraction * 1000.0) as u64);
+        self.0.set_message(stage.to_string());
+    }
+    fn cancelled(&self) -> bool {
+        false
+    }
+}
+
+/// Runs the command; returns the process exit code (0 ok, 1 failed, 2 bad input).
+pub fn compress(args: CompressArgs) -> i32 {
+    let spec = match (&args.preset, &args.spec) {
+        (Some(p), _) => serde_json::json!({"preset": p}),
+        (None, Some(path)) => match std::fs::read(path).map_err(|e| e.to_string()).and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string())) {
+            Ok(v) => v,
+            Err(e) => {
+                eprintln!("error: cannot read spec {}: {e}", path.display());
+                return 2;
+            }
+        },
+        (None, None) => {
+            eprintln!("error: give --preset or --spec");
+            return 2;
+        }
+    };
+    let plan = match compress::parse_spec(&spec) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("error: invalid spec: {e}");
+            return 2;
+        }
+    };
+    if let Err(e) = std::fs::create_dir_all(&args.output) {
+        eprintln!("error: cannot create {}: {e}", args.output.display());
+        return 1;
+    }
+    let bar = if args.quiet { ProgressBar::hidden() } else { ProgressBar::new(1000) };
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40} {percent:>3}% {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let ctl = BarControl(bar);
+    let result = runner::execute(&args.input, &plan, &args.output, &ctl);
+    ctl.0.finish_and_clear();
+    match result {
+        Ok(out) => {
+            let s = &out.summary;
+            println!(
+                "compressed {} -> {} bytes (ratio {:.2}x), {} parameters, {} nonzero, {:.2} bits/weight",
+                s.original_bytes, s.compressed_bytes, s.ratio, s.parameters, s.nonzero_parameters, s.mean_bits_per_weight
+            );
+            for a in &out.artifacts {
+                println!("  {:<24} {:>12} bytes  sha256 {}", a.name, a.size_bytes, a.sha256);
+            }
+            0
+        }
+        Err(runner::RunError::InvalidModel(m)) => {
+            eprintln!("error: invalid model: {m}");
+            2
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            1
+        }
+    }
+}
+
+pub fn inspect(args: InspectArgs) -> i32 {
+    let set = match formats::read_path(&args.input) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return if e.is_user_error() { 2 } else { 1 };
+        }
+    };
+    let inv = formats::inventory(&set);
+    if args.json {
+        let doc = serde_json::json!({"format": set.format, "parameter_count": set.parameter_count(), "tensors": inv});
+        println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+        return 0;
+    }
+    println!("format: {}   tensors: {}   parameters: {}", set.format.as_str(), inv.len(), set.parameter_count());
+    println!("{:<48} {:<20} {:<9} {:>12} role", "name", "shape", "dtype", "parameters");
+    for t in &inv {
+        println!("{:<48} {:<20} {:<9} {:>12} {}", t.name, format!("{:?}", t.shape), t.dtype, t.parameters, t.role);
+    }
+    0
+}

@@ -1,0 +1,361 @@
+//! Uniform quantization: symmetric or affine, per tensor or per output channel.
+
+use serde::Serialize;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scheme {
+    Symmetric,
+    Affine,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Granularity {
+    Tensor,
+    Channel,
+}
+
+/// Integer codes plus what dequantizes them: `w ≈ (q - zero_point) · scale`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Quantized {
+    pub bits: u8,
+    pub scheme: Scheme,
+    /// The channel axis, or None for one scale over the whole tensor.
+    pub axis: Option<usize>,
+    pub scales: Vec<f32>,
+    /// Empty for the symmetric scheme (its zero point is 0).
+    pub zero_points: Vec<i8>,
+    pub codes: Vec<i8>,
+}
+
+/// The tensor viewed as `outer × channels × inner` blocks around the channel axis.
+#[derive(Debug, Clone, Copy)]
+pub struct ChannelLayout {
+    pub outer: usize,
+    pub channels: usize,
+    pub inner: usize,
+}
+
+impl ChannelLayout {
+    pub fn new(shape: &[usize], axis: Option<usize>) -> ChannelLayout {
+        let n: usize = shape.iter().product();
+        match axis {
+            Some(a) if a < shape.len() => ChannelLayout {
+                outer: shape[..a].iter().product(),
+                channels: shape[a],
+                inner: shape[a + 1..].iter().product(),
+            },
+            _ => ChannelLayout {
+                outer: 1,
+                channels: 1,
+                inner: n,
+            },
+        }
+    }
+    /// The channel of flat element `i` (used by the reference implementations).
+    pub fn channel_of(&self, i: usize) -> usize {
+        (i / self.inner.max(1)) % self.channels.max(1)
+    }
+}
+
+fn code_range(bits: u8, scheme: Scheme) -> (f32, f32) {
+    let half = (1i32 << (bits - 1)) as f32;
+    match scheme {
+        // Symmetric leaves out -2^(b-1) so that +max and -max are both representable.
+        Scheme::Symmetric => (-(half - 1.0), half - 1.0),
+        Scheme::Affine => (-half, half - 1.0),
+    }
+}
+
+/// Scale and zero point from a channel's min and max.
+fn params(lo: f32, hi: f32, bits: u8, scheme: Scheme) -> (f32, i8) {
+    let (qmin, qmax) = code_range(bits, scheme);
+    match scheme {
+        Scheme::Symmetric => {
+            let m = lo.abs().max(hi.abs());
+            let s = m / qmax;
+            (if s > 0.0 && s.is_finite() { s } else { 1.0 }, 0)
+        }
+        Scheme::Affine => {
+            // The range always holds 0, so that 0 (and every pruned weight) stays exact.
+            let (lo, hi) = (lo.min(0.0), hi.max(0.0));
+            let s = (hi - lo) / (qmax - qmin);
+            let s = if s > 0.0 && s.is_finite() { s } else { 1.0 };
+            let zp = (qmin - lo / s).round_ties_even().clamp(qmin, qmax);
+            (s, zp as i8)
+        }
+    }
+}
+
+const MAGIC: f32 = 12_582_912.0; // 1.5 · 2^23: adding it rounds to an integer, ties to even.
+const MAGIC_BITS: i32 = 0x4B40_0000;
+
+/// Round-half-even of an already clamped value in the int8 range, without a saturating
+/// float→int cast (which blocks vectorization; see ../shared/STACK.md).
+#[inline(always)]
+fn fast_round(x: f32) -> i8 {
+    ((x + MAGIC).to_bits() as i32 - MAGIC_BITS) as i8
+}
+
+fn min_max(values: &[f32]) -> (f32, f32) {
+    values
+        .iter()
+        .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| {
+            (lo.min(v), hi.max(v))
+        })
+}
+
+/// Quantizes `values` (C order, `shape`). Values must be finite.
+pub fn quantize(
+    values: &[f32],
+    shape: &[usize],
+    bits: u8,
+    scheme: Scheme,
+    axis: Option<usize>,
+) -> Quantized {
+    let layout = ChannelLayout::new(shape, axis);
+    let ch = layout.channels.max(1);
+    let (mut lo, mut hi) = (vec![f32::INFINITY; ch], vec![f32::NEG_INFINITY; ch]);
+    if layout.inner == 1 && ch > 1 {
+        for row in values.chunks_exact(ch) {
+            for c in 0..ch {
+                lo[c] = lo[c].min(row[c]);
+                hi[c] = hi[c].max(row[c]);
+            }
+        }
+    } else {
+        for (b, block) in values.chunks(layout.inner.max(1)).enumerate() {
+            let c = b % ch;
+            let (l, h) = min_max(block);
+            lo[c] = lo[c].min(l);
+            hi[c] = hi[c].max(h);
+        }
+    }
+    let (scales, zps): (Vec<f32>, Vec<i8>) = lo
+        .iter()
+        .zip(&hi)
+        .map(|(&l, &h)| {
+            let (l, h) = if l > h { (0.0, 0.0) } else { (l, h) };
+            params(l, h, bits, scheme)
+        })
+        .unzip();
+    let (qmin, qmax) = code_range(bits, scheme);
+    let mut codes = vec![0i8; values.len()];
+    if layout.inner == 1 && ch > 1 {
+        let zpf: Vec<f32> = zps.iter().map(|&z| f32::from(z)).collect();
+        for (row, out) in values.chunks_exact(ch).zip(codes.chunks_exact_mut(ch)) {
+            for c in 0..ch {
+                out[c] = fast_round(
+                    (row[c] / scales[c])
+                        .round_ties_even_fast()
+                        .add_clamped(zpf[c], qmin, qmax),
+                );
+            }
+        }
+    } else {
+        let n = layout.inner.max(1);
+        for (b, (block, out)) in values.chunks(n).zip(codes.chunks_mut(n)).enumerate() {
+            let c = b % ch;
+            let (s, z) = (scales[c], f32::from(zps[c]));
+            for (o, &v) in out.iter_mut().zip(block) {
+                // Rounding v/s before adding the integral zero point equals rounding the sum.
+                *o = fast_round((v / s).round_ties_even_fast().add_clamped(z, qmin, qmax));
+            }
+        }
+    }
+    Quantized {
+        bits,
+        scheme,
+        axis,
+        scales,
+        zero_points: if scheme == Scheme::Affine { zps } else { Vec::new() },
+        codes,
+    }
+}
+
+trait RoundHelpers {
+    fn round_ties_even_fast(self) -> f32;
+    fn add_clamped(self, z: f32, lo: f32, hi: f32) -> f32;
+}
+
+impl RoundHelpers for f32 {
+    #[inline(always)]
+    fn round_ties_even_fast(self) -> f32 {
+        // Exact for |x| < 2^22; larger values are already integers or get clamped below.
+        if self.abs() < 4_194_304.0 {
+            (self + MAGIC) - MAGIC
+        } else {
+            self
+        }
+    }
+    #[inline(always)]
+    fn add_clamped(self, z: f32, lo: f32, hi: f32) -> f32 {
+        (self + z).clamp(lo, hi)
+    }
+}
+
+/// Values the codes stand for.
+pub fn dequantize(q: &Quantized, shape: &[usize]) -> Vec<f32> {
+    let layout = ChannelLayout::new(shape, q.axis);
+    let ch = layout.channels.max(1);
+    let zp = |c: usize| f32::from(q.zero_points.get(c).copied().unwrap_or(0));
+    let mut out = vec![0f32; q.codes.len()];
+    if layout.inner == 1 && ch > 1 {
+        for (codes, o) in q.codes.chunks_exact(ch).zip(out.chunks_exact_mut(ch)) {
+            for c in 0..ch {
+                o[c] = (f32::from(codes[c]) - zp(c)) * q.scales[c];
+            }
+        }
+    } else {
+        let n = layout.inner.max(1);
+        for (b, (codes, o)) in q.codes.chunks(n).zip(out.chunks_mut(n)).enumerate() {
+            let c = b % ch;
+            let (s, z) = (q.scales[c], zp(c));
+            for (v, &k) in o.iter_mut().zip(codes) {
+                *v = (f32::from(k) - z) * s;
+            }
+        }
+    }
+    out
+}
+
+/// The slow, obvious version: one element at a time, channel from the flat index.
+pub fn quantize_reference(
+    values: &[f32],
+    shape: &[usize],
+    bits: u8,
+    scheme: Scheme,
+    axis: Option<usize>,
+) -> Quantized {
+    let layout = ChannelLayout::new(shape, axis);
+    let ch = layout.channels.max(1);
+    let mut lo = vec![f32::INFINITY; ch];
+    let mut hi = vec![f32::NEG_INFINITY; ch];
+    for (i, &v) in values.iter().enumerate() {
+        let c = layout.channel_of(i);
+        lo[c] = lo[c].min(v);
+        hi[c] = hi[c].max(v);
+    }
+    let mut scales = Vec::new();
+    let mut zps = Vec::new();
+    for c in 0..ch {
+        let (l, h) = if lo[c] > hi[c] { (0.0, 0.0) } else { (lo[c], hi[c]) };
+        let (s, z) = params(l, h, bits, scheme);
+        scales.push(s);
+        zps.push(z);
+    }
+    let (qmin, qmax) = code_range(bits, scheme);
+    let codes = values
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            let c = layout.channel_of(i);
+            ((v / scales[c]).round_ties_even() + f32::from(zps[c])).clamp(qmin, qmax) as i8
+        })
+        .collect();
+    Quantized {
+        bits,
+        scheme,
+        axis,
+        scales,
+        zero_points: if scheme == Scheme::Affine { zps } else { Vec::new() },
+        codes,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compress::testing::Tolerance;
+    use proptest::prelude::*;
+
+    /// A random tensor with a random shape, channel axis and scheme.
+    #[derive(Debug, Clone)]
+    struct QuantizeProblem {
+        shape: Vec<usize>,
+        values: Vec<f32>,
+        bits: u8,
+        scheme: Scheme,
+        axis: Option<usize>,
+    }
+
+    fn problem() -> impl Strategy<Value = QuantizeProblem> {
+        (prop::collection::vec(1usize..6, 1..4), 2u8..=8, any::<bool>(), any::<bool>(), 0usize..4)
+            .prop_flat_map(|(shape, bits, affine, per_channel, axis)| {
+                let n: usize = shape.iter().product();
+                let rank = shape.len();
+                (
+                    Just(shape),
+                    prop::collection::vec(-1000f32..1000f32, n),
+                    Just(bits),
+                    Just(if affine { Scheme::Affine } else { Scheme::Symmetric }),
+                    Just(if per_channel { Some(axis % rank) } else { None }),
+                )
+            })
+            .prop_map(|(shape, values, bits, scheme, axis)| QuantizeProblem {
+                shape,
+                values,
+                bits,
+                scheme,
+                axis,
+            })
+    }
+
+    impl QuantizeProblem {
+        fn check(&self) {
+            let fast = quantize(&self.values, &self.shape, self.bits, self.scheme, self.axis);
+            let slow = quantize_reference(&self.values, &self.shape, self.bits, self.scheme, self.axis);
+            Tolerance::Exact.assert_i8(&fast.codes, &slow.codes);
+            assert_eq!(fast.scales, slow.scales);
+            assert_eq!(fast.zero_points, slow.zero_points);
+            // Round-to-nearest error bound: half a step, per element, in its own channel.
+            let back = dequantize(&fast, &self.shape);
+            let layout = ChannelLayout::new(&self.shape, self.axis);
+            for (i, (&v, &d)) in self.values.iter().zip(&back).enumerate() {
+                let s = fast.scales[layout.channel_of(i)];
+                Tolerance::HalfStep(s).assert_close(v, d);
+            }
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn quantize_matches_reference(p in problem()) {
+            p.check();
+        }
+    }
+
+    #[test]
+    fn per_channel_error_is_at_most_per_tensor_error() {
+        // Channels with very different ranges, like silero's encoder.3.weight.
+        let shape = [4usize, 64];
+        let values: Vec<f32> = (0..256)
+            .map(|i| ((i * 37 % 101) as f32 / 50.0 - 1.0) * [0.09f32, 1.0, 7.0, 54.9][i / 64])
+            .collect();
+        for scheme in [Scheme::Symmetric, Scheme::Affine] {
+            let err = |axis| {
+                let q = quantize(&values, &shape, 8, scheme, axis);
+                let d = dequantize(&q, &shape);
+                values.iter().zip(&d).map(|(a, b)| (a - b).powi(2)).sum::<f32>()
+            };
+            assert!(err(Some(0)) <= err(None), "{scheme:?}");
+        }
+    }
+
+    #[test]
+    fn matmul_layout_uses_last_axis() {
+        // [in=3, out=2]: channel = column.
+        let values = [1.0f32, 100.0, -1.0, -100.0, 0.5, 50.0];
+        let q = quantize(&values, &[3, 2], 8, Scheme::Symmetric, Some(1));
+        assert_eq!(q.scales.len(), 2);
+        assert!((q.scales[0] - 1.0 / 127.0).abs() < 1e-9);
+        assert!((q.scales[1] - 100.0 / 127.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn zero_tensor_is_exact() {
+        let q = quantize(&[0.0; 8], &[2, 4], 8, Scheme::Affine, Some(0));
+        assert_eq!(dequantize(&q, &[2, 4]), vec![0.0; 8]);
+    }
+}

@@ -1,0 +1,114 @@
+//! Command line and environment. Every server setting has an env fallback.
+
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Debug, Parser)]
+#[command(name = "modelpress", version, about = "Compress trained neural networks: a server and a CLI")]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Settings for `serve`, the default subcommand.
+    #[command(flatten)]
+    pub serve: ServeConfig,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the HTTP server and its workers (the default).
+    Serve(ServeConfig),
+    /// Compress a model file without a server, writing the same artifacts as a job.
+    Compress(CompressArgs),
+    /// Print the tensor inventory of a model file.
+    Inspect(InspectArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeConfig {
+    /// Address to listen on (port 0 picks a free port).
+    #[arg(long, env = "MODELPRESS_ADDR", default_value = "127.0.0.1:8080")]
+    pub addr: String,
+    /// Directory for the SQLite file and the blobs.
+    #[arg(long, env = "MODELPRESS_DATA_DIR", default_value = "./modelpress-data")]
+    pub data_dir: PathBuf,
+    /// Database URL; defaults to `sqlite://<data_dir>/modelpress.db`.
+    #[arg(long, env = "MODELPRESS_DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// Concurrent compression jobs; defaults to the number of available cores.
+    #[arg(long, env = "MODELPRESS_WORKERS")]
+    pub workers: Option<usize>,
+    /// Largest accepted upload, in bytes (4 GiB by default).
+    #[arg(long, env = "MODELPRESS_MAX_UPLOAD_BYTES", default_value_t = 4 << 30)]
+    pub max_upload_bytes: u64,
+    /// How long a worker's claim on a job lasts without a heartbeat, in milliseconds.
+    #[arg(long, env = "MODELPRESS_LEASE_MS", default_value_t = 30_000)]
+    pub lease_ms: u64,
+    /// Attempts before a job whose worker keeps dying fails with `attempts_exhausted`.
+    #[arg(long, env = "MODELPRESS_MAX_ATTEMPTS", default_value_t = 3)]
+    pub max_attempts: u32,
+    /// On SIGINT/SIGTERM, how long running jobs may take to finish before being requeued.
+    #[arg(long, env = "MODELPRESS_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
+    pub shutdown_grace_secs: u64,
+    /// Log format: `text` or `json`.
+    #[arg(long, env = "MODELPRESS_LOG_FORMAT", default_value = "text")]
+    pub log_format: String,
+    /// Crash points for tests (`tensor-delay-ms=N`, `panic`); needs the `failpoints` feature.
+    #[arg(long, env = "MODELPRESS_FAILPOINT", hide = true)]
+    pub failpoint: Option<String>,
+}
+
+impl ServeConfig {
+    pub fn database_url(&self) -> String {
+        self.database_url
+            .clone()
+            .unwrap_or_else(|| format!("sqlite://{}", self.data_dir.join("modelpress.db").display()))
+    }
+    pub fn worker_count(&self) -> usize {
+        self.workers
+            .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
+            .max(1)
+    }
+    /// A configuration for tests and embedding: loopback, port 0, everything else default.
+    pub fn for_data_dir(dir: impl Into<PathBuf>) -> ServeConfig {
+        ServeConfig {
+            addr: "127.0.0.1:0".into(),
+            data_dir: dir.into(),
+            database_url: None,
+            workers: Some(2),
+            max_upload_bytes: 4 << 30,
+            lease_ms: 30_000,
+            max_attempts: 3,
+            shutdown_grace_secs: 30,
+            log_format: "text".into(),
+            failpoint: None,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct CompressArgs {
+    /// Model file (ONNX, safetensors, .npy, .npz; detected from content).
+    pub input: PathBuf,
+    /// A built-in preset: int8, int8-tensor, prune50, prune50-int8, fp16, bf16.
+    #[arg(long, conflicts_with = "spec", required_unless_present = "spec")]
+    pub preset: Option<String>,
+    /// A JSON spec file: {"pipeline": [...], "outputs": [...]} or {"preset": "..."}.
+    #[arg(long)]
+    pub spec: Option<PathBuf>,
+    /// Output directory for the artifacts.
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// Hide the progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// Model file.
+    pub input: PathBuf,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}

@@ -1,0 +1,131 @@
+//! The one error type at the HTTP edge. Clients switch on `code`; the table below is the
+//! only place a code is spelled.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+
+/// Stable error codes, with their HTTP status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    /// 400: the request is malformed (bad JSON, bad query parameter, missing field).
+    InvalidRequest,
+    /// 422: the model file is corrupt, truncated, hostile or of an unsupported kind.
+    InvalidModel,
+    /// 422: the compression spec is wrong; the message names the field.
+    InvalidSpec,
+    /// 413: the upload is larger than `MODELPRESS_MAX_UPLOAD_BYTES`.
+    PayloadTooLarge,
+    /// 415: the request body has a content type this route does not take.
+    UnsupportedMediaType,
+    /// 404
+    ModelNotFound,
+    /// 404
+    JobNotFound,
+    /// 404
+    ArtifactNotFound,
+    /// 404: no such route.
+    NotFound,
+    /// 405
+    MethodNotAllowed,
+    /// 409: a queued or running job uses the model.
+    ModelInUse,
+    /// 409: the Idempotency-Key was used with a different request.
+    IdempotencyConflict,
+    /// 409: the job already finished.
+    JobNotCancellable,
+    /// 416
+    RangeNotSatisfiable,
+    /// 503: the database or blob store is not reachable.
+    Unavailable,
+    /// 500: our bug; details are logged, not returned.
+    Internal,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidRequest => "invalid_request",
+            ErrorCode::InvalidModel => "invalid_model",
+            ErrorCode::InvalidSpec => "invalid_spec",
+            ErrorCode::PayloadTooLarge => "payload_too_large",
+            ErrorCode::UnsupportedMediaType => "unsupported_media_type",
+            ErrorCode::ModelNotFound => "model_not_found",
+            ErrorCode::JobNotFound => "job_not_found",
+            ErrorCode::ArtifactNotFound => "artifact_not_found",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::MethodNotAllowed => "method_not_allowed",
+            ErrorCode::ModelInUse => "model_in_use",
+            ErrorCode::IdempotencyConflict => "idempotency_conflict",
+            ErrorCode::JobNotCancellable => "job_not_cancellable",
+            ErrorCode::RangeNotSatisfiable => "range_not_satisfiable",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Internal => "internal",
+        }
+    }
+
+    pub fn status(self) -> StatusCode {
+        match self {
+            ErrorCode::InvalidRequest => StatusCode::BAD_REQUEST,
+            ErrorCode::InvalidModel | ErrorCode::InvalidSpec => StatusCode::UNPROCESSABLE_ENTITY,
+            ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorCode::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ErrorCode::ModelNotFound | ErrorCode::JobNotFound | ErrorCode::ArtifactNotFound | ErrorCode::NotFound => {
+                StatusCode::NOT_FOUND
+            }
+            ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ErrorCode::ModelInUse | ErrorCode::IdempotencyConflict | ErrorCode::JobNotCancellable => StatusCode::CONFLICT,
+            ErrorCode::RangeNotSatisfiable => StatusCode::RANGE_NOT_SATISFIABLE,
+            ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+/// An error answered as `{"error": {"code", "message"}}`.
+#[derive(Debug)]
+pub struct ApiError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> ApiError {
+        ApiError { code, message: message.into() }
+    }
+
+    /// Logs the cause with its chain and returns a generic message.
+    pub fn internal(cause: impl std::fmt::Display) -> ApiError {
+        tracing::error!(error = %cause, "internal error");
+        ApiError::new(ErrorCode::Internal, "internal error; see the server log")
+    }
+}
+
+impl From<crate::queue::QueueError> for ApiError {
+    fn from(e: crate::queue::QueueError) -> Self {
+        use crate::queue::QueueError as Q;
+        match e {
+            Q::IdempotencyConflict => ApiError::new(
+                ErrorCode::IdempotencyConflict,
+                "this Idempotency-Key was already used with a different request",
+            ),
+            Q::ModelInUse => ApiError::new(ErrorCode::ModelInUse, "a queued or running job uses this model"),
+            Q::NotCancellable(state) => ApiError::new(ErrorCode::JobNotCancellable, format!("the job is already {state}")),
+            Q::NotFound => ApiError::new(ErrorCode::NotFound, "not found"),
+            other => ApiError::internal(other),
+        }
+    }
+}
+
+impl From<crate::store::StoreError> for ApiError {
+    fn from(e: crate::store::StoreError) -> Self {
+        ApiError::internal(e)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({"error": {"code": self.code.as_str(), "message": self.message}});
+        (self.code.status(), Json(body)).into_response()
+    }
+}

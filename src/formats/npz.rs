@@ -1,0 +1,256 @@
+//! NumPy .npy and .npz. Headers are parsed by `ndarray-npy`; data is kept as raw bytes so any
+//! supported dtype round-trips bit for bit. The ZIP layer (ZIP64 included) is the `zip` crate.
+
+use super::limits::{MAX_DEFLATE_RATIO, MAX_NPY_HEADER_BYTES, MAX_NPZ_MEMBER_BYTES, MAX_TENSORS};
+use super::{element_count, Container, DType, Format, FormatError, Tensor, TensorSet};
+use ndarray_npy::npy::header::{Header, Layout};
+use py_literal::Value as PyValue;
+use std::io::{Cursor, Read, Write};
+
+fn dtype_from_descr(descr: &str) -> Result<DType, FormatError> {
+    // numpy writes '|' for one-byte types and '<' for little-endian; big-endian is refused
+    // rather than silently byte-swapped.
+    let d = match descr {
+        "<f4" => DType::F32,
+        "<f2" => DType::F16,
+        "<f8" => DType::F64,
+        "|i1" | "<i1" => DType::I8,
+        "|u1" | "<u1" => DType::U8,
+        "<i2" => DType::I16,
+        "<u2" => DType::U16,
+        "<i4" => DType::I32,
+        "<u4" => DType::U32,
+        "<i8" => DType::I64,
+        "<u8" => DType::U64,
+        "|b1" => DType::Bool,
+        other => {
+            return Err(FormatError::Unsupported(format!(
+                ".npy dtype {other} (object, string, structured and big-endian arrays are not model weights)"
+            )))
+        }
+    };
+    Ok(d)
+}
+
+fn descr_of(d: DType) -> Result<&'static str, FormatError> {
+    Ok(match d {
+        DType::F32 => "<f4",
+        DType::F16 => "<f2",
+        DType::F64 => "<f8",
+        DType::I8 => "|i1",
+        DType::U8 => "|u1",
+        DType::I16 => "<i2",
+        DType::U16 => "<u2",
+        DType::I32 => "<i4",
+        DType::U32 => "<u4",
+        DType::I64 => "<i8",
+        DType::U64 => "<u8",
+        DType::Bool => "|b1",
+        DType::BF16 => {
+            return Err(FormatError::Write(
+                "NumPy has no bfloat16 dtype; cast to float16 or keep float32 for .npy/.npz"
+                    .into(),
+            ))
+        }
+    })
+}
+
+/// Reads one .npy from bytes: (dtype, shape, C-order data, was_fortran).
+fn parse_npy(bytes: &[u8], name: &str) -> Result<(DType, Vec<usize>, Vec<u8>, bool), FormatError> {
+    // The header length sits at bytes 8..10 (v1) or 8..12 (v2/v3); check it before the
+    // header parser allocates.
+    let major = *bytes
+        .get(6)
+        .ok_or_else(|| FormatError::invalid(format!("{name}: truncated .npy")))?;
+    let header_len = match major {
+        1 => bytes
+            .get(8..10)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]) as usize),
+        2 | 3 => bytes
+            .get(8..12)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize),
+        v => {
+            return Err(FormatError::invalid(format!(
+                "{name}: unknown .npy version {v}"
+            )))
+        }
+    }
+    .ok_or_else(|| FormatError::invalid(format!("{name}: truncated .npy")))?;
+    if header_len > MAX_NPY_HEADER_BYTES {
+        return Err(FormatError::invalid(format!("{name}: .npy header too large")));
+    }
+    let mut cursor = Cursor::new(bytes);
+    let header = Header::from_reader(&mut cursor)
+        .map_err(|e| FormatError::invalid(format!("{name}: bad .npy header: {e}")))?;
+    let descr = match &header.type_descriptor {
+        PyValue::String(s) => s.clone(),
+        other => {
+            return Err(FormatError::Unsupported(format!(
+                "{name}: .npy dtype {other} (structured arrays are not model weights)"
+            )))
+        }
+    };
+    let dtype = dtype_from_descr(&descr)
+        .map_err(|e| FormatError::Unsupported(format!("{name}: {e}")))?;
+    let count = element_count(&header.shape)
+        .ok_or_else(|| FormatError::invalid(format!("{name}: shape overflows")))?;
+    let need = count
+        .checked_mul(dtype.size())
+        .ok_or_else(|| FormatError::invalid(format!("{name}: size overflows")))?;
+    let start = cursor.position() as usize;
+    let data = bytes
+        .get(start..)
+        .ok_or_else(|| FormatError::invalid(format!("{name}: truncated .npy")))?;
+    if data.len() != need {
+        return Err(FormatError::invalid(format!(
+            "{name}: .npy holds {} data bytes, its header says {need}",
+            data.len()
+        )));
+    }
+    let fortran = header.layout == Layout::Fortran;
+    let data = if fortran && header.shape.len() > 1 {
+        fortran_to_c(data, &header.shape, dtype.size())
+    } else {
+        data.to_vec()
+    };
+    Ok((dtype, header.shape, data, fortran))
+}
+
+/// Reorders Fortran-order elements into C order.
+fn fortran_to_c(data: &[u8], shape: &[usize], item: usize) -> Vec<u8> {
+    let n = data.len() / item.max(1);
+    let mut out = vec![0u8; data.len()];
+    let rank = shape.len();
+    let mut index = vec![0usize; rank];
+    for c_pos in 0..n {
+        // Fortran offset of the current C-order multi-index.
+        let mut f_off = 0usize;
+        let mut stride = 1usize;
+        for (d, &i) in index.iter().enumerate() {
+            f_off += i * stride;
+            stride *= shape[d];
+        }
+        out[c_pos * item..(c_pos + 1) * item]
+            .copy_from_slice(&data[f_off * item..(f_off + 1) * item]);
+        for d in (0..rank).rev() {
+            index[d] += 1;
+            if index[d] < shape[d] {
+                break;
+            }
+            index[d] = 0;
+        }
+    }
+    out
+}
+
+pub fn read_npy_file(bytes: &[u8]) -> Result<TensorSet, FormatError> {
+    let (dtype, shape, data, fortran) = parse_npy(bytes, "array")?;
+    let tensor = Tensor::new("array".into(), dtype, shape, data)?;
+    Ok(TensorSet {
+        format: Format::Npy,
+        tensors: vec![tensor],
+        container: Container::Npy { fortran },
+    })
+}
+
+pub fn read_npz(bytes: &[u8]) -> Result<TensorSet, FormatError> {
+    let mut zip = zip::ZipArchive::new(Cursor::new(bytes))
+        .map_err(|e| FormatError::invalid(format!("npz: {e}")))?;
+    if zip.len() > MAX_TENSORS {
+        return Err(FormatError::invalid("npz: too many members"));
+    }
+    let mut tensors = Vec::with_capacity(zip.len());
+    let mut compressed = false;
+    for i in 0..zip.len() {
+        let mut member = zip
+            .by_index(i)
+            .map_err(|e| FormatError::invalid(format!("npz member {i}: {e}")))?;
+        if member.is_dir() {
+            continue;
+        }
+        let full = member.name().to_string();
+        let Some(name) = full.strip_suffix(".npy") else {
+            return Err(FormatError::invalid(format!(
+                "npz member {full:?} is not an .npy array"
+            )));
+        };
+        let size = member.size();
+        if member.compression() != zip::CompressionMethod::Stored {
+            compressed = true;
+            if size > member.compressed_size().saturating_mul(MAX_DEFLATE_RATIO) + 4096 {
+                return Err(FormatError::invalid(format!(
+                    "npz member {full:?} claims an impossible compression ratio"
+                )));
+            }
+        }
+        if size > MAX_NPZ_MEMBER_BYTES || size > bytes.len() as u64 * MAX_DEFLATE_RATIO {
+            return Err(FormatError::invalid(format!(
+                "npz member {full:?} is too large ({size} bytes)"
+            )));
+        }
+        let mut buf = Vec::with_capacity(size as usize);
+        (&mut member)
+            .take(size + 1)
+            .read_to_end(&mut buf)
+            .map_err(|e| FormatError::invalid(format!("npz member {full:?}: {e}")))?;
+        if buf.len() as u64 != size {
+            return Err(FormatError::invalid(format!(
+                "npz member {full:?}: size differs from its directory entry"
+            )));
+        }
+        let (dtype, shape, data, _) = parse_npy(&buf, name)?;
+        tensors.push(Tensor::new(name.to_string(), dtype, shape, data)?);
+    }
+    if tensors.is_empty() {
+        return Err(FormatError::invalid("npz holds no arrays"));
+    }
+    Ok(TensorSet {
+        format: Format::Npz,
+        tensors,
+        container: Container::Npz { compressed },
+    })
+}
+
+fn npy_bytes(t: &Tensor) -> Result<Vec<u8>, FormatError> {
+    let header = Header {
+        type_descriptor: PyValue::String(descr_of(t.dtype)?.to_string()),
+        layout: Layout::Standard,
+        shape: t.shape.clone(),
+    };
+    let mut out = header
+        .to_bytes()
+        .map_err(|e| FormatError::Write(e.to_string()))?;
+    out.extend_from_slice(&t.data);
+    Ok(out)
+}
+
+pub fn write_npy(t: &Tensor) -> Result<Vec<u8>, FormatError> {
+    npy_bytes(t)
+}
+
+/// Writes an .npz; `comment` lands in the ZIP archive comment (numpy ignores it).
+pub fn write_npz(
+    tensors: &[Tensor],
+    compressed: bool,
+    comment: Option<String>,
+) -> Result<Vec<u8>, FormatError> {
+    let w = |e: zip::result::ZipError| FormatError::Write(e.to_string());
+    let mut zip = zip::ZipWriter::new(Cursor::new(Vec::new()));
+    let method = if compressed {
+        zip::CompressionMethod::Deflated
+    } else {
+        zip::CompressionMethod::Stored
+    };
+    for t in tensors {
+        let bytes = npy_bytes(t)?;
+        let opts = zip::write::SimpleFileOptions::default()
+            .compression_method(method)
+            .large_file(bytes.len() as u64 >= u32::MAX as u64);
+        zip.start_file(format!("{}.npy", t.name), opts).map_err(w)?;
+        zip.write_all(&bytes)?;
+    }
+    if let Some(c) = comment {
+        zip.set_comment(c);
+    }
+    Ok(zip.finish().map_err(w)?.into_inner())
+}

@@ -1,0 +1,196 @@
+//! ONNX through the protobuf types that `tract-onnx` ships (no protoc needed). The whole
+//! ModelProto is kept, so a later issue can edit the graph itself; for now only initializer
+//! data changes, and an initializer whose values did not change is written back untouched.
+
+use super::{Container, DType, Format, FormatError, Role, Tensor, TensorSet};
+use prost::Message;
+use std::collections::HashMap;
+use tract_onnx::pb::{tensor_proto::DataType, ModelProto, NodeProto, TensorProto};
+
+#[derive(Debug, Clone)]
+pub struct OnnxContainer {
+    pub model: ModelProto,
+}
+
+fn dtype_from(code: i32) -> Result<DType, FormatError> {
+    let dt = DataType::try_from(code)
+        .map_err(|_| FormatError::invalid(format!("unknown ONNX data type {code}")))?;
+    Ok(match dt {
+        DataType::Float => DType::F32,
+        DataType::Float16 => DType::F16,
+        DataType::Bfloat16 => DType::BF16,
+        DataType::Double => DType::F64,
+        DataType::Int8 => DType::I8,
+        DataType::Uint8 => DType::U8,
+        DataType::Int16 => DType::I16,
+        DataType::Uint16 => DType::U16,
+        DataType::Int32 => DType::I32,
+        DataType::Uint32 => DType::U32,
+        DataType::Int64 => DType::I64,
+        DataType::Uint64 => DType::U64,
+        DataType::Bool => DType::Bool,
+        other => {
+            return Err(FormatError::Unsupported(format!(
+                "ONNX initializer type {other:?}"
+            )))
+        }
+    })
+}
+
+/// The initializer's values as little-endian bytes, whichever field holds them.
+fn initializer_bytes(t: &TensorProto, dtype: DType, count: usize) -> Result<Vec<u8>, FormatError> {
+    if t.data_location == Some(1) || !t.external_data.is_empty() {
+        return Err(FormatError::Unsupported(format!(
+            "initializer {:?} uses ONNX external data; upload a self-contained model",
+            t.name
+        )));
+    }
+    if !t.raw_data.is_empty() || count == 0 {
+        return Ok(t.raw_data.clone());
+    }
+    let mut out = Vec::with_capacity(count.saturating_mul(dtype.size()));
+    match dtype {
+        DType::F32 => t.float_data.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+        DType::F64 => t.double_data.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+        DType::I64 => t.int64_data.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+        DType::U32 => t
+            .uint64_data
+            .iter()
+            .for_each(|v| out.extend_from_slice(&(*v as u32).to_le_bytes())),
+        DType::U64 => t.uint64_data.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+        DType::I32 => t.int32_data.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+        DType::F16 | DType::BF16 | DType::I16 | DType::U16 => t
+            .int32_data
+            .iter()
+            .for_each(|v| out.extend_from_slice(&(*v as u16).to_le_bytes())),
+        DType::I8 | DType::U8 | DType::Bool => t.int32_data.iter().for_each(|v| out.push(*v as u8)),
+    }
+    Ok(out)
+}
+
+/// How an initializer is consumed: role and output-channel axis, following data through
+/// shape-only ops (mnist-8 reshapes its 4-D FC weight before the MatMul).
+fn usage(name: &str, rank: usize, consumers: &HashMap<&str, Vec<(&NodeProto, usize)>>) -> Option<(Role, Option<usize>)> {
+    let mut frontier = vec![(name.to_string(), false)];
+    let mut seen = 0;
+    while let Some((value, transposed)) = frontier.pop() {
+        seen += 1;
+        if seen > 64 {
+            break;
+        }
+        let Some(list) = consumers.get(value.as_str()) else { continue };
+        for (node, slot) in list {
+            let last = rank.checked_sub(1);
+            let found = match (node.op_type.as_str(), *slot) {
+                ("Conv", 1) => Some((Role::Weight, Some(0))),
+                ("ConvTranspose", 1) => Some((Role::Weight, Some(1.min(rank.saturating_sub(1))))),
+                ("Conv" | "ConvTranspose" | "Gemm", 2) => Some((Role::Bias, None)),
+                ("MatMul", 1) => Some((Role::Weight, if transposed { Some(0) } else { last })),
+                ("MatMul", 0) => Some((Role::Weight, Some(0))),
+                ("Gemm", 1) => {
+                    let trans_b = node.attribute.iter().any(|a| a.name == "transB" && a.i != 0);
+                    Some((Role::Weight, if trans_b { Some(0) } else { last }))
+                }
+                ("Gemm", 0) => Some((Role::Weight, Some(0))),
+                ("LSTM" | "GRU" | "RNN", 1 | 2) => Some((Role::Weight, Some(1.min(rank.saturating_sub(1))))),
+                ("LSTM" | "GRU" | "RNN", 3) => Some((Role::Bias, None)),
+                ("Gather", 0) => Some((Role::Embedding, Some(0))),
+                ("BatchNormalization" | "LayerNormalization" | "InstanceNormalization"
+                | "GroupNormalization" | "SimplifiedLayerNormalization", s) if s > 0 => Some((Role::Norm, None)),
+                ("Reshape" | "Identity" | "Squeeze" | "Unsqueeze" | "Flatten" | "Cast", 0) => {
+                    node.output.iter().for_each(|o| frontier.push((o.clone(), transposed)));
+                    None
+                }
+                ("Transpose", 0) => {
+                    node.output.iter().for_each(|o| frontier.push((o.clone(), !transposed)));
+                    None
+                }
+                ("Add", _) if rank <= 1 => Some((Role::Bias, None)),
+                _ => None,
+            };
+            if found.is_some() {
+                return found;
+            }
+        }
+    }
+    None
+}
+
+pub fn read(bytes: &[u8]) -> Result<TensorSet, FormatError> {
+    let model = ModelProto::decode(bytes)
+        .map_err(|e| FormatError::invalid(format!("not a valid ONNX model: {e}")))?;
+    let Some(graph) = model.graph.as_ref() else {
+        return Err(FormatError::invalid("not a valid ONNX model: no graph"));
+    };
+    if model.ir_version <= 0 || model.opset_import.is_empty() {
+        return Err(FormatError::invalid(
+            "not a valid ONNX model: missing ir_version or opset_import",
+        ));
+    }
+    if graph.initializer.len() > super::limits::MAX_TENSORS {
+        return Err(FormatError::invalid("too many initializers"));
+    }
+    let mut consumers: HashMap<&str, Vec<(&NodeProto, usize)>> = HashMap::new();
+    for node in &graph.node {
+        for (slot, input) in node.input.iter().enumerate() {
+            consumers.entry(input.as_str()).or_default().push((node, slot));
+        }
+    }
+    let mut tensors = Vec::with_capacity(graph.initializer.len());
+    for init in &graph.initializer {
+        let dtype = dtype_from(init.data_type)?;
+        let mut shape = Vec::with_capacity(init.dims.len());
+        for &d in &init.dims {
+            let d = usize::try_from(d).map_err(|_| {
+                FormatError::invalid(format!("initializer {:?} has a negative dimension", init.name))
+            })?;
+            shape.push(d);
+        }
+        let count = super::element_count(&shape)
+            .ok_or_else(|| FormatError::invalid(format!("initializer {:?}: shape overflows", init.name)))?;
+        let data = initializer_bytes(init, dtype, count)?;
+        let mut t = Tensor::new(init.name.clone(), dtype, shape, data)?;
+        if let Some((role, axis)) = usage(&init.name, t.shape.len(), &consumers) {
+            t.role = if dtype.is_float() { role } else { Role::Other };
+            t.output_axis = axis;
+        }
+        tensors.push(t);
+    }
+    Ok(TensorSet {
+        format: Format::Onnx,
+        tensors,
+        container: Container::Onnx(Box::new(OnnxContainer { model })),
+    })
+}
+
+/// Writes the model with the given tensor values; tensors match initializers by position.
+pub fn write(c: &OnnxContainer, tensors: &[Tensor]) -> Result<Vec<u8>, FormatError> {
+    let mut model = c.model.clone();
+    let graph = model
+        .graph
+        .as_mut()
+        .ok_or_else(|| FormatError::Write("model has no graph".into()))?;
+    if graph.initializer.len() != tensors.len() {
+        return Err(FormatError::Write("tensor count differs from the graph".into()));
+    }
+    for (init, t) in graph.initializer.iter_mut().zip(tensors) {
+        let dtype = dtype_from(init.data_type).map_err(|e| FormatError::Write(e.to_string()))?;
+        if dtype != t.dtype || init.name != t.name {
+            return Err(FormatError::Write(format!(
+                "initializer {:?} changed type; graph rewriting comes with deployable ONNX",
+                init.name
+            )));
+        }
+        let original = initializer_bytes(init, dtype, t.len())?;
+        if original == t.data {
+            continue;
+        }
+        init.raw_data = t.data.clone();
+        init.float_data.clear();
+        init.double_data.clear();
+        init.int32_data.clear();
+        init.int64_data.clear();
+        init.uint64_data.clear();
+    }
+    Ok(model.encode_to_vec())
+}

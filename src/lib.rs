@@ -1,0 +1,18 @@
+//! modelpress: a service that compresses trained neural networks.
+//!
+//! A job flows: `api` (upload, submit) → `queue` (durable, leased) → `worker` → `runner` →
+//! `formats` (bytes ↔ [`formats::TensorSet`]) and `compress` (pure tensor methods) →
+//! `store` (artifacts) → `api` (status, download).
+
+pub mod api;
+pub mod cli;
+pub mod compress;
+pub mod config;
+pub mod error;
+pub mod formats;
+pub mod queue;
+pub mod runner;
+pub mod startup;
+pub mod store;
+pub mod telemetry;
+pub mod worker;

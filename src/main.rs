@@ -1,0 +1,23 @@
+use clap::Parser;
+use modelpress::config::{Cli, Command};
+use modelpress::startup::{shutdown_signal, Application};
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Compress(args)) => std::process::exit(modelpress::cli::compress(args)),
+        Some(Command::Inspect(args)) => std::process::exit(modelpress::cli::inspect(args)),
+        Some(Command::Serve(cfg)) => serve(cfg),
+        None => serve(cli.serve),
+    }
+}
+
+fn serve(cfg: modelpress::config::ServeConfig) -> anyhow::Result<()> {
+    modelpress::telemetry::init_logging(&cfg.log_format);
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async move {
+        let app = Application::build(cfg).await?;
+        tracing::info!(addr = %app.local_addr(), "modelpress listening");
+        app.run(shutdown_signal()).await
+    })
+}

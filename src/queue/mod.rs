@@ -1,0 +1,176 @@
+//! Durable job queue and model catalog. Handlers and workers use the traits; `sqlite.rs` is
+//! the embedded implementation (PostgreSQL comes later behind the same traits).
+
+pub mod sqlite;
+
+use async_trait::async_trait;
+use serde::Serialize;
+use uuid::Uuid;
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("not found")]
+    NotFound,
+    #[error("the idempotency key was used with a different request")]
+    IdempotencyConflict,
+    #[error("model is used by a queued or running job")]
+    ModelInUse,
+    #[error("job is already {0}")]
+    NotCancellable(String),
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("corrupt row: {0}")]
+    Corrupt(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    pub const ALL: [JobState; 5] = [
+        JobState::Queued,
+        JobState::Running,
+        JobState::Succeeded,
+        JobState::Failed,
+        JobState::Cancelled,
+    ];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+    pub fn parse(s: &str) -> Option<JobState> {
+        JobState::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+    pub fn is_terminal(self) -> bool {
+        matches!(self, JobState::Succeeded | JobState::Failed | JobState::Cancelled)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ModelRecord {
+    pub id: Uuid,
+    pub tenant_id: String,
+    pub name: String,
+    pub format: String,
+    pub size_bytes: u64,
+    pub sha256: String,
+    pub tensor_count: u64,
+    pub parameter_count: u64,
+    pub blob_key: String,
+    pub tensors_json: String,
+    pub created_at: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct JobRecord {
+    pub id: Uuid,
+    pub tenant_id: String,
+    pub model_id: Uuid,
+    pub state: JobState,
+    pub spec: serde_json::Value,
+    pub progress: f64,
+    pub stage: Option<String>,
+    pub attempts: i64,
+    pub max_attempts: i64,
+    pub cancel_requested: bool,
+    pub error_code: Option<String>,
+    pub error_message: Option<String>,
+    pub summary: Option<serde_json::Value>,
+    pub created_at: i64,
+    pub started_at: Option<i64>,
+    pub finished_at: Option<i64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ArtifactRecord {
+    pub name: String,
+    pub blob_key: String,
+    pub size_bytes: u64,
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    pub id: Uuid,
+    pub tenant_id: String,
+    pub model_id: Uuid,
+    pub spec: serde_json::Value,
+    pub max_attempts: i64,
+    pub idempotency_key: Option<String>,
+    pub fingerprint: String,
+}
+
+pub enum Enqueued {
+    Created(JobRecord),
+    /// The same idempotency key and request were seen before: the earlier job.
+    Existing(JobRecord),
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct JobFilter {
+    pub state: Option<JobState>,
+    pub model_id: Option<Uuid>,
+    pub limit: u32,
+    /// Return jobs older than this id (ids are time-ordered uuid v7).
+    pub before: Option<Uuid>,
+}
+
+/// What a heartbeat learns.
+pub enum Heartbeat {
+    Held { cancel_requested: bool },
+    /// Another worker (or the sweeper) took the job: stop and discard the result.
+    Lost,
+}
+
+#[async_trait]
+pub trait ModelCatalog: Send + Sync + 'static {
+    async fn insert_model(&self, m: &ModelRecord) -> Result<(), QueueError>;
+    async fn get_model(&self, tenant: &str, id: Uuid) -> Result<Option<ModelRecord>, QueueError>;
+    async fn list_models(&self, tenant: &str, limit: u32, before: Option<Uuid>) -> Result<Vec<ModelRecord>, QueueError>;
+    /// Deletes the model with its finished jobs; returns the blob keys to remove.
+    async fn delete_model(&self, tenant: &str, id: Uuid) -> Result<Vec<String>, QueueError>;
+    async fn ping(&self) -> bool;
+}
+
+#[async_trait]
+pub trait JobQueue: Send + Sync + 'static {
+    async fn enqueue(&self, job: NewJob) -> Result<Enqueued, QueueError>;
+    async fn get_job(&self, tenant: &str, id: Uuid) -> Result<Option<JobRecord>, QueueError>;
+    /// The job an idempotency key created, with its request fingerprint.
+    async fn find_idempotent(&self, tenant: &str, key: &str) -> Result<Option<(JobRecord, String)>, QueueError>;
+    async fn list_jobs(&self, tenant: &str, filter: &JobFilter) -> Result<Vec<JobRecord>, QueueError>;
+    async fn artifacts(&self, job: Uuid) -> Result<Vec<ArtifactRecord>, QueueError>;
+    /// Claims the oldest queued job for `worker`, with one `UPDATE … RETURNING`.
+    async fn claim(&self, worker: &str, lease_ms: i64) -> Result<Option<JobRecord>, QueueError>;
+    async fn heartbeat(&self, id: Uuid, worker: &str, lease_ms: i64, progress: f64, stage: &str) -> Result<Heartbeat, QueueError>;
+    /// Records success and its artifacts in one transaction; false when the lease was lost.
+    async fn complete(&self, id: Uuid, worker: &str, summary: &serde_json::Value, artifacts: &[ArtifactRecord]) -> Result<bool, QueueError>;
+    async fn fail(&self, id: Uuid, worker: &str, code: &str, message: &str) -> Result<bool, QueueError>;
+    async fn mark_cancelled(&self, id: Uuid, worker: &str) -> Result<bool, QueueError>;
+    /// Gives a claimed job back to the queue without counting the attempt (shutdown).
+    async fn release(&self, id: Uuid, worker: &str) -> Result<bool, QueueError>;
+    /// Queued → cancelled at once; running → cancel requested.
+    async fn request_cancel(&self, tenant: &str, id: Uuid) -> Result<JobRecord, QueueError>;
+    /// Requeues jobs whose lease expired; exhausted ones fail with `attempts_exhausted`.
+    async fn sweep_expired(&self) -> Result<u64, QueueError>;
+    async fn count_by_state(&self) -> Result<Vec<(JobState, i64)>, QueueError>;
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

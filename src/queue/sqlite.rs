@@ -1,0 +1,474 @@
+//! The embedded queue: one SQLite file, WAL, one writer connection (so writes serialize
+//! without SQLITE_BUSY storms) and a small reader pool. The lease protocol lives in SQL
+//! (convention 6): claim with one `UPDATE … RETURNING`, every later transition guarded by
+//! the lease owner and checked with `rows_affected`.
+
+use super::*;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
+use sqlx::{AssertSqlSafe, Row, SqlitePool};
+use std::str::FromStr;
+use std::time::Duration;
+
+pub struct SqliteStore {
+    writer: SqlitePool,
+    reader: SqlitePool,
+}
+
+const JOB_COLUMNS: &str = "id, tenant_id, model_id, state, spec_json, progress, stage, attempts, max_attempts, \
+     cancel_requested, error_code, error_message, summary_json, created_at, started_at, finished_at";
+
+const MODEL_COLUMNS: &str =
+    "id, tenant_id, name, format, size_bytes, sha256, tensor_count, parameter_count, blob_key, tensors_json, created_at";
+
+fn uuid_col(row: &SqliteRow, col: &str) -> Result<Uuid, QueueError> {
+    let s: String = row.try_get(col)?;
+    Uuid::parse_str(&s).map_err(|e| QueueError::Corrupt(format!("{col}: {e}")))
+}
+
+fn job_from_row(row: &SqliteRow) -> Result<JobRecord, QueueError> {
+    let state: String = row.try_get("state")?;
+    let spec: String = row.try_get("spec_json")?;
+    let summary: Option<String> = row.try_get("summary_json")?;
+    Ok(JobRecord {
+        id: uuid_col(row, "id")?,
+        tenant_id: row.try_get("tenant_id")?,
+        model_id: uuid_col(row, "model_id")?,
+        state: JobState::parse(&state).ok_or_else(|| QueueError::Corrupt(format!("state {state}")))?,
+        spec: serde_json::from_str(&spec).map_err(|e| QueueError::Corrupt(e.to_string()))?,
+        progress: row.try_get("progress")?,
+        stage: row.try_get("stage")?,
+        attempts: row.try_get("attempts")?,
+        max_attempts: row.try_get("max_attempts")?,
+        cancel_requested: row.try_get::<i64, _>("cancel_requested")? != 0,
+        error_code: row.try_get("error_code")?,
+        error_message: row.try_get("error_message")?,
+        summary: summary
+            .map(|s| serde_json::from_str(&s))
+            .transpose()
+            .map_err(|e| QueueError::Corrupt(e.to_string()))?,
+        created_at: row.try_get("created_at")?,
+        started_at: row.try_get("started_at")?,
+        finished_at: row.try_get("finished_at")?,
+    })
+}
+
+fn model_from_row(row: &SqliteRow) -> Result<ModelRecord, QueueError> {
+    Ok(ModelRecord {
+        id: uuid_col(row, "id")?,
+        tenant_id: row.try_get("tenant_id")?,
+        name: row.try_get("name")?,
+        format: row.try_get("format")?,
+        size_bytes: row.try_get::<i64, _>("size_bytes")? as u64,
+        sha256: row.try_get("sha256")?,
+        tensor_count: row.try_get::<i64, _>("tensor_count")? as u64,
+        parameter_count: row.try_get::<i64, _>("parameter_count")? as u64,
+        blob_key: row.try_get("blob_key")?,
+        tensors_json: row.try_get("tensors_json")?,
+        created_at: row.try_get("created_at")?,
+    })
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database and runs the migrations.
+    pub async fn open(url: &str) -> Result<SqliteStore, QueueError> {
+        let opts = SqliteConnectOptions::from_str(url)?
+            .create_if_missing(true)
+            // Set explicitly: sqlx no longer picks WAL for us, and it must not be set
+            // inside a migration's transaction.
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(10))
+            .foreign_keys(true);
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(opts.clone())
+            .await?;
+        sqlx::migrate!("./migrations")
+            .run(&writer)
+            .await
+            .map_err(|e| QueueError::Db(e.into()))?;
+        let reader = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(opts.read_only(true))
+            .await?;
+        Ok(SqliteStore { writer, reader })
+    }
+
+    pub async fn close(&self) {
+        self.reader.close().await;
+        self.writer.close().await;
+    }
+}
+
+#[async_trait]
+impl ModelCatalog for SqliteStore {
+    async fn insert_model(&self, m: &ModelRecord) -> Result<(), QueueError> {
+        sqlx::query(
+            "INSERT INTO models (id, tenant_id, name, format, size_bytes, sha256, tensor_count, parameter_count, blob_key, tensors_json, created_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(m.id.to_string())
+        .bind(&m.tenant_id)
+        .bind(&m.name)
+        .bind(&m.format)
+        .bind(m.size_bytes as i64)
+        .bind(&m.sha256)
+        .bind(m.tensor_count as i64)
+        .bind(m.parameter_count as i64)
+        .bind(&m.blob_key)
+        .bind(&m.tensors_json)
+        .bind(m.created_at)
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
+    async fn get_model(&self, tenant: &str, id: Uuid) -> Result<Option<ModelRecord>, QueueError> {
+        let row = sqlx::query(AssertSqlSafe(format!("SELECT {MODEL_COLUMNS} FROM models WHERE id = ? AND tenant_id = ?")))
+            .bind(id.to_string())
+            .bind(tenant)
+            .fetch_optional(&self.reader)
+            .await?;
+        row.as_ref().map(model_from_row).transpose()
+    }
+
+    async fn list_models(&self, tenant: &str, limit: u32, before: Option<Uuid>) -> Result<Vec<ModelRecord>, QueueError> {
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {MODEL_COLUMNS} FROM models WHERE tenant_id = ?1 AND (?2 IS NULL OR id < ?2) ORDER BY id DESC LIMIT ?3"
+        )))
+        .bind(tenant)
+        .bind(before.map(|b| b.to_string()))
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter().map(model_from_row).collect()
+    }
+
+    async fn delete_model(&self, tenant: &str, id: Uuid) -> Result<Vec<String>, QueueError> {
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+        let model_key: Option<String> = sqlx::query_scalar("SELECT blob_key FROM models WHERE id = ? AND tenant_id = ?")
+            .bind(id.to_string())
+            .bind(tenant)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(model_key) = model_key else { return Err(QueueError::NotFound) };
+        let active: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM jobs WHERE model_id = ? AND state IN ('queued', 'running')")
+            .bind(id.to_string())
+            .fetch_one(&mut *tx)
+            .await?;
+        if active > 0 {
+            return Err(QueueError::ModelInUse);
+        }
+        let mut keys: Vec<String> = sqlx::query_scalar(
+            "SELECT a.blob_key FROM artifacts a JOIN jobs j ON j.id = a.job_id WHERE j.model_id = ?",
+        )
+        .bind(id.to_string())
+        .fetch_all(&mut *tx)
+        .await?;
+        sqlx::query("DELETE FROM models WHERE id = ?").bind(id.to_string()).execute(&mut *tx).await?;
+        tx.commit().await?;
+        keys.push(model_key);
+        Ok(keys)
+    }
+
+    async fn ping(&self) -> bool {
+        sqlx::query("SELECT 1").execute(&self.reader).await.is_ok()
+            && sqlx::query("SELECT 1").execute(&self.writer).await.is_ok()
+    }
+}
+
+#[async_trait]
+impl JobQueue for SqliteStore {
+    async fn enqueue(&self, job: NewJob) -> Result<Enqueued, QueueError> {
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+        if let Some(key) = &job.idempotency_key {
+            let prior = sqlx::query(AssertSqlSafe(format!(
+                "SELECT {JOB_COLUMNS}, request_fingerprint FROM jobs WHERE tenant_id = ? AND idempotency_key = ?"
+            )))
+            .bind(&job.tenant_id)
+            .bind(key)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if let Some(row) = prior {
+                let fp: Option<String> = row.try_get("request_fingerprint")?;
+                return if fp.as_deref() == Some(job.fingerprint.as_str()) {
+                    Ok(Enqueued::Existing(job_from_row(&row)?))
+                } else {
+                    Err(QueueError::IdempotencyConflict)
+                };
+            }
+        }
+        let exists: Option<i64> = sqlx::query_scalar("SELECT 1 FROM models WHERE id = ? AND tenant_id = ?")
+            .bind(job.model_id.to_string())
+            .bind(&job.tenant_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if exists.is_none() {
+            return Err(QueueError::NotFound);
+        }
+        let row = sqlx::query(AssertSqlSafe(format!(
+            "INSERT INTO jobs (id, tenant_id, model_id, state, spec_json, max_attempts, idempotency_key, request_fingerprint, created_at) \
+             VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?) RETURNING {JOB_COLUMNS}"
+        )))
+        .bind(job.id.to_string())
+        .bind(&job.tenant_id)
+        .bind(job.model_id.to_string())
+        .bind(job.spec.to_string())
+        .bind(job.max_attempts)
+        .bind(&job.idempotency_key)
+        .bind(&job.fingerprint)
+        .bind(now_ms())
+        .fetch_one(&mut *tx)
+        .await?;
+        let rec = job_from_row(&row)?;
+        tx.commit().await?;
+        Ok(Enqueued::Created(rec))
+    }
+
+    async fn get_job(&self, tenant: &str, id: Uuid) -> Result<Option<JobRecord>, QueueError> {
+        let row = sqlx::query(AssertSqlSafe(format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ? AND tenant_id = ?")))
+            .bind(id.to_string())
+            .bind(tenant)
+            .fetch_optional(&self.reader)
+            .await?;
+        row.as_ref().map(job_from_row).transpose()
+    }
+
+    async fn find_idempotent(&self, tenant: &str, key: &str) -> Result<Option<(JobRecord, String)>, QueueError> {
+        let row = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {JOB_COLUMNS}, request_fingerprint FROM jobs WHERE tenant_id = ? AND idempotency_key = ?"
+        )))
+        .bind(tenant)
+        .bind(key)
+        .fetch_optional(&self.reader)
+        .await?;
+        match row {
+            None => Ok(None),
+            Some(r) => {
+                let fp: Option<String> = r.try_get("request_fingerprint")?;
+                Ok(Some((job_from_row(&r)?, fp.unwrap_or_default())))
+            }
+        }
+    }
+
+    async fn list_jobs(&self, tenant: &str, f: &JobFilter) -> Result<Vec<JobRecord>, QueueError> {
+        let state = f.state.map(|s| s.as_str());
+        let model = f.model_id.map(|m| m.to_string());
+        let before = f.before.map(|b| b.to_string());
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE tenant_id = ?1 AND (?2 IS NULL OR state = ?2) \
+             AND (?3 IS NULL OR model_id = ?3) AND (?4 IS NULL OR id < ?4) ORDER BY id DESC LIMIT ?5"
+        )))
+        .bind(tenant)
+        .bind(state)
+        .bind(&model)
+        .bind(&before)
+        .bind(i64::from(f.limit))
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter().map(job_from_row).collect()
+    }
+
+    async fn artifacts(&self, job: Uuid) -> Result<Vec<ArtifactRecord>, QueueError> {
+        let rows = sqlx::query("SELECT name, blob_key, size_bytes, sha256 FROM artifacts WHERE job_id = ? ORDER BY name")
+            .bind(job.to_string())
+            .fetch_all(&self.reader)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(ArtifactRecord {
+                    name: r.try_get("name")?,
+                    blob_key: r.try_get("blob_key")?,
+                    size_bytes: r.try_get::<i64, _>("size_bytes")? as u64,
+                    sha256: r.try_get("sha256")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn claim(&self, worker: &str, lease_ms: i64) -> Result<Option<JobRecord>, QueueError> {
+        let now = now_ms();
+        let row = sqlx::query(AssertSqlSafe(format!(
+            "UPDATE jobs SET state = 'running', lease_owner = ?, lease_expires_at = ?, attempts = attempts + 1, \
+             started_at = COALESCE(started_at, ?), stage = 'claimed', progress = 0 \
+             WHERE id = (SELECT id FROM jobs WHERE state = 'queued' ORDER BY id LIMIT 1) \
+             RETURNING {JOB_COLUMNS}"
+        )))
+        .bind(worker)
+        .bind(now + lease_ms)
+        .bind(now)
+        .fetch_optional(&self.writer)
+        .await?;
+        row.as_ref().map(job_from_row).transpose()
+    }
+
+    async fn heartbeat(&self, id: Uuid, worker: &str, lease_ms: i64, progress: f64, stage: &str) -> Result<Heartbeat, QueueError> {
+        let row: Option<i64> = sqlx::query_scalar(
+            "UPDATE jobs SET lease_expires_at = ?, progress = ?, stage = ? \
+             WHERE id = ? AND lease_owner = ? AND state = 'running' RETURNING cancel_requested",
+        )
+        .bind(now_ms() + lease_ms)
+        .bind(progress)
+        .bind(stage)
+        .bind(id.to_string())
+        .bind(worker)
+        .fetch_optional(&self.writer)
+        .await?;
+        Ok(match row {
+            Some(c) => Heartbeat::Held { cancel_requested: c != 0 },
+            None => Heartbeat::Lost,
+        })
+    }
+
+    async fn complete(&self, id: Uuid, worker: &str, summary: &serde_json::Value, artifacts: &[ArtifactRecord]) -> Result<bool, QueueError> {
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+        let now = now_ms();
+        let done = sqlx::query(
+            "UPDATE jobs SET state = 'succeeded', progress = 1, stage = 'done', summary_json = ?, finished_at = ?, \
+             lease_owner = NULL, lease_expires_at = NULL WHERE id = ? AND lease_owner = ? AND state = 'running'",
+        )
+        .bind(summary.to_string())
+        .bind(now)
+        .bind(id.to_string())
+        .bind(worker)
+        .execute(&mut *tx)
+        .await?;
+        if done.rows_affected() != 1 {
+            return Ok(false);
+        }
+        for a in artifacts {
+            sqlx::query(
+                "INSERT INTO artifacts (job_id, tenant_id, name, blob_key, size_bytes, sha256, created_at) \
+                 SELECT id, tenant_id, ?, ?, ?, ?, ? FROM jobs WHERE id = ?",
+            )
+            .bind(&a.name)
+            .bind(&a.blob_key)
+            .bind(a.size_bytes as i64)
+            .bind(&a.sha256)
+            .bind(now)
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn fail(&self, id: Uuid, worker: &str, code: &str, message: &str) -> Result<bool, QueueError> {
+        let r = sqlx::query(
+            "UPDATE jobs SET state = 'failed', error_code = ?, error_message = ?, finished_at = ?, stage = 'failed', \
+             lease_owner = NULL, lease_expires_at = NULL WHERE id = ? AND lease_owner = ? AND state = 'running'",
+        )
+        .bind(code)
+        .bind(message)
+        .bind(now_ms())
+        .bind(id.to_string())
+        .bind(worker)
+        .execute(&self.writer)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    async fn mark_cancelled(&self, id: Uuid, worker: &str) -> Result<bool, QueueError> {
+        let r = sqlx::query(
+            "UPDATE jobs SET state = 'cancelled', finished_at = ?, stage = 'cancelled', lease_owner = NULL, \
+             lease_expires_at = NULL WHERE id = ? AND lease_owner = ? AND state = 'running'",
+        )
+        .bind(now_ms())
+        .bind(id.to_string())
+        .bind(worker)
+        .execute(&self.writer)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    async fn release(&self, id: Uuid, worker: &str) -> Result<bool, QueueError> {
+        let r = sqlx::query(
+            "UPDATE jobs SET state = 'queued', attempts = MAX(attempts - 1, 0), stage = 'requeued at shutdown', \
+             progress = 0, lease_owner = NULL, lease_expires_at = NULL WHERE id = ? AND lease_owner = ? AND state = 'running'",
+        )
+        .bind(id.to_string())
+        .bind(worker)
+        .execute(&self.writer)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    async fn request_cancel(&self, tenant: &str, id: Uuid) -> Result<JobRecord, QueueError> {
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+        let row = sqlx::query(AssertSqlSafe(format!(
+            "UPDATE jobs SET state = CASE state WHEN 'queued' THEN 'cancelled' ELSE state END, \
+             finished_at = CASE state WHEN 'queued' THEN ? ELSE finished_at END, \
+             stage = CASE state WHEN 'queued' THEN 'cancelled' ELSE stage END, \
+             cancel_requested = 1 WHERE id = ? AND tenant_id = ? AND state IN ('queued', 'running') RETURNING {JOB_COLUMNS}"
+        )))
+        .bind(now_ms())
+        .bind(id.to_string())
+        .bind(tenant)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let rec = match row {
+            Some(r) => job_from_row(&r)?,
+            None => {
+                let state: Option<String> = sqlx::query_scalar("SELECT state FROM jobs WHERE id = ? AND tenant_id = ?")
+                    .bind(id.to_string())
+                    .bind(tenant)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                return Err(match state {
+                    Some(s) => QueueError::NotCancellable(s),
+                    None => QueueError::NotFound,
+                });
+            }
+        };
+        tx.commit().await?;
+        Ok(rec)
+    }
+
+    async fn sweep_expired(&self) -> Result<u64, QueueError> {
+        let now = now_ms();
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+        let cancelled = sqlx::query(
+            "UPDATE jobs SET state = 'cancelled', stage = 'cancelled', finished_at = ?, lease_owner = NULL, lease_expires_at = NULL \
+             WHERE state = 'running' AND lease_expires_at < ? AND cancel_requested = 1",
+        )
+        .bind(now)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        let exhausted = sqlx::query(
+            "UPDATE jobs SET state = 'failed', error_code = 'attempts_exhausted', \
+             error_message = 'the job''s worker stopped responding on each of its ' || attempts || ' attempts', \
+             stage = 'failed', finished_at = ?, lease_owner = NULL, lease_expires_at = NULL \
+             WHERE state = 'running' AND lease_expires_at < ? AND attempts >= max_attempts",
+        )
+        .bind(now)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        let requeued = sqlx::query(
+            "UPDATE jobs SET state = 'queued', stage = 'requeued after lease expiry', progress = 0, lease_owner = NULL, \
+             lease_expires_at = NULL WHERE state = 'running' AND lease_expires_at < ?",
+        )
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(cancelled.rows_affected() + exhausted.rows_affected() + requeued.rows_affected())
+    }
+
+    async fn count_by_state(&self) -> Result<Vec<(JobState, i64)>, QueueError> {
+        let rows = sqlx::query("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")
+            .fetch_all(&self.reader)
+            .await?;
+        let mut out: Vec<(JobState, i64)> = JobState::ALL.iter().map(|s| (*s, 0)).collect();
+        for r in rows {
+            let s: String = r.try_get("state")?;
+            let n: i64 = r.try_get("n")?;
+            if let Some(slot) = out.iter_mut().find(|(st, _)| st.as_str() == s) {
+                slot.1 = n;
+            }
+        }
+        Ok(out)
+    }
+}

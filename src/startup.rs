@@ -1,0 +1,137 @@
+//! Builds the application: database, blob store, router, workers. The listener is bound here
+//! so tests can ask for port 0 (convention 3).
+
+use crate::api;
+use crate::config::ServeConfig;
+use crate::queue::sqlite::SqliteStore;
+use crate::queue::{JobQueue, ModelCatalog};
+use crate::store::{local::LocalBlobStore, BlobStore};
+use crate::worker;
+use metrics_exporter_prometheus::PrometheusHandle;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// The tenant every request belongs to until API keys arrive.
+pub const DEFAULT_TENANT: &str = "default";
+
+pub struct Inner {
+    pub config: ServeConfig,
+    pub models: Arc<dyn ModelCatalog>,
+    pub queue: Arc<dyn JobQueue>,
+    pub blobs: Arc<dyn BlobStore>,
+    pub metrics: PrometheusHandle,
+    /// Wakes idle workers when a job is queued.
+    pub job_queued: Notify,
+    /// Cancel flags of the jobs running in this process.
+    pub running: Mutex<HashMap<Uuid, Arc<AtomicBool>>>,
+    /// Set when shutdown stops claiming new jobs.
+    pub stop_claiming: CancellationToken,
+    /// Set when the grace period ends: running jobs stop and are requeued.
+    pub hard_stop: CancellationToken,
+    /// Distinguishes this process's leases from another's.
+    pub instance_id: String,
+}
+
+#[derive(Clone)]
+pub struct AppState(pub Arc<Inner>);
+
+impl std::ops::Deref for AppState {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}
+
+pub struct Application {
+    pub state: AppState,
+    listener: tokio::net::TcpListener,
+    sqlite: Arc<SqliteStore>,
+}
+
+impl Application {
+    /// Opens storage, runs migrations and binds the listener; nothing runs until [`Application::run`].
+    pub async fn build(config: ServeConfig) -> anyhow::Result<Application> {
+        std::fs::create_dir_all(&config.data_dir)?;
+        let sqlite = Arc::new(SqliteStore::open(&config.database_url()).await?);
+        let blobs = Arc::new(LocalBlobStore::open(&config.data_dir)?);
+        let listener = tokio::net::TcpListener::bind(&config.addr).await?;
+        let state = AppState(Arc::new(Inner {
+            models: sqlite.clone(),
+            queue: sqlite.clone(),
+            blobs,
+            metrics: crate::telemetry::metrics_handle(),
+            job_queued: Notify::new(),
+            running: Mutex::new(HashMap::new()),
+            stop_claiming: CancellationToken::new(),
+            hard_stop: CancellationToken::new(),
+            instance_id: format!("{}-{}", std::process::id(), Uuid::new_v4().simple()),
+            config,
+        }));
+        Ok(Application { state, listener, sqlite })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("bound listener has an address")
+    }
+
+    /// Serves HTTP and runs the workers until `shutdown` resolves, then drains: stop
+    /// claiming, give running jobs the grace period, requeue what is left.
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+        let state = self.state.clone();
+        let workers = worker::spawn_pool(state.clone(), state.config.worker_count());
+        let sweeper = worker::spawn_sweeper(state.clone());
+        let app = api::router(state.clone());
+        let stop = state.stop_claiming.clone();
+        let http_stop = CancellationToken::new();
+        let http_stop2 = http_stop.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            tracing::info!("shutdown requested: no new jobs will be claimed");
+            stop.cancel();
+            http_stop2.cancel();
+        });
+        let server = axum::serve(self.listener, app.into_make_service())
+            .with_graceful_shutdown(async move { http_stop.cancelled().await });
+        let server = tokio::spawn(async move { server.await });
+        state.stop_claiming.cancelled().await;
+        let grace = std::time::Duration::from_secs(state.config.shutdown_grace_secs);
+        let hard = state.hard_stop.clone();
+        let timer = tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            tracing::warn!("grace period over: stopping running jobs and requeueing them");
+            hard.cancel();
+        });
+        for w in workers {
+            let _ = w.await;
+        }
+        timer.abort();
+        sweeper.abort();
+        let _ = server.await;
+        self.sqlite.close().await;
+        Ok(())
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}

@@ -1,0 +1,243 @@
+//! The worker pool: tasks that claim jobs and run the CPU work on tokio's blocking pool.
+
+use crate::compress::{self, Control};
+use crate::queue::{ArtifactRecord, Heartbeat, JobRecord};
+use crate::runner::{self, RunError};
+use crate::startup::AppState;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tracing::Instrument;
+
+/// What one call to [`try_execute_one`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Nothing was queued.
+    Empty,
+    Succeeded,
+    Failed,
+    Cancelled,
+    /// Shutdown stopped the job; it went back to the queue.
+    Requeued,
+    /// Another worker took the job over (our lease expired); our result was discarded.
+    LeaseLost,
+}
+
+pub fn spawn_pool(state: AppState, workers: usize) -> Vec<tokio::task::JoinHandle<()>> {
+    (0..workers)
+        .map(|n| {
+            let state = state.clone();
+            tokio::spawn(async move {
+                let worker = format!("{}/w{n}", state.instance_id);
+                loop {
+                    if state.stop_claiming.is_cancelled() {
+                        break;
+                    }
+                    match try_execute_one_as(&state, &worker).await {
+                        Ok(Outcome::Empty) => {
+                            tokio::select! {
+                                _ = state.job_queued.notified() => {}
+                                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                                _ = state.stop_claiming.cancelled() => break,
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::error!(error = %e, "worker loop error");
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                        }
+                    }
+                }
+            })
+        })
+        .collect()
+}
+
+/// Periodically requeues jobs whose worker died (lease expired).
+pub fn spawn_sweeper(state: AppState) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let every = Duration::from_millis((state.config.lease_ms / 2).clamp(50, 5_000));
+        loop {
+            match state.queue.sweep_expired().await {
+                Ok(0) => {}
+                Ok(n) => {
+                    tracing::warn!(jobs = n, "requeued or closed jobs with expired leases");
+                    state.job_queued.notify_waiters();
+                }
+                Err(e) => tracing::error!(error = %e, "sweeper failed"),
+            }
+            tokio::time::sleep(every).await;
+        }
+    })
+}
+
+/// Claims and runs one job to its end. Tests call this to drain the queue without sleeping.
+pub async fn try_execute_one(state: &AppState) -> anyhow::Result<Outcome> {
+    let worker = format!("{}/direct", state.instance_id);
+    try_execute_one_as(state, &worker).await
+}
+
+struct JobControl {
+    progress: Mutex<(f64, String)>,
+    cancel: Arc<AtomicBool>,
+    hard_stop: tokio_util::sync::CancellationToken,
+    #[allow(dead_code)]
+    failpoint: Option<String>,
+}
+
+impl Control for JobControl {
+    fn progress(&self, fraction: f64, stage: &str) {
+        if let Ok(mut p) = self.progress.lock() {
+            *p = (fraction, stage.to_string());
+        }
+    }
+    fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::Relaxed) || self.hard_stop.is_cancelled()
+    }
+    fn tensor_done(&self) {
+        #[cfg(feature = "failpoints")]
+        if let Some(fp) = &self.failpoint {
+            if let Some(ms) = fp.strip_prefix("tensor-delay-ms=").and_then(|v| v.parse().ok()) {
+                std::thread::sleep(Duration::from_millis(ms));
+            }
+            if fp == "panic" {
+                panic!("failpoint: panic inside a job");
+            }
+        }
+    }
+}
+
+async fn try_execute_one_as(state: &AppState, worker: &str) -> anyhow::Result<Outcome> {
+    let lease_ms = state.config.lease_ms as i64;
+    let Some(job) = state.queue.claim(worker, lease_ms).await? else {
+        return Ok(Outcome::Empty);
+    };
+    let span = tracing::info_span!("job", job_id = %job.id, model_id = %job.model_id, attempt = job.attempts);
+    metrics::gauge!("modelpress_busy_workers").increment(1.0);
+    let started = Instant::now();
+    let outcome = run_claimed(state, worker, job).instrument(span).await;
+    metrics::gauge!("modelpress_busy_workers").decrement(1.0);
+    metrics::histogram!("modelpress_job_duration_seconds").record(started.elapsed().as_secs_f64());
+    if let Ok(o) = &outcome {
+        metrics::counter!("modelpress_jobs_finished_total", "outcome" => format!("{o:?}").to_lowercase()).increment(1);
+    }
+    outcome
+}
+
+async fn run_claimed(state: &AppState, worker: &str, job: JobRecord) -> anyhow::Result<Outcome> {
+    tracing::info!("job claimed");
+    let lease_ms = state.config.lease_ms as i64;
+    let plan = match compress::parse_spec(&job.spec) {
+        Ok(p) => p,
+        Err(e) => {
+            state.queue.fail(job.id, worker, "invalid_spec", &e.to_string()).await?;
+            return Ok(Outcome::Failed);
+        }
+    };
+    let model = match state.models.get_model(&job.tenant_id, job.model_id).await? {
+        Some(m) => m,
+        None => {
+            state.queue.fail(job.id, worker, "model_not_found", "the job's model no longer exists").await?;
+            return Ok(Outcome::Failed);
+        }
+    };
+    let input = state.blobs.local_path(&model.blob_key).await?;
+    let out_dir = tempfile::Builder::new().prefix("job-").tempdir_in(state.blobs.staging_dir())?;
+    let cancel = Arc::new(AtomicBool::new(job.cancel_requested));
+    state.running.lock().expect("running map").insert(job.id, cancel.clone());
+    let ctl = Arc::new(JobControl {
+        progress: Mutex::new((0.0, "starting".into())),
+        cancel: cancel.clone(),
+        hard_stop: state.hard_stop.clone(),
+        failpoint: state.config.failpoint.clone(),
+    });
+    // Heartbeat: extend the lease, publish progress, learn about cancellation.
+    let lease_lost = Arc::new(AtomicBool::new(false));
+    let hb = {
+        let (queue, ctl, lost, id, worker) = (state.queue.clone(), ctl.clone(), lease_lost.clone(), job.id, worker.to_string());
+        let every = Duration::from_millis((lease_ms as u64 / 3).max(20));
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let (p, s) = ctl.progress.lock().map(|g| g.clone()).unwrap_or_default();
+                match queue.heartbeat(id, &worker, lease_ms, p, &s).await {
+                    Ok(Heartbeat::Held { cancel_requested }) => {
+                        if cancel_requested {
+                            ctl.cancel.store(true, Ordering::Relaxed);
+                        }
+                    }
+                    Ok(Heartbeat::Lost) => {
+                        lost.store(true, Ordering::Relaxed);
+                        ctl.cancel.store(true, Ordering::Relaxed);
+                        break;
+                    }
+                    Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
+                }
+            }
+        })
+    };
+    let span = tracing::Span::current();
+    let (plan2, out_path, ctl2) = (plan.clone(), out_dir.path().to_path_buf(), ctl.clone());
+    let result = tokio::task::spawn_blocking(move || {
+        let _g = span.enter();
+        runner::execute(&input, &plan2, &out_path, ctl2.as_ref())
+    })
+    .await;
+    hb.abort();
+    state.running.lock().expect("running map").remove(&job.id);
+    if lease_lost.load(Ordering::Relaxed) {
+        tracing::warn!("lease lost; discarding this attempt's result");
+        return Ok(Outcome::LeaseLost);
+    }
+    let outcome = match result {
+        Err(join) => {
+            let why = if join.is_panic() { "panicked" } else { "was aborted" };
+            tracing::error!(error = %join, "compression {why}");
+            state.queue.fail(job.id, worker, "internal", &format!("the compression {why}; see the server log")).await?;
+            Outcome::Failed
+        }
+        Ok(Err(RunError::Cancelled)) => {
+            if state.hard_stop.is_cancelled() && !cancel.load(Ordering::Relaxed) {
+                state.queue.release(job.id, worker).await?;
+                Outcome::Requeued
+            } else {
+                state.queue.mark_cancelled(job.id, worker).await?;
+                Outcome::Cancelled
+            }
+        }
+        Ok(Err(RunError::InvalidModel(m))) => {
+            state.queue.fail(job.id, worker, "invalid_model", &m).await?;
+            Outcome::Failed
+        }
+        Ok(Err(RunError::InvalidSpec(m))) => {
+            state.queue.fail(job.id, worker, "invalid_spec", &m).await?;
+            Outcome::Failed
+        }
+        Ok(Err(RunError::Internal(m))) => {
+            tracing::error!(error = %m, "job failed");
+            state.queue.fail(job.id, worker, "internal", "internal error; see the server log").await?;
+            Outcome::Failed
+        }
+        Ok(Ok(out)) => {
+            let mut records = Vec::with_capacity(out.artifacts.len());
+            for a in &out.artifacts {
+                // One key per attempt: a crashed attempt's files never collide with these.
+                let key = format!("artifacts/{}/{}/{}", job.id, job.attempts, a.name);
+                state.blobs.put_file(&key, &a.path).await?;
+                metrics::counter!("modelpress_artifact_bytes_written_total").increment(a.size_bytes);
+                records.push(ArtifactRecord { name: a.name.clone(), blob_key: key, size_bytes: a.size_bytes, sha256: a.sha256.clone() });
+            }
+            let summary = serde_json::to_value(&out.summary)?;
+            if state.queue.complete(job.id, worker, &summary, &records).await? {
+                tracing::info!(ratio = out.summary.ratio, "job succeeded");
+                Outcome::Succeeded
+            } else {
+                for r in &records {
+                    let _ = state.blobs.delete(&r.blob_key).await;
+                }
+                Outcome::LeaseLost
+            }
+        }
+    };
+    Ok(outcome)
+}
