@@ -22,7 +22,10 @@ impl Control for BarControl {
 pub fn compress(args: CompressArgs) -> i32 {
     let spec = match (&args.preset, &args.spec) {
         (Some(p), _) => serde_json::json!({"preset": p}),
-        (None, Some(path)) => match std::fs::read(path).map_err(|e| e.to_string()).and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string())) {
+        (None, Some(path)) => match std::fs::read(path)
+            .map_err(|e| e.to_string())
+            .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+        {
             Ok(v) => v,
             Err(e) => {
                 eprintln!("error: cannot read spec {}: {e}", path.display());
@@ -45,7 +48,11 @@ pub fn compress(args: CompressArgs) -> i32 {
         eprintln!("error: cannot create {}: {e}", args.output.display());
         return 1;
     }
-    let bar = if args.quiet { ProgressBar::hidden() } else { ProgressBar::new(1000) };
+    let bar = if args.quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(1000)
+    };
     bar.set_style(
         ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40} {percent:>3}% {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
@@ -61,7 +68,10 @@ pub fn compress(args: CompressArgs) -> i32 {
                 s.original_bytes, s.compressed_bytes, s.ratio, s.parameters, s.nonzero_parameters, s.mean_bits_per_weight
             );
             for a in &out.artifacts {
-                println!("  {:<24} {:>12} bytes  sha256 {}", a.name, a.size_bytes, a.sha256);
+                println!(
+                    "  {:<24} {:>12} bytes  sha256 {}",
+                    a.name, a.size_bytes, a.sha256
+                );
             }
             0
         }
@@ -90,10 +100,25 @@ pub fn inspect(args: InspectArgs) -> i32 {
         println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
         return 0;
     }
-    println!("format: {}   tensors: {}   parameters: {}", set.format.as_str(), inv.len(), set.parameter_count());
-    println!("{:<48} {:<20} {:<9} {:>12} role", "name", "shape", "dtype", "parameters");
+    println!(
+        "format: {}   tensors: {}   parameters: {}",
+        set.format.as_str(),
+        inv.len(),
+        set.parameter_count()
+    );
+    println!(
+        "{:<48} {:<20} {:<9} {:>12} role",
+        "name", "shape", "dtype", "parameters"
+    );
     for t in &inv {
-        println!("{:<48} {:<20} {:<9} {:>12} {}", t.name, format!("{:?}", t.shape), t.dtype, t.parameters, t.role);
+        println!(
+            "{:<48} {:<20} {:<9} {:>12} {}",
+            t.name,
+            format!("{:?}", t.shape),
+            t.dtype,
+            t.parameters,
+            t.role
+        );
     }
     0
 }

@@ -4,7 +4,11 @@ use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 
 #[derive(Debug, Parser)]
-#[command(name = "modelpress", version, about = "Compress trained neural networks: a server and a CLI")]
+#[command(
+    name = "modelpress",
+    version,
+    about = "Compress trained neural networks: a server and a CLI"
+)]
 #[command(args_conflicts_with_subcommands = true)]
 pub struct Cli {
     #[command(subcommand)]
@@ -35,7 +39,8 @@ pub struct ServeConfig {
     /// Database URL; defaults to `sqlite://<data_dir>/modelpress.db`.
     #[arg(long, env = "MODELPRESS_DATABASE_URL")]
     pub database_url: Option<String>,
-    /// Concurrent compression jobs; defaults to the number of available cores.
+    /// Concurrent compression jobs; defaults to the number of available cores. 0 runs the
+    /// API alone (jobs wait for a process with workers).
     #[arg(long, env = "MODELPRESS_WORKERS")]
     pub workers: Option<usize>,
     /// Largest accepted upload, in bytes (4 GiB by default).
@@ -60,14 +65,16 @@ pub struct ServeConfig {
 
 impl ServeConfig {
     pub fn database_url(&self) -> String {
-        self.database_url
-            .clone()
-            .unwrap_or_else(|| format!("sqlite://{}", self.data_dir.join("modelpress.db").display()))
+        self.database_url.clone().unwrap_or_else(|| {
+            format!("sqlite://{}", self.data_dir.join("modelpress.db").display())
+        })
     }
     pub fn worker_count(&self) -> usize {
-        self.workers
-            .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
-            .max(1)
+        self.workers.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        })
     }
     /// A configuration for tests and embedding: loopback, port 0, everything else default.
     pub fn for_data_dir(dir: impl Into<PathBuf>) -> ServeConfig {

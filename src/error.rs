@@ -70,11 +70,14 @@ impl ErrorCode {
             ErrorCode::InvalidModel | ErrorCode::InvalidSpec => StatusCode::UNPROCESSABLE_ENTITY,
             ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorCode::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            ErrorCode::ModelNotFound | ErrorCode::JobNotFound | ErrorCode::ArtifactNotFound | ErrorCode::NotFound => {
-                StatusCode::NOT_FOUND
-            }
+            ErrorCode::ModelNotFound
+            | ErrorCode::JobNotFound
+            | ErrorCode::ArtifactNotFound
+            | ErrorCode::NotFound => StatusCode::NOT_FOUND,
             ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            ErrorCode::ModelInUse | ErrorCode::IdempotencyConflict | ErrorCode::JobNotCancellable => StatusCode::CONFLICT,
+            ErrorCode::ModelInUse
+            | ErrorCode::IdempotencyConflict
+            | ErrorCode::JobNotCancellable => StatusCode::CONFLICT,
             ErrorCode::RangeNotSatisfiable => StatusCode::RANGE_NOT_SATISFIABLE,
             ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -91,7 +94,10 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> ApiError {
-        ApiError { code, message: message.into() }
+        ApiError {
+            code,
+            message: message.into(),
+        }
     }
 
     /// Logs the cause with its chain and returns a generic message.
@@ -109,8 +115,14 @@ impl From<crate::queue::QueueError> for ApiError {
                 ErrorCode::IdempotencyConflict,
                 "this Idempotency-Key was already used with a different request",
             ),
-            Q::ModelInUse => ApiError::new(ErrorCode::ModelInUse, "a queued or running job uses this model"),
-            Q::NotCancellable(state) => ApiError::new(ErrorCode::JobNotCancellable, format!("the job is already {state}")),
+            Q::ModelInUse => ApiError::new(
+                ErrorCode::ModelInUse,
+                "a queued or running job uses this model",
+            ),
+            Q::NotCancellable(state) => ApiError::new(
+                ErrorCode::JobNotCancellable,
+                format!("the job is already {state}"),
+            ),
             Q::NotFound => ApiError::new(ErrorCode::NotFound, "not found"),
             other => ApiError::internal(other),
         }
@@ -125,7 +137,8 @@ impl From<crate::store::StoreError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = serde_json::json!({"error": {"code": self.code.as_str(), "message": self.message}});
+        let body =
+            serde_json::json!({"error": {"code": self.code.as_str(), "message": self.message}});
         (self.code.status(), Json(body)).into_response()
     }
 }

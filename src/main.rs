@@ -14,7 +14,9 @@ fn main() -> anyhow::Result<()> {
 
 fn serve(cfg: modelpress::config::ServeConfig) -> anyhow::Result<()> {
     modelpress::telemetry::init_logging(&cfg.log_format);
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async move {
         let app = Application::build(cfg).await?;
         tracing::info!(addr = %app.local_addr(), "modelpress listening");

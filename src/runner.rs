@@ -78,9 +78,16 @@ fn write_artifact(dir: &Path, name: String, bytes: &[u8]) -> Result<ArtifactFile
 }
 
 /// Compresses `input` by `plan` and writes the requested artifacts into `out_dir`.
-pub fn execute(input: &Path, plan: &Plan, out_dir: &Path, ctl: &dyn Control) -> Result<RunOutput, RunError> {
+pub fn execute(
+    input: &Path,
+    plan: &Plan,
+    out_dir: &Path,
+    ctl: &dyn Control,
+) -> Result<RunOutput, RunError> {
     ctl.progress(0.0, "reading model");
-    let original_bytes = std::fs::metadata(input).map_err(|e| RunError::Internal(e.to_string()))?.len();
+    let original_bytes = std::fs::metadata(input)
+        .map_err(|e| RunError::Internal(e.to_string()))?
+        .len();
     let set = formats::read_path(input)?;
     let outcome = compress::run(&set, plan, ctl)?;
     ctl.progress(0.92, "writing artifacts");
@@ -98,7 +105,11 @@ pub fn execute(input: &Path, plan: &Plan, out_dir: &Path, ctl: &dyn Control) -> 
             );
             Some((restored_bytes.clone(), "onnx"))
         }
-        (Some(enc), _) => Some(formats::write_encoded(&set, &enc.tensors, &enc.description)?),
+        (Some(enc), _) => Some(formats::write_encoded(
+            &set,
+            &enc.tensors,
+            &enc.description,
+        )?),
     };
     if set.format == formats::Format::Npy && model.is_some() {
         notes.push("an .npy holds one array, so model.npz carries the codes and scales".into());
@@ -112,7 +123,11 @@ pub fn execute(input: &Path, plan: &Plan, out_dir: &Path, ctl: &dyn Control) -> 
     let summary = Summary {
         original_bytes,
         compressed_bytes,
-        ratio: if compressed_bytes > 0 { original_bytes as f64 / compressed_bytes as f64 } else { 0.0 },
+        ratio: if compressed_bytes > 0 {
+            original_bytes as f64 / compressed_bytes as f64
+        } else {
+            0.0
+        },
         parameters: totals.parameters,
         nonzero_parameters: totals.nonzero_parameters,
         mean_bits_per_weight: totals.mean_bits_per_weight,
@@ -125,7 +140,11 @@ pub fn execute(input: &Path, plan: &Plan, out_dir: &Path, ctl: &dyn Control) -> 
         }
     }
     if wants("restored") {
-        artifacts.push(write_artifact(out_dir, format!("restored.{ext}"), &restored_bytes)?);
+        artifacts.push(write_artifact(
+            out_dir,
+            format!("restored.{ext}"),
+            &restored_bytes,
+        )?);
     }
     if wants("report") {
         let mut report = outcome.report;
@@ -135,7 +154,8 @@ pub fn execute(input: &Path, plan: &Plan, out_dir: &Path, ctl: &dyn Control) -> 
             "artifacts": artifacts.iter().map(|a| serde_json::json!({"name": a.name, "size_bytes": a.size_bytes, "sha256": a.sha256})).collect::<Vec<_>>(),
             "report": report,
         });
-        let bytes = serde_json::to_vec_pretty(&doc).map_err(|e| RunError::Internal(e.to_string()))?;
+        let bytes =
+            serde_json::to_vec_pretty(&doc).map_err(|e| RunError::Internal(e.to_string()))?;
         artifacts.push(write_artifact(out_dir, "report.json".into(), &bytes)?);
     }
     ctl.progress(1.0, "done");

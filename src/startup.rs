@@ -72,16 +72,25 @@ impl Application {
             instance_id: format!("{}-{}", std::process::id(), Uuid::new_v4().simple()),
             config,
         }));
-        Ok(Application { state, listener, sqlite })
+        Ok(Application {
+            state,
+            listener,
+            sqlite,
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener.local_addr().expect("bound listener has an address")
+        self.listener
+            .local_addr()
+            .expect("bound listener has an address")
     }
 
     /// Serves HTTP and runs the workers until `shutdown` resolves, then drains: stop
     /// claiming, give running jobs the grace period, requeue what is left.
-    pub async fn run(self, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    pub async fn run(
+        self,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
         let state = self.state.clone();
         let workers = worker::spawn_pool(state.clone(), state.config.worker_count());
         let sweeper = worker::spawn_sweeper(state.clone());

@@ -22,7 +22,12 @@ pub async fn download(
         .await?
         .into_iter()
         .find(|a| a.name == name)
-        .ok_or_else(|| ApiError::new(ErrorCode::ArtifactNotFound, format!("job {} has no artifact {name:?}", job.id)))?;
+        .ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::ArtifactNotFound,
+                format!("job {} has no artifact {name:?}", job.id),
+            )
+        })?;
     let etag = format!("\"{}\"", artifact.sha256);
     let matches_etag = req
         .headers()
@@ -31,7 +36,10 @@ pub async fn download(
         .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"));
     if matches_etag {
         let mut resp = StatusCode::NOT_MODIFIED.into_response();
-        resp.headers_mut().insert(header::ETAG, HeaderValue::from_str(&etag).map_err(ApiError::internal)?);
+        resp.headers_mut().insert(
+            header::ETAG,
+            HeaderValue::from_str(&etag).map_err(ApiError::internal)?,
+        );
         return Ok(resp);
     }
     let path = state.blobs.local_path(&artifact.blob_key).await?;
@@ -53,13 +61,28 @@ pub async fn download(
         return Ok(err);
     }
     let h = resp.headers_mut();
-    h.insert(header::ETAG, HeaderValue::from_str(&etag).map_err(ApiError::internal)?);
-    let disposition = format!("attachment; filename=\"{}\"", artifact.name.replace('"', ""));
-    h.insert(header::CONTENT_DISPOSITION, HeaderValue::from_str(&disposition).map_err(ApiError::internal)?);
+    h.insert(
+        header::ETAG,
+        HeaderValue::from_str(&etag).map_err(ApiError::internal)?,
+    );
+    let disposition = format!(
+        "attachment; filename=\"{}\"",
+        artifact.name.replace('"', "")
+    );
+    h.insert(
+        header::CONTENT_DISPOSITION,
+        HeaderValue::from_str(&disposition).map_err(ApiError::internal)?,
+    );
     if artifact.name.ends_with(".json") {
-        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
     } else {
-        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/octet-stream"),
+        );
     }
     if resp.status().is_success() {
         metrics::counter!("modelpress_download_bytes_total").increment(

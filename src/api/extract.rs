@@ -50,7 +50,12 @@ where
     let mut hasher = Sha256::new();
     let mut size = 0u64;
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| ApiError::new(ErrorCode::InvalidRequest, format!("upload interrupted: {e}")))?;
+        let chunk = chunk.map_err(|e| {
+            ApiError::new(
+                ErrorCode::InvalidRequest,
+                format!("upload interrupted: {e}"),
+            )
+        })?;
         size += chunk.len() as u64;
         if size > limit {
             // `temp` is dropped here, which removes the partial file.
@@ -64,7 +69,11 @@ where
     }
     file.flush().await.map_err(ApiError::internal)?;
     metrics::counter!("modelpress_upload_bytes_total").increment(size);
-    Ok(Received { temp, size, sha256: hex::encode(hasher.finalize()) })
+    Ok(Received {
+        temp,
+        size,
+        sha256: hex::encode(hasher.finalize()),
+    })
 }
 
 /// Reads a raw body or a multipart form (`file`, optional `spec`).
@@ -72,22 +81,38 @@ pub async fn receive(state: &AppState, req: Request) -> Result<Upload, ApiError>
     if !is_multipart(&req) {
         let stream = req.into_body().into_data_stream();
         let file = to_temp(state, stream).await?;
-        return Ok(Upload { file: Some(file), file_name: None, spec: None });
+        return Ok(Upload {
+            file: Some(file),
+            file_name: None,
+            spec: None,
+        });
     }
-    let mut form = Multipart::from_request(req, state)
-        .await
-        .map_err(|e| ApiError::new(ErrorCode::InvalidRequest, format!("bad multipart form: {e}")))?;
-    let mut upload = Upload { file: None, file_name: None, spec: None };
+    let mut form = Multipart::from_request(req, state).await.map_err(|e| {
+        ApiError::new(
+            ErrorCode::InvalidRequest,
+            format!("bad multipart form: {e}"),
+        )
+    })?;
+    let mut upload = Upload {
+        file: None,
+        file_name: None,
+        spec: None,
+    };
     loop {
-        let field = form
-            .next_field()
-            .await
-            .map_err(|e| ApiError::new(ErrorCode::InvalidRequest, format!("bad multipart form: {e}")))?;
+        let field = form.next_field().await.map_err(|e| {
+            ApiError::new(
+                ErrorCode::InvalidRequest,
+                format!("bad multipart form: {e}"),
+            )
+        })?;
         let Some(field) = field else { break };
         match field.name() {
             Some("file") => {
                 if upload.file.is_some() {
-                    return Err(ApiError::new(ErrorCode::InvalidRequest, "the form has more than one `file` field"));
+                    return Err(ApiError::new(
+                        ErrorCode::InvalidRequest,
+                        "the form has more than one `file` field",
+                    ));
                 }
                 upload.file_name = field.file_name().map(str::to_string);
                 upload.file = Some(to_temp(state, field).await?);
@@ -95,13 +120,17 @@ pub async fn receive(state: &AppState, req: Request) -> Result<Upload, ApiError>
             Some("spec") => {
                 let mut buf = Vec::new();
                 let mut field = field;
-                while let Some(chunk) = field
-                    .chunk()
-                    .await
-                    .map_err(|e| ApiError::new(ErrorCode::InvalidRequest, format!("bad multipart form: {e}")))?
-                {
+                while let Some(chunk) = field.chunk().await.map_err(|e| {
+                    ApiError::new(
+                        ErrorCode::InvalidRequest,
+                        format!("bad multipart form: {e}"),
+                    )
+                })? {
                     if buf.len() + chunk.len() > MAX_SPEC_BYTES {
-                        return Err(ApiError::new(ErrorCode::PayloadTooLarge, "the spec field is larger than 1 MiB"));
+                        return Err(ApiError::new(
+                            ErrorCode::PayloadTooLarge,
+                            "the spec field is larger than 1 MiB",
+                        ));
                     }
                     buf.extend_from_slice(&chunk);
                 }
@@ -110,7 +139,10 @@ pub async fn receive(state: &AppState, req: Request) -> Result<Upload, ApiError>
             other => {
                 return Err(ApiError::new(
                     ErrorCode::InvalidRequest,
-                    format!("unexpected form field {:?} (expected `file` and, for jobs, `spec`)", other.unwrap_or("")),
+                    format!(
+                        "unexpected form field {:?} (expected `file` and, for jobs, `spec`)",
+                        other.unwrap_or("")
+                    ),
                 ))
             }
         }
@@ -120,7 +152,10 @@ pub async fn receive(state: &AppState, req: Request) -> Result<Upload, ApiError>
 
 /// Reads a small body whole (JSON specs), refusing anything over `limit`.
 pub async fn small_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
-    axum::body::to_bytes(body, limit)
-        .await
-        .map_err(|_| ApiError::new(ErrorCode::PayloadTooLarge, format!("the request body is larger than {limit} bytes")))
+    axum::body::to_bytes(body, limit).await.map_err(|_| {
+        ApiError::new(
+            ErrorCode::PayloadTooLarge,
+            format!("the request body is larger than {limit} bytes"),
+        )
+    })
 }

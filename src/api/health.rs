@@ -22,7 +22,11 @@ pub async fn readyz(State(state): State<AppState>) -> Result<Json<Value>, ApiErr
     } else {
         Err(ApiError::new(
             ErrorCode::Unavailable,
-            format!("not ready: database {}, blob store {}, draining {draining}", if db { "ok" } else { "down" }, if blobs { "ok" } else { "down" }),
+            format!(
+                "not ready: database {}, blob store {}, draining {draining}",
+                if db { "ok" } else { "down" },
+                if blobs { "ok" } else { "down" }
+            ),
         ))
     }
 }
@@ -36,7 +40,10 @@ pub async fn metrics(State(state): State<AppState>) -> Result<impl IntoResponse,
         }
     }
     metrics::gauge!("modelpress_workers").set(state.config.worker_count() as f64);
-    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render()))
+    Ok((
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    ))
 }
 
 pub const OPENAPI: &str = include_str!("../../openapi.yaml");

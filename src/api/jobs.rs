@@ -51,32 +51,54 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
                 .to_str()
                 .ok()
                 .filter(|s| !s.is_empty() && s.len() <= 255)
-                .ok_or_else(|| ApiError::new(ErrorCode::InvalidRequest, "Idempotency-Key must be 1 to 255 visible ASCII characters"))?;
+                .ok_or_else(|| {
+                    ApiError::new(
+                        ErrorCode::InvalidRequest,
+                        "Idempotency-Key must be 1 to 255 visible ASCII characters",
+                    )
+                })?;
             Ok(Some(s.to_string()))
         }
     }
 }
 
 fn parse_json(bytes: &[u8]) -> Result<Value, ApiError> {
-    serde_json::from_slice(bytes).map_err(|e| ApiError::new(ErrorCode::InvalidRequest, format!("the body is not valid JSON: {e}")))
+    serde_json::from_slice(bytes).map_err(|e| {
+        ApiError::new(
+            ErrorCode::InvalidRequest,
+            format!("the body is not valid JSON: {e}"),
+        )
+    })
 }
 
 fn invalid_spec(e: compress::CompressError) -> ApiError {
     ApiError::new(ErrorCode::InvalidSpec, e.to_string())
 }
 
-pub async fn create(State(state): State<AppState>, headers: HeaderMap, req: Request) -> Result<Response, ApiError> {
+pub async fn create(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    req: Request,
+) -> Result<Response, ApiError> {
     let key = idempotency_key(&headers)?;
     let (model_id, spec, fingerprint) = if extract::is_multipart(&req) {
         let up = extract::receive(&state, req).await?;
-        let spec_bytes = up.spec.ok_or_else(|| ApiError::new(ErrorCode::InvalidRequest, "the form has no `spec` field"))?;
+        let spec_bytes = up.spec.ok_or_else(|| {
+            ApiError::new(ErrorCode::InvalidRequest, "the form has no `spec` field")
+        })?;
         let spec = parse_json(&spec_bytes)?;
         if spec.get("model_id").is_some() {
-            return Err(ApiError::new(ErrorCode::InvalidSpec, "model_id: not allowed when the form carries the model file"));
+            return Err(ApiError::new(
+                ErrorCode::InvalidSpec,
+                "model_id: not allowed when the form carries the model file",
+            ));
         }
         compress::parse_spec(&spec).map_err(invalid_spec)?;
-        let file = up.file.ok_or_else(|| ApiError::new(ErrorCode::InvalidRequest, "the form has no `file` field"))?;
-        let fingerprint = crate::runner::sha256_hex(format!("upload:{}:{}", file.sha256, spec).as_bytes());
+        let file = up.file.ok_or_else(|| {
+            ApiError::new(ErrorCode::InvalidRequest, "the form has no `file` field")
+        })?;
+        let fingerprint =
+            crate::runner::sha256_hex(format!("upload:{}:{}", file.sha256, spec).as_bytes());
         // A retried upload+submit with the same key must not store the model twice.
         if let Some(k) = &key {
             if let Some(resp) = replay(&state, k, &fingerprint).await? {
@@ -91,8 +113,15 @@ pub async fn create(State(state): State<AppState>, headers: HeaderMap, req: Requ
         let raw_id = spec
             .get("model_id")
             .and_then(Value::as_str)
-            .ok_or_else(|| ApiError::new(ErrorCode::InvalidSpec, "model_id: is required (a string)"))?;
-        let model_id = Uuid::parse_str(raw_id).map_err(|_| ApiError::new(ErrorCode::ModelNotFound, format!("no model with id {raw_id:?}")))?;
+            .ok_or_else(|| {
+                ApiError::new(ErrorCode::InvalidSpec, "model_id: is required (a string)")
+            })?;
+        let model_id = Uuid::parse_str(raw_id).map_err(|_| {
+            ApiError::new(
+                ErrorCode::ModelNotFound,
+                format!("no model with id {raw_id:?}"),
+            )
+        })?;
         compress::parse_spec(&spec).map_err(invalid_spec)?;
         let mut spec = spec;
         if let Some(o) = spec.as_object_mut() {
@@ -113,7 +142,12 @@ pub async fn create(State(state): State<AppState>, headers: HeaderMap, req: Requ
     let (job, replayed) = match state.queue.enqueue(new).await {
         Ok(Enqueued::Created(j)) => (j, false),
         Ok(Enqueued::Existing(j)) => (j, true),
-        Err(QueueError::NotFound) => return Err(ApiError::new(ErrorCode::ModelNotFound, format!("no model with id {model_id}"))),
+        Err(QueueError::NotFound) => {
+            return Err(ApiError::new(
+                ErrorCode::ModelNotFound,
+                format!("no model with id {model_id}"),
+            ))
+        }
         Err(e) => return Err(e.into()),
     };
     if !replayed {
@@ -123,7 +157,11 @@ pub async fn create(State(state): State<AppState>, headers: HeaderMap, req: Requ
     accepted(&state, job, replayed).await
 }
 
-async fn replay(state: &AppState, key: &str, fingerprint: &str) -> Result<Option<Response>, ApiError> {
+async fn replay(
+    state: &AppState,
+    key: &str,
+    fingerprint: &str,
+) -> Result<Option<Response>, ApiError> {
     // The queue decides for JSON bodies; for uploads we must know before storing the file.
     match state.queue.find_idempotent(DEFAULT_TENANT, key).await? {
         None => Ok(None),
@@ -138,30 +176,47 @@ async fn accepted(state: &AppState, job: JobRecord, replayed: bool) -> Result<Re
     let loc = HeaderValue::from_str(&format!("/v1/jobs/{}", job.id)).map_err(ApiError::internal)?;
     resp.headers_mut().insert(header::LOCATION, loc);
     if replayed {
-        resp.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
+        resp.headers_mut()
+            .insert("idempotent-replayed", HeaderValue::from_static("true"));
     }
     Ok(resp)
 }
 
-pub async fn list(State(state): State<AppState>, Query(q): Query<HashMap<String, String>>) -> Result<Json<Value>, ApiError> {
+pub async fn list(
+    State(state): State<AppState>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
     let (limit, cursor) = page_params(&q)?;
     let st = match q.get("state").filter(|s| !s.is_empty()) {
         None => None,
         Some(s) => Some(JobState::parse(s).ok_or_else(|| {
-            ApiError::new(ErrorCode::InvalidRequest, "state must be queued, running, succeeded, failed or cancelled")
+            ApiError::new(
+                ErrorCode::InvalidRequest,
+                "state must be queued, running, succeeded, failed or cancelled",
+            )
         })?),
     };
-    let model_id = match q.get("model_id").filter(|s| !s.is_empty()) {
-        None => None,
-        Some(m) => Some(Uuid::parse_str(m).map_err(|_| ApiError::new(ErrorCode::InvalidRequest, "model_id is not a valid id"))?),
+    let model_id =
+        match q.get("model_id").filter(|s| !s.is_empty()) {
+            None => None,
+            Some(m) => Some(Uuid::parse_str(m).map_err(|_| {
+                ApiError::new(ErrorCode::InvalidRequest, "model_id is not a valid id")
+            })?),
+        };
+    let filter = JobFilter {
+        state: st,
+        model_id,
+        limit,
+        before: cursor,
     };
-    let filter = JobFilter { state: st, model_id, limit, before: cursor };
     let jobs = state.queue.list_jobs(DEFAULT_TENANT, &filter).await?;
     let mut items = Vec::with_capacity(jobs.len());
     for j in &jobs {
         items.push(job_view(j, &state.queue.artifacts(j.id).await?));
     }
-    let next = (jobs.len() == limit as usize).then(|| jobs.last().map(|j| j.id)).flatten();
+    let next = (jobs.len() == limit as usize)
+        .then(|| jobs.last().map(|j| j.id))
+        .flatten();
     Ok(Json(json!({"items": items, "next_cursor": next})))
 }
 
@@ -174,23 +229,38 @@ pub async fn find(state: &AppState, raw: &str) -> Result<JobRecord, ApiError> {
         .ok_or_else(|| ApiError::new(ErrorCode::JobNotFound, format!("no job with id {id}")))
 }
 
-pub async fn get_one(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+pub async fn get_one(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
     let job = find(&state, &id).await?;
     let artifacts = state.queue.artifacts(job.id).await?;
     Ok(Json(job_view(&job, &artifacts)))
 }
 
-pub async fn cancel(State(state): State<AppState>, Path(id): Path<String>) -> Result<(StatusCode, Json<Value>), ApiError> {
+pub async fn cancel(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
     let id = parse_id(&id, ErrorCode::JobNotFound, "job")?;
     let job = match state.queue.request_cancel(DEFAULT_TENANT, id).await {
         Ok(j) => j,
-        Err(QueueError::NotFound) => return Err(ApiError::new(ErrorCode::JobNotFound, format!("no job with id {id}"))),
+        Err(QueueError::NotFound) => {
+            return Err(ApiError::new(
+                ErrorCode::JobNotFound,
+                format!("no job with id {id}"),
+            ))
+        }
         Err(e) => return Err(e.into()),
     };
     // A job running in this process stops at its next tensor boundary.
     if let Some(flag) = state.running.lock().expect("running map").get(&id) {
         flag.store(true, std::sync::atomic::Ordering::Relaxed);
     }
-    let status = if job.state == JobState::Cancelled { StatusCode::OK } else { StatusCode::ACCEPTED };
+    let status = if job.state == JobState::Cancelled {
+        StatusCode::OK
+    } else {
+        StatusCode::ACCEPTED
+    };
     Ok((status, Json(job_view(&job, &[]))))
 }

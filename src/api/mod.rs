@@ -41,7 +41,10 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(health::metrics))
         .route("/openapi.yaml", get(health::openapi))
         .route("/v1/models", post(models::upload).get(models::list))
-        .route("/v1/models/{id}", get(models::get_one).delete(models::delete))
+        .route(
+            "/v1/models/{id}",
+            get(models::get_one).delete(models::delete),
+        )
         .route("/v1/models/{id}/tensors", get(models::tensors))
         .route("/v1/jobs", post(jobs::create).get(jobs::list))
         .route("/v1/jobs/{id}", get(jobs::get_one))
@@ -61,7 +64,10 @@ async fn not_found() -> ApiError {
 }
 
 async fn method_not_allowed() -> ApiError {
-    ApiError::new(ErrorCode::MethodNotAllowed, "method not allowed on this route; see /openapi.yaml")
+    ApiError::new(
+        ErrorCode::MethodNotAllowed,
+        "method not allowed on this route; see /openapi.yaml",
+    )
 }
 
 /// Counts requests by matched route (never the raw URI) and status.
@@ -86,30 +92,44 @@ async fn track_metrics(req: Request, next: Next) -> Response {
 pub fn rfc3339(ms: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
         .ok()
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
         .unwrap_or_default()
 }
 
 /// Parses an id from the path; a malformed id is simply not found.
 pub fn parse_id(raw: &str, code: ErrorCode, what: &str) -> Result<uuid::Uuid, ApiError> {
-    uuid::Uuid::parse_str(raw).map_err(|_| ApiError::new(code, format!("no {what} with id {raw:?}")))
+    uuid::Uuid::parse_str(raw)
+        .map_err(|_| ApiError::new(code, format!("no {what} with id {raw:?}")))
 }
 
 /// `limit` and `cursor` query parameters shared by the list routes.
-pub fn page_params(q: &std::collections::HashMap<String, String>) -> Result<(u32, Option<uuid::Uuid>), ApiError> {
+pub fn page_params(
+    q: &std::collections::HashMap<String, String>,
+) -> Result<(u32, Option<uuid::Uuid>), ApiError> {
     let limit = match q.get("limit") {
         None => 50,
         Some(l) => l
             .parse::<u32>()
             .ok()
             .filter(|l| (1..=500).contains(l))
-            .ok_or_else(|| ApiError::new(ErrorCode::InvalidRequest, "limit must be an integer from 1 to 500"))?,
+            .ok_or_else(|| {
+                ApiError::new(
+                    ErrorCode::InvalidRequest,
+                    "limit must be an integer from 1 to 500",
+                )
+            })?,
     };
     let cursor = match q.get("cursor").filter(|c| !c.is_empty()) {
         None => None,
-        Some(c) => Some(
-            uuid::Uuid::parse_str(c).map_err(|_| ApiError::new(ErrorCode::InvalidRequest, "cursor is not a value this API returned"))?,
-        ),
+        Some(c) => Some(uuid::Uuid::parse_str(c).map_err(|_| {
+            ApiError::new(
+                ErrorCode::InvalidRequest,
+                "cursor is not a value this API returned",
+            )
+        })?),
     };
     Ok((limit, cursor))
 }

@@ -28,25 +28,40 @@ pub fn model_view(m: &ModelRecord) -> Value {
 
 /// Validates a received file and stores it as a model. The file is parsed before anything is
 /// stored, so a bad file leaves no trace.
-pub async fn store_model(state: &AppState, file: Received, name: Option<String>) -> Result<ModelRecord, ApiError> {
+pub async fn store_model(
+    state: &AppState,
+    file: Received,
+    name: Option<String>,
+) -> Result<ModelRecord, ApiError> {
     if file.size == 0 {
-        return Err(ApiError::new(ErrorCode::InvalidModel, "the upload is empty"));
+        return Err(ApiError::new(
+            ErrorCode::InvalidModel,
+            "the upload is empty",
+        ));
     }
     let path = file.temp.to_path_buf();
     let parsed = tokio::task::spawn_blocking(move || {
-        formats::read_path(&path).map(|set| (set.format, formats::inventory(&set), set.parameter_count()))
+        formats::read_path(&path)
+            .map(|set| (set.format, formats::inventory(&set), set.parameter_count()))
     })
     .await
     .map_err(ApiError::internal)?;
     let (format, inventory, parameters) = match parsed {
         Ok(v) => v,
-        Err(e) if e.is_user_error() => return Err(ApiError::new(ErrorCode::InvalidModel, e.to_string())),
+        Err(e) if e.is_user_error() => {
+            return Err(ApiError::new(ErrorCode::InvalidModel, e.to_string()))
+        }
         Err(e) => return Err(ApiError::internal(e)),
     };
     let id = Uuid::now_v7();
     let default_name = format!("model.{}", format.extension());
     let name = name
-        .map(|n| n.chars().filter(|c| !c.is_control()).take(255).collect::<String>())
+        .map(|n| {
+            n.chars()
+                .filter(|c| !c.is_control())
+                .take(255)
+                .collect::<String>()
+        })
         .filter(|n| !n.is_empty())
         .unwrap_or(default_name);
     let record = ModelRecord {
@@ -80,19 +95,34 @@ pub async fn upload(
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let up = extract::receive(&state, req).await?;
     if up.spec.is_some() {
-        return Err(ApiError::new(ErrorCode::InvalidRequest, "a `spec` field belongs to POST /v1/jobs"));
+        return Err(ApiError::new(
+            ErrorCode::InvalidRequest,
+            "a `spec` field belongs to POST /v1/jobs",
+        ));
     }
-    let file = up.file.ok_or_else(|| ApiError::new(ErrorCode::InvalidRequest, "the form has no `file` field"))?;
+    let file = up
+        .file
+        .ok_or_else(|| ApiError::new(ErrorCode::InvalidRequest, "the form has no `file` field"))?;
     let name = q.get("name").cloned().or(up.file_name);
     let record = store_model(&state, file, name).await?;
     Ok((StatusCode::CREATED, Json(model_view(&record))))
 }
 
-pub async fn list(State(state): State<AppState>, Query(q): Query<HashMap<String, String>>) -> Result<Json<Value>, ApiError> {
+pub async fn list(
+    State(state): State<AppState>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
     let (limit, cursor) = page_params(&q)?;
-    let items = state.models.list_models(DEFAULT_TENANT, limit, cursor).await?;
-    let next = (items.len() == limit as usize).then(|| items.last().map(|m| m.id)).flatten();
-    Ok(Json(json!({"items": items.iter().map(model_view).collect::<Vec<_>>(), "next_cursor": next})))
+    let items = state
+        .models
+        .list_models(DEFAULT_TENANT, limit, cursor)
+        .await?;
+    let next = (items.len() == limit as usize)
+        .then(|| items.last().map(|m| m.id))
+        .flatten();
+    Ok(Json(
+        json!({"items": items.iter().map(model_view).collect::<Vec<_>>(), "next_cursor": next}),
+    ))
 }
 
 async fn find(state: &AppState, raw: &str) -> Result<ModelRecord, ApiError> {
@@ -104,21 +134,35 @@ async fn find(state: &AppState, raw: &str) -> Result<ModelRecord, ApiError> {
         .ok_or_else(|| ApiError::new(ErrorCode::ModelNotFound, format!("no model with id {id}")))
 }
 
-pub async fn get_one(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+pub async fn get_one(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
     Ok(Json(model_view(&find(&state, &id).await?)))
 }
 
-pub async fn tensors(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+pub async fn tensors(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
     let m = find(&state, &id).await?;
     let items: Value = serde_json::from_str(&m.tensors_json).map_err(ApiError::internal)?;
     Ok(Json(json!({"model_id": m.id, "items": items})))
 }
 
-pub async fn delete(State(state): State<AppState>, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
+pub async fn delete(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
     let id = parse_id(&id, ErrorCode::ModelNotFound, "model")?;
     let keys = match state.models.delete_model(DEFAULT_TENANT, id).await {
         Ok(k) => k,
-        Err(QueueError::NotFound) => return Err(ApiError::new(ErrorCode::ModelNotFound, format!("no model with id {id}"))),
+        Err(QueueError::NotFound) => {
+            return Err(ApiError::new(
+                ErrorCode::ModelNotFound,
+                format!("no model with id {id}"),
+            ))
+        }
         Err(e) => return Err(e.into()),
     };
     for k in keys {

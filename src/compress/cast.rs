@@ -60,7 +60,10 @@ mod tests {
     impl CastProblem {
         fn check(&self) {
             // Exact: the bulk conversion and the scalar one agree bit for bit.
-            assert_eq!(cast_bits(&self.values, self.to), cast_bits_reference(&self.values, self.to));
+            assert_eq!(
+                cast_bits(&self.values, self.to),
+                cast_bits_reference(&self.values, self.to)
+            );
             // Approximate: relative error within half an ulp of the target type.
             let eps = match self.to {
                 CastType::Float16 => 2f32.powi(-11),

@@ -46,7 +46,7 @@ pub const DEFAULT_MIN_PARAMS: usize = 1024;
 
 impl Selector {
     pub fn selects(&self, t: &Tensor) -> bool {
-        if !t.dtype.is_float() || t.len() < self.min_params || t.len() == 0 {
+        if !t.dtype.is_float() || t.len() < self.min_params || t.is_empty() {
             return false;
         }
         if self.exclude.iter().any(|p| p.matches(&t.name)) {
@@ -68,9 +68,18 @@ pub enum PruneScope {
 
 #[derive(Debug, Clone)]
 pub enum Op {
-    Prune { sparsity: f32, scope: PruneScope },
-    Quantize { bits: u8, scheme: Scheme, granularity: Granularity },
-    Cast { dtype: CastType },
+    Prune {
+        sparsity: f32,
+        scope: PruneScope,
+    },
+    Quantize {
+        bits: u8,
+        scheme: Scheme,
+        granularity: Granularity,
+    },
+    Cast {
+        dtype: CastType,
+    },
 }
 
 impl Op {
@@ -78,16 +87,36 @@ impl Op {
         match self {
             Op::Prune { sparsity, scope } => format!(
                 "prune({sparsity},{})",
-                if *scope == PruneScope::Global { "global" } else { "tensor" }
+                if *scope == PruneScope::Global {
+                    "global"
+                } else {
+                    "tensor"
+                }
             ),
-            Op::Quantize { bits, scheme, granularity } => format!(
+            Op::Quantize {
+                bits,
+                scheme,
+                granularity,
+            } => format!(
                 "quantize(int{bits},{},{})",
-                if *scheme == Scheme::Affine { "affine" } else { "symmetric" },
-                if *granularity == Granularity::Channel { "channel" } else { "tensor" }
+                if *scheme == Scheme::Affine {
+                    "affine"
+                } else {
+                    "symmetric"
+                },
+                if *granularity == Granularity::Channel {
+                    "channel"
+                } else {
+                    "tensor"
+                }
             ),
             Op::Cast { dtype } => format!(
                 "cast({})",
-                if *dtype == CastType::Float16 { "float16" } else { "bfloat16" }
+                if *dtype == CastType::Float16 {
+                    "float16"
+                } else {
+                    "bfloat16"
+                }
             ),
         }
     }
@@ -118,8 +147,12 @@ pub fn preset(name: &str) -> Option<Vec<Value>> {
     let int8 = serde_json::json!({"method": "quantize", "bits": 8, "scheme": "symmetric", "granularity": "channel"});
     Some(match name {
         "int8" => vec![int8],
-        "int8-tensor" => vec![serde_json::json!({"method": "quantize", "bits": 8, "scheme": "symmetric", "granularity": "tensor"})],
-        "prune50" => vec![serde_json::json!({"method": "prune", "sparsity": 0.5, "scope": "tensor"})],
+        "int8-tensor" => vec![
+            serde_json::json!({"method": "quantize", "bits": 8, "scheme": "symmetric", "granularity": "tensor"}),
+        ],
+        "prune50" => {
+            vec![serde_json::json!({"method": "prune", "sparsity": 0.5, "scope": "tensor"})]
+        }
         "prune50-int8" => vec![
             serde_json::json!({"method": "prune", "sparsity": 0.5, "scope": "tensor"}),
             int8,
@@ -130,9 +163,20 @@ pub fn preset(name: &str) -> Option<Vec<Value>> {
     })
 }
 
-pub const PRESET_NAMES: &[&str] = &["int8", "int8-tensor", "prune50", "prune50-int8", "fp16", "bf16"];
+pub const PRESET_NAMES: &[&str] = &[
+    "int8",
+    "int8-tensor",
+    "prune50",
+    "prune50-int8",
+    "fp16",
+    "bf16",
+];
 
-fn take_str<'a>(obj: &'a Map<String, Value>, key: &str, field: &str) -> Result<Option<&'a str>, CompressError> {
+fn take_str<'a>(
+    obj: &'a Map<String, Value>,
+    key: &str,
+    field: &str,
+) -> Result<Option<&'a str>, CompressError> {
     match obj.get(key) {
         None => Ok(None),
         Some(Value::String(s)) => Ok(Some(s)),
@@ -140,13 +184,21 @@ fn take_str<'a>(obj: &'a Map<String, Value>, key: &str, field: &str) -> Result<O
     }
 }
 
-fn take_globs(obj: &Map<String, Value>, key: &str, field: &str) -> Result<Vec<glob::Pattern>, CompressError> {
+fn take_globs(
+    obj: &Map<String, Value>,
+    key: &str,
+    field: &str,
+) -> Result<Vec<glob::Pattern>, CompressError> {
     let list = match obj.get(key) {
         None => return Ok(Vec::new()),
         Some(Value::String(s)) => vec![s.clone()],
         Some(Value::Array(a)) => a
             .iter()
-            .map(|v| v.as_str().map(str::to_string).ok_or_else(|| spec_err(field, "must be a list of glob strings")))
+            .map(|v| {
+                v.as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| spec_err(field, "must be a list of glob strings"))
+            })
             .collect::<Result<_, _>>()?,
         Some(_) => return Err(spec_err(field, "must be a glob string or a list of them")),
     };
@@ -157,7 +209,9 @@ fn take_globs(obj: &Map<String, Value>, key: &str, field: &str) -> Result<Vec<gl
 
 fn parse_step(index: usize, v: &Value) -> Result<Step, CompressError> {
     let at = |k: &str| format!("pipeline[{index}].{k}");
-    let obj = v.as_object().ok_or_else(|| spec_err(&format!("pipeline[{index}]"), "must be an object"))?;
+    let obj = v
+        .as_object()
+        .ok_or_else(|| spec_err(&format!("pipeline[{index}]"), "must be an object"))?;
     let method = take_str(obj, "method", &at("method"))?
         .ok_or_else(|| spec_err(&at("method"), "is required (prune, quantize or cast)"))?;
     let allowed: &[&str] = match method {
@@ -165,13 +219,19 @@ fn parse_step(index: usize, v: &Value) -> Result<Step, CompressError> {
         "quantize" => &["bits", "scheme", "granularity"],
         "cast" => &["dtype"],
         other => {
-            return Err(spec_err(&at("method"), format!("unknown method {other:?} (prune, quantize or cast)")))
+            return Err(spec_err(
+                &at("method"),
+                format!("unknown method {other:?} (prune, quantize or cast)"),
+            ))
         }
     };
     for key in obj.keys() {
         let common = ["method", "include", "exclude", "min_params"];
         if !common.contains(&key.as_str()) && !allowed.contains(&key.as_str()) {
-            return Err(spec_err(&at(key), format!("unknown field for method {method:?}")));
+            return Err(spec_err(
+                &at(key),
+                format!("unknown field for method {method:?}"),
+            ));
         }
     }
     let min_params = match obj.get("min_params") {
@@ -199,7 +259,10 @@ fn parse_step(index: usize, v: &Value) -> Result<Step, CompressError> {
                 "global" => PruneScope::Global,
                 _ => return Err(spec_err(&at("scope"), "must be \"tensor\" or \"global\"")),
             };
-            Op::Prune { sparsity: sparsity as f32, scope }
+            Op::Prune {
+                sparsity: sparsity as f32,
+                scope,
+            }
         }
         "quantize" => {
             let bits = match obj.get("bits") {
@@ -207,25 +270,46 @@ fn parse_step(index: usize, v: &Value) -> Result<Step, CompressError> {
                 Some(b) => b
                     .as_u64()
                     .filter(|b| (2..=8).contains(b))
-                    .ok_or_else(|| spec_err(&at("bits"), "must be an integer from 2 to 8"))? as u8,
+                    .ok_or_else(|| spec_err(&at("bits"), "must be an integer from 2 to 8"))?
+                    as u8,
             };
             let scheme = match take_str(obj, "scheme", &at("scheme"))?.unwrap_or("symmetric") {
                 "symmetric" => Scheme::Symmetric,
                 "affine" => Scheme::Affine,
-                _ => return Err(spec_err(&at("scheme"), "must be \"symmetric\" or \"affine\"")),
+                _ => {
+                    return Err(spec_err(
+                        &at("scheme"),
+                        "must be \"symmetric\" or \"affine\"",
+                    ))
+                }
             };
-            let granularity = match take_str(obj, "granularity", &at("granularity"))?.unwrap_or("channel") {
-                "tensor" => Granularity::Tensor,
-                "channel" => Granularity::Channel,
-                _ => return Err(spec_err(&at("granularity"), "must be \"tensor\" or \"channel\"")),
-            };
-            Op::Quantize { bits, scheme, granularity }
+            let granularity =
+                match take_str(obj, "granularity", &at("granularity"))?.unwrap_or("channel") {
+                    "tensor" => Granularity::Tensor,
+                    "channel" => Granularity::Channel,
+                    _ => {
+                        return Err(spec_err(
+                            &at("granularity"),
+                            "must be \"tensor\" or \"channel\"",
+                        ))
+                    }
+                };
+            Op::Quantize {
+                bits,
+                scheme,
+                granularity,
+            }
         }
         _ => {
             let dtype = match take_str(obj, "dtype", &at("dtype"))? {
                 Some("float16") => CastType::Float16,
                 Some("bfloat16") => CastType::Bfloat16,
-                _ => return Err(spec_err(&at("dtype"), "must be \"float16\" or \"bfloat16\"")),
+                _ => {
+                    return Err(spec_err(
+                        &at("dtype"),
+                        "must be \"float16\" or \"bfloat16\"",
+                    ))
+                }
             };
             Op::Cast { dtype }
         }
@@ -236,19 +320,37 @@ fn parse_step(index: usize, v: &Value) -> Result<Step, CompressError> {
 /// Validates a job spec (`preset` or `pipeline`, optional `outputs`). `model_id` is allowed
 /// and ignored here; any other key is refused by name.
 pub fn parse_spec(spec: &Value) -> Result<Plan, CompressError> {
-    let obj = spec.as_object().ok_or_else(|| spec_err("spec", "must be a JSON object"))?;
+    let obj = spec
+        .as_object()
+        .ok_or_else(|| spec_err("spec", "must be a JSON object"))?;
     for key in obj.keys() {
         if !["model_id", "preset", "pipeline", "outputs"].contains(&key.as_str()) {
-            return Err(spec_err(key, "unknown field (expected preset, pipeline, outputs)"));
+            return Err(spec_err(
+                key,
+                "unknown field (expected preset, pipeline, outputs)",
+            ));
         }
     }
     let steps_json = match (obj.get("preset"), obj.get("pipeline")) {
-        (Some(_), Some(_)) => return Err(spec_err("preset", "give either preset or pipeline, not both")),
+        (Some(_), Some(_)) => {
+            return Err(spec_err(
+                "preset",
+                "give either preset or pipeline, not both",
+            ))
+        }
         (None, None) => return Err(spec_err("pipeline", "a preset or a pipeline is required")),
         (Some(p), None) => {
-            let name = p.as_str().ok_or_else(|| spec_err("preset", "must be a string"))?;
+            let name = p
+                .as_str()
+                .ok_or_else(|| spec_err("preset", "must be a string"))?;
             preset(name).ok_or_else(|| {
-                spec_err("preset", format!("unknown preset {name:?} (known: {})", PRESET_NAMES.join(", ")))
+                spec_err(
+                    "preset",
+                    format!(
+                        "unknown preset {name:?} (known: {})",
+                        PRESET_NAMES.join(", ")
+                    ),
+                )
             })?
         }
         (None, Some(Value::Array(steps))) => {
@@ -262,15 +364,25 @@ pub fn parse_spec(spec: &Value) -> Result<Plan, CompressError> {
         }
         (None, Some(_)) => return Err(spec_err("pipeline", "must be a list of steps")),
     };
-    let steps = steps_json.iter().enumerate().map(|(i, s)| parse_step(i, s)).collect::<Result<Vec<_>, _>>()?;
+    let steps = steps_json
+        .iter()
+        .enumerate()
+        .map(|(i, s)| parse_step(i, s))
+        .collect::<Result<Vec<_>, _>>()?;
     let (outputs, outputs_explicit) = match obj.get("outputs") {
         None => (OUTPUT_NAMES.iter().map(|s| s.to_string()).collect(), false),
         Some(Value::Array(a)) => {
             let mut out = Vec::new();
             for (i, v) in a.iter().enumerate() {
-                let name = v.as_str().filter(|n| OUTPUT_NAMES.contains(n)).ok_or_else(|| {
-                    spec_err(&format!("outputs[{i}]"), format!("must be one of {}", OUTPUT_NAMES.join(", ")))
-                })?;
+                let name = v
+                    .as_str()
+                    .filter(|n| OUTPUT_NAMES.contains(n))
+                    .ok_or_else(|| {
+                        spec_err(
+                            &format!("outputs[{i}]"),
+                            format!("must be one of {}", OUTPUT_NAMES.join(", ")),
+                        )
+                    })?;
                 if !out.iter().any(|o| o == name) {
                     out.push(name.to_string());
                 }
@@ -282,7 +394,12 @@ pub fn parse_spec(spec: &Value) -> Result<Plan, CompressError> {
         }
         Some(_) => return Err(spec_err("outputs", "must be a list")),
     };
-    Ok(Plan { steps, steps_json, outputs, outputs_explicit })
+    Ok(Plan {
+        steps,
+        steps_json,
+        outputs,
+        outputs_explicit,
+    })
 }
 
 /// How a compressed tensor is stored in `model.<ext>`.
@@ -355,7 +472,11 @@ pub fn run(set: &TensorSet, plan: &Plan, ctl: &dyn Control) -> Result<Outcome, C
     let selections: Vec<Vec<usize>> = plan
         .steps
         .iter()
-        .map(|s| (0..n).filter(|&i| s.select.selects(&set.tensors[i])).collect())
+        .map(|s| {
+            (0..n)
+                .filter(|&i| s.select.selects(&set.tensors[i]))
+                .collect()
+        })
         .collect();
     let total_units: usize = selections.iter().map(Vec::len).sum::<usize>().max(1);
     let mut done_units = 0usize;
@@ -366,10 +487,18 @@ pub fn run(set: &TensorSet, plan: &Plan, ctl: &dyn Control) -> Result<Outcome, C
                 let t = &set.tensors[i];
                 let values = t.to_f32().unwrap_or_default();
                 check_finite(t, &values)?;
-                work[i] = Some(Working { values, encoding: None, methods: Vec::new() });
+                work[i] = Some(Working {
+                    values,
+                    encoding: None,
+                    methods: Vec::new(),
+                });
             }
         }
-        if let Op::Prune { sparsity, scope: PruneScope::Global } = step.op {
+        if let Op::Prune {
+            sparsity,
+            scope: PruneScope::Global,
+        } = step.op
+        {
             if ctl.cancelled() {
                 return Err(CompressError::Cancelled);
             }
@@ -400,18 +529,29 @@ pub fn run(set: &TensorSet, plan: &Plan, ctl: &dyn Control) -> Result<Outcome, C
                             let layout = quantize::ChannelLayout::new(&t.shape, q.axis);
                             for (j, v) in w.values.iter().enumerate() {
                                 if *v == 0.0 {
-                                    q.codes[j] = q.zero_points.get(layout.channel_of(j)).copied().unwrap_or(0);
+                                    q.codes[j] = q
+                                        .zero_points
+                                        .get(layout.channel_of(j))
+                                        .copied()
+                                        .unwrap_or(0);
                                 }
                             }
                         }
                         Some(Encoding::Cast { dtype, .. }) => {
                             let d = *dtype;
-                            w.encoding = Some(Encoding::Cast { dtype: d, bits: cast::cast_bits(&w.values, d) });
+                            w.encoding = Some(Encoding::Cast {
+                                dtype: d,
+                                bits: cast::cast_bits(&w.values, d),
+                            });
                         }
                         None => {}
                     }
                 }
-                Op::Quantize { bits, scheme, granularity } => {
+                Op::Quantize {
+                    bits,
+                    scheme,
+                    granularity,
+                } => {
                     let axis = (*granularity == Granularity::Channel).then(|| t.channel_axis());
                     let q = quantize::quantize(&w.values, &t.shape, *bits, *scheme, axis);
                     w.values = quantize::dequantize(&q, &t.shape);
@@ -420,11 +560,17 @@ pub fn run(set: &TensorSet, plan: &Plan, ctl: &dyn Control) -> Result<Outcome, C
                 Op::Cast { dtype } => {
                     let bits = cast::cast_bits(&w.values, *dtype);
                     w.values = cast::widen(&bits, *dtype);
-                    w.encoding = Some(Encoding::Cast { dtype: *dtype, bits });
+                    w.encoding = Some(Encoding::Cast {
+                        dtype: *dtype,
+                        bits,
+                    });
                 }
             }
             w.methods.push(step.op.label());
-            debug_assert!(w.encoding.as_ref().is_none_or(|e| decode(e, &t.shape) == w.values));
+            debug_assert!(w
+                .encoding
+                .as_ref()
+                .is_none_or(|e| decode(e, &t.shape) == w.values));
             done_units += 1;
             ctl.progress(0.9 * done_units as f64 / total_units as f64, &stage);
             ctl.tensor_done();
@@ -448,7 +594,13 @@ fn assemble(set: &TensorSet, plan: &Plan, work: Vec<Option<Working>>) -> Outcome
             None => {
                 encoded_tensors.push(t.clone());
                 let nonzero = count_nonzero(t);
-                (bytes_before, nonzero, report::error_stats(&[], &[]), Vec::new(), None)
+                (
+                    bytes_before,
+                    nonzero,
+                    report::error_stats(&[], &[]),
+                    Vec::new(),
+                    None,
+                )
             }
             Some(w) => {
                 let original = t.to_f32().unwrap_or_default();
@@ -484,8 +636,16 @@ fn assemble(set: &TensorSet, plan: &Plan, work: Vec<Option<Working>>) -> Outcome
             quantization_axis: axis,
             parameters: params,
             nonzero,
-            sparsity: if params > 0 { 1.0 - nonzero as f64 / params as f64 } else { 0.0 },
-            bits_per_weight: if params > 0 { bytes_after as f64 * 8.0 / params as f64 } else { 0.0 },
+            sparsity: if params > 0 {
+                1.0 - nonzero as f64 / params as f64
+            } else {
+                0.0
+            },
+            bits_per_weight: if params > 0 {
+                bytes_after as f64 * 8.0 / params as f64
+            } else {
+                0.0
+            },
             bytes_before,
             bytes_after,
             relative_l2_error: stats.relative_l2_error,
@@ -493,10 +653,18 @@ fn assemble(set: &TensorSet, plan: &Plan, work: Vec<Option<Working>>) -> Outcome
             max_abs_error: stats.max_abs_error,
         });
     }
-    totals.mean_bits_per_weight = if float_params > 0 { float_bits / float_params as f64 } else { 0.0 };
+    totals.mean_bits_per_weight = if float_params > 0 {
+        float_bits / float_params as f64
+    } else {
+        0.0
+    };
     let any_encoded = !description.is_empty();
     let mut notes = Vec::new();
-    if plan.steps.iter().enumerate().all(|(_, s)| set.tensors.iter().all(|t| !s.select.selects(t))) {
+    if plan
+        .steps
+        .iter()
+        .all(|s| set.tensors.iter().all(|t| !s.select.selects(t)))
+    {
         notes.push("no tensor matched the pipeline's selection: the model is unchanged".into());
     }
     let report = Report {
@@ -521,13 +689,21 @@ fn count_nonzero(t: &Tensor) -> u64 {
         Some(v) => v.iter().filter(|x| **x != 0.0).count() as u64,
         None => {
             let s = t.dtype.size();
-            t.data.chunks_exact(s).filter(|c| c.iter().any(|b| *b != 0)).count() as u64
+            t.data
+                .chunks_exact(s)
+                .filter(|c| c.iter().any(|b| *b != 0))
+                .count() as u64
         }
     }
 }
 
 /// Appends the stored form of one encoded tensor; returns its bytes and quantization axis.
-fn encode(t: &Tensor, enc: &Encoding, out: &mut Vec<Tensor>, desc: &mut Map<String, Value>) -> (u64, Option<usize>) {
+fn encode(
+    t: &Tensor,
+    enc: &Encoding,
+    out: &mut Vec<Tensor>,
+    desc: &mut Map<String, Value>,
+) -> (u64, Option<usize>) {
     let mk = |name: String, dtype: DType, shape: Vec<usize>, data: Vec<u8>| Tensor {
         name,
         dtype,
@@ -548,7 +724,12 @@ fn encode(t: &Tensor, enc: &Encoding, out: &mut Vec<Tensor>, desc: &mut Map<Stri
             out.push(mk(scale_name.clone(), DType::F32, vec![nscales], scales));
             if !q.zero_points.is_empty() {
                 bytes += q.zero_points.len() as u64;
-                out.push(mk(zp_name.clone(), DType::I8, vec![nscales], q.zero_points.iter().map(|z| *z as u8).collect()));
+                out.push(mk(
+                    zp_name.clone(),
+                    DType::I8,
+                    vec![nscales],
+                    q.zero_points.iter().map(|z| *z as u8).collect(),
+                ));
             }
             desc.insert(
                 t.name.clone(),

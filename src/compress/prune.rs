@@ -97,13 +97,23 @@ mod tests {
             let count = prune_count(total, self.sparsity);
             let mut fast = self.tensors.clone();
             let mut slow = self.tensors.clone();
-            prune_smallest(&mut fast.iter_mut().map(|v| v.as_mut_slice()).collect::<Vec<_>>(), count);
+            prune_smallest(
+                &mut fast
+                    .iter_mut()
+                    .map(|v| v.as_mut_slice())
+                    .collect::<Vec<_>>(),
+                count,
+            );
             prune_smallest_reference(
-                &mut slow.iter_mut().map(|v| v.as_mut_slice()).collect::<Vec<_>>(),
+                &mut slow
+                    .iter_mut()
+                    .map(|v| v.as_mut_slice())
+                    .collect::<Vec<_>>(),
                 count,
             );
             // Exact: the same positions are zeroed, bit for bit.
-            let bits = |t: &Vec<Vec<f32>>| t.iter().flatten().map(|v| v.to_bits()).collect::<Vec<_>>();
+            let bits =
+                |t: &Vec<Vec<f32>>| t.iter().flatten().map(|v| v.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&fast), bits(&slow));
         }
     }
@@ -128,7 +138,9 @@ mod tests {
 
     #[test]
     fn exact_fraction_random() {
-        let mut w: Vec<f32> = (0..4099).map(|i| ((i * 7919) % 1013) as f32 - 506.5).collect();
+        let mut w: Vec<f32> = (0..4099)
+            .map(|i| ((i * 7919) % 1013) as f32 - 506.5)
+            .collect();
         let k = prune_count(w.len(), 0.5);
         prune_smallest(&mut [w.as_mut_slice()], k);
         assert_eq!(w.iter().filter(|v| **v == 0.0).count(), k);

@@ -169,7 +169,11 @@ pub fn quantize(
         scheme,
         axis,
         scales,
-        zero_points: if scheme == Scheme::Affine { zps } else { Vec::new() },
+        zero_points: if scheme == Scheme::Affine {
+            zps
+        } else {
+            Vec::new()
+        },
         codes,
     }
 }
@@ -240,7 +244,11 @@ pub fn quantize_reference(
     let mut scales = Vec::new();
     let mut zps = Vec::new();
     for c in 0..ch {
-        let (l, h) = if lo[c] > hi[c] { (0.0, 0.0) } else { (lo[c], hi[c]) };
+        let (l, h) = if lo[c] > hi[c] {
+            (0.0, 0.0)
+        } else {
+            (lo[c], hi[c])
+        };
         let (s, z) = params(l, h, bits, scheme);
         scales.push(s);
         zps.push(z);
@@ -259,7 +267,11 @@ pub fn quantize_reference(
         scheme,
         axis,
         scales,
-        zero_points: if scheme == Scheme::Affine { zps } else { Vec::new() },
+        zero_points: if scheme == Scheme::Affine {
+            zps
+        } else {
+            Vec::new()
+        },
         codes,
     }
 }
@@ -281,7 +293,13 @@ mod tests {
     }
 
     fn problem() -> impl Strategy<Value = QuantizeProblem> {
-        (prop::collection::vec(1usize..6, 1..4), 2u8..=8, any::<bool>(), any::<bool>(), 0usize..4)
+        (
+            prop::collection::vec(1usize..6, 1..4),
+            2u8..=8,
+            any::<bool>(),
+            any::<bool>(),
+            0usize..4,
+        )
             .prop_flat_map(|(shape, bits, affine, per_channel, axis)| {
                 let n: usize = shape.iter().product();
                 let rank = shape.len();
@@ -289,7 +307,11 @@ mod tests {
                     Just(shape),
                     prop::collection::vec(-1000f32..1000f32, n),
                     Just(bits),
-                    Just(if affine { Scheme::Affine } else { Scheme::Symmetric }),
+                    Just(if affine {
+                        Scheme::Affine
+                    } else {
+                        Scheme::Symmetric
+                    }),
                     Just(if per_channel { Some(axis % rank) } else { None }),
                 )
             })
@@ -305,7 +327,8 @@ mod tests {
     impl QuantizeProblem {
         fn check(&self) {
             let fast = quantize(&self.values, &self.shape, self.bits, self.scheme, self.axis);
-            let slow = quantize_reference(&self.values, &self.shape, self.bits, self.scheme, self.axis);
+            let slow =
+                quantize_reference(&self.values, &self.shape, self.bits, self.scheme, self.axis);
             Tolerance::Exact.assert_i8(&fast.codes, &slow.codes);
             assert_eq!(fast.scales, slow.scales);
             assert_eq!(fast.zero_points, slow.zero_points);
@@ -337,7 +360,11 @@ mod tests {
             let err = |axis| {
                 let q = quantize(&values, &shape, 8, scheme, axis);
                 let d = dequantize(&q, &shape);
-                values.iter().zip(&d).map(|(a, b)| (a - b).powi(2)).sum::<f32>()
+                values
+                    .iter()
+                    .zip(&d)
+                    .map(|(a, b)| (a - b).powi(2))
+                    .sum::<f32>()
             };
             assert!(err(Some(0)) <= err(None), "{scheme:?}");
         }

@@ -159,9 +159,9 @@ impl Tensor {
         }
         let count = element_count(&shape)
             .ok_or_else(|| FormatError::invalid(format!("tensor {name:?}: shape overflows")))?;
-        let bytes = count.checked_mul(dtype.size()).ok_or_else(|| {
-            FormatError::invalid(format!("tensor {name:?}: byte size overflows"))
-        })?;
+        let bytes = count
+            .checked_mul(dtype.size())
+            .ok_or_else(|| FormatError::invalid(format!("tensor {name:?}: byte size overflows")))?;
         if bytes != data.len() {
             return Err(FormatError::invalid(format!(
                 "tensor {name:?}: {} data bytes, but shape {:?} of {} needs {bytes}",
@@ -223,7 +223,9 @@ impl Tensor {
     /// The output-channel axis used for per-channel methods: the format's answer when it has
     /// one, else axis 0 (PyTorch's Linear/Conv layout).
     pub fn channel_axis(&self) -> usize {
-        self.output_axis.unwrap_or(0).min(self.shape.len().saturating_sub(1))
+        self.output_axis
+            .unwrap_or(0)
+            .min(self.shape.len().saturating_sub(1))
     }
 }
 
@@ -249,7 +251,9 @@ pub fn f32_to_bytes(values: &[f32], dtype: DType) -> Vec<u8> {
 
 /// Product of dimensions, None on overflow or beyond [`limits::MAX_ELEMENTS`].
 pub fn element_count(shape: &[usize]) -> Option<usize> {
-    let n = shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d))?;
+    let n = shape
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))?;
     if n as u64 > limits::MAX_ELEMENTS {
         return None;
     }
@@ -413,7 +417,10 @@ pub fn write_encoded(
     match &set.container {
         Container::Safetensors { metadata } => {
             let extra = std::collections::HashMap::from([("modelpress".to_string(), desc)]);
-            Ok((safetensors::write(tensors, metadata.clone(), Some(extra))?, "safetensors"))
+            Ok((
+                safetensors::write(tensors, metadata.clone(), Some(extra))?,
+                "safetensors",
+            ))
         }
         Container::Npz { .. } | Container::Npy { .. } => {
             // NumPy has no bfloat16: store its bit patterns as uint16; the description in the

@@ -48,8 +48,7 @@ fn descr_of(d: DType) -> Result<&'static str, FormatError> {
         DType::Bool => "|b1",
         DType::BF16 => {
             return Err(FormatError::Write(
-                "NumPy has no bfloat16 dtype; cast to float16 or keep float32 for .npy/.npz"
-                    .into(),
+                "NumPy has no bfloat16 dtype; cast to float16 or keep float32 for .npy/.npz".into(),
             ))
         }
     })
@@ -77,7 +76,9 @@ fn parse_npy(bytes: &[u8], name: &str) -> Result<(DType, Vec<usize>, Vec<u8>, bo
     }
     .ok_or_else(|| FormatError::invalid(format!("{name}: truncated .npy")))?;
     if header_len > MAX_NPY_HEADER_BYTES {
-        return Err(FormatError::invalid(format!("{name}: .npy header too large")));
+        return Err(FormatError::invalid(format!(
+            "{name}: .npy header too large"
+        )));
     }
     let mut cursor = Cursor::new(bytes);
     let header = Header::from_reader(&mut cursor)
@@ -90,8 +91,8 @@ fn parse_npy(bytes: &[u8], name: &str) -> Result<(DType, Vec<usize>, Vec<u8>, bo
             )))
         }
     };
-    let dtype = dtype_from_descr(&descr)
-        .map_err(|e| FormatError::Unsupported(format!("{name}: {e}")))?;
+    let dtype =
+        dtype_from_descr(&descr).map_err(|e| FormatError::Unsupported(format!("{name}: {e}")))?;
     let count = element_count(&header.shape)
         .ok_or_else(|| FormatError::invalid(format!("{name}: shape overflows")))?;
     let need = count

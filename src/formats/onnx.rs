@@ -50,15 +50,30 @@ fn initializer_bytes(t: &TensorProto, dtype: DType, count: usize) -> Result<Vec<
     }
     let mut out = Vec::with_capacity(count.saturating_mul(dtype.size()));
     match dtype {
-        DType::F32 => t.float_data.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
-        DType::F64 => t.double_data.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
-        DType::I64 => t.int64_data.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+        DType::F32 => t
+            .float_data
+            .iter()
+            .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+        DType::F64 => t
+            .double_data
+            .iter()
+            .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+        DType::I64 => t
+            .int64_data
+            .iter()
+            .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
         DType::U32 => t
             .uint64_data
             .iter()
             .for_each(|v| out.extend_from_slice(&(*v as u32).to_le_bytes())),
-        DType::U64 => t.uint64_data.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
-        DType::I32 => t.int32_data.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+        DType::U64 => t
+            .uint64_data
+            .iter()
+            .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+        DType::I32 => t
+            .int32_data
+            .iter()
+            .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
         DType::F16 | DType::BF16 | DType::I16 | DType::U16 => t
             .int32_data
             .iter()
@@ -70,7 +85,13 @@ fn initializer_bytes(t: &TensorProto, dtype: DType, count: usize) -> Result<Vec<
 
 /// How an initializer is consumed: role and output-channel axis, following data through
 /// shape-only ops (mnist-8 reshapes its 4-D FC weight before the MatMul).
-fn usage(name: &str, rank: usize, consumers: &HashMap<&str, Vec<(&NodeProto, usize)>>) -> Option<(Role, Option<usize>)> {
+fn usage(
+    name: &str,
+    shape: &[usize],
+    consumers: &HashMap<&str, Vec<(&NodeProto, usize)>>,
+) -> Option<(Role, Option<usize>)> {
+    let rank = shape.len();
+    let non_unit_axes = shape.iter().filter(|&&d| d != 1).count();
     let mut frontier = vec![(name.to_string(), false)];
     let mut seen = 0;
     while let Some((value, transposed)) = frontier.pop() {
@@ -78,7 +99,9 @@ fn usage(name: &str, rank: usize, consumers: &HashMap<&str, Vec<(&NodeProto, usi
         if seen > 64 {
             break;
         }
-        let Some(list) = consumers.get(value.as_str()) else { continue };
+        let Some(list) = consumers.get(value.as_str()) else {
+            continue;
+        };
         for (node, slot) in list {
             let last = rank.checked_sub(1);
             let found = match (node.op_type.as_str(), *slot) {
@@ -88,24 +111,40 @@ fn usage(name: &str, rank: usize, consumers: &HashMap<&str, Vec<(&NodeProto, usi
                 ("MatMul", 1) => Some((Role::Weight, if transposed { Some(0) } else { last })),
                 ("MatMul", 0) => Some((Role::Weight, Some(0))),
                 ("Gemm", 1) => {
-                    let trans_b = node.attribute.iter().any(|a| a.name == "transB" && a.i != 0);
+                    let trans_b = node
+                        .attribute
+                        .iter()
+                        .any(|a| a.name == "transB" && a.i != 0);
                     Some((Role::Weight, if trans_b { Some(0) } else { last }))
                 }
                 ("Gemm", 0) => Some((Role::Weight, Some(0))),
-                ("LSTM" | "GRU" | "RNN", 1 | 2) => Some((Role::Weight, Some(1.min(rank.saturating_sub(1))))),
+                ("LSTM" | "GRU" | "RNN", 1 | 2) => {
+                    Some((Role::Weight, Some(1.min(rank.saturating_sub(1)))))
+                }
                 ("LSTM" | "GRU" | "RNN", 3) => Some((Role::Bias, None)),
                 ("Gather", 0) => Some((Role::Embedding, Some(0))),
-                ("BatchNormalization" | "LayerNormalization" | "InstanceNormalization"
-                | "GroupNormalization" | "SimplifiedLayerNormalization", s) if s > 0 => Some((Role::Norm, None)),
+                (
+                    "BatchNormalization"
+                    | "LayerNormalization"
+                    | "InstanceNormalization"
+                    | "GroupNormalization"
+                    | "SimplifiedLayerNormalization",
+                    s,
+                ) if s > 0 => Some((Role::Norm, None)),
                 ("Reshape" | "Identity" | "Squeeze" | "Unsqueeze" | "Flatten" | "Cast", 0) => {
-                    node.output.iter().for_each(|o| frontier.push((o.clone(), transposed)));
+                    node.output
+                        .iter()
+                        .for_each(|o| frontier.push((o.clone(), transposed)));
                     None
                 }
                 ("Transpose", 0) => {
-                    node.output.iter().for_each(|o| frontier.push((o.clone(), !transposed)));
+                    node.output
+                        .iter()
+                        .for_each(|o| frontier.push((o.clone(), !transposed)));
                     None
                 }
-                ("Add", _) if rank <= 1 => Some((Role::Bias, None)),
+                // A broadcast addend with one non-unit axis is a bias (mnist-8's [8,1,1]).
+                ("Add" | "Sub", _) if non_unit_axes <= 1 => Some((Role::Bias, None)),
                 _ => None,
             };
             if found.is_some() {
@@ -133,7 +172,10 @@ pub fn read(bytes: &[u8]) -> Result<TensorSet, FormatError> {
     let mut consumers: HashMap<&str, Vec<(&NodeProto, usize)>> = HashMap::new();
     for node in &graph.node {
         for (slot, input) in node.input.iter().enumerate() {
-            consumers.entry(input.as_str()).or_default().push((node, slot));
+            consumers
+                .entry(input.as_str())
+                .or_default()
+                .push((node, slot));
         }
     }
     let mut tensors = Vec::with_capacity(graph.initializer.len());
@@ -142,15 +184,19 @@ pub fn read(bytes: &[u8]) -> Result<TensorSet, FormatError> {
         let mut shape = Vec::with_capacity(init.dims.len());
         for &d in &init.dims {
             let d = usize::try_from(d).map_err(|_| {
-                FormatError::invalid(format!("initializer {:?} has a negative dimension", init.name))
+                FormatError::invalid(format!(
+                    "initializer {:?} has a negative dimension",
+                    init.name
+                ))
             })?;
             shape.push(d);
         }
-        let count = super::element_count(&shape)
-            .ok_or_else(|| FormatError::invalid(format!("initializer {:?}: shape overflows", init.name)))?;
+        let count = super::element_count(&shape).ok_or_else(|| {
+            FormatError::invalid(format!("initializer {:?}: shape overflows", init.name))
+        })?;
         let data = initializer_bytes(init, dtype, count)?;
         let mut t = Tensor::new(init.name.clone(), dtype, shape, data)?;
-        if let Some((role, axis)) = usage(&init.name, t.shape.len(), &consumers) {
+        if let Some((role, axis)) = usage(&init.name, &t.shape, &consumers) {
             t.role = if dtype.is_float() { role } else { Role::Other };
             t.output_axis = axis;
         }
@@ -171,7 +217,9 @@ pub fn write(c: &OnnxContainer, tensors: &[Tensor]) -> Result<Vec<u8>, FormatErr
         .as_mut()
         .ok_or_else(|| FormatError::Write("model has no graph".into()))?;
     if graph.initializer.len() != tensors.len() {
-        return Err(FormatError::Write("tensor count differs from the graph".into()));
+        return Err(FormatError::Write(
+            "tensor count differs from the graph".into(),
+        ));
     }
     for (init, t) in graph.initializer.iter_mut().zip(tensors) {
         let dtype = dtype_from(init.data_type).map_err(|e| FormatError::Write(e.to_string()))?;

@@ -98,5 +98,46 @@ pub fn write(
             Some(m)
         }
     };
-    safetensors::serialize(views, meta).map_err(|e| FormatError::Write(e.to_string()))
+    let bytes =
+        safetensors::serialize(views, meta).map_err(|e| FormatError::Write(e.to_string()))?;
+    canonical_header(bytes)
+}
+
+/// Rewrites the header with sorted keys. The crate serialises `__metadata__` from a HashMap,
+/// whose order changes from process to process; artifacts must be byte-identical for the
+/// same input (ETags, CLI = server). Offsets are relative to the data, so they stay valid.
+fn canonical_header(bytes: Vec<u8>) -> Result<Vec<u8>, FormatError> {
+    use std::collections::BTreeMap;
+    let bad = || FormatError::Write("safetensors writer produced an unreadable header".into());
+    let n = bytes
+        .get(..8)
+        .map(|b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])))
+        .ok_or_else(bad)?;
+    let end = usize::try_from(n)
+        .ok()
+        .and_then(|n| n.checked_add(8))
+        .filter(|&e| e <= bytes.len())
+        .ok_or_else(bad)?;
+    let header: BTreeMap<String, serde_json::Value> =
+        serde_json::from_slice(&bytes[8..end]).map_err(|_| bad())?;
+    let sorted: BTreeMap<String, serde_json::Value> = header
+        .into_iter()
+        .map(|(k, v)| match v {
+            serde_json::Value::Object(m) => (
+                k,
+                serde_json::to_value(m.into_iter().collect::<BTreeMap<_, _>>()).unwrap_or_default(),
+            ),
+            other => (k, other),
+        })
+        .collect();
+    let mut text = serde_json::to_vec(&sorted).map_err(|_| bad())?;
+    // The format aligns the data start to 8 bytes by padding the header with spaces.
+    while !text.len().is_multiple_of(8) {
+        text.push(b' ');
+    }
+    let mut out = Vec::with_capacity(8 + text.len() + bytes.len() - end);
+    out.extend_from_slice(&(text.len() as u64).to_le_bytes());
+    out.extend_from_slice(&text);
+    out.extend_from_slice(&bytes[end..]);
+    Ok(out)
 }

@@ -54,7 +54,10 @@ impl JobState {
         JobState::ALL.into_iter().find(|st| st.as_str() == s)
     }
     pub fn is_terminal(self) -> bool {
-        matches!(self, JobState::Succeeded | JobState::Failed | JobState::Cancelled)
+        matches!(
+            self,
+            JobState::Succeeded | JobState::Failed | JobState::Cancelled
+        )
     }
 }
 
@@ -129,7 +132,9 @@ pub struct JobFilter {
 
 /// What a heartbeat learns.
 pub enum Heartbeat {
-    Held { cancel_requested: bool },
+    Held {
+        cancel_requested: bool,
+    },
     /// Another worker (or the sweeper) took the job: stop and discard the result.
     Lost,
 }
@@ -138,7 +143,12 @@ pub enum Heartbeat {
 pub trait ModelCatalog: Send + Sync + 'static {
     async fn insert_model(&self, m: &ModelRecord) -> Result<(), QueueError>;
     async fn get_model(&self, tenant: &str, id: Uuid) -> Result<Option<ModelRecord>, QueueError>;
-    async fn list_models(&self, tenant: &str, limit: u32, before: Option<Uuid>) -> Result<Vec<ModelRecord>, QueueError>;
+    async fn list_models(
+        &self,
+        tenant: &str,
+        limit: u32,
+        before: Option<Uuid>,
+    ) -> Result<Vec<ModelRecord>, QueueError>;
     /// Deletes the model with its finished jobs; returns the blob keys to remove.
     async fn delete_model(&self, tenant: &str, id: Uuid) -> Result<Vec<String>, QueueError>;
     async fn ping(&self) -> bool;
@@ -149,15 +159,42 @@ pub trait JobQueue: Send + Sync + 'static {
     async fn enqueue(&self, job: NewJob) -> Result<Enqueued, QueueError>;
     async fn get_job(&self, tenant: &str, id: Uuid) -> Result<Option<JobRecord>, QueueError>;
     /// The job an idempotency key created, with its request fingerprint.
-    async fn find_idempotent(&self, tenant: &str, key: &str) -> Result<Option<(JobRecord, String)>, QueueError>;
-    async fn list_jobs(&self, tenant: &str, filter: &JobFilter) -> Result<Vec<JobRecord>, QueueError>;
+    async fn find_idempotent(
+        &self,
+        tenant: &str,
+        key: &str,
+    ) -> Result<Option<(JobRecord, String)>, QueueError>;
+    async fn list_jobs(
+        &self,
+        tenant: &str,
+        filter: &JobFilter,
+    ) -> Result<Vec<JobRecord>, QueueError>;
     async fn artifacts(&self, job: Uuid) -> Result<Vec<ArtifactRecord>, QueueError>;
     /// Claims the oldest queued job for `worker`, with one `UPDATE … RETURNING`.
     async fn claim(&self, worker: &str, lease_ms: i64) -> Result<Option<JobRecord>, QueueError>;
-    async fn heartbeat(&self, id: Uuid, worker: &str, lease_ms: i64, progress: f64, stage: &str) -> Result<Heartbeat, QueueError>;
+    async fn heartbeat(
+        &self,
+        id: Uuid,
+        worker: &str,
+        lease_ms: i64,
+        progress: f64,
+        stage: &str,
+    ) -> Result<Heartbeat, QueueError>;
     /// Records success and its artifacts in one transaction; false when the lease was lost.
-    async fn complete(&self, id: Uuid, worker: &str, summary: &serde_json::Value, artifacts: &[ArtifactRecord]) -> Result<bool, QueueError>;
-    async fn fail(&self, id: Uuid, worker: &str, code: &str, message: &str) -> Result<bool, QueueError>;
+    async fn complete(
+        &self,
+        id: Uuid,
+        worker: &str,
+        summary: &serde_json::Value,
+        artifacts: &[ArtifactRecord],
+    ) -> Result<bool, QueueError>;
+    async fn fail(
+        &self,
+        id: Uuid,
+        worker: &str,
+        code: &str,
+        message: &str,
+    ) -> Result<bool, QueueError>;
     async fn mark_cancelled(&self, id: Uuid, worker: &str) -> Result<bool, QueueError>;
     /// Gives a claimed job back to the queue without counting the attempt (shutdown).
     async fn release(&self, id: Uuid, worker: &str) -> Result<bool, QueueError>;

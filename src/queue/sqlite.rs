@@ -4,7 +4,9 @@
 //! the lease owner and checked with `rows_affected`.
 
 use super::*;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+};
 use sqlx::{AssertSqlSafe, Row, SqlitePool};
 use std::str::FromStr;
 use std::time::Duration;
@@ -33,7 +35,8 @@ fn job_from_row(row: &SqliteRow) -> Result<JobRecord, QueueError> {
         id: uuid_col(row, "id")?,
         tenant_id: row.try_get("tenant_id")?,
         model_id: uuid_col(row, "model_id")?,
-        state: JobState::parse(&state).ok_or_else(|| QueueError::Corrupt(format!("state {state}")))?,
+        state: JobState::parse(&state)
+            .ok_or_else(|| QueueError::Corrupt(format!("state {state}")))?,
         spec: serde_json::from_str(&spec).map_err(|e| QueueError::Corrupt(e.to_string()))?,
         progress: row.try_get("progress")?,
         stage: row.try_get("stage")?,
@@ -124,15 +127,22 @@ impl ModelCatalog for SqliteStore {
     }
 
     async fn get_model(&self, tenant: &str, id: Uuid) -> Result<Option<ModelRecord>, QueueError> {
-        let row = sqlx::query(AssertSqlSafe(format!("SELECT {MODEL_COLUMNS} FROM models WHERE id = ? AND tenant_id = ?")))
-            .bind(id.to_string())
-            .bind(tenant)
-            .fetch_optional(&self.reader)
-            .await?;
+        let row = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {MODEL_COLUMNS} FROM models WHERE id = ? AND tenant_id = ?"
+        )))
+        .bind(id.to_string())
+        .bind(tenant)
+        .fetch_optional(&self.reader)
+        .await?;
         row.as_ref().map(model_from_row).transpose()
     }
 
-    async fn list_models(&self, tenant: &str, limit: u32, before: Option<Uuid>) -> Result<Vec<ModelRecord>, QueueError> {
+    async fn list_models(
+        &self,
+        tenant: &str,
+        limit: u32,
+        before: Option<Uuid>,
+    ) -> Result<Vec<ModelRecord>, QueueError> {
         let rows = sqlx::query(AssertSqlSafe(format!(
             "SELECT {MODEL_COLUMNS} FROM models WHERE tenant_id = ?1 AND (?2 IS NULL OR id < ?2) ORDER BY id DESC LIMIT ?3"
         )))
@@ -146,16 +156,21 @@ impl ModelCatalog for SqliteStore {
 
     async fn delete_model(&self, tenant: &str, id: Uuid) -> Result<Vec<String>, QueueError> {
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
-        let model_key: Option<String> = sqlx::query_scalar("SELECT blob_key FROM models WHERE id = ? AND tenant_id = ?")
-            .bind(id.to_string())
-            .bind(tenant)
-            .fetch_optional(&mut *tx)
-            .await?;
-        let Some(model_key) = model_key else { return Err(QueueError::NotFound) };
-        let active: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM jobs WHERE model_id = ? AND state IN ('queued', 'running')")
-            .bind(id.to_string())
-            .fetch_one(&mut *tx)
-            .await?;
+        let model_key: Option<String> =
+            sqlx::query_scalar("SELECT blob_key FROM models WHERE id = ? AND tenant_id = ?")
+                .bind(id.to_string())
+                .bind(tenant)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let Some(model_key) = model_key else {
+            return Err(QueueError::NotFound);
+        };
+        let active: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM jobs WHERE model_id = ? AND state IN ('queued', 'running')",
+        )
+        .bind(id.to_string())
+        .fetch_one(&mut *tx)
+        .await?;
         if active > 0 {
             return Err(QueueError::ModelInUse);
         }
@@ -165,7 +180,10 @@ impl ModelCatalog for SqliteStore {
         .bind(id.to_string())
         .fetch_all(&mut *tx)
         .await?;
-        sqlx::query("DELETE FROM models WHERE id = ?").bind(id.to_string()).execute(&mut *tx).await?;
+        sqlx::query("DELETE FROM models WHERE id = ?")
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         keys.push(model_key);
         Ok(keys)
@@ -198,11 +216,12 @@ impl JobQueue for SqliteStore {
                 };
             }
         }
-        let exists: Option<i64> = sqlx::query_scalar("SELECT 1 FROM models WHERE id = ? AND tenant_id = ?")
-            .bind(job.model_id.to_string())
-            .bind(&job.tenant_id)
-            .fetch_optional(&mut *tx)
-            .await?;
+        let exists: Option<i64> =
+            sqlx::query_scalar("SELECT 1 FROM models WHERE id = ? AND tenant_id = ?")
+                .bind(job.model_id.to_string())
+                .bind(&job.tenant_id)
+                .fetch_optional(&mut *tx)
+                .await?;
         if exists.is_none() {
             return Err(QueueError::NotFound);
         }
@@ -226,15 +245,21 @@ impl JobQueue for SqliteStore {
     }
 
     async fn get_job(&self, tenant: &str, id: Uuid) -> Result<Option<JobRecord>, QueueError> {
-        let row = sqlx::query(AssertSqlSafe(format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ? AND tenant_id = ?")))
-            .bind(id.to_string())
-            .bind(tenant)
-            .fetch_optional(&self.reader)
-            .await?;
+        let row = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE id = ? AND tenant_id = ?"
+        )))
+        .bind(id.to_string())
+        .bind(tenant)
+        .fetch_optional(&self.reader)
+        .await?;
         row.as_ref().map(job_from_row).transpose()
     }
 
-    async fn find_idempotent(&self, tenant: &str, key: &str) -> Result<Option<(JobRecord, String)>, QueueError> {
+    async fn find_idempotent(
+        &self,
+        tenant: &str,
+        key: &str,
+    ) -> Result<Option<(JobRecord, String)>, QueueError> {
         let row = sqlx::query(AssertSqlSafe(format!(
             "SELECT {JOB_COLUMNS}, request_fingerprint FROM jobs WHERE tenant_id = ? AND idempotency_key = ?"
         )))
@@ -302,7 +327,14 @@ impl JobQueue for SqliteStore {
         row.as_ref().map(job_from_row).transpose()
     }
 
-    async fn heartbeat(&self, id: Uuid, worker: &str, lease_ms: i64, progress: f64, stage: &str) -> Result<Heartbeat, QueueError> {
+    async fn heartbeat(
+        &self,
+        id: Uuid,
+        worker: &str,
+        lease_ms: i64,
+        progress: f64,
+        stage: &str,
+    ) -> Result<Heartbeat, QueueError> {
         let row: Option<i64> = sqlx::query_scalar(
             "UPDATE jobs SET lease_expires_at = ?, progress = ?, stage = ? \
              WHERE id = ? AND lease_owner = ? AND state = 'running' RETURNING cancel_requested",
@@ -315,12 +347,20 @@ impl JobQueue for SqliteStore {
         .fetch_optional(&self.writer)
         .await?;
         Ok(match row {
-            Some(c) => Heartbeat::Held { cancel_requested: c != 0 },
+            Some(c) => Heartbeat::Held {
+                cancel_requested: c != 0,
+            },
             None => Heartbeat::Lost,
         })
     }
 
-    async fn complete(&self, id: Uuid, worker: &str, summary: &serde_json::Value, artifacts: &[ArtifactRecord]) -> Result<bool, QueueError> {
+    async fn complete(
+        &self,
+        id: Uuid,
+        worker: &str,
+        summary: &serde_json::Value,
+        artifacts: &[ArtifactRecord],
+    ) -> Result<bool, QueueError> {
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         let now = now_ms();
         let done = sqlx::query(
@@ -354,7 +394,13 @@ impl JobQueue for SqliteStore {
         Ok(true)
     }
 
-    async fn fail(&self, id: Uuid, worker: &str, code: &str, message: &str) -> Result<bool, QueueError> {
+    async fn fail(
+        &self,
+        id: Uuid,
+        worker: &str,
+        code: &str,
+        message: &str,
+    ) -> Result<bool, QueueError> {
         let r = sqlx::query(
             "UPDATE jobs SET state = 'failed', error_code = ?, error_message = ?, finished_at = ?, stage = 'failed', \
              lease_owner = NULL, lease_expires_at = NULL WHERE id = ? AND lease_owner = ? AND state = 'running'",
@@ -410,11 +456,12 @@ impl JobQueue for SqliteStore {
         let rec = match row {
             Some(r) => job_from_row(&r)?,
             None => {
-                let state: Option<String> = sqlx::query_scalar("SELECT state FROM jobs WHERE id = ? AND tenant_id = ?")
-                    .bind(id.to_string())
-                    .bind(tenant)
-                    .fetch_optional(&mut *tx)
-                    .await?;
+                let state: Option<String> =
+                    sqlx::query_scalar("SELECT state FROM jobs WHERE id = ? AND tenant_id = ?")
+                        .bind(id.to_string())
+                        .bind(tenant)
+                        .fetch_optional(&mut *tx)
+                        .await?;
                 return Err(match state {
                     Some(s) => QueueError::NotCancellable(s),
                     None => QueueError::NotFound,

@@ -12,7 +12,9 @@ pub struct LocalBlobStore {
 impl LocalBlobStore {
     /// Opens the store and removes staging files left by a crashed process.
     pub fn open(data_dir: &Path) -> std::io::Result<LocalBlobStore> {
-        let store = LocalBlobStore { root: data_dir.to_path_buf() };
+        let store = LocalBlobStore {
+            root: data_dir.to_path_buf(),
+        };
         std::fs::create_dir_all(store.root.join("blobs"))?;
         let tmp = store.staging_dir();
         if tmp.exists() {
@@ -24,7 +26,11 @@ impl LocalBlobStore {
 
     fn path(&self, key: &str) -> Result<PathBuf, StoreError> {
         // Keys are built by this program, but never let one escape the root.
-        if key.is_empty() || key.split('/').any(|p| p.is_empty() || p == "." || p == "..") {
+        if key.is_empty()
+            || key
+                .split('/')
+                .any(|p| p.is_empty() || p == "." || p == "..")
+        {
             return Err(StoreError::NotFound(key.to_string()));
         }
         Ok(self.root.join("blobs").join(key))
@@ -75,6 +81,8 @@ impl BlobStore for LocalBlobStore {
     }
 
     async fn ready(&self) -> bool {
-        tokio::fs::metadata(self.staging_dir()).await.is_ok_and(|m| m.is_dir())
+        tokio::fs::metadata(self.staging_dir())
+            .await
+            .is_ok_and(|m| m.is_dir())
     }
 }

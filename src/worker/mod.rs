@@ -97,7 +97,10 @@ impl Control for JobControl {
     fn tensor_done(&self) {
         #[cfg(feature = "failpoints")]
         if let Some(fp) = &self.failpoint {
-            if let Some(ms) = fp.strip_prefix("tensor-delay-ms=").and_then(|v| v.parse().ok()) {
+            if let Some(ms) = fp
+                .strip_prefix("tensor-delay-ms=")
+                .and_then(|v| v.parse().ok())
+            {
                 std::thread::sleep(Duration::from_millis(ms));
             }
             if fp == "panic" {
@@ -130,21 +133,38 @@ async fn run_claimed(state: &AppState, worker: &str, job: JobRecord) -> anyhow::
     let plan = match compress::parse_spec(&job.spec) {
         Ok(p) => p,
         Err(e) => {
-            state.queue.fail(job.id, worker, "invalid_spec", &e.to_string()).await?;
+            state
+                .queue
+                .fail(job.id, worker, "invalid_spec", &e.to_string())
+                .await?;
             return Ok(Outcome::Failed);
         }
     };
     let model = match state.models.get_model(&job.tenant_id, job.model_id).await? {
         Some(m) => m,
         None => {
-            state.queue.fail(job.id, worker, "model_not_found", "the job's model no longer exists").await?;
+            state
+                .queue
+                .fail(
+                    job.id,
+                    worker,
+                    "model_not_found",
+                    "the job's model no longer exists",
+                )
+                .await?;
             return Ok(Outcome::Failed);
         }
     };
     let input = state.blobs.local_path(&model.blob_key).await?;
-    let out_dir = tempfile::Builder::new().prefix("job-").tempdir_in(state.blobs.staging_dir())?;
+    let out_dir = tempfile::Builder::new()
+        .prefix("job-")
+        .tempdir_in(state.blobs.staging_dir())?;
     let cancel = Arc::new(AtomicBool::new(job.cancel_requested));
-    state.running.lock().expect("running map").insert(job.id, cancel.clone());
+    state
+        .running
+        .lock()
+        .expect("running map")
+        .insert(job.id, cancel.clone());
     let ctl = Arc::new(JobControl {
         progress: Mutex::new((0.0, "starting".into())),
         cancel: cancel.clone(),
@@ -154,7 +174,13 @@ async fn run_claimed(state: &AppState, worker: &str, job: JobRecord) -> anyhow::
     // Heartbeat: extend the lease, publish progress, learn about cancellation.
     let lease_lost = Arc::new(AtomicBool::new(false));
     let hb = {
-        let (queue, ctl, lost, id, worker) = (state.queue.clone(), ctl.clone(), lease_lost.clone(), job.id, worker.to_string());
+        let (queue, ctl, lost, id, worker) = (
+            state.queue.clone(),
+            ctl.clone(),
+            lease_lost.clone(),
+            job.id,
+            worker.to_string(),
+        );
         let every = Duration::from_millis((lease_ms as u64 / 3).max(20));
         tokio::spawn(async move {
             loop {
@@ -191,9 +217,21 @@ async fn run_claimed(state: &AppState, worker: &str, job: JobRecord) -> anyhow::
     }
     let outcome = match result {
         Err(join) => {
-            let why = if join.is_panic() { "panicked" } else { "was aborted" };
+            let why = if join.is_panic() {
+                "panicked"
+            } else {
+                "was aborted"
+            };
             tracing::error!(error = %join, "compression {why}");
-            state.queue.fail(job.id, worker, "internal", &format!("the compression {why}; see the server log")).await?;
+            state
+                .queue
+                .fail(
+                    job.id,
+                    worker,
+                    "internal",
+                    &format!("the compression {why}; see the server log"),
+                )
+                .await?;
             Outcome::Failed
         }
         Ok(Err(RunError::Cancelled)) => {
@@ -206,7 +244,10 @@ async fn run_claimed(state: &AppState, worker: &str, job: JobRecord) -> anyhow::
             }
         }
         Ok(Err(RunError::InvalidModel(m))) => {
-            state.queue.fail(job.id, worker, "invalid_model", &m).await?;
+            state
+                .queue
+                .fail(job.id, worker, "invalid_model", &m)
+                .await?;
             Outcome::Failed
         }
         Ok(Err(RunError::InvalidSpec(m))) => {
@@ -215,7 +256,15 @@ async fn run_claimed(state: &AppState, worker: &str, job: JobRecord) -> anyhow::
         }
         Ok(Err(RunError::Internal(m))) => {
             tracing::error!(error = %m, "job failed");
-            state.queue.fail(job.id, worker, "internal", "internal error; see the server log").await?;
+            state
+                .queue
+                .fail(
+                    job.id,
+                    worker,
+                    "internal",
+                    "internal error; see the server log",
+                )
+                .await?;
             Outcome::Failed
         }
         Ok(Ok(out)) => {
@@ -224,11 +273,21 @@ async fn run_claimed(state: &AppState, worker: &str, job: JobRecord) -> anyhow::
                 // One key per attempt: a crashed attempt's files never collide with these.
                 let key = format!("artifacts/{}/{}/{}", job.id, job.attempts, a.name);
                 state.blobs.put_file(&key, &a.path).await?;
-                metrics::counter!("modelpress_artifact_bytes_written_total").increment(a.size_bytes);
-                records.push(ArtifactRecord { name: a.name.clone(), blob_key: key, size_bytes: a.size_bytes, sha256: a.sha256.clone() });
+                metrics::counter!("modelpress_artifact_bytes_written_total")
+                    .increment(a.size_bytes);
+                records.push(ArtifactRecord {
+                    name: a.name.clone(),
+                    blob_key: key,
+                    size_bytes: a.size_bytes,
+                    sha256: a.sha256.clone(),
+                });
             }
             let summary = serde_json::to_value(&out.summary)?;
-            if state.queue.complete(job.id, worker, &summary, &records).await? {
+            if state
+                .queue
+                .complete(job.id, worker, &summary, &records)
+                .await?
+            {
                 tracing::info!(ratio = out.summary.ratio, "job succeeded");
                 Outcome::Succeeded
             } else {

@@ -1,0 +1,299 @@
+//! Corrupt and hostile files: each is refused with 422 invalid_model, the server stays
+//! healthy, and nothing already stored is lost.
+
+use crate::helpers::*;
+use prost::Message;
+use serde_json::{json, Value};
+use tract_onnx::pb;
+
+fn npy_with_header(header: &str, data: &[u8]) -> Vec<u8> {
+    let mut h = header.to_string();
+    while !(10 + h.len() + 1).is_multiple_of(64) {
+        h.push(' ');
+    }
+    h.push('\n');
+    let mut out = b"\x93NUMPY\x01\x00".to_vec();
+    out.extend_from_slice(&(h.len() as u16).to_le_bytes());
+    out.extend_from_slice(h.as_bytes());
+    out.extend_from_slice(data);
+    out
+}
+
+fn safetensors_raw(header: &str, data: &[u8]) -> Vec<u8> {
+    let mut out = (header.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(header.as_bytes());
+    out.extend_from_slice(data);
+    out
+}
+
+fn onnx_with_initializer(init: pb::TensorProto) -> Vec<u8> {
+    let model = pb::ModelProto {
+        ir_version: 8,
+        opset_import: vec![pb::OperatorSetIdProto {
+            domain: String::new(),
+            version: 17,
+        }],
+        graph: Some(pb::GraphProto {
+            name: "g".into(),
+            initializer: vec![init],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    model.encode_to_vec()
+}
+
+fn pseudo_random(n: usize) -> Vec<u8> {
+    let mut x = 0x2545_F491_4F6C_DD1Du64;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+fn hostile_files() -> Vec<(&'static str, Vec<u8>)> {
+    let mnist = case_file("mnist8/mnist-8.onnx");
+    let npz = case_file("digits_mlp_control/digits_mlp_weights.npz");
+    let mut zip_garbage = b"PK\x03\x04".to_vec();
+    zip_garbage.extend(pseudo_random(500));
+    vec![
+        ("empty", Vec::new()),
+        ("truncated onnx", mnist[..mnist.len() / 2].to_vec()),
+        ("random bytes", pseudo_random(4096)),
+        ("wrong npy magic", npy_with_header("{'descr': '<f4', 'fortran_order': False, 'shape': (2,), }", &[0; 8]).iter().enumerate().map(|(i, b)| if i == 5 { b'X' } else { *b }).collect()),
+        ("zip magic then garbage", zip_garbage),
+        ("truncated npz", npz[..npz.len() - 100].to_vec()),
+        (
+            "safetensors overlapping offsets",
+            safetensors_raw(
+                r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#,
+                &[0; 12],
+            ),
+        ),
+        ("safetensors huge header", {
+            let mut v = (1u64 << 40).to_le_bytes().to_vec();
+            v.extend_from_slice(b"{\"a\":1}");
+            v
+        }),
+        ("safetensors shape beyond data", safetensors_raw(r#"{"a":{"dtype":"F32","shape":[1000000,1000000],"data_offsets":[0,8]}}"#, &[0; 8])),
+        ("npy object dtype", npy_with_header("{'descr': '|O', 'fortran_order': False, 'shape': (3,), }", &[0; 24])),
+        ("npy shape overflow", npy_with_header("{'descr': '<f4', 'fortran_order': False, 'shape': (4294967296, 4294967296, 4294967296), }", &[0; 16])),
+        ("npy short data", npy_with_header("{'descr': '<f4', 'fortran_order': False, 'shape': (100,), }", &[0; 16])),
+        ("npy huge header length", {
+            let mut v = b"\x93NUMPY\x02\x00".to_vec();
+            v.extend_from_slice(&u32::MAX.to_le_bytes());
+            v.extend_from_slice(b"{'descr'");
+            v
+        }),
+        (
+            "onnx external data",
+            onnx_with_initializer(pb::TensorProto {
+                name: "w".into(),
+                dims: vec![4, 4],
+                data_type: 1,
+                data_location: Some(1),
+                external_data: vec![pb::StringStringEntryProto { key: "location".into(), value: "/etc/passwd".into() }],
+                ..Default::default()
+            }),
+        ),
+        (
+            "onnx raw data shorter than dims",
+            onnx_with_initializer(pb::TensorProto { name: "w".into(), dims: vec![1 << 20, 1 << 20], data_type: 1, raw_data: vec![0; 16], ..Default::default() }),
+        ),
+        (
+            "onnx negative dim",
+            onnx_with_initializer(pb::TensorProto { name: "w".into(), dims: vec![-4], data_type: 1, raw_data: vec![0; 16], ..Default::default() }),
+        ),
+    ]
+}
+
+#[tokio::test]
+async fn corrupt_files_get_invalid_model_and_nothing_is_lost() {
+    let app = spawn_app().await;
+    let good = app
+        .upload(case_file("mnist8/mnist-8.onnx"), "good.onnx")
+        .await;
+    for (what, bytes) in hostile_files() {
+        let r = app
+            .client
+            .post(app.url("/v1/models"))
+            .body(bytes)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        let v: Value = r
+            .json()
+            .await
+            .unwrap_or_else(|e| panic!("{what}: body is not JSON: {e}"));
+        assert_eq!(
+            (status, error_code(&v)),
+            (422, "invalid_model"),
+            "{what}: {v}"
+        );
+        assert!(
+            !v["error"]["message"].as_str().unwrap_or("").is_empty(),
+            "{what}"
+        );
+        let (s, _) = app.get_json("/healthz").await;
+        assert_eq!(s, 200, "{what}: server unhealthy");
+    }
+    let (_, list) = app.get_json("/v1/models").await;
+    assert_eq!(
+        list["items"].as_array().unwrap().len(),
+        1,
+        "only the good model is stored"
+    );
+    let (s, t) = app
+        .get_json(&format!(
+            "/v1/models/{}/tensors",
+            good["id"].as_str().unwrap()
+        ))
+        .await;
+    assert_eq!((s, t["items"].as_array().unwrap().len()), (200, 8));
+    // The good model still compresses.
+    let r = app
+        .submit(json!({"model_id": good["id"], "preset": "int8"}))
+        .await;
+    assert_eq!(r.status(), 202);
+    app.drain().await;
+    let (_, jobs) = app.get_json("/v1/jobs").await;
+    assert_eq!(jobs["items"][0]["state"], "succeeded");
+    let staged: Vec<_> = std::fs::read_dir(app.dir.path().join("data/tmp"))
+        .unwrap()
+        .collect();
+    assert!(staged.is_empty(), "rejected uploads left files: {staged:?}");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn nan_weights_fail_the_job_with_invalid_model() {
+    let app = spawn_app().await;
+    let mut w = vec![0.5f32; 64 * 32];
+    w[77] = f32::NAN;
+    let data: Vec<u8> = w.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let view =
+        safetensors::tensor::TensorView::new(safetensors::tensor::Dtype::F32, vec![64, 32], &data)
+            .unwrap();
+    let bytes = safetensors::serialize([("fc.weight", view)], None).unwrap();
+    let m = app.upload(bytes, "nan.safetensors").await;
+    let r = app
+        .submit(json!({"model_id": m["id"], "preset": "int8"}))
+        .await;
+    let job: Value = r.json().await.unwrap();
+    app.drain().await;
+    let job = app.job(job["id"].as_str().unwrap()).await;
+    assert_eq!(job["state"], "failed");
+    assert_eq!(job["error"]["code"], "invalid_model");
+    assert!(job["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("fc.weight"));
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn bad_requests_get_stable_codes() {
+    let app = spawn_app().await;
+    let m = app.upload(case_file("mnist8/mnist-8.onnx"), "m.onnx").await;
+    let id = m["id"].as_str().unwrap();
+    let cases: Vec<(Value, u16, &str, &str)> = vec![
+        (
+            json!({"model_id": id, "preset": "nope"}),
+            422,
+            "invalid_spec",
+            "preset",
+        ),
+        (
+            json!({"model_id": id, "pipeline": [{"method": "shrink"}]}),
+            422,
+            "invalid_spec",
+            "pipeline[0].method",
+        ),
+        (
+            json!({"model_id": id, "pipeline": [{"method": "prune", "sparsity": 1.5}]}),
+            422,
+            "invalid_spec",
+            "pipeline[0].sparsity",
+        ),
+        (
+            json!({"model_id": id, "pipeline": [{"method": "quantize", "bits": 9}]}),
+            422,
+            "invalid_spec",
+            "pipeline[0].bits",
+        ),
+        (
+            json!({"model_id": id, "pipeline": [{"method": "quantize", "colour": "red"}]}),
+            422,
+            "invalid_spec",
+            "pipeline[0].colour",
+        ),
+        (
+            json!({"model_id": id, "preset": "int8", "outputs": ["everything"]}),
+            422,
+            "invalid_spec",
+            "outputs[0]",
+        ),
+        (
+            json!({"model_id": id, "preset": "int8", "extra": 1}),
+            422,
+            "invalid_spec",
+            "extra",
+        ),
+        (json!({"preset": "int8"}), 422, "invalid_spec", "model_id"),
+        (
+            json!({"model_id": "0190c0de-0000-7000-8000-000000000000", "preset": "int8"}),
+            404,
+            "model_not_found",
+            "",
+        ),
+    ];
+    for (body, status, code, field) in cases {
+        let r = app.submit(body.clone()).await;
+        let s = r.status().as_u16();
+        let v: Value = r.json().await.unwrap();
+        assert_eq!((s, error_code(&v)), (status, code), "{body}: {v}");
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains(field),
+            "{body}: {v}"
+        );
+    }
+    let r = app
+        .client
+        .post(app.url("/v1/jobs"))
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(
+        error_code(&r.json::<Value>().await.unwrap()),
+        "invalid_request"
+    );
+    for (path, code) in [
+        (
+            "/v1/jobs/0190c0de-0000-7000-8000-000000000000",
+            "job_not_found",
+        ),
+        ("/v1/jobs/garbage", "job_not_found"),
+        ("/v1/nothing", "not_found"),
+        ("/v1/jobs?state=sleeping", "invalid_request"),
+        ("/v1/jobs?limit=0", "invalid_request"),
+        ("/v1/models?cursor=xyz", "invalid_request"),
+    ] {
+        let (s, v) = app.get_json(path).await;
+        assert_eq!(error_code(&v), code, "{path}: {s} {v}");
+    }
+    let r = app.client.put(app.url("/v1/jobs")).send().await.unwrap();
+    assert_eq!(r.status(), 405);
+    assert_eq!(
+        error_code(&r.json::<Value>().await.unwrap()),
+        "method_not_allowed"
+    );
+    app.stop().await;
+}

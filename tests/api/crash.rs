@@ -1,0 +1,177 @@
+//! kill -9 while a job runs: after a restart the job completes exactly once.
+#![cfg_attr(not(feature = "failpoints"), allow(unused_imports))]
+
+use crate::helpers::*;
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Server {
+    child: Child,
+    base: String,
+}
+
+fn start(data: &std::path::Path, failpoint: Option<&str>) -> Server {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_modelpress"));
+    cmd.env("MODELPRESS_ADDR", "127.0.0.1:0")
+        .env("MODELPRESS_DATA_DIR", data)
+        .env("MODELPRESS_WORKERS", "1")
+        .env("MODELPRESS_LEASE_MS", "1500")
+        .env("MODELPRESS_LOG_FORMAT", "json")
+        .env("RUST_LOG", "info")
+        .env_remove("MODELPRESS_FAILPOINT")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    if let Some(fp) = failpoint {
+        cmd.env("MODELPRESS_FAILPOINT", fp);
+    }
+    let mut child = cmd.spawn().expect("start modelpress");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut sent = false;
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if !sent {
+                if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                    if v["fields"]["message"] == "modelpress listening" {
+                        let _ = tx.send(v["fields"]["addr"].as_str().unwrap_or("").to_string());
+                        sent = true;
+                    }
+                }
+            }
+        }
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("server announced its address");
+    Server {
+        child,
+        base: format!("http://{addr}"),
+    }
+}
+
+async fn get(client: &reqwest::Client, url: String) -> Value {
+    client.get(url).send().await.unwrap().json().await.unwrap()
+}
+
+#[cfg(feature = "failpoints")]
+#[tokio::test]
+async fn kill_9_during_a_job_then_restart_completes_it_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let client = reqwest::Client::new();
+    // Slow every tensor so the job is surely mid-flight when the process dies.
+    let mut server = start(&data, Some("tensor-delay-ms=300"));
+    let m: Value = client
+        .post(format!("{}/v1/models", server.base))
+        .body(case_file("silero_vad/silero_vad_16k.safetensors"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let job: Value = client
+        .post(format!("{}/v1/jobs", server.base))
+        .json(&json!({"model_id": m["id"], "preset": "int8"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = job["id"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let j = get(&client, format!("{}/v1/jobs/{id}", server.base)).await;
+        if j["state"] == "running" && j["progress"].as_f64().unwrap_or(0.0) > 0.0 {
+            break;
+        }
+        assert_ne!(j["state"], "succeeded", "the job finished before the kill");
+        assert!(Instant::now() < deadline, "job never ran: {j}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    server.child.kill().unwrap(); // SIGKILL
+    server.child.wait().unwrap();
+
+    let mut server = start(&data, None);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let done = loop {
+        let j = get(&client, format!("{}/v1/jobs/{id}", server.base)).await;
+        if j["state"] == "succeeded" {
+            break j;
+        }
+        assert!(
+            !["failed", "cancelled"].contains(&j["state"].as_str().unwrap()),
+            "{j}"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "job not completed after restart: {j}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        done["attempts"], 2,
+        "one attempt died with the process, one finished"
+    );
+    let names: Vec<&str> = done["artifacts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        vec!["model.safetensors", "report.json", "restored.safetensors"],
+        "no duplicate artifacts"
+    );
+    for a in done["artifacts"].as_array().unwrap() {
+        let bytes = client
+            .get(format!("{}{}", server.base, a["url"].as_str().unwrap()))
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        assert_eq!(
+            modelpress::runner::sha256_hex(&bytes),
+            a["sha256"].as_str().unwrap()
+        );
+    }
+    let jobs = get(&client, format!("{}/v1/jobs", server.base)).await;
+    assert_eq!(
+        jobs["items"].as_array().unwrap().len(),
+        1,
+        "the job was neither lost nor duplicated"
+    );
+    // The dead attempt's staging files were swept at start-up.
+    server.child.kill().unwrap();
+    server.child.wait().unwrap();
+}
+
+#[tokio::test]
+async fn sigterm_drains_and_the_server_exits() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = start(&dir.path().join("data"), None);
+    let client = reqwest::Client::new();
+    let h = get(&client, format!("{}/healthz", server.base)).await;
+    assert_eq!(h["status"], "ok");
+    let pid = server.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = server.child.try_wait().unwrap() {
+            assert!(status.success(), "exit status {status}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "server did not exit on SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -1,0 +1,192 @@
+//! spawn_app(): the real server on port 0 against a fresh SQLite file in a TempDir.
+
+use modelpress::config::ServeConfig;
+use modelpress::startup::{AppState, Application};
+use modelpress::worker::{self, Outcome};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Once;
+
+pub fn cases() -> PathBuf {
+    let p = std::env::var_os("MODELPRESS_CASES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/cases"));
+    assert!(
+        p.join("README.md").exists(),
+        "the shared cases are missing at {}",
+        p.display()
+    );
+    p
+}
+
+pub fn case_file(rel: &str) -> Vec<u8> {
+    std::fs::read(cases().join(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"))
+}
+
+static LOGS: Once = Once::new();
+
+pub struct TestApp {
+    pub base: String,
+    pub client: reqwest::Client,
+    pub state: AppState,
+    pub dir: tempfile::TempDir,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// A server with no background workers: tests drain the queue with [`TestApp::drain`].
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(|_| {}).await
+}
+
+pub async fn spawn_app_with(adjust: impl FnOnce(&mut ServeConfig)) -> TestApp {
+    LOGS.call_once(|| {
+        if std::env::var_os("TEST_LOG").is_some() {
+            modelpress::telemetry::init_logging("text");
+        }
+    });
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = ServeConfig::for_data_dir(dir.path().join("data"));
+    config.workers = Some(0);
+    adjust(&mut config);
+    let app = Application::build(config).await.expect("build app");
+    let base = format!("http://{}", app.local_addr());
+    let state = app.state.clone();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        app.run(async move {
+            let _ = rx.await;
+        })
+        .await
+        .expect("server run");
+    });
+    TestApp {
+        base,
+        client: reqwest::Client::new(),
+        state,
+        dir,
+        stop: Some(tx),
+        task: Some(task),
+    }
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub async fn upload(&self, bytes: Vec<u8>, name: &str) -> Value {
+        let r = self
+            .client
+            .post(self.url(&format!("/v1/models?name={name}")))
+            .body(bytes)
+            .send()
+            .await
+            .expect("upload");
+        let status = r.status();
+        let body: Value = r.json().await.expect("json");
+        assert_eq!(status, 201, "upload {name}: {body}");
+        body
+    }
+
+    pub async fn submit(&self, spec: Value) -> reqwest::Response {
+        self.client
+            .post(self.url("/v1/jobs"))
+            .json(&spec)
+            .send()
+            .await
+            .expect("submit")
+    }
+
+    pub async fn get_json(&self, path: &str) -> (u16, Value) {
+        let r = self.client.get(self.url(path)).send().await.expect("get");
+        let s = r.status().as_u16();
+        (s, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Runs queued jobs to completion on this task, deterministically.
+    pub async fn drain(&self) -> Vec<Outcome> {
+        let mut outcomes = Vec::new();
+        loop {
+            match worker::try_execute_one(&self.state).await.expect("execute") {
+                Outcome::Empty => return outcomes,
+                o => outcomes.push(o),
+            }
+        }
+    }
+
+    pub async fn job(&self, id: &str) -> Value {
+        let (s, v) = self.get_json(&format!("/v1/jobs/{id}")).await;
+        assert_eq!(s, 200, "{v}");
+        v
+    }
+
+    pub async fn download(&self, job: &Value, name: &str) -> Vec<u8> {
+        let url = job["artifacts"]
+            .as_array()
+            .expect("artifacts")
+            .iter()
+            .find(|a| a["name"] == name)
+            .unwrap_or_else(|| panic!("no artifact {name} in {job}"))["url"]
+            .as_str()
+            .expect("url")
+            .to_string();
+        let r = self
+            .client
+            .get(self.url(&url))
+            .send()
+            .await
+            .expect("download");
+        assert_eq!(r.status(), 200);
+        r.bytes().await.expect("bytes").to_vec()
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+    }
+}
+
+pub fn error_code(v: &Value) -> &str {
+    v["error"]["code"].as_str().unwrap_or("")
+}
+
+/// Runs a Python snippet (numpy, onnxruntime, safetensors are installed by .ci/run).
+pub fn python(script: &str, args: &[&str]) -> String {
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .env("OMP_NUM_THREADS", "1")
+        .output()
+        .expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "python failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// Scores an ONNX file on a shared case with the case's own evaluate.py (onnxruntime).
+pub fn evaluate(case: &str, onnx: &Path) -> Value {
+    let out = Command::new("python3")
+        .arg(cases().join("evaluate.py"))
+        .arg(cases().join(case))
+        .arg(onnx)
+        .arg("--json")
+        .output()
+        .expect("evaluate.py runs");
+    assert!(
+        out.status.success(),
+        "evaluate.py failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("evaluate.py prints JSON")
+}

@@ -1,0 +1,554 @@
+use crate::helpers::*;
+use modelpress::worker::Outcome;
+use serde_json::{json, Value};
+
+async fn run_preset(app: &TestApp, model: &Value, spec: Value) -> Value {
+    let mut body = spec;
+    body["model_id"] = model["id"].clone();
+    let r = app.submit(body).await;
+    assert_eq!(r.status(), 202);
+    let loc = r.headers()["location"].to_str().unwrap().to_string();
+    let job: Value = r.json().await.unwrap();
+    assert_eq!(loc, format!("/v1/jobs/{}", job["id"].as_str().unwrap()));
+    assert_eq!(job["state"], "queued");
+    assert_eq!(app.drain().await, vec![Outcome::Succeeded]);
+    let job = app.job(job["id"].as_str().unwrap()).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(job["progress"], 1.0);
+    assert_eq!(job["attempts"], 1);
+    job
+}
+
+#[tokio::test]
+async fn mnist8_int8_restored_runs_in_onnxruntime_within_0_3_points() {
+    let app = spawn_app().await;
+    let m = app
+        .upload(case_file("mnist8/mnist-8.onnx"), "mnist-8.onnx")
+        .await;
+    let job = run_preset(&app, &m, json!({"preset": "int8"})).await;
+    let names: Vec<&str> = job["artifacts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, vec!["model.onnx", "report.json", "restored.onnx"]);
+    let restored = app.download(&job, "restored.onnx").await;
+    let path = app.dir.path().join("restored.onnx");
+    std::fs::write(&path, &restored).unwrap();
+    let score = evaluate("mnist8", &path);
+    let top1 = score["top1_accuracy"].as_f64().unwrap();
+    assert!((score["top1_accuracy_original"].as_f64().unwrap() - 0.984).abs() < 1e-9);
+    assert!(
+        top1 >= 0.984 - 0.003,
+        "int8 top-1 {top1} is more than 0.3 points below 0.984"
+    );
+
+    let report: Value = serde_json::from_slice(&app.download(&job, "report.json").await).unwrap();
+    let t = |n: &str| {
+        report["report"]["tensors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["name"] == n)
+            .unwrap()
+            .clone()
+    };
+    // The 4-D FC weight feeds a MatMul through a Reshape: its output axis is the last one.
+    assert_eq!(t("Parameter193")["quantization_axis"], 3);
+    assert_eq!(t("Parameter87")["quantization_axis"], 0);
+    assert_eq!(
+        t("Parameter87")["methods"],
+        json!(["quantize(int8,symmetric,channel)"])
+    );
+    // Below min_params and biases: untouched.
+    assert_eq!(t("Parameter5")["methods"], json!([]));
+    assert_eq!(t("Parameter6")["methods"], json!([]));
+    assert!(t("Parameter87")["sqnr_db"].as_f64().unwrap() > 30.0);
+    assert_eq!(job["summary"]["parameters"], 5998);
+    assert!(report["report"]["notes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|n| n.as_str().unwrap().contains("model.onnx holds the dense")));
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn silero_safetensors_int8_loads_in_python_and_matches_the_report() {
+    let app = spawn_app().await;
+    let m = app
+        .upload(
+            case_file("silero_vad/silero_vad_16k.safetensors"),
+            "silero.safetensors",
+        )
+        .await;
+    let job = run_preset(&app, &m, json!({"preset": "int8"})).await;
+    let dir = app.dir.path();
+    for name in ["restored.safetensors", "model.safetensors", "report.json"] {
+        std::fs::write(dir.join(name), app.download(&job, name).await).unwrap();
+    }
+    let summary = &job["summary"];
+    assert!(summary["ratio"].as_f64().unwrap() > 3.5, "{summary}");
+    assert_eq!(
+        summary["compressed_bytes"],
+        std::fs::metadata(dir.join("model.safetensors"))
+            .unwrap()
+            .len()
+    );
+    let script = r#"
+import json, sys, numpy as np
+from safetensors.numpy import load_file
+from safetensors import safe_open
+orig = load_file(sys.argv[1]); rest = load_file(sys.argv[2]); model = load_file(sys.argv[3])
+report = json.load(open(sys.argv[4]))
+meta = safe_open(sys.argv[3], "np").metadata()
+desc = json.loads(meta["modelpress"])["tensors"]
+checked = untouched = 0
+for t in report["report"]["tensors"]:
+    n = t["name"]; a = orig[n].astype(np.float64); b = rest[n].astype(np.float64)
+    assert rest[n].dtype == orig[n].dtype and rest[n].shape == orig[n].shape, n
+    if not t["methods"]:
+        assert orig[n].tobytes() == rest[n].tobytes(), n + " changed"
+        assert model[n].tobytes() == orig[n].tobytes(), n
+        untouched += 1
+        continue
+    rel = np.linalg.norm(a - b) / np.linalg.norm(a)
+    assert abs(rel - t["relative_l2_error"]) <= 1e-6 + 1e-4 * rel, (n, rel, t["relative_l2_error"])
+    assert abs(np.abs(a - b).max() - t["max_abs_error"]) <= 1e-6, n
+    d = desc[n]; q = model[n]; s = model[d["scale"]]
+    assert q.dtype == np.int8 and d["scheme"] == "symmetric"
+    shape = [1] * q.ndim; shape[d["axis"]] = -1
+    deq = (q.astype(np.float32) * s.reshape(shape)).astype(np.float32)
+    assert np.array_equal(deq, rest[n]), n + ": model.safetensors does not decode to restored"
+    checked += 1
+print(checked, untouched)
+"#;
+    let out = python(
+        script,
+        &[
+            cases()
+                .join("silero_vad/silero_vad_16k.safetensors")
+                .to_str()
+                .unwrap(),
+            dir.join("restored.safetensors").to_str().unwrap(),
+            dir.join("model.safetensors").to_str().unwrap(),
+            dir.join("report.json").to_str().unwrap(),
+        ],
+    );
+    let counts: Vec<u32> = out.split_whitespace().map(|s| s.parse().unwrap()).collect();
+    assert!(counts[0] >= 6 && counts[1] >= 5, "checked/untouched: {out}");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn digits_npz_prune50_int8_in_one_multipart_request() {
+    let app = spawn_app().await;
+    let spec = json!({"preset": "prune50-int8"}).to_string();
+    let form = reqwest::multipart::Form::new()
+        .part(
+            "file",
+            reqwest::multipart::Part::bytes(case_file("digits_mlp_control/digits_mlp_weights.npz"))
+                .file_name("digits.npz"),
+        )
+        .text("spec", spec);
+    let r = app
+        .client
+        .post(app.url("/v1/jobs"))
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let job: Value = r.json().await.unwrap();
+    assert_eq!(app.drain().await, vec![Outcome::Succeeded]);
+    let job = app.job(job["id"].as_str().unwrap()).await;
+    let (_, model) = app
+        .get_json(&format!("/v1/models/{}", job["model_id"].as_str().unwrap()))
+        .await;
+    assert_eq!(model["name"], "digits.npz");
+    let report: Value = serde_json::from_slice(&app.download(&job, "report.json").await).unwrap();
+    for t in report["report"]["tensors"].as_array().unwrap() {
+        if t["methods"].as_array().unwrap().is_empty() {
+            continue;
+        }
+        let n = t["parameters"].as_u64().unwrap();
+        let zeros = n - t["nonzero"].as_u64().unwrap();
+        assert_eq!(zeros, (n as f64 * 0.5).round() as u64, "{}", t["name"]);
+    }
+    let dir = app.dir.path();
+    std::fs::write(
+        dir.join("restored.npz"),
+        app.download(&job, "restored.npz").await,
+    )
+    .unwrap();
+    std::fs::write(dir.join("model.npz"), app.download(&job, "model.npz").await).unwrap();
+    // numpy reads both; the digits MLP still classifies from the restored weights.
+    let out = python(
+        r#"
+import sys, json, zipfile, numpy as np
+o = np.load(sys.argv[1]); r = np.load(sys.argv[2]); m = np.load(sys.argv[3])
+ev = np.load(sys.argv[4])
+for k in o.files:
+    if k.endswith("bias"):
+        assert o[k].tobytes() == r[k].tobytes(), k
+desc = json.loads(zipfile.ZipFile(sys.argv[3]).comment)
+assert desc["tensors"], desc
+def fwd(w, X):
+    h = X
+    for i in (1, 2, 3):
+        h = h @ w[f"fc{i}.weight"] + w[f"fc{i}.bias"]
+        if i < 3: h = np.maximum(h, 0)
+    return h.argmax(1)
+acc_o = (fwd(o, ev["X"]) == ev["labels"]).mean(); acc_r = (fwd(r, ev["X"]) == ev["labels"]).mean()
+print(acc_o, acc_r)
+"#,
+        &[
+            cases()
+                .join("digits_mlp_control/digits_mlp_weights.npz")
+                .to_str()
+                .unwrap(),
+            dir.join("restored.npz").to_str().unwrap(),
+            dir.join("model.npz").to_str().unwrap(),
+            cases()
+                .join("digits_mlp_control/eval.npz")
+                .to_str()
+                .unwrap(),
+        ],
+    );
+    let acc: Vec<f64> = out.split_whitespace().map(|s| s.parse().unwrap()).collect();
+    assert!(acc[0] > 0.97, "original forward pass: {out}");
+    assert!(
+        acc[1] > acc[0] - 0.03,
+        "prune50-int8 accuracy {} vs {}",
+        acc[1],
+        acc[0]
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn artifacts_support_range_etag_and_disposition() {
+    let app = spawn_app().await;
+    let m = app.upload(case_file("mnist8/mnist-8.onnx"), "m.onnx").await;
+    let job = run_preset(
+        &app,
+        &m,
+        json!({"preset": "fp16", "outputs": ["restored", "report"]}),
+    )
+    .await;
+    let a = job["artifacts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["name"] == "restored.onnx")
+        .unwrap()
+        .clone();
+    assert_eq!(job["artifacts"].as_array().unwrap().len(), 2);
+    let url = app.url(a["url"].as_str().unwrap());
+    let full = app.client.get(&url).send().await.unwrap();
+    assert_eq!(
+        full.headers()["etag"],
+        format!("\"{}\"", a["sha256"].as_str().unwrap()).as_str()
+    );
+    assert_eq!(
+        full.headers()["content-length"],
+        a["size_bytes"].to_string().as_str()
+    );
+    assert!(full.headers()["content-disposition"]
+        .to_str()
+        .unwrap()
+        .contains("restored.onnx"));
+    let body = full.bytes().await.unwrap();
+    assert_eq!(
+        modelpress::runner::sha256_hex(&body),
+        a["sha256"].as_str().unwrap()
+    );
+    let part = app
+        .client
+        .get(&url)
+        .header("range", "bytes=10-19")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(part.status(), 206);
+    assert_eq!(part.bytes().await.unwrap(), body.slice(10..20));
+    let bad = app
+        .client
+        .get(&url)
+        .header("range", "bytes=99999999-")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 416);
+    assert_eq!(
+        error_code(&bad.json::<Value>().await.unwrap()),
+        "range_not_satisfiable"
+    );
+    let cached = app
+        .client
+        .get(&url)
+        .header(
+            "if-none-match",
+            format!("\"{}\"", a["sha256"].as_str().unwrap()),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cached.status(), 304);
+    let (s, v) = app
+        .get_json(&format!(
+            "/v1/jobs/{}/artifacts/model.onnx",
+            job["id"].as_str().unwrap()
+        ))
+        .await;
+    assert_eq!((s, error_code(&v)), (404, "artifact_not_found"));
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn idempotency_key_replays_or_conflicts() {
+    let app = spawn_app().await;
+    let m = app.upload(case_file("mnist8/mnist-8.onnx"), "m.onnx").await;
+    let body = json!({"model_id": m["id"], "preset": "int8"});
+    let send = |b: Value| {
+        app.client
+            .post(app.url("/v1/jobs"))
+            .header("idempotency-key", "abc-1")
+            .json(&b)
+            .send()
+    };
+    let r1 = send(body.clone()).await.unwrap();
+    assert_eq!(r1.status(), 202);
+    let j1: Value = r1.json().await.unwrap();
+    let r2 = send(body.clone()).await.unwrap();
+    assert_eq!(r2.status(), 202);
+    assert_eq!(r2.headers()["idempotent-replayed"], "true");
+    let j2: Value = r2.json().await.unwrap();
+    assert_eq!(j1["id"], j2["id"]);
+    let r3 = send(json!({"model_id": m["id"], "preset": "fp16"}))
+        .await
+        .unwrap();
+    assert_eq!(r3.status(), 409);
+    assert_eq!(
+        error_code(&r3.json::<Value>().await.unwrap()),
+        "idempotency_conflict"
+    );
+    // Upload+submit in one request: a retry neither stores the model twice nor adds a job.
+    let form = || {
+        reqwest::multipart::Form::new()
+            .part(
+                "file",
+                reqwest::multipart::Part::bytes(case_file("mnist8/mnist-8.onnx"))
+                    .file_name("m.onnx"),
+            )
+            .text("spec", r#"{"preset":"int8"}"#)
+    };
+    let post = || {
+        app.client
+            .post(app.url("/v1/jobs"))
+            .header("idempotency-key", "abc-2")
+            .multipart(form())
+            .send()
+    };
+    let a: Value = post().await.unwrap().json().await.unwrap();
+    let b: Value = post().await.unwrap().json().await.unwrap();
+    assert_eq!(a["id"], b["id"]);
+    let (_, models) = app.get_json("/v1/models").await;
+    assert_eq!(models["items"].as_array().unwrap().len(), 2);
+    let (_, jobs) = app.get_json("/v1/jobs").await;
+    assert_eq!(jobs["items"].as_array().unwrap().len(), 2);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn cancel_a_queued_job_and_filter_the_list() {
+    let app = spawn_app().await;
+    let m = app.upload(case_file("mnist8/mnist-8.onnx"), "m.onnx").await;
+    let j: Value = app
+        .submit(json!({"model_id": m["id"], "preset": "int8"}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let k: Value = app
+        .submit(json!({"model_id": m["id"], "preset": "fp16"}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let id = j["id"].as_str().unwrap();
+    let r = app
+        .client
+        .post(app.url(&format!("/v1/jobs/{id}/cancel")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap()["state"], "cancelled");
+    assert_eq!(
+        app.drain().await,
+        vec![Outcome::Succeeded],
+        "the cancelled job never runs"
+    );
+    let r = app
+        .client
+        .post(app.url(&format!("/v1/jobs/{id}/cancel")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 409);
+    assert_eq!(
+        error_code(&r.json::<Value>().await.unwrap()),
+        "job_not_cancellable"
+    );
+    let (_, done) = app.get_json("/v1/jobs?state=succeeded").await;
+    let items = done["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1);
+    assert_eq!(items[0]["id"], k["id"]);
+    let (_, by_model) = app
+        .get_json(&format!(
+            "/v1/jobs?model_id={}&limit=1",
+            m["id"].as_str().unwrap()
+        ))
+        .await;
+    assert_eq!(by_model["items"][0]["id"], k["id"], "newest first");
+    assert!(by_model["next_cursor"].is_string());
+    app.stop().await;
+}
+
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_a_running_job_at_a_tensor_boundary() {
+    let app = spawn_app_with(|c| {
+        c.failpoint = Some("tensor-delay-ms=400".into());
+        c.lease_ms = 600;
+    })
+    .await;
+    let m = app
+        .upload(
+            case_file("silero_vad/silero_vad_16k.safetensors"),
+            "s.safetensors",
+        )
+        .await;
+    let j: Value = app
+        .submit(json!({"model_id": m["id"], "preset": "int8"}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let id = j["id"].as_str().unwrap().to_string();
+    let state = app.state.clone();
+    let runner =
+        tokio::spawn(async move { modelpress::worker::try_execute_one(&state).await.unwrap() });
+    loop {
+        if app.job(&id).await["state"] == "running" {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    let r = app
+        .client
+        .post(app.url(&format!("/v1/jobs/{id}/cancel")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    assert_eq!(runner.await.unwrap(), Outcome::Cancelled);
+    let job = app.job(&id).await;
+    assert_eq!(job["state"], "cancelled");
+    assert!(job["artifacts"].as_array().unwrap().is_empty());
+    app.stop().await;
+}
+
+#[cfg(feature = "failpoints")]
+#[tokio::test]
+async fn a_panic_inside_a_job_fails_it_with_internal_and_the_worker_lives_on() {
+    let app = spawn_app_with(|c| c.failpoint = Some("panic".into())).await;
+    let m = app.upload(case_file("mnist8/mnist-8.onnx"), "m.onnx").await;
+    let j: Value = app
+        .submit(json!({"model_id": m["id"], "preset": "int8"}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    // A pipeline that selects nothing never reaches the failpoint: it must still succeed.
+    let k: Value = app
+        .submit(json!({"model_id": m["id"], "pipeline": [{"method": "quantize", "include": "nothing*"}]}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(app.drain().await, vec![Outcome::Failed, Outcome::Succeeded]);
+    let job = app.job(j["id"].as_str().unwrap()).await;
+    assert_eq!(job["error"]["code"], "internal");
+    assert!(
+        !job["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("failpoint"),
+        "internal details leak"
+    );
+    assert_eq!(
+        app.job(k["id"].as_str().unwrap()).await["state"],
+        "succeeded"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn background_workers_pick_up_jobs_and_metrics_count_them() {
+    let app = spawn_app_with(|c| c.workers = Some(2)).await;
+    let m = app
+        .upload(
+            case_file("digits_mlp_control/digits_mlp.safetensors"),
+            "d.safetensors",
+        )
+        .await;
+    let j: Value = app
+        .submit(json!({"model_id": m["id"], "preset": "int8"}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let id = j["id"].as_str().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let job = app.job(id).await;
+        if job["state"] == "succeeded" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "job did not finish: {job}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let text = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for needle in [
+        "modelpress_jobs{state=\"succeeded\"}",
+        "modelpress_queue_depth",
+        "modelpress_job_duration_seconds_bucket",
+        "modelpress_upload_bytes_total",
+        "modelpress_http_requests_total{method=\"POST\",route=\"/v1/jobs\",status=\"202\"}",
+        "route=\"/v1/jobs/{id}\"",
+        "modelpress_busy_workers",
+    ] {
+        assert!(text.contains(needle), "metrics lack {needle}:\n{text}");
+    }
+    assert!(
+        !text.contains(&format!("route=\"/v1/jobs/{id}\"")),
+        "raw URIs must not be labels"
+    );
+    let (s, _) = app.get_json("/readyz").await;
+    assert_eq!(s, 200);
+    app.stop().await;
+}

@@ -1,0 +1,11 @@
+//! All integration tests in one binary (convention 4).
+
+mod cli;
+mod corrupt;
+mod crash;
+mod formats;
+mod helpers;
+mod jobs;
+mod models;
+mod openapi;
+mod readme;

@@ -1,0 +1,66 @@
+//! README's curl walkthrough runs as written against a real server.
+
+use crate::helpers::*;
+use std::process::Command;
+
+fn walkthrough() -> String {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let start = readme
+        .find("<!-- walkthrough:start -->")
+        .expect("README has a walkthrough");
+    let end = readme
+        .find("<!-- walkthrough:end -->")
+        .expect("walkthrough end marker");
+    let mut script = String::new();
+    let mut in_block = false;
+    for line in readme[start..end].lines() {
+        if line.starts_with("```sh") {
+            in_block = true;
+        } else if line.starts_with("```") {
+            in_block = false;
+        } else if in_block {
+            script.push_str(line);
+            script.push('\n');
+        }
+    }
+    script
+}
+
+#[tokio::test]
+async fn readme_walkthrough_runs() {
+    let app = spawn_app_with(|c| c.workers = Some(1)).await;
+    let script = walkthrough();
+    assert!(script.contains("curl"), "{script}");
+    let work = tempfile::tempdir().unwrap();
+    let (base, dir) = (app.base.clone(), work.path().to_path_buf());
+    // The server shares this runtime: run the blocking child off it.
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("bash")
+            .arg("-euo")
+            .arg("pipefail")
+            .arg("-c")
+            .arg(&script)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .env("MODELPRESS", base)
+            .env("OUT", dir)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "walkthrough failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let restored = work.path().join("restored.onnx");
+    assert!(
+        restored.exists(),
+        "walkthrough did not download restored.onnx:\n{stdout}"
+    );
+    let score = evaluate("mnist8", &restored);
+    assert!(score["top1_accuracy"].as_f64().unwrap() >= 0.981);
+    app.stop().await;
+}
