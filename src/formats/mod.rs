@@ -343,6 +343,47 @@ pub fn read_path(path: &Path) -> Result<TensorSet, FormatError> {
     read_bytes(&bytes)
 }
 
+/// Validates a model file and lists its tensors. An .npy is checked from its header and
+/// length alone (constant memory); other formats are parsed whole.
+pub fn inspect_path(path: &Path) -> Result<(Format, Vec<TensorInfo>, u64), FormatError> {
+    let mut head = [0u8; 16];
+    let n = {
+        use std::io::Read;
+        let mut f = std::fs::File::open(path)?;
+        let mut filled = 0;
+        while filled < head.len() {
+            let k = f.read(&mut head[filled..])?;
+            if k == 0 {
+                break;
+            }
+            filled += k;
+        }
+        filled
+    };
+    if sniff(&head[..n]) == Some(Format::Npy) {
+        let (dtype, shape) = npz::inspect_npy_path(path)?;
+        let t = Tensor {
+            name: "array".into(),
+            dtype,
+            role: role_from_name("array", &shape, dtype),
+            shape,
+            data: Vec::new(),
+            output_axis: None,
+        };
+        let params = element_count(&t.shape).unwrap_or(0) as u64;
+        let info = TensorInfo {
+            name: t.name.clone(),
+            shape: t.shape.clone(),
+            dtype: dtype.name().into(),
+            parameters: params,
+            role: inventory_role(t.role),
+        };
+        return Ok((Format::Npy, vec![info], params));
+    }
+    let set = read_path(path)?;
+    Ok((set.format, inventory(&set), set.parameter_count()))
+}
+
 /// Parses and validates a model held in memory.
 pub fn read_bytes(bytes: &[u8]) -> Result<TensorSet, FormatError> {
     match sniff(bytes) {

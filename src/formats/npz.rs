@@ -54,8 +54,17 @@ fn descr_of(d: DType) -> Result<&'static str, FormatError> {
     })
 }
 
-/// Reads one .npy from bytes: (dtype, shape, C-order data, was_fortran).
-fn parse_npy(bytes: &[u8], name: &str) -> Result<(DType, Vec<usize>, Vec<u8>, bool), FormatError> {
+/// A parsed .npy header: dtype, shape, layout, and where the data starts.
+struct NpyHeader {
+    dtype: DType,
+    shape: Vec<usize>,
+    fortran: bool,
+    data_start: usize,
+    data_len: usize,
+}
+
+/// Parses an .npy header from its first bytes (the data need not follow).
+fn parse_npy_header(bytes: &[u8], name: &str) -> Result<NpyHeader, FormatError> {
     // The header length sits at bytes 8..10 (v1) or 8..12 (v2/v3); check it before the
     // header parser allocates.
     let major = *bytes
@@ -95,26 +104,57 @@ fn parse_npy(bytes: &[u8], name: &str) -> Result<(DType, Vec<usize>, Vec<u8>, bo
         dtype_from_descr(&descr).map_err(|e| FormatError::Unsupported(format!("{name}: {e}")))?;
     let count = element_count(&header.shape)
         .ok_or_else(|| FormatError::invalid(format!("{name}: shape overflows")))?;
-    let need = count
+    let data_len = count
         .checked_mul(dtype.size())
         .ok_or_else(|| FormatError::invalid(format!("{name}: size overflows")))?;
-    let start = cursor.position() as usize;
+    Ok(NpyHeader {
+        dtype,
+        shape: header.shape,
+        fortran: header.layout == Layout::Fortran,
+        data_start: cursor.position() as usize,
+        data_len,
+    })
+}
+
+/// Reads one .npy from bytes: (dtype, shape, C-order data, was_fortran).
+fn parse_npy(bytes: &[u8], name: &str) -> Result<(DType, Vec<usize>, Vec<u8>, bool), FormatError> {
+    let h = parse_npy_header(bytes, name)?;
     let data = bytes
-        .get(start..)
+        .get(h.data_start..)
         .ok_or_else(|| FormatError::invalid(format!("{name}: truncated .npy")))?;
-    if data.len() != need {
+    if data.len() != h.data_len {
         return Err(FormatError::invalid(format!(
-            "{name}: .npy holds {} data bytes, its header says {need}",
-            data.len()
+            "{name}: .npy holds {} data bytes, its header says {}",
+            data.len(),
+            h.data_len
         )));
     }
-    let fortran = header.layout == Layout::Fortran;
-    let data = if fortran && header.shape.len() > 1 {
-        fortran_to_c(data, &header.shape, dtype.size())
+    let data = if h.fortran && h.shape.len() > 1 {
+        fortran_to_c(data, &h.shape, h.dtype.size())
     } else {
         data.to_vec()
     };
-    Ok((dtype, header.shape, data, fortran))
+    Ok((h.dtype, h.shape, data, h.fortran))
+}
+
+/// Validates an .npy file from its header and length alone, without reading the data:
+/// uploads of huge arrays are checked in constant memory.
+pub fn inspect_npy_path(path: &std::path::Path) -> Result<(DType, Vec<usize>), FormatError> {
+    let mut file = std::fs::File::open(path)?;
+    let len = file.metadata()?.len();
+    let mut head = Vec::new();
+    (&mut file)
+        .take((MAX_NPY_HEADER_BYTES + 16) as u64)
+        .read_to_end(&mut head)?;
+    let h = parse_npy_header(&head, "array")?;
+    if len != (h.data_start + h.data_len) as u64 {
+        return Err(FormatError::invalid(format!(
+            "array: .npy holds {} data bytes, its header says {}",
+            len.saturating_sub(h.data_start as u64),
+            h.data_len
+        )));
+    }
+    Ok((h.dtype, h.shape))
 }
 
 /// Reorders Fortran-order elements into C order.

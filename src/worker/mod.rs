@@ -181,7 +181,8 @@ async fn run_claimed(state: &AppState, worker: &str, job: JobRecord) -> anyhow::
             job.id,
             worker.to_string(),
         );
-        let every = Duration::from_millis((lease_ms as u64 / 3).max(20));
+        // A third of the lease keeps it alive; at most a second keeps progress fresh for pollers.
+        let every = Duration::from_millis((lease_ms as u64 / 3).clamp(20, 1000));
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(every).await;

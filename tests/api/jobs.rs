@@ -552,3 +552,82 @@ async fn background_workers_pick_up_jobs_and_metrics_count_them() {
     assert_eq!(s, 200);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn expired_leases_are_requeued_then_exhausted() {
+    let app = spawn_app_with(|c| c.max_attempts = 2).await;
+    let m = app.upload(case_file("mnist8/mnist-8.onnx"), "m.onnx").await;
+    let j: Value = app
+        .submit(json!({"model_id": m["id"], "preset": "int8"}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let id = j["id"].as_str().unwrap();
+    let q = &app.state.queue;
+    // A worker that claims the job and dies: its 1 ms lease runs out.
+    for attempt in 1..=2 {
+        let claimed = q.claim("ghost", 1).await.unwrap().expect("claimable");
+        assert_eq!(claimed.attempts, attempt);
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        // A late heartbeat from the dead worker changes nothing once the sweeper has run.
+        assert_eq!(q.sweep_expired().await.unwrap(), 1);
+        assert!(matches!(
+            q.heartbeat(claimed.id, "ghost", 1000, 0.5, "x")
+                .await
+                .unwrap(),
+            modelpress::queue::Heartbeat::Lost
+        ));
+    }
+    let job = app.job(id).await;
+    assert_eq!(job["state"], "failed");
+    assert_eq!(job["error"]["code"], "attempts_exhausted");
+    assert_eq!(job["attempts"], 2);
+    assert_eq!(
+        app.drain().await,
+        Vec::<Outcome>::new(),
+        "an exhausted job is terminal"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn npy_upload_is_compressed_into_an_npz_model() {
+    let app = spawn_app().await;
+    let values: Vec<f32> = (0..64 * 48)
+        .map(|i| ((i * 31 % 97) as f32 - 48.0) / 10.0)
+        .collect();
+    let t = modelpress::formats::Tensor::new(
+        "array".into(),
+        modelpress::formats::DType::F32,
+        vec![64, 48],
+        values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+    )
+    .unwrap();
+    let m = app
+        .upload(modelpress::formats::npz::write_npy(&t).unwrap(), "w.npy")
+        .await;
+    assert_eq!(
+        (m["format"].as_str(), m["parameter_count"].as_u64()),
+        (Some("npy"), Some(3072))
+    );
+    let job = run_preset(&app, &m, json!({"preset": "int8"})).await;
+    let dir = app.dir.path();
+    std::fs::write(
+        dir.join("restored.npy"),
+        app.download(&job, "restored.npy").await,
+    )
+    .unwrap();
+    std::fs::write(dir.join("model.npz"), app.download(&job, "model.npz").await).unwrap();
+    let out = python(
+        "import sys, numpy as np\nr = np.load(sys.argv[1]); m = np.load(sys.argv[2])\n\
+         d = m['array'].astype(np.float32) * m['array.__scale'].reshape(-1, 1)\n\
+         assert r.dtype == np.float32 and r.shape == (64, 48)\nprint(np.array_equal(d, r))",
+        &[
+            dir.join("restored.npy").to_str().unwrap(),
+            dir.join("model.npz").to_str().unwrap(),
+        ],
+    );
+    assert_eq!(out.trim(), "True");
+    app.stop().await;
+}

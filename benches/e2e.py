@@ -1,0 +1,154 @@
+#!/usr/bin/env python3
+"""End-to-end benchmarks for BENCHMARKS.md, each peer measured in the same run.
+
+1. `modelpress compress --preset int8` on paraphrase-MiniLM-L3 against onnxruntime's
+   quantize_dynamic(per_channel=True): wall time and peak RSS (GNU time), and quality
+   (cosine of the sentence embedding via ../shared/cases/evaluate.py).
+2. The server's RSS while it receives a 1 GiB upload, against its idle RSS.
+
+usage: benches/e2e.py BIN OUT_DIR   (run by benches/run.sh)
+"""
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+
+BIN, OUT = os.path.abspath(sys.argv[1]), os.path.abspath(sys.argv[2])
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CASES = os.path.join(ROOT, "..", "shared", "cases")
+ENV = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+RUNS = int(os.environ.get("BENCH_RUNS", "5"))
+
+
+def timed(cmd):
+    """Wall seconds and peak RSS (MiB) of one command, from GNU time."""
+    t0 = time.perf_counter()
+    p = subprocess.run(["/usr/bin/time", "-v"] + cmd, env=ENV, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if p.returncode != 0:
+        raise SystemExit(f"{cmd} failed:\n{p.stdout}\n{p.stderr}")
+    rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", p.stderr).group(1))
+    return wall, rss_kb / 1024
+
+
+def evaluate(case, path, original=None):
+    cmd = [sys.executable, os.path.join(CASES, "evaluate.py"), os.path.join(CASES, case), path, "--json"]
+    if original:
+        cmd += ["--original", original]
+    return json.loads(subprocess.run(cmd, env=ENV, capture_output=True, text=True, check=True).stdout)
+
+
+def bench_minilm():
+    model = os.path.join(OUT, "paraphrase-MiniLM-L3-v2.onnx")
+    subprocess.run(["bash", os.path.join(CASES, "minilm_l3", "get.sh"), OUT], check=True)
+    ort_script = (
+        "import sys\n"
+        "from onnxruntime.quantization import quantize_dynamic, QuantType\n"
+        "quantize_dynamic(sys.argv[1], sys.argv[2], per_channel=True, weight_type=QuantType.QInt8)\n"
+    )
+    ours, peer = [], []
+    for i in range(RUNS):
+        d = os.path.join(OUT, "mp-int8")
+        ours.append(timed([BIN, "compress", model, "--preset", "int8", "--quiet", "-o", d]))
+        peer.append(timed([sys.executable, "-c", ort_script, model, os.path.join(OUT, "ort-int8-pc.onnx")]))
+    q_ours = evaluate("minilm_l3", os.path.join(OUT, "mp-int8", "restored.onnx"), model)
+    q_peer = evaluate("minilm_l3", os.path.join(OUT, "ort-int8-pc.onnx"), model)
+    report = json.load(open(os.path.join(OUT, "mp-int8", "report.json")))
+    return {
+        "runs": RUNS,
+        "modelpress": {
+            "wall_s_median": statistics.median(w for w, _ in ours),
+            "peak_rss_mib_median": statistics.median(r for _, r in ours),
+            "cosine_mean": q_ours["cosine_mean"],
+            "cosine_min": q_ours["cosine_min"],
+            "encoded_bytes": report["report"]["totals"]["bytes_after"],
+            "restored_onnx_bytes": os.path.getsize(os.path.join(OUT, "mp-int8", "restored.onnx")),
+        },
+        "onnxruntime_quantize_dynamic_per_channel": {
+            "wall_s_median": statistics.median(w for w, _ in peer),
+            "peak_rss_mib_median": statistics.median(r for _, r in peer),
+            "cosine_mean": q_peer["cosine_mean"],
+            "cosine_min": q_peer["cosine_min"],
+            "file_bytes": os.path.getsize(os.path.join(OUT, "ort-int8-pc.onnx")),
+        },
+        "original_bytes": os.path.getsize(model),
+    }
+
+
+def rss_mib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def bench_upload():
+    data = tempfile.mkdtemp(prefix="mp-bench-", dir=OUT)
+    port = 18000 + os.getpid() % 1000
+    srv = subprocess.Popen(
+        [BIN, "serve", "--addr", f"127.0.0.1:{port}", "--data-dir", data, "--workers", "1"],
+        env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(base + "/healthz", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.1)
+        time.sleep(0.5)
+        idle = rss_mib(srv.pid)
+        # A 1 GiB float32 .npy: header + 2^28 floats, written sparsely.
+        path = os.path.join(OUT, "big.npy")
+        n = (1 << 30) // 4
+        header = "{'descr': '<f4', 'fortran_order': False, 'shape': (%d,), }" % n
+        header += " " * (64 - (10 + len(header) + 1) % 64) + "\n"
+        with open(path, "wb") as f:
+            f.write(b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode())
+            f.truncate(f.tell() + n * 4)
+        peak = [idle]
+        done = threading.Event()
+
+        def sample():
+            while not done.is_set():
+                peak[0] = max(peak[0], rss_mib(srv.pid))
+                time.sleep(0.02)
+
+        th = threading.Thread(target=sample)
+        th.start()
+        t0 = time.perf_counter()
+        out = subprocess.run(
+            ["curl", "-sS", "-T", path, "-X", "POST", "-H", "content-type: application/octet-stream",
+             base + "/v1/models?name=big.npy"], capture_output=True, text=True, check=True)
+        secs = time.perf_counter() - t0
+        done.set()
+        th.join()
+        size = os.path.getsize(path)
+        os.remove(path)
+        body = json.loads(out.stdout)
+        assert body.get("size_bytes") == size and body.get("format") == "npy", body
+        return {"idle_rss_mib": idle, "peak_rss_mib": peak[0], "above_idle_mib": peak[0] - idle,
+                "upload_s": secs, "throughput_mib_s": 1024 / secs, "response": body}
+    finally:
+        srv.terminate()
+        srv.wait()
+
+
+def main():
+    os.makedirs(OUT, exist_ok=True)
+    results = {"minilm_int8": bench_minilm(), "upload_1gib": bench_upload()}
+    with open(os.path.join(OUT, "e2e.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
