@@ -77,12 +77,14 @@ fn main() {
     });
     let prune_fast = median_secs(5, || {
         let mut v = w.clone();
-        prune::prune_smallest(&mut [v.as_mut_slice()], prune::prune_count(v.len(), 0.5));
+        let k = prune::prune_count(v.len(), 0.5);
+        prune::prune_smallest(&mut [v.as_mut_slice()], k);
         black_box(v);
     });
     let prune_ref = median_secs(3, || {
         let mut v = w.clone();
-        prune::prune_smallest_reference(&mut [v.as_mut_slice()], prune::prune_count(v.len(), 0.5));
+        let k = prune::prune_count(v.len(), 0.5);
+        prune::prune_smallest_reference(&mut [v.as_mut_slice()], k);
         black_box(v);
     });
     println!(

@@ -103,20 +103,25 @@ pub fn execute(
                  give the size of the encoded form"
                     .into(),
             );
-            Some((restored_bytes.clone(), "onnx"))
+            // The same bytes as restored.onnx: borrowed, not copied.
+            Some((None, "onnx"))
         }
-        (Some(enc), _) => Some(formats::write_encoded(
-            &set,
-            &enc.tensors,
-            &enc.description,
-        )?),
+        (Some(enc), _) => {
+            let (bytes, mext) = formats::write_encoded(&set, &enc.tensors, &enc.description)?;
+            Some((Some(bytes), mext))
+        }
     };
-    if set.format == formats::Format::Npy && model.is_some() {
+    let input_format = set.format;
+    // The original tensors are no longer needed: free them before writing artifacts.
+    drop(set);
+    let model_bytes =
+        |m: &Option<Vec<u8>>| -> usize { m.as_ref().map_or(restored_bytes.len(), Vec::len) };
+    if input_format == formats::Format::Npy && model.is_some() {
         notes.push("an .npy holds one array, so model.npz carries the codes and scales".into());
     }
     let compressed_bytes = model
         .as_ref()
-        .map(|(b, _)| b.len() as u64)
+        .map(|(b, _)| model_bytes(b) as u64)
         .unwrap_or(u64::MAX)
         .min(restored_bytes.len() as u64);
     let totals = &outcome.report.totals;
@@ -136,6 +141,7 @@ pub fn execute(
     let mut artifacts = Vec::new();
     if wants("model") {
         if let Some((bytes, mext)) = &model {
+            let bytes = bytes.as_deref().unwrap_or(&restored_bytes);
             artifacts.push(write_artifact(out_dir, format!("model.{mext}"), bytes)?);
         }
     }

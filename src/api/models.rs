@@ -40,12 +40,9 @@ pub async fn store_model(
         ));
     }
     let path = file.temp.to_path_buf();
-    let parsed = tokio::task::spawn_blocking(move || {
-        formats::read_path(&path)
-            .map(|set| (set.format, formats::inventory(&set), set.parameter_count()))
-    })
-    .await
-    .map_err(ApiError::internal)?;
+    let parsed = tokio::task::spawn_blocking(move || formats::inspect_path(&path))
+        .await
+        .map_err(ApiError::internal)?;
     let (format, inventory, parameters) = match parsed {
         Ok(v) => v,
         Err(e) if e.is_user_error() => {
