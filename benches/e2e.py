@@ -142,9 +142,30 @@ def bench_upload():
         srv.wait()
 
 
+def bench_quality():
+    """Each preset on each shipped ONNX case, scored by the case's own metric."""
+    cases = {
+        "mnist8": ("mnist-8.onnx", "top1_accuracy"),
+        "silero_vad": ("silero_vad_16k_sequence.onnx", "decision_agreement"),
+        "digits_mlp_control": ("digits_mlp.onnx", "top1_accuracy"),
+    }
+    rows = []
+    for case, (fname, metric) in cases.items():
+        for preset in ["int8", "int8-tensor", "prune50", "prune50-int8", "fp16"]:
+            d = os.path.join(OUT, f"q-{case}-{preset}")
+            subprocess.run([BIN, "compress", os.path.join(CASES, case, fname), "--preset", preset, "--quiet", "-o", d],
+                           check=True, env=ENV, capture_output=True)
+            score = evaluate(case, os.path.join(d, "restored.onnx"))
+            totals = json.load(open(os.path.join(d, "report.json")))["report"]["totals"]
+            rows.append({"case": case, "preset": preset, "metric": metric, "value": score[metric],
+                         "original": score.get("top1_accuracy_original", 1.0),
+                         "encoded_bytes": totals["bytes_after"], "original_weight_bytes": totals["bytes_before"]})
+    return rows
+
+
 def main():
     os.makedirs(OUT, exist_ok=True)
-    results = {"minilm_int8": bench_minilm(), "upload_1gib": bench_upload()}
+    results = {"quality": bench_quality(), "minilm_int8": bench_minilm(), "upload_1gib": bench_upload()}
     with open(os.path.join(OUT, "e2e.json"), "w") as f:
         json.dump(results, f, indent=2)
     print(json.dumps(results, indent=2))

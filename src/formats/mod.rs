@@ -292,7 +292,8 @@ pub fn role_from_name(name: &str, shape: &[usize], dtype: DType) -> Role {
 /// Container-specific state needed to write the model back in its own format.
 #[derive(Debug, Clone)]
 pub enum Container {
-    Onnx(Box<onnx::OnnxContainer>),
+    /// Shared: a restored copy of the set must not copy the whole graph and its weights.
+    Onnx(std::sync::Arc<onnx::OnnxContainer>),
     Safetensors {
         metadata: Option<std::collections::HashMap<String, String>>,
     },

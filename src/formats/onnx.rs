@@ -205,7 +205,7 @@ pub fn read(bytes: &[u8]) -> Result<TensorSet, FormatError> {
     Ok(TensorSet {
         format: Format::Onnx,
         tensors,
-        container: Container::Onnx(Box::new(OnnxContainer { model })),
+        container: Container::Onnx(std::sync::Arc::new(OnnxContainer { model })),
     })
 }
 
