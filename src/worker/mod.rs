@@ -216,7 +216,8 @@ async fn run_claimed(state: &AppState, worker: &str, job: JobRecord) -> anyhow::
         tracing::warn!("lease lost; discarding this attempt's result");
         return Ok(Outcome::LeaseLost);
     }
-    let outcome = match result {
+    // Every failure is recorded the same way: a stable code and a message for the user.
+    let result: Result<_, (&str, String)> = match result {
         Err(join) => {
             let why = if join.is_panic() {
                 "panicked"
@@ -224,80 +225,62 @@ async fn run_claimed(state: &AppState, worker: &str, job: JobRecord) -> anyhow::
                 "was aborted"
             };
             tracing::error!(error = %join, "compression {why}");
-            state
-                .queue
-                .fail(
-                    job.id,
-                    worker,
-                    "internal",
-                    &format!("the compression {why}; see the server log"),
-                )
-                .await?;
-            Outcome::Failed
+            Err((
+                "internal",
+                format!("the compression {why}; see the server log"),
+            ))
         }
         Ok(Err(RunError::Cancelled)) => {
-            if state.hard_stop.is_cancelled() && !cancel.load(Ordering::Relaxed) {
+            let outcome = if state.hard_stop.is_cancelled() && !cancel.load(Ordering::Relaxed) {
                 state.queue.release(job.id, worker).await?;
                 Outcome::Requeued
             } else {
                 state.queue.mark_cancelled(job.id, worker).await?;
                 Outcome::Cancelled
-            }
+            };
+            return Ok(outcome);
         }
-        Ok(Err(RunError::InvalidModel(m))) => {
-            state
-                .queue
-                .fail(job.id, worker, "invalid_model", &m)
-                .await?;
-            Outcome::Failed
-        }
-        Ok(Err(RunError::InvalidSpec(m))) => {
-            state.queue.fail(job.id, worker, "invalid_spec", &m).await?;
-            Outcome::Failed
-        }
+        Ok(Err(RunError::InvalidModel(m))) => Err(("invalid_model", m)),
+        Ok(Err(RunError::InvalidSpec(m))) => Err(("invalid_spec", m)),
         Ok(Err(RunError::Internal(m))) => {
             tracing::error!(error = %m, "job failed");
-            state
-                .queue
-                .fail(
-                    job.id,
-                    worker,
-                    "internal",
-                    "internal error; see the server log",
-                )
-                .await?;
-            Outcome::Failed
+            Err(("internal", "internal error; see the server log".into()))
         }
-        Ok(Ok(out)) => {
-            let mut records = Vec::with_capacity(out.artifacts.len());
-            for a in &out.artifacts {
-                // One key per attempt: a crashed attempt's files never collide with these.
-                let key = format!("artifacts/{}/{}/{}", job.id, job.attempts, a.name);
-                state.blobs.put_file(&key, &a.path).await?;
-                metrics::counter!("modelpress_artifact_bytes_written_total")
-                    .increment(a.size_bytes);
-                records.push(ArtifactRecord {
-                    name: a.name.clone(),
-                    blob_key: key,
-                    size_bytes: a.size_bytes,
-                    sha256: a.sha256.clone(),
-                });
-            }
-            let summary = serde_json::to_value(&out.summary)?;
-            if state
-                .queue
-                .complete(job.id, worker, &summary, &records)
-                .await?
-            {
-                tracing::info!(ratio = out.summary.ratio, "job succeeded");
-                Outcome::Succeeded
-            } else {
-                for r in &records {
-                    let _ = state.blobs.delete(&r.blob_key).await;
-                }
-                Outcome::LeaseLost
-            }
+        Ok(Ok(out)) => Ok(out),
+    };
+    let out = match result {
+        Ok(out) => out,
+        Err((code, message)) => {
+            state.queue.fail(job.id, worker, code, &message).await?;
+            return Ok(Outcome::Failed);
         }
+    };
+    let mut records = Vec::with_capacity(out.artifacts.len());
+    for a in &out.artifacts {
+        // One key per attempt: a crashed attempt's files never collide with these.
+        let key = format!("artifacts/{}/{}/{}", job.id, job.attempts, a.name);
+        state.blobs.put_file(&key, &a.path).await?;
+        metrics::counter!("modelpress_artifact_bytes_written_total").increment(a.size_bytes);
+        records.push(ArtifactRecord {
+            name: a.name.clone(),
+            blob_key: key,
+            size_bytes: a.size_bytes,
+            sha256: a.sha256.clone(),
+        });
+    }
+    let summary = serde_json::to_value(&out.summary)?;
+    let outcome = if state
+        .queue
+        .complete(job.id, worker, &summary, &records)
+        .await?
+    {
+        tracing::info!(ratio = out.summary.ratio, "job succeeded");
+        Outcome::Succeeded
+    } else {
+        for r in &records {
+            let _ = state.blobs.delete(&r.blob_key).await;
+        }
+        Outcome::LeaseLost
     };
     Ok(outcome)
 }

@@ -99,6 +99,15 @@ impl TestApp {
             .expect("submit")
     }
 
+    /// Submits a job that must be accepted; returns the job.
+    pub async fn submit_json(&self, spec: Value) -> Value {
+        let r = self.submit(spec).await;
+        let status = r.status();
+        let body: Value = r.json().await.expect("json");
+        assert_eq!(status, 202, "{body}");
+        body
+    }
+
     pub async fn get_json(&self, path: &str) -> (u16, Value) {
         let r = self.client.get(self.url(path)).send().await.expect("get");
         let s = r.status().as_u16();

@@ -366,17 +366,11 @@ async fn cancel_a_queued_job_and_filter_the_list() {
     let app = spawn_app().await;
     let m = app.upload(case_file("mnist8/mnist-8.onnx"), "m.onnx").await;
     let j: Value = app
-        .submit(json!({"model_id": m["id"], "preset": "int8"}))
-        .await
-        .json()
-        .await
-        .unwrap();
+        .submit_json(json!({"model_id": m["id"], "preset": "int8"}))
+        .await;
     let k: Value = app
-        .submit(json!({"model_id": m["id"], "preset": "fp16"}))
-        .await
-        .json()
-        .await
-        .unwrap();
+        .submit_json(json!({"model_id": m["id"], "preset": "fp16"}))
+        .await;
     let id = j["id"].as_str().unwrap();
     let r = app
         .client
@@ -432,11 +426,8 @@ async fn cancel_a_running_job_at_a_tensor_boundary() {
         )
         .await;
     let j: Value = app
-        .submit(json!({"model_id": m["id"], "preset": "int8"}))
-        .await
-        .json()
-        .await
-        .unwrap();
+        .submit_json(json!({"model_id": m["id"], "preset": "int8"}))
+        .await;
     let id = j["id"].as_str().unwrap().to_string();
     let state = app.state.clone();
     let runner =
@@ -467,18 +458,10 @@ async fn a_panic_inside_a_job_fails_it_with_internal_and_the_worker_lives_on() {
     let app = spawn_app_with(|c| c.failpoint = Some("panic".into())).await;
     let m = app.upload(case_file("mnist8/mnist-8.onnx"), "m.onnx").await;
     let j: Value = app
-        .submit(json!({"model_id": m["id"], "preset": "int8"}))
-        .await
-        .json()
-        .await
-        .unwrap();
+        .submit_json(json!({"model_id": m["id"], "preset": "int8"}))
+        .await;
     // A pipeline that selects nothing never reaches the failpoint: it must still succeed.
-    let k: Value = app
-        .submit(json!({"model_id": m["id"], "pipeline": [{"method": "quantize", "include": "nothing*"}]}))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let k: Value = app.submit_json(json!({"model_id": m["id"], "pipeline": [{"method": "quantize", "include": "nothing*"}]})).await;
     assert_eq!(app.drain().await, vec![Outcome::Failed, Outcome::Succeeded]);
     let job = app.job(j["id"].as_str().unwrap()).await;
     assert_eq!(job["error"]["code"], "internal");
@@ -506,11 +489,8 @@ async fn background_workers_pick_up_jobs_and_metrics_count_them() {
         )
         .await;
     let j: Value = app
-        .submit(json!({"model_id": m["id"], "preset": "int8"}))
-        .await
-        .json()
-        .await
-        .unwrap();
+        .submit_json(json!({"model_id": m["id"], "preset": "int8"}))
+        .await;
     let id = j["id"].as_str().unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     loop {
@@ -558,11 +538,8 @@ async fn expired_leases_are_requeued_then_exhausted() {
     let app = spawn_app_with(|c| c.max_attempts = 2).await;
     let m = app.upload(case_file("mnist8/mnist-8.onnx"), "m.onnx").await;
     let j: Value = app
-        .submit(json!({"model_id": m["id"], "preset": "int8"}))
-        .await
-        .json()
-        .await
-        .unwrap();
+        .submit_json(json!({"model_id": m["id"], "preset": "int8"}))
+        .await;
     let id = j["id"].as_str().unwrap();
     let q = &app.state.queue;
     // A worker that claims the job and dies: its 1 ms lease runs out.
