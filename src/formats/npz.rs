@@ -229,7 +229,8 @@ pub fn read_npz(bytes: &[u8]) -> Result<TensorSet, FormatError> {
                 "npz member {full:?} is too large ({size} bytes)"
             )));
         }
-        let mut buf = Vec::with_capacity(size as usize);
+        // The declared size is only a hint: grow past 64 MiB as bytes really arrive.
+        let mut buf = Vec::with_capacity(size.min(64 << 20) as usize);
         (&mut member)
             .take(size + 1)
             .read_to_end(&mut buf)

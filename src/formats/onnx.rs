@@ -48,7 +48,13 @@ fn initializer_bytes(t: &TensorProto, dtype: DType, count: usize) -> Result<Vec<
     if !t.raw_data.is_empty() || count == 0 {
         return Ok(t.raw_data.clone());
     }
-    let mut out = Vec::with_capacity(count.saturating_mul(dtype.size()));
+    // Reserve from what the file holds, never from what its dims claim.
+    let held = t.float_data.len()
+        + t.double_data.len()
+        + t.int32_data.len()
+        + t.int64_data.len()
+        + t.uint64_data.len();
+    let mut out = Vec::with_capacity(held.min(count).saturating_mul(dtype.size()));
     match dtype {
         DType::F32 => t
             .float_data

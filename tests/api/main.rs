@@ -4,6 +4,7 @@ mod cli;
 mod corrupt;
 mod crash;
 mod formats;
+mod fuzz;
 mod helpers;
 mod jobs;
 mod models;
