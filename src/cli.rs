@@ -44,8 +44,15 @@ pub fn compress(args: CompressArgs) -> i32 {
             return 2;
         }
     };
-    if let Err(e) = std::fs::create_dir_all(&args.output) {
-        eprintln!("error: cannot create {}: {e}", args.output.display());
+    if args.dry_run {
+        return dry_run(&args.input, &plan);
+    }
+    let Some(output) = args.output.as_deref() else {
+        eprintln!("error: give -o OUTDIR");
+        return 2;
+    };
+    if let Err(e) = std::fs::create_dir_all(output) {
+        eprintln!("error: cannot create {}: {e}", output.display());
         return 1;
     }
     let bar = if args.quiet {
@@ -58,7 +65,7 @@ pub fn compress(args: CompressArgs) -> i32 {
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let ctl = BarControl(bar);
-    let result = runner::execute(&args.input, &plan, &args.output, &ctl);
+    let result = runner::execute(&args.input, &plan, output, &ctl);
     ctl.0.finish_and_clear();
     match result {
         Ok(out) => {
@@ -84,6 +91,35 @@ pub fn compress(args: CompressArgs) -> i32 {
             1
         }
     }
+}
+
+fn dry_run(input: &std::path::Path, plan: &compress::Plan) -> i32 {
+    let set = match formats::read_path(input) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return if e.is_user_error() { 2 } else { 1 };
+        }
+    };
+    let planned = compress::plan(&set, plan);
+    let (before, after): (u64, u64) = planned.iter().fold((0, 0), |(b, a), t| {
+        (b + t.bytes_before, a + t.estimated_bytes_after)
+    });
+    for t in planned.iter().filter(|t| !t.steps.is_empty()) {
+        println!(
+            "{:<48} {:>12} -> {:>12} bytes  {}",
+            t.name,
+            t.bytes_before,
+            t.estimated_bytes_after,
+            t.steps.join(" -> ")
+        );
+    }
+    let touched = planned.iter().filter(|t| !t.steps.is_empty()).count();
+    println!(
+        "{touched} of {} tensors touched; tensor bytes {before} -> {after} (estimated)",
+        planned.len()
+    );
+    0
 }
 
 pub fn inspect(args: InspectArgs) -> i32 {

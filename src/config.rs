@@ -104,11 +104,14 @@ pub struct CompressArgs {
     #[arg(long)]
     pub spec: Option<PathBuf>,
     /// Output directory for the artifacts.
-    #[arg(short, long)]
-    pub output: PathBuf,
+    #[arg(short, long, required_unless_present = "dry_run")]
+    pub output: Option<PathBuf>,
     /// Hide the progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// Print what would be done to each tensor and the estimated sizes; write nothing.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 #[derive(Debug, Args)]

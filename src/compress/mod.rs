@@ -465,19 +465,82 @@ fn decode(enc: &Encoding, shape: &[usize]) -> Vec<f32> {
     }
 }
 
+/// For each step, the indices of the tensors it touches.
+fn select(set: &TensorSet, plan: &Plan) -> Vec<Vec<usize>> {
+    plan.steps
+        .iter()
+        .map(|s| {
+            (0..set.tensors.len())
+                .filter(|&i| s.select.selects(&set.tensors[i]))
+                .collect()
+        })
+        .collect()
+}
+
+/// What a run would do to one tensor, known before any arithmetic.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PlannedTensor {
+    pub name: String,
+    pub steps: Vec<String>,
+    pub parameters: u64,
+    pub bytes_before: u64,
+    /// Bytes of the tensor's stored form in `model.<ext>` after the run.
+    pub estimated_bytes_after: u64,
+}
+
+/// The cheap half of a run (tract's `output_facts` before `eval`): which tensors each step
+/// touches and the bytes they will take. `run` selects with the same function.
+pub fn plan(set: &TensorSet, plan: &Plan) -> Vec<PlannedTensor> {
+    let selections = select(set, plan);
+    set.tensors
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let steps: Vec<&Step> = plan
+                .steps
+                .iter()
+                .zip(&selections)
+                .filter(|(_, sel)| sel.contains(&i))
+                .map(|(s, _)| s)
+                .collect();
+            let n = t.len() as u64;
+            let encoding = steps
+                .iter()
+                .rev()
+                .find(|s| !matches!(s.op, Op::Prune { .. }));
+            let estimated = match encoding.map(|s| &s.op) {
+                Some(Op::Quantize {
+                    scheme,
+                    granularity,
+                    ..
+                }) => {
+                    let channels = match granularity {
+                        Granularity::Channel => {
+                            t.shape.get(t.channel_axis()).copied().unwrap_or(1) as u64
+                        }
+                        Granularity::Tensor => 1,
+                    };
+                    n + channels * if *scheme == Scheme::Affine { 5 } else { 4 }
+                }
+                Some(Op::Cast { .. }) => n * 2,
+                _ => t.data.len() as u64,
+            };
+            PlannedTensor {
+                name: t.name.clone(),
+                steps: steps.iter().map(|s| s.op.label()).collect(),
+                parameters: n,
+                bytes_before: t.data.len() as u64,
+                estimated_bytes_after: estimated,
+            }
+        })
+        .collect()
+}
+
 /// Applies the plan. Tensors no step selects pass through bit for bit.
 pub fn run(set: &TensorSet, plan: &Plan, ctl: &dyn Control) -> Result<Outcome, CompressError> {
     let n = set.tensors.len();
     let mut work: Vec<Option<Working>> = (0..n).map(|_| None).collect();
-    let selections: Vec<Vec<usize>> = plan
-        .steps
-        .iter()
-        .map(|s| {
-            (0..n)
-                .filter(|&i| s.select.selects(&set.tensors[i]))
-                .collect()
-        })
-        .collect();
+    let selections = select(set, plan);
     let total_units: usize = selections.iter().map(Vec::len).sum::<usize>().max(1);
     let mut done_units = 0usize;
     for (si, step) in plan.steps.iter().enumerate() {

@@ -80,3 +80,27 @@ fn onnx_matmul_and_lstm_axes() {
         assert_eq!(w.channel_axis(), 1, "{}", w.name);
     }
 }
+
+#[test]
+fn plan_predicts_what_the_run_does() {
+    for (rel, spec) in [
+        (
+            "silero_vad/silero_vad_16k.safetensors",
+            json!({"preset": "int8"}),
+        ),
+        ("mnist8/mnist-8.onnx", json!({"preset": "prune50-int8"})),
+        (
+            "digits_mlp_control/digits_mlp_weights.npz",
+            json!({"pipeline": [{"method": "quantize", "scheme": "affine"}, {"method": "cast", "dtype": "float16", "include": "fc3*", "min_params": 0}]}),
+        ),
+    ] {
+        let set = formats::read_bytes(&case_file(rel)).unwrap();
+        let plan = compress::parse_spec(&spec).unwrap();
+        let planned = compress::plan(&set, &plan);
+        let out = compress::run(&set, &plan, &NoControl).unwrap();
+        for (p, r) in planned.iter().zip(&out.report.tensors) {
+            assert_eq!((&p.name, &p.steps), (&r.name, &r.methods), "{rel}");
+            assert_eq!(p.estimated_bytes_after, r.bytes_after, "{rel}: {}", p.name);
+        }
+    }
+}
