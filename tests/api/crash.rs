@@ -62,7 +62,7 @@ async fn kill_9_during_a_job_then_restart_completes_it_exactly_once() {
     let data = dir.path().join("data");
     let client = reqwest::Client::new();
     // Slow every tensor so the job is surely mid-flight when the process dies.
-    let mut server = start(&data, Some("tensor-delay-ms=300"));
+    let mut server = start(&data, Some("tensor-delay-ms=500"));
     let m: Value = client
         .post(format!("{}/v1/models", server.base))
         .body(case_file("silero_vad/silero_vad_16k.safetensors"))
