@@ -152,8 +152,8 @@ pub async fn delete(
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     let id = parse_id(&id, ErrorCode::ModelNotFound, "model")?;
-    let keys = match state.models.delete_model(DEFAULT_TENANT, id).await {
-        Ok(k) => k,
+    let deleted = match state.models.delete_model(DEFAULT_TENANT, id).await {
+        Ok(d) => d,
         Err(QueueError::NotFound) => {
             return Err(ApiError::new(
                 ErrorCode::ModelNotFound,
@@ -162,9 +162,14 @@ pub async fn delete(
         }
         Err(e) => return Err(e.into()),
     };
-    for k in keys {
-        if let Err(e) = state.blobs.delete(&k).await {
-            tracing::warn!(key = k, error = %e, "could not delete blob of a deleted model");
+    // The rows are gone; a blob that fails to go is only logged (it is unreachable now).
+    if let Err(e) = state.blobs.delete(&deleted.blob_key).await {
+        tracing::warn!(key = deleted.blob_key, error = %e, "could not delete a deleted model's file");
+    }
+    for job in deleted.job_ids {
+        let prefix = format!("artifacts/{job}");
+        if let Err(e) = state.blobs.delete_prefix(&prefix).await {
+            tracing::warn!(prefix, error = %e, "could not delete a deleted job's artifacts");
         }
     }
     Ok(StatusCode::NO_CONTENT)

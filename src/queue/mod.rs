@@ -115,6 +115,13 @@ pub struct NewJob {
     pub fingerprint: String,
 }
 
+/// What a model deletion leaves to remove from the blob store.
+pub struct DeletedModel {
+    pub blob_key: String,
+    /// Their artifacts live under `artifacts/{job_id}/`.
+    pub job_ids: Vec<Uuid>,
+}
+
 pub enum Enqueued {
     Created(JobRecord),
     /// The same idempotency key and request were seen before: the earlier job.
@@ -149,8 +156,8 @@ pub trait ModelCatalog: Send + Sync + 'static {
         limit: u32,
         before: Option<Uuid>,
     ) -> Result<Vec<ModelRecord>, QueueError>;
-    /// Deletes the model with its finished jobs; returns the blob keys to remove.
-    async fn delete_model(&self, tenant: &str, id: Uuid) -> Result<Vec<String>, QueueError>;
+    /// Deletes the model with its finished jobs; returns what to remove from the blob store.
+    async fn delete_model(&self, tenant: &str, id: Uuid) -> Result<DeletedModel, QueueError>;
     async fn ping(&self) -> bool;
 }
 

@@ -154,7 +154,7 @@ impl ModelCatalog for SqliteStore {
         rows.iter().map(model_from_row).collect()
     }
 
-    async fn delete_model(&self, tenant: &str, id: Uuid) -> Result<Vec<String>, QueueError> {
+    async fn delete_model(&self, tenant: &str, id: Uuid) -> Result<DeletedModel, QueueError> {
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         let model_key: Option<String> =
             sqlx::query_scalar("SELECT blob_key FROM models WHERE id = ? AND tenant_id = ?")
@@ -174,19 +174,23 @@ impl ModelCatalog for SqliteStore {
         if active > 0 {
             return Err(QueueError::ModelInUse);
         }
-        let mut keys: Vec<String> = sqlx::query_scalar(
-            "SELECT a.blob_key FROM artifacts a JOIN jobs j ON j.id = a.job_id WHERE j.model_id = ?",
-        )
-        .bind(id.to_string())
-        .fetch_all(&mut *tx)
-        .await?;
+        let jobs: Vec<String> = sqlx::query_scalar("SELECT id FROM jobs WHERE model_id = ?")
+            .bind(id.to_string())
+            .fetch_all(&mut *tx)
+            .await?;
+        let job_ids = jobs
+            .iter()
+            .map(|j| Uuid::parse_str(j).map_err(|e| QueueError::Corrupt(e.to_string())))
+            .collect::<Result<Vec<_>, _>>()?;
         sqlx::query("DELETE FROM models WHERE id = ?")
             .bind(id.to_string())
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
-        keys.push(model_key);
-        Ok(keys)
+        Ok(DeletedModel {
+            blob_key: model_key,
+            job_ids,
+        })
     }
 
     async fn ping(&self) -> bool {

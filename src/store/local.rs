@@ -76,6 +76,15 @@ impl BlobStore for LocalBlobStore {
         }
     }
 
+    async fn delete_prefix(&self, prefix: &str) -> Result<(), StoreError> {
+        let p = self.path(prefix)?;
+        match tokio::fs::remove_dir_all(&p).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     fn staging_dir(&self) -> PathBuf {
         self.root.join("tmp")
     }

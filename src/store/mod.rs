@@ -22,6 +22,8 @@ pub trait BlobStore: Send + Sync + 'static {
     /// for a remote one.
     async fn local_path(&self, key: &str) -> Result<PathBuf, StoreError>;
     async fn delete(&self, key: &str) -> Result<(), StoreError>;
+    /// Deletes every blob whose key starts with `prefix/` (a crashed attempt's leftovers).
+    async fn delete_prefix(&self, prefix: &str) -> Result<(), StoreError>;
     /// A directory on the same filesystem as the blobs, for uploads in flight.
     fn staging_dir(&self) -> PathBuf;
     /// True when the store can be written to.

@@ -275,6 +275,13 @@ async fn run_claimed(state: &AppState, worker: &str, job: JobRecord) -> anyhow::
         .await?
     {
         tracing::info!(ratio = out.summary.ratio, "job succeeded");
+        // Attempts that died between storing artifacts and committing left files behind.
+        for earlier in 1..job.attempts {
+            let prefix = format!("artifacts/{}/{earlier}", job.id);
+            if let Err(e) = state.blobs.delete_prefix(&prefix).await {
+                tracing::warn!(error = %e, prefix, "could not remove an earlier attempt's artifacts");
+            }
+        }
         Outcome::Succeeded
     } else {
         for r in &records {

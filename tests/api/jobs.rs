@@ -608,3 +608,43 @@ async fn npy_upload_is_compressed_into_an_npz_model() {
     assert_eq!(out.trim(), "True");
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_dead_attempts_stored_artifacts_are_removed_when_a_later_attempt_succeeds() {
+    let app = spawn_app().await;
+    let m = app.upload(case_file("mnist8/mnist-8.onnx"), "m.onnx").await;
+    let j = app
+        .submit_json(json!({"model_id": m["id"], "preset": "int8"}))
+        .await;
+    let id = j["id"].as_str().unwrap();
+    // Attempt 1 stores an artifact, then its process dies before committing.
+    app.state
+        .queue
+        .claim("ghost", 1)
+        .await
+        .unwrap()
+        .expect("claimable");
+    let staged = app.state.blobs.staging_dir().join("leftover");
+    std::fs::write(&staged, b"partial").unwrap();
+    app.state
+        .blobs
+        .put_file(&format!("artifacts/{id}/1/report.json"), &staged)
+        .await
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    app.state.queue.sweep_expired().await.unwrap();
+    assert_eq!(app.drain().await, vec![Outcome::Succeeded]);
+    let job = app.job(id).await;
+    assert_eq!(job["attempts"], 2);
+    let blobs = app.dir.path().join(format!("data/blobs/artifacts/{id}"));
+    let attempts: Vec<String> = std::fs::read_dir(&blobs)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(
+        attempts,
+        vec!["2".to_string()],
+        "attempt 1's files must be gone"
+    );
+    app.stop().await;
+}
