@@ -7,9 +7,93 @@ use prost::Message;
 use std::collections::HashMap;
 use tract_onnx::pb::{tensor_proto::DataType, ModelProto, NodeProto, TensorProto};
 
+/// The graph with its initializers' payloads taken out (the tensors hold them), so a model
+/// is not kept in memory twice, plus a fingerprint of each payload as read.
 #[derive(Debug, Clone)]
 pub struct OnnxContainer {
     pub model: ModelProto,
+    originals: Vec<Original>,
+}
+
+/// How an initializer stored its values, and a fingerprint of them: a tensor whose bytes
+/// still match goes back in its original field, so untouched initializers are written as
+/// they were read.
+#[derive(Debug, Clone)]
+struct Original {
+    raw: bool,
+    fingerprint: u64,
+}
+
+fn fingerprint(bytes: &[u8]) -> u64 {
+    use std::hash::Hasher;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    h.write(bytes);
+    h.finish()
+}
+
+fn clear_payload(init: &mut TensorProto) {
+    init.raw_data = Vec::new();
+    init.float_data = Vec::new();
+    init.double_data = Vec::new();
+    init.int32_data = Vec::new();
+    init.int64_data = Vec::new();
+    init.uint64_data = Vec::new();
+}
+
+/// Puts little-endian bytes back into the typed field that ONNX uses for `dtype`.
+fn set_typed(init: &mut TensorProto, dtype: DType, b: &[u8]) {
+    match dtype {
+        DType::F32 => {
+            init.float_data = b
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect()
+        }
+        DType::F64 => {
+            init.double_data = b
+                .chunks_exact(8)
+                .map(|c| f64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+                .collect()
+        }
+        DType::I64 => {
+            init.int64_data = b
+                .chunks_exact(8)
+                .map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+                .collect()
+        }
+        DType::U64 => {
+            init.uint64_data = b
+                .chunks_exact(8)
+                .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+                .collect()
+        }
+        DType::U32 => {
+            init.uint64_data = b
+                .chunks_exact(4)
+                .map(|c| u64::from(u32::from_le_bytes([c[0], c[1], c[2], c[3]])))
+                .collect()
+        }
+        DType::I32 => {
+            init.int32_data = b
+                .chunks_exact(4)
+                .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect()
+        }
+        DType::F16 | DType::BF16 | DType::U16 => {
+            init.int32_data = b
+                .chunks_exact(2)
+                .map(|c| i32::from(u16::from_le_bytes([c[0], c[1]])))
+                .collect()
+        }
+        DType::I16 => {
+            init.int32_data = b
+                .chunks_exact(2)
+                .map(|c| i32::from(i16::from_le_bytes([c[0], c[1]])))
+                .collect()
+        }
+        DType::I8 => init.int32_data = b.iter().map(|&x| i32::from(x as i8)).collect(),
+        DType::U8 | DType::Bool => init.int32_data = b.iter().map(|&x| i32::from(x)).collect(),
+    }
 }
 
 fn dtype_from(code: i32) -> Result<DType, FormatError> {
@@ -185,6 +269,7 @@ pub fn read(bytes: &[u8]) -> Result<TensorSet, FormatError> {
         }
     }
     let mut tensors = Vec::with_capacity(graph.initializer.len());
+    let mut originals = Vec::with_capacity(graph.initializer.len());
     for init in &graph.initializer {
         let dtype = dtype_from(init.data_type)?;
         let mut shape = Vec::with_capacity(init.dims.len());
@@ -201,6 +286,10 @@ pub fn read(bytes: &[u8]) -> Result<TensorSet, FormatError> {
             FormatError::invalid(format!("initializer {:?}: shape overflows", init.name))
         })?;
         let data = initializer_bytes(init, dtype, count)?;
+        originals.push(Original {
+            raw: !init.raw_data.is_empty(),
+            fingerprint: fingerprint(&data),
+        });
         let mut t = Tensor::new(init.name.clone(), dtype, shape, data)?;
         if let Some((role, axis)) = usage(&init.name, &t.shape, &consumers) {
             t.role = if dtype.is_float() { role } else { Role::Other };
@@ -208,26 +297,32 @@ pub fn read(bytes: &[u8]) -> Result<TensorSet, FormatError> {
         }
         tensors.push(t);
     }
+    drop(consumers);
+    let mut model = model;
+    if let Some(g) = model.graph.as_mut() {
+        g.initializer.iter_mut().for_each(clear_payload);
+    }
     Ok(TensorSet {
         format: Format::Onnx,
         tensors,
-        container: Container::Onnx(std::sync::Arc::new(OnnxContainer { model })),
+        container: Container::Onnx(std::sync::Arc::new(OnnxContainer { model, originals })),
     })
 }
 
 /// Writes the model with the given tensor values; tensors match initializers by position.
 pub fn write(c: &OnnxContainer, tensors: &[Tensor]) -> Result<Vec<u8>, FormatError> {
+    // Cheap: the retained graph holds no initializer payloads.
     let mut model = c.model.clone();
     let graph = model
         .graph
         .as_mut()
         .ok_or_else(|| FormatError::Write("model has no graph".into()))?;
-    if graph.initializer.len() != tensors.len() {
+    if graph.initializer.len() != tensors.len() || c.originals.len() != tensors.len() {
         return Err(FormatError::Write(
             "tensor count differs from the graph".into(),
         ));
     }
-    for (init, t) in graph.initializer.iter_mut().zip(tensors) {
+    for ((init, t), orig) in graph.initializer.iter_mut().zip(tensors).zip(&c.originals) {
         let dtype = dtype_from(init.data_type).map_err(|e| FormatError::Write(e.to_string()))?;
         if dtype != t.dtype || init.name != t.name {
             return Err(FormatError::Write(format!(
@@ -235,16 +330,12 @@ pub fn write(c: &OnnxContainer, tensors: &[Tensor]) -> Result<Vec<u8>, FormatErr
                 init.name
             )));
         }
-        let original = initializer_bytes(init, dtype, t.len())?;
-        if original == t.data {
-            continue;
+        let unchanged = fingerprint(&t.data) == orig.fingerprint;
+        if unchanged && !orig.raw {
+            set_typed(init, dtype, &t.data);
+        } else {
+            init.raw_data = t.data.clone();
         }
-        init.raw_data = t.data.clone();
-        init.float_data.clear();
-        init.double_data.clear();
-        init.int32_data.clear();
-        init.int64_data.clear();
-        init.uint64_data.clear();
     }
     Ok(model.encode_to_vec())
 }
