@@ -104,3 +104,21 @@ fn plan_predicts_what_the_run_does() {
         }
     }
 }
+
+#[test]
+fn untouched_onnx_is_written_exactly_as_prost_reencodes_it() {
+    use prost::Message;
+    // Typed fields (mnist-8, skl2onnx) and raw_data (silero) both go back where they were.
+    for rel in [
+        "mnist8/mnist-8.onnx",
+        "digits_mlp_control/digits_mlp.onnx",
+        "silero_vad/silero_vad_16k_sequence.onnx",
+    ] {
+        let bytes = case_file(rel);
+        let reencoded = tract_onnx::pb::ModelProto::decode(bytes.as_slice())
+            .unwrap()
+            .encode_to_vec();
+        let written = formats::write_bytes(&formats::read_bytes(&bytes).unwrap()).unwrap();
+        assert!(written == reencoded, "{rel}");
+    }
+}
