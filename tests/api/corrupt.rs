@@ -26,7 +26,7 @@ fn safetensors_raw(header: &str, data: &[u8]) -> Vec<u8> {
     out
 }
 
-fn onnx_with_initializer(init: pb::TensorProto) -> Vec<u8> {
+pub fn onnx_with_initializer(init: pb::TensorProto) -> Vec<u8> {
     let model = pb::ModelProto {
         ir_version: 8,
         opset_import: vec![pb::OperatorSetIdProto {

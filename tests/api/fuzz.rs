@@ -65,7 +65,6 @@ proptest! {
 
 #[test]
 fn onnx_dims_without_data_do_not_allocate_what_they_claim() {
-    use prost::Message;
     use tract_onnx::pb;
     // Typed (not raw) storage, dims of 2^40 elements, two floats present.
     let init = pb::TensorProto {
@@ -75,18 +74,7 @@ fn onnx_dims_without_data_do_not_allocate_what_they_claim() {
         float_data: vec![1.0, 2.0],
         ..Default::default()
     };
-    let model = pb::ModelProto {
-        ir_version: 8,
-        opset_import: vec![pb::OperatorSetIdProto {
-            domain: String::new(),
-            version: 17,
-        }],
-        graph: Some(pb::GraphProto {
-            initializer: vec![init],
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    let err = formats::read_bytes(&model.encode_to_vec()).unwrap_err();
+    let model = crate::corrupt::onnx_with_initializer(init);
+    let err = formats::read_bytes(&model).unwrap_err();
     assert!(err.is_user_error(), "{err}");
 }

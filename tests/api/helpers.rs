@@ -151,6 +151,13 @@ impl TestApp {
         r.bytes().await.expect("bytes").to_vec()
     }
 
+    /// Downloads an artifact into this app's temp dir; returns its path.
+    pub async fn download_to(&self, job: &Value, name: &str) -> PathBuf {
+        let path = self.dir.path().join(name);
+        std::fs::write(&path, self.download(job, name).await).expect("write artifact");
+        path
+    }
+
     pub async fn stop(mut self) {
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());

@@ -86,7 +86,7 @@ async fn silero_safetensors_int8_loads_in_python_and_matches_the_report() {
     let job = run_preset(&app, &m, json!({"preset": "int8"})).await;
     let dir = app.dir.path();
     for name in ["restored.safetensors", "model.safetensors", "report.json"] {
-        std::fs::write(dir.join(name), app.download(&job, name).await).unwrap();
+        app.download_to(&job, name).await;
     }
     let summary = &job["summary"];
     assert!(summary["ratio"].as_f64().unwrap() > 3.5, "{summary}");
@@ -177,12 +177,8 @@ async fn digits_npz_prune50_int8_in_one_multipart_request() {
         assert_eq!(zeros, (n as f64 * 0.5).round() as u64, "{}", t["name"]);
     }
     let dir = app.dir.path();
-    std::fs::write(
-        dir.join("restored.npz"),
-        app.download(&job, "restored.npz").await,
-    )
-    .unwrap();
-    std::fs::write(dir.join("model.npz"), app.download(&job, "model.npz").await).unwrap();
+    app.download_to(&job, "restored.npz").await;
+    app.download_to(&job, "model.npz").await;
     // numpy reads both; the digits MLP still classifies from the restored weights.
     let out = python(
         r#"
@@ -590,12 +586,8 @@ async fn npy_upload_is_compressed_into_an_npz_model() {
     );
     let job = run_preset(&app, &m, json!({"preset": "int8"})).await;
     let dir = app.dir.path();
-    std::fs::write(
-        dir.join("restored.npy"),
-        app.download(&job, "restored.npy").await,
-    )
-    .unwrap();
-    std::fs::write(dir.join("model.npz"), app.download(&job, "model.npz").await).unwrap();
+    app.download_to(&job, "restored.npy").await;
+    app.download_to(&job, "model.npz").await;
     let out = python(
         "import sys, numpy as np\nr = np.load(sys.argv[1]); m = np.load(sys.argv[2])\n\
          d = m['array'].astype(np.float32) * m['array.__scale'].reshape(-1, 1)\n\
