@@ -297,9 +297,8 @@ pub enum Container {
     Safetensors {
         metadata: Option<std::collections::HashMap<String, String>>,
     },
-    Npy {
-        fortran: bool,
-    },
+    /// One array; written back in C order.
+    Npy,
     Npz {
         compressed: bool,
     },
@@ -347,39 +346,20 @@ pub fn read_path(path: &Path) -> Result<TensorSet, FormatError> {
 /// Validates a model file and lists its tensors. An .npy is checked from its header and
 /// length alone (constant memory); other formats are parsed whole.
 pub fn inspect_path(path: &Path) -> Result<(Format, Vec<TensorInfo>, u64), FormatError> {
-    let mut head = [0u8; 16];
-    let n = {
-        use std::io::Read;
-        let mut f = std::fs::File::open(path)?;
-        let mut filled = 0;
-        while filled < head.len() {
-            let k = f.read(&mut head[filled..])?;
-            if k == 0 {
-                break;
-            }
-            filled += k;
-        }
-        filled
-    };
-    if sniff(&head[..n]) == Some(Format::Npy) {
+    use std::io::Read;
+    let mut head = Vec::with_capacity(16);
+    std::fs::File::open(path)?.take(16).read_to_end(&mut head)?;
+    if sniff(&head) == Some(Format::Npy) {
         let (dtype, shape) = npz::inspect_npy_path(path)?;
-        let t = Tensor {
-            name: "array".into(),
-            dtype,
-            role: role_from_name("array", &shape, dtype),
-            shape,
-            data: Vec::new(),
-            output_axis: None,
-        };
-        let params = element_count(&t.shape).unwrap_or(0) as u64;
+        let parameters = element_count(&shape).unwrap_or(0) as u64;
         let info = TensorInfo {
-            name: t.name.clone(),
-            shape: t.shape.clone(),
+            name: "array".into(),
             dtype: dtype.name().into(),
-            parameters: params,
-            role: inventory_role(t.role),
+            parameters,
+            role: inventory_role(role_from_name("array", &shape, dtype)),
+            shape,
         };
-        return Ok((Format::Npy, vec![info], params));
+        return Ok((Format::Npy, vec![info], parameters));
     }
     let set = read_path(path)?;
     Ok((set.format, inventory(&set), set.parameter_count()))
@@ -403,7 +383,7 @@ pub fn write_bytes(set: &TensorSet) -> Result<Vec<u8>, FormatError> {
         Container::Safetensors { metadata } => {
             safetensors::write(&set.tensors, metadata.clone(), None)
         }
-        Container::Npy { .. } => {
+        Container::Npy => {
             let t = set
                 .tensors
                 .first()
@@ -464,7 +444,7 @@ pub fn write_encoded(
                 "safetensors",
             ))
         }
-        Container::Npz { .. } | Container::Npy { .. } => {
+        Container::Npz { .. } | Container::Npy => {
             // NumPy has no bfloat16: store its bit patterns as uint16; the description in the
             // archive comment says what they are. One .npy cannot hold codes and scales, so an
             // .npy input gets an .npz model.

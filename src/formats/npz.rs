@@ -185,12 +185,12 @@ fn fortran_to_c(data: &[u8], shape: &[usize], item: usize) -> Vec<u8> {
 }
 
 pub fn read_npy_file(bytes: &[u8]) -> Result<TensorSet, FormatError> {
-    let (dtype, shape, data, fortran) = parse_npy(bytes, "array")?;
+    let (dtype, shape, data, _) = parse_npy(bytes, "array")?;
     let tensor = Tensor::new("array".into(), dtype, shape, data)?;
     Ok(TensorSet {
         format: Format::Npy,
         tensors: vec![tensor],
-        container: Container::Npy { fortran },
+        container: Container::Npy,
     })
 }
 
