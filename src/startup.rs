@@ -96,16 +96,13 @@ impl Application {
         let sweeper = worker::spawn_sweeper(state.clone());
         let app = api::router(state.clone());
         let stop = state.stop_claiming.clone();
-        let http_stop = CancellationToken::new();
-        let http_stop2 = http_stop.clone();
         tokio::spawn(async move {
             shutdown.await;
             tracing::info!("shutdown requested: no new jobs will be claimed");
             stop.cancel();
-            http_stop2.cancel();
         });
         let server = axum::serve(self.listener, app.into_make_service())
-            .with_graceful_shutdown(async move { http_stop.cancelled().await });
+            .with_graceful_shutdown(state.stop_claiming.clone().cancelled_owned());
         let server = tokio::spawn(async move { server.await });
         state.stop_claiming.cancelled().await;
         let grace = std::time::Duration::from_secs(state.config.shutdown_grace_secs);
