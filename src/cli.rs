@@ -93,13 +93,22 @@ pub fn compress(args: CompressArgs) -> i32 {
     }
 }
 
-fn dry_run(input: &std::path::Path, plan: &compress::Plan) -> i32 {
-    let set = match formats::read_path(input) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return if e.is_user_error() { 2 } else { 1 };
+/// Reads a model, or prints why not and gives the exit code (2: the file is at fault).
+fn read_model(path: &std::path::Path) -> Result<formats::TensorSet, i32> {
+    formats::read_path(path).map_err(|e| {
+        eprintln!("error: {e}");
+        if e.is_user_error() {
+            2
+        } else {
+            1
         }
+    })
+}
+
+fn dry_run(input: &std::path::Path, plan: &compress::Plan) -> i32 {
+    let set = match read_model(input) {
+        Ok(s) => s,
+        Err(code) => return code,
     };
     let planned = compress::plan(&set, plan);
     let (before, after): (u64, u64) = planned.iter().fold((0, 0), |(b, a), t| {
@@ -123,12 +132,9 @@ fn dry_run(input: &std::path::Path, plan: &compress::Plan) -> i32 {
 }
 
 pub fn inspect(args: InspectArgs) -> i32 {
-    let set = match formats::read_path(&args.input) {
+    let set = match read_model(&args.input) {
         Ok(s) => s,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return if e.is_user_error() { 2 } else { 1 };
-        }
+        Err(code) => return code,
     };
     let inv = formats::inventory(&set);
     if args.json {
