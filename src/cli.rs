@@ -1,7 +1,7 @@
-//! `modelpress compress` and `modelpress inspect`: the same pipeline as a job, no server.
+//! `modelpress compress`, `inspect` and `decompress`: the same pipeline as a job, no server.
 
 use crate::compress::{self, Control};
-use crate::config::{CompressArgs, InspectArgs};
+use crate::config::{CompressArgs, DecompressArgs, InspectArgs};
 use crate::formats;
 use crate::runner;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -162,5 +162,44 @@ pub fn inspect(args: InspectArgs) -> i32 {
             t.role
         );
     }
+    0
+}
+
+/// Rebuilds the dense model from an archive; exit 2 when the archive is at fault.
+pub fn decompress(args: DecompressArgs) -> i32 {
+    let bytes = match std::fs::read(&args.input) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("error: cannot read {}: {e}", args.input.display());
+            return 1;
+        }
+    };
+    let set = match formats::mpz::read(&bytes) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return if e.is_user_error() { 2 } else { 1 };
+        }
+    };
+    drop(bytes);
+    let out = match formats::write_bytes(&set) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return 1;
+        }
+    };
+    if let Err(e) = std::fs::write(&args.output, &out) {
+        eprintln!("error: cannot write {}: {e}", args.output.display());
+        return 1;
+    }
+    println!(
+        "rebuilt {} ({} tensors, {} format) -> {} bytes  sha256 {}",
+        args.output.display(),
+        set.tensors.len(),
+        set.format.as_str(),
+        out.len(),
+        runner::sha256_hex(&out)
+    );
     0
 }

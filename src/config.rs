@@ -26,6 +26,8 @@ pub enum Command {
     Compress(CompressArgs),
     /// Print the tensor inventory of a model file.
     Inspect(InspectArgs),
+    /// Rebuild the dense model from a `model.mpz` archive, in its original format.
+    Decompress(DecompressArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -97,7 +99,8 @@ impl ServeConfig {
 pub struct CompressArgs {
     /// Model file (ONNX, safetensors, .npy, .npz; detected from content).
     pub input: PathBuf,
-    /// A built-in preset: int8, int8-tensor, prune50, prune50-int8, fp16, bf16.
+    /// A built-in preset: int8, int8-tensor, int4, kmeans4, ternary, binary, prune50,
+    /// prune50-int8, fp16, bf16, lowrank-90, separable, deep-compression.
     #[arg(long, conflicts_with = "spec", required_unless_present = "spec")]
     pub preset: Option<String>,
     /// A JSON spec file: {"pipeline": [...], "outputs": [...]} or {"preset": "..."}.
@@ -121,4 +124,13 @@ pub struct InspectArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DecompressArgs {
+    /// A `model.mpz` archive written by a job or by `modelpress compress`.
+    pub input: PathBuf,
+    /// Output file; the model is written in the format it was uploaded in.
+    #[arg(short, long)]
+    pub output: PathBuf,
 }

@@ -7,6 +7,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Some(Command::Compress(args)) => std::process::exit(modelpress::cli::compress(args)),
         Some(Command::Inspect(args)) => std::process::exit(modelpress::cli::inspect(args)),
+        Some(Command::Decompress(args)) => std::process::exit(modelpress::cli::decompress(args)),
         Some(Command::Serve(cfg)) => serve(cfg),
         None => serve(cli.serve),
     }

@@ -15,6 +15,9 @@ pub struct Summary {
     pub parameters: u64,
     pub nonzero_parameters: u64,
     pub mean_bits_per_weight: f64,
+    /// Size of `model.mpz`, when the job wrote one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub archive_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -111,6 +114,16 @@ pub fn execute(
             Some((Some(bytes), mext))
         }
     };
+    let wants = |o: &str| plan.outputs.iter().any(|x| x == o);
+    let archive = if wants("archive") {
+        Some(formats::mpz::write(
+            &set,
+            &outcome.restored.tensors,
+            &outcome.archive,
+        )?)
+    } else {
+        None
+    };
     let input_format = set.format;
     // The original tensors are no longer needed: free them before writing artifacts.
     drop(set);
@@ -123,7 +136,8 @@ pub fn execute(
         .as_ref()
         .map(|(b, _)| model_bytes(b) as u64)
         .unwrap_or(u64::MAX)
-        .min(restored_bytes.len() as u64);
+        .min(restored_bytes.len() as u64)
+        .min(archive.as_ref().map_or(u64::MAX, |a| a.len() as u64));
     let totals = &outcome.report.totals;
     let summary = Summary {
         original_bytes,
@@ -136,14 +150,17 @@ pub fn execute(
         parameters: totals.parameters,
         nonzero_parameters: totals.nonzero_parameters,
         mean_bits_per_weight: totals.mean_bits_per_weight,
+        archive_bytes: archive.as_ref().map(|a| a.len() as u64),
     };
-    let wants = |o: &str| plan.outputs.iter().any(|x| x == o);
     let mut artifacts = Vec::new();
     if wants("model") {
         if let Some((bytes, mext)) = &model {
             let bytes = bytes.as_deref().unwrap_or(&restored_bytes);
             artifacts.push(write_artifact(out_dir, format!("model.{mext}"), bytes)?);
         }
+    }
+    if let Some(bytes) = &archive {
+        artifacts.push(write_artifact(out_dir, "model.mpz".into(), bytes)?);
     }
     if wants("restored") {
         artifacts.push(write_artifact(

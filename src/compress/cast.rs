@@ -11,6 +11,15 @@ pub enum CastType {
     Bfloat16,
 }
 
+impl CastType {
+    pub fn name(self) -> &'static str {
+        match self {
+            CastType::Float16 => "float16",
+            CastType::Bfloat16 => "bfloat16",
+        }
+    }
+}
+
 /// The 16-bit patterns of `values` in the target type.
 pub fn cast_bits(values: &[f32], to: CastType) -> Vec<u16> {
     match to {

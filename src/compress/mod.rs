@@ -1,19 +1,34 @@
-//! The compression core. Methods are pure functions over tensors; this module parses a job's
-//! spec into a validated [`Plan`], and [`run`] applies it to a [`TensorSet`]. No HTTP, SQL
-//! or file paths here.
+//! The compression core. Methods are pure functions over tensors, one module each; `spec`
+//! parses a job's spec into a validated [`Plan`], and [`run`] applies it to a [`TensorSet`].
+//! No HTTP, SQL or file paths here.
 
 pub mod cast;
+pub mod coding;
+pub mod huffman;
+pub mod kmeans;
+pub mod lowrank;
+pub mod pack;
 pub mod prune;
 pub mod quantize;
 pub mod report;
+pub mod separable;
+pub mod spec;
+pub mod structured;
+pub mod ternary;
 #[cfg(test)]
 pub mod testing;
 
 use crate::formats::{DType, Role, Tensor, TensorSet};
 use cast::CastType;
+use coding::{CodingStats, Payload, StageBytes};
+use kmeans::Clustered;
+use lowrank::{Factors, RankRule, SvdAlgorithm};
 use quantize::{Granularity, Quantized, Scheme};
-use report::{Report, TensorReport, Totals};
+use report::{Report, StageTotals, TensorReport, Totals};
+use separable::{Separable, Tucker2};
 use serde_json::{Map, Value};
+pub use spec::{parse_spec, preset, OUTPUT_NAMES, PRESET_NAMES};
+use structured::{Dim, Norm};
 
 /// Errors of the core: bad specs, bad values in a model, or a cancelled run.
 #[derive(Debug, thiserror::Error)]
@@ -26,10 +41,6 @@ pub enum CompressError {
     InvalidModel(String),
     #[error("cancelled")]
     Cancelled,
-}
-
-fn spec_err(field: &str, msg: impl std::fmt::Display) -> CompressError {
-    CompressError::InvalidSpec(format!("{field}: {msg}"))
 }
 
 /// Which tensors a step touches.
@@ -64,6 +75,8 @@ impl Selector {
 pub enum PruneScope {
     Tensor,
     Global,
+    /// Global target, per-layer sparsities from a weight-error sensitivity pass.
+    Sensitivity,
 }
 
 #[derive(Debug, Clone)]
@@ -71,28 +84,94 @@ pub enum Op {
     Prune {
         sparsity: f32,
         scope: PruneScope,
+        /// Fraction of each tensor always kept (global and sensitivity scopes).
+        min_keep: f32,
+    },
+    PruneStructured {
+        ratio: f32,
+        dim: Dim,
+        norm: Norm,
+    },
+    PruneNM {
+        n: usize,
+        m: usize,
     },
     Quantize {
         bits: u8,
         scheme: Scheme,
         granularity: Granularity,
     },
+    Kmeans {
+        bits: u8,
+        /// Bits for convolution kernels, when they differ (Deep Compression: 8 conv / 5 fc).
+        conv_bits: Option<u8>,
+        granularity: Granularity,
+        zero_cluster: bool,
+        algorithm: kmeans::Algorithm,
+    },
+    Binary {
+        granularity: Granularity,
+    },
+    Ternary {
+        granularity: Granularity,
+        threshold: f32,
+    },
     Cast {
         dtype: CastType,
     },
+    LowRank {
+        rule: RankRule,
+        algorithm: SvdAlgorithm,
+    },
+    Separable {
+        rule: RankRule,
+    },
+    Tucker2 {
+        rule: RankRule,
+    },
+    Huffman,
+}
+
+fn gran(g: Granularity) -> &'static str {
+    if g == Granularity::Channel {
+        "channel"
+    } else {
+        "tensor"
+    }
+}
+
+fn rule_label(r: &RankRule) -> String {
+    match r {
+        RankRule::Rank(k) => format!("rank={k}"),
+        RankRule::Energy(e) => format!("energy={e}"),
+        RankRule::Ratio(f) => format!("ratio={f}"),
+    }
 }
 
 impl Op {
     fn label(&self) -> String {
         match self {
-            Op::Prune { sparsity, scope } => format!(
-                "prune({sparsity},{})",
-                if *scope == PruneScope::Global {
-                    "global"
-                } else {
-                    "tensor"
+            Op::Prune {
+                sparsity,
+                scope,
+                min_keep,
+            } => match scope {
+                PruneScope::Tensor => format!("prune({sparsity},tensor)"),
+                PruneScope::Global => format!("prune({sparsity},global,min_keep={min_keep})"),
+                PruneScope::Sensitivity => {
+                    format!("prune({sparsity},sensitivity,min_keep={min_keep})")
                 }
+            },
+            Op::PruneStructured { ratio, dim, norm } => format!(
+                "prune({},{ratio},{})",
+                if *dim == Dim::Output {
+                    "output"
+                } else {
+                    "input"
+                },
+                if *norm == Norm::L1 { "l1" } else { "l2" }
             ),
+            Op::PruneNM { n, m } => format!("prune({n}:{m})"),
             Op::Quantize {
                 bits,
                 scheme,
@@ -104,21 +183,34 @@ impl Op {
                 } else {
                     "symmetric"
                 },
-                if *granularity == Granularity::Channel {
-                    "channel"
-                } else {
-                    "tensor"
-                }
+                gran(*granularity)
             ),
-            Op::Cast { dtype } => format!(
-                "cast({})",
-                if *dtype == CastType::Float16 {
-                    "float16"
-                } else {
-                    "bfloat16"
-                }
-            ),
+            Op::Kmeans {
+                bits,
+                conv_bits,
+                granularity,
+                ..
+            } => match conv_bits {
+                Some(c) => format!("kmeans({bits} bits,conv {c} bits,{})", gran(*granularity)),
+                None => format!("kmeans({bits} bits,{})", gran(*granularity)),
+            },
+            Op::Binary { granularity } => format!("binary({})", gran(*granularity)),
+            Op::Ternary {
+                granularity,
+                threshold,
+            } => format!("ternary({threshold},{})", gran(*granularity)),
+            Op::Cast { dtype } => format!("cast({})", dtype.name()),
+            Op::LowRank { rule, .. } => format!("lowrank({})", rule_label(rule)),
+            Op::Separable { rule } => format!("separable({})", rule_label(rule)),
+            Op::Tucker2 { rule } => format!("tucker2({})", rule_label(rule)),
+            Op::Huffman => "huffman".into(),
         }
+    }
+    fn prunes(&self) -> bool {
+        matches!(
+            self,
+            Op::Prune { .. } | Op::PruneStructured { .. } | Op::PruneNM { .. }
+        )
     }
 }
 
@@ -127,9 +219,6 @@ pub struct Step {
     pub op: Op,
     pub select: Selector,
 }
-
-/// The artifacts a job can produce.
-pub const OUTPUT_NAMES: &[&str] = &["model", "restored", "report"];
 
 /// A validated job spec: steps plus the artifacts asked for.
 #[derive(Debug, Clone)]
@@ -142,271 +231,28 @@ pub struct Plan {
     pub outputs_explicit: bool,
 }
 
-/// Built-in presets, as pipelines.
-pub fn preset(name: &str) -> Option<Vec<Value>> {
-    let int8 = serde_json::json!({"method": "quantize", "bits": 8, "scheme": "symmetric", "granularity": "channel"});
-    Some(match name {
-        "int8" => vec![int8],
-        "int8-tensor" => vec![
-            serde_json::json!({"method": "quantize", "bits": 8, "scheme": "symmetric", "granularity": "tensor"}),
-        ],
-        "prune50" => {
-            vec![serde_json::json!({"method": "prune", "sparsity": 0.5, "scope": "tensor"})]
-        }
-        "prune50-int8" => vec![
-            serde_json::json!({"method": "prune", "sparsity": 0.5, "scope": "tensor"}),
-            int8,
-        ],
-        "fp16" => vec![serde_json::json!({"method": "cast", "dtype": "float16"})],
-        "bf16" => vec![serde_json::json!({"method": "cast", "dtype": "bfloat16"})],
-        _ => return None,
-    })
+/// A convolution kernel: rank ≥ 3 with its output channels on axis 0 (ONNX Conv, PyTorch).
+pub fn is_conv(t: &Tensor) -> bool {
+    t.shape.len() >= 3 && t.channel_axis() == 0 && t.role == Role::Weight
 }
-
-pub const PRESET_NAMES: &[&str] = &[
-    "int8",
-    "int8-tensor",
-    "prune50",
-    "prune50-int8",
-    "fp16",
-    "bf16",
-];
-
-fn take_str<'a>(
-    obj: &'a Map<String, Value>,
-    key: &str,
-    field: &str,
-) -> Result<Option<&'a str>, CompressError> {
-    match obj.get(key) {
-        None => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s)),
-        Some(_) => Err(spec_err(field, "must be a string")),
-    }
-}
-
-fn take_globs(
-    obj: &Map<String, Value>,
-    key: &str,
-    field: &str,
-) -> Result<Vec<glob::Pattern>, CompressError> {
-    let list = match obj.get(key) {
-        None => return Ok(Vec::new()),
-        Some(Value::String(s)) => vec![s.clone()],
-        Some(Value::Array(a)) => a
-            .iter()
-            .map(|v| {
-                v.as_str()
-                    .map(str::to_string)
-                    .ok_or_else(|| spec_err(field, "must be a list of glob strings"))
-            })
-            .collect::<Result<_, _>>()?,
-        Some(_) => return Err(spec_err(field, "must be a glob string or a list of them")),
-    };
-    list.iter()
-        .map(|g| glob::Pattern::new(g).map_err(|e| spec_err(field, format!("bad glob {g:?}: {e}"))))
-        .collect()
-}
-
-fn parse_step(index: usize, v: &Value) -> Result<Step, CompressError> {
-    let at = |k: &str| format!("pipeline[{index}].{k}");
-    let obj = v
-        .as_object()
-        .ok_or_else(|| spec_err(&format!("pipeline[{index}]"), "must be an object"))?;
-    let method = take_str(obj, "method", &at("method"))?
-        .ok_or_else(|| spec_err(&at("method"), "is required (prune, quantize or cast)"))?;
-    let allowed: &[&str] = match method {
-        "prune" => &["sparsity", "scope"],
-        "quantize" => &["bits", "scheme", "granularity"],
-        "cast" => &["dtype"],
-        other => {
-            return Err(spec_err(
-                &at("method"),
-                format!("unknown method {other:?} (prune, quantize or cast)"),
-            ))
-        }
-    };
-    for key in obj.keys() {
-        let common = ["method", "include", "exclude", "min_params"];
-        if !common.contains(&key.as_str()) && !allowed.contains(&key.as_str()) {
-            return Err(spec_err(
-                &at(key),
-                format!("unknown field for method {method:?}"),
-            ));
-        }
-    }
-    let min_params = match obj.get("min_params") {
-        None => DEFAULT_MIN_PARAMS,
-        Some(v) => v
-            .as_u64()
-            .and_then(|n| usize::try_from(n).ok())
-            .ok_or_else(|| spec_err(&at("min_params"), "must be a non-negative integer"))?,
-    };
-    let select = Selector {
-        include: take_globs(obj, "include", &at("include"))?,
-        exclude: take_globs(obj, "exclude", &at("exclude"))?,
-        min_params,
-    };
-    let op = match method {
-        "prune" => {
-            let sparsity = obj
-                .get("sparsity")
-                .ok_or_else(|| spec_err(&at("sparsity"), "is required"))?
-                .as_f64()
-                .filter(|s| (0.0..1.0).contains(s))
-                .ok_or_else(|| spec_err(&at("sparsity"), "must be a number in [0, 1)"))?;
-            let scope = match take_str(obj, "scope", &at("scope"))?.unwrap_or("tensor") {
-                "tensor" => PruneScope::Tensor,
-                "global" => PruneScope::Global,
-                _ => return Err(spec_err(&at("scope"), "must be \"tensor\" or \"global\"")),
-            };
-            Op::Prune {
-                sparsity: sparsity as f32,
-                scope,
-            }
-        }
-        "quantize" => {
-            let bits = match obj.get("bits") {
-                None => 8,
-                Some(b) => b
-                    .as_u64()
-                    .filter(|b| (2..=8).contains(b))
-                    .ok_or_else(|| spec_err(&at("bits"), "must be an integer from 2 to 8"))?
-                    as u8,
-            };
-            let scheme = match take_str(obj, "scheme", &at("scheme"))?.unwrap_or("symmetric") {
-                "symmetric" => Scheme::Symmetric,
-                "affine" => Scheme::Affine,
-                _ => {
-                    return Err(spec_err(
-                        &at("scheme"),
-                        "must be \"symmetric\" or \"affine\"",
-                    ))
-                }
-            };
-            let granularity =
-                match take_str(obj, "granularity", &at("granularity"))?.unwrap_or("channel") {
-                    "tensor" => Granularity::Tensor,
-                    "channel" => Granularity::Channel,
-                    _ => {
-                        return Err(spec_err(
-                            &at("granularity"),
-                            "must be \"tensor\" or \"channel\"",
-                        ))
-                    }
-                };
-            Op::Quantize {
-                bits,
-                scheme,
-                granularity,
-            }
-        }
-        _ => {
-            let dtype = match take_str(obj, "dtype", &at("dtype"))? {
-                Some("float16") => CastType::Float16,
-                Some("bfloat16") => CastType::Bfloat16,
-                _ => {
-                    return Err(spec_err(
-                        &at("dtype"),
-                        "must be \"float16\" or \"bfloat16\"",
-                    ))
-                }
-            };
-            Op::Cast { dtype }
-        }
-    };
-    Ok(Step { op, select })
-}
-
-/// Validates a job spec (`preset` or `pipeline`, optional `outputs`). `model_id` is allowed
-/// and ignored here; any other key is refused by name.
-pub fn parse_spec(spec: &Value) -> Result<Plan, CompressError> {
-    let obj = spec
-        .as_object()
-        .ok_or_else(|| spec_err("spec", "must be a JSON object"))?;
-    for key in obj.keys() {
-        if !["model_id", "preset", "pipeline", "outputs"].contains(&key.as_str()) {
-            return Err(spec_err(
-                key,
-                "unknown field (expected preset, pipeline, outputs)",
-            ));
-        }
-    }
-    let steps_json = match (obj.get("preset"), obj.get("pipeline")) {
-        (Some(_), Some(_)) => {
-            return Err(spec_err(
-                "preset",
-                "give either preset or pipeline, not both",
-            ))
-        }
-        (None, None) => return Err(spec_err("pipeline", "a preset or a pipeline is required")),
-        (Some(p), None) => {
-            let name = p
-                .as_str()
-                .ok_or_else(|| spec_err("preset", "must be a string"))?;
-            preset(name).ok_or_else(|| {
-                spec_err(
-                    "preset",
-                    format!(
-                        "unknown preset {name:?} (known: {})",
-                        PRESET_NAMES.join(", ")
-                    ),
-                )
-            })?
-        }
-        (None, Some(Value::Array(steps))) => {
-            if steps.is_empty() {
-                return Err(spec_err("pipeline", "must hold at least one step"));
-            }
-            if steps.len() > 64 {
-                return Err(spec_err("pipeline", "at most 64 steps"));
-            }
-            steps.clone()
-        }
-        (None, Some(_)) => return Err(spec_err("pipeline", "must be a list of steps")),
-    };
-    let steps = steps_json
-        .iter()
-        .enumerate()
-        .map(|(i, s)| parse_step(i, s))
-        .collect::<Result<Vec<_>, _>>()?;
-    let (outputs, outputs_explicit) = match obj.get("outputs") {
-        None => (OUTPUT_NAMES.iter().map(|s| s.to_string()).collect(), false),
-        Some(Value::Array(a)) => {
-            let mut out = Vec::new();
-            for (i, v) in a.iter().enumerate() {
-                let name = v
-                    .as_str()
-                    .filter(|n| OUTPUT_NAMES.contains(n))
-                    .ok_or_else(|| {
-                        spec_err(
-                            &format!("outputs[{i}]"),
-                            format!("must be one of {}", OUTPUT_NAMES.join(", ")),
-                        )
-                    })?;
-                if !out.iter().any(|o| o == name) {
-                    out.push(name.to_string());
-                }
-            }
-            if out.is_empty() {
-                return Err(spec_err("outputs", "must name at least one artifact"));
-            }
-            (out, true)
-        }
-        Some(_) => return Err(spec_err("outputs", "must be a list")),
-    };
-    Ok(Plan {
-        steps,
-        steps_json,
-        outputs,
-        outputs_explicit,
-    })
-}
-
-/// How a compressed tensor is stored in `model.<ext>`.
+/// How a compressed tensor is stored. Invariant: decoding gives exactly the working values.
 #[derive(Debug, Clone)]
 pub enum Encoding {
     Quantized(Quantized),
     Cast { dtype: CastType, bits: Vec<u16> },
+    Clustered(Clustered),
+    LowRank(Factors),
+    Separable(Separable),
+    Tucker(Tucker2),
+}
+
+impl Encoding {
+    fn factorized(&self) -> bool {
+        matches!(
+            self,
+            Encoding::LowRank(_) | Encoding::Separable(_) | Encoding::Tucker(_)
+        )
+    }
 }
 
 /// Working state of one selected tensor. Invariant: `encoding`, when present, decodes to
@@ -415,6 +261,9 @@ struct Working {
     values: Vec<f32>,
     encoding: Option<Encoding>,
     methods: Vec<String>,
+    huffman: bool,
+    skipped: Vec<String>,
+    details: Map<String, Value>,
 }
 
 /// Progress reporting and cancellation, checked at every tensor boundary.
@@ -434,11 +283,15 @@ impl Control for NoControl {
     }
 }
 
-/// What a run produces: the dense restored model, the encoded tensors and the report.
+/// What a run produces: the dense restored model, the encoded tensors, the archive payloads
+/// and the report.
 pub struct Outcome {
     pub restored: TensorSet,
     /// Every tensor as stored in `model.<ext>`; None when no step encoded anything.
     pub encoded: Option<EncodedModel>,
+    /// One payload per tensor, in order, for `model.mpz`. A `Raw` payload without sections
+    /// stands for the restored tensor's own bytes.
+    pub archive: Vec<Payload>,
     pub report: Report,
 }
 
@@ -462,6 +315,10 @@ fn decode(enc: &Encoding, shape: &[usize]) -> Vec<f32> {
     match enc {
         Encoding::Quantized(q) => quantize::dequantize(q, shape),
         Encoding::Cast { dtype, bits } => cast::widen(bits, *dtype),
+        Encoding::Clustered(c) => c.decode(shape),
+        Encoding::LowRank(f) => f.reconstruct(),
+        Encoding::Separable(s) => s.reconstruct(),
+        Encoding::Tucker(t) => t.reconstruct(),
     }
 }
 
@@ -484,8 +341,16 @@ pub struct PlannedTensor {
     pub steps: Vec<String>,
     pub parameters: u64,
     pub bytes_before: u64,
-    /// Bytes of the tensor's stored form in `model.<ext>` after the run.
+    /// Bytes of the tensor's stored form in `model.<ext>` after the run; for a factorization
+    /// whose rank depends on the spectrum (`energy`), the bytes before (an upper bound).
     pub estimated_bytes_after: u64,
+}
+
+fn channels_of(t: &Tensor, g: Granularity) -> u64 {
+    match g {
+        Granularity::Channel => t.shape.get(t.channel_axis()).copied().unwrap_or(1) as u64,
+        Granularity::Tensor => 1,
+    }
 }
 
 /// The cheap half of a run (tract's `output_facts` before `eval`): which tensors each step
@@ -504,36 +369,306 @@ pub fn plan(set: &TensorSet, plan: &Plan) -> Vec<PlannedTensor> {
                 .map(|(s, _)| s)
                 .collect();
             let n = t.len() as u64;
+            let before = t.data.len() as u64;
             let encoding = steps
                 .iter()
                 .rev()
-                .find(|s| !matches!(s.op, Op::Prune { .. }));
+                .find(|s| !s.op.prunes() && !matches!(s.op, Op::Huffman));
+            let packed = |bits: u64| (n * bits).div_ceil(8);
             let estimated = match encoding.map(|s| &s.op) {
                 Some(Op::Quantize {
+                    bits,
                     scheme,
                     granularity,
+                }) => {
+                    let ch = channels_of(t, *granularity);
+                    packed(u64::from(*bits)) + ch * if *scheme == Scheme::Affine { 5 } else { 4 }
+                }
+                Some(Op::Binary { granularity }) => packed(1) + 4 * channels_of(t, *granularity),
+                Some(Op::Ternary { granularity, .. }) => {
+                    packed(2) + 4 * channels_of(t, *granularity)
+                }
+                Some(Op::Kmeans {
+                    bits,
+                    conv_bits,
+                    granularity,
+                    zero_cluster,
                     ..
                 }) => {
-                    let channels = match granularity {
-                        Granularity::Channel => {
-                            t.shape.get(t.channel_axis()).copied().unwrap_or(1) as u64
-                        }
-                        Granularity::Tensor => 1,
+                    let b = if is_conv(t) {
+                        conv_bits.unwrap_or(*bits)
+                    } else {
+                        *bits
                     };
-                    n + channels * if *scheme == Scheme::Affine { 5 } else { 4 }
+                    let k = 1u64 << b;
+                    // A kept zero needs one more symbol, known only once pruning has run;
+                    // assume it when the pipeline prunes this tensor first.
+                    let zero = !zero_cluster && steps.iter().any(|s| s.op.prunes());
+                    let width = u64::from(pack::width_for((k + u64::from(zero)) as usize));
+                    packed(width) + 4 * k * channels_of(t, *granularity)
                 }
                 Some(Op::Cast { .. }) => n * 2,
-                _ => t.data.len() as u64,
+                Some(Op::LowRank { rule, .. }) => {
+                    let (r, c) = lowrank::matrix_view(&t.shape, t.channel_axis());
+                    match rule {
+                        RankRule::Energy(_) => before,
+                        rule => lowrank::choose_rank(&[], 0.0, *rule, r, c)
+                            .map(|k| (k * (r + c)) as u64 * 4)
+                            .filter(|b| *b < (r * c) as u64 * 4)
+                            .unwrap_or(before),
+                    }
+                }
+                _ => before,
             };
             PlannedTensor {
                 name: t.name.clone(),
                 steps: steps.iter().map(|s| s.op.label()).collect(),
                 parameters: n,
-                bytes_before: t.data.len() as u64,
+                bytes_before: before,
                 estimated_bytes_after: estimated,
             }
         })
         .collect()
+}
+
+fn spec_in_run(t: &Tensor, label: &str, why: &str) -> CompressError {
+    CompressError::InvalidSpec(format!("tensor {:?}: {label} cannot follow {why}", t.name))
+}
+
+/// After a pruning step: make the encoding agree with the new zeros.
+fn rezero(w: &mut Working, t: &Tensor, label: &str) -> Result<(), CompressError> {
+    match &mut w.encoding {
+        None => {}
+        Some(Encoding::Quantized(q)) => {
+            if q.bits == 1 {
+                return Err(spec_in_run(t, label, "binary (it has no zero)"));
+            }
+            let layout = quantize::ChannelLayout::new(&t.shape, q.axis);
+            for (j, v) in w.values.iter().enumerate() {
+                if *v == 0.0 {
+                    q.codes[j] = q
+                        .zero_points
+                        .get(layout.channel_of(j))
+                        .copied()
+                        .unwrap_or(0);
+                }
+            }
+        }
+        Some(Encoding::Cast { dtype, .. }) => {
+            let d = *dtype;
+            w.encoding = Some(Encoding::Cast {
+                dtype: d,
+                bits: cast::cast_bits(&w.values, d),
+            });
+        }
+        Some(Encoding::Clustered(c)) => {
+            for (j, v) in w.values.iter().enumerate() {
+                if *v == 0.0 {
+                    c.indices[j] = c.k as u16;
+                    c.zeros_fixed = true;
+                }
+            }
+        }
+        Some(_) => return Err(spec_in_run(t, label, "a factorization; prune first")),
+    }
+    Ok(())
+}
+
+fn axis_for(t: &Tensor, g: Granularity) -> Option<usize> {
+    (g == Granularity::Channel).then(|| t.channel_axis())
+}
+
+/// Applies one non-global step to one tensor.
+fn apply(step: &Step, t: &Tensor, w: &mut Working) -> Result<(), CompressError> {
+    let label = step.op.label();
+    let shape = &t.shape;
+    if !step.op.prunes() && !matches!(step.op, Op::Huffman) {
+        if let Some(e) = &w.encoding {
+            if e.factorized()
+                && !matches!(
+                    step.op,
+                    Op::LowRank { .. } | Op::Separable { .. } | Op::Tucker2 { .. }
+                )
+            {
+                return Err(spec_in_run(
+                    t,
+                    &label,
+                    "a factorization (factors stay float32)",
+                ));
+            }
+        }
+    }
+    match &step.op {
+        Op::Prune {
+            sparsity,
+            scope: PruneScope::Tensor,
+            ..
+        } => {
+            let k = prune::prune_count(w.values.len(), *sparsity);
+            prune::prune_smallest(&mut [w.values.as_mut_slice()], k);
+            rezero(w, t, &label)?;
+        }
+        // Global scopes pruned every tensor before this loop.
+        Op::Prune { .. } => rezero(w, t, &label)?,
+        Op::PruneStructured { ratio, dim, norm } => {
+            let kept = structured::prune_units(
+                &mut w.values,
+                shape,
+                t.channel_axis(),
+                *dim,
+                *norm,
+                *ratio,
+            );
+            w.details.insert(
+                "structure".into(),
+                serde_json::json!({
+                    "kind": if *dim == Dim::Output { "output_channels" } else { "input_channels" },
+                    "units": kept.units,
+                    "kept": kept.kept,
+                }),
+            );
+            rezero(w, t, &label)?;
+        }
+        Op::PruneNM { n, m } => {
+            structured::prune_n_m(&mut w.values, shape, t.channel_axis(), *n, *m);
+            let view = structured::InputView::new(shape, t.channel_axis());
+            w.details.insert(
+                "structure".into(),
+                serde_json::json!({
+                    "kind": format!("{n}:{m}"),
+                    "along": "input",
+                    "groups_per_line": view.len.div_ceil(*m),
+                }),
+            );
+            rezero(w, t, &label)?;
+        }
+        Op::Quantize {
+            bits,
+            scheme,
+            granularity,
+        } => {
+            let q = quantize::quantize(&w.values, shape, *bits, *scheme, axis_for(t, *granularity));
+            w.values = quantize::dequantize(&q, shape);
+            w.encoding = Some(Encoding::Quantized(q));
+        }
+        Op::Binary { granularity } => {
+            let q = ternary::binarize(&w.values, shape, axis_for(t, *granularity));
+            w.values = quantize::dequantize(&q, shape);
+            w.encoding = Some(Encoding::Quantized(q));
+        }
+        Op::Ternary {
+            granularity,
+            threshold,
+        } => {
+            let q = ternary::ternarize(&w.values, shape, axis_for(t, *granularity), *threshold);
+            w.values = quantize::dequantize(&q, shape);
+            w.encoding = Some(Encoding::Quantized(q));
+        }
+        Op::Kmeans {
+            bits,
+            conv_bits,
+            granularity,
+            zero_cluster,
+            algorithm,
+        } => {
+            let b = if is_conv(t) {
+                conv_bits.unwrap_or(*bits)
+            } else {
+                *bits
+            };
+            let c = kmeans::cluster(
+                &w.values,
+                shape,
+                b,
+                axis_for(t, *granularity),
+                !zero_cluster,
+                *algorithm,
+            );
+            w.values = c.decode(shape);
+            let original = t.to_f32().unwrap_or_default();
+            w.details.insert(
+                "kmeans".into(),
+                serde_json::json!({
+                    "bits": b,
+                    "k": c.k,
+                    "algorithm": c.algorithm,
+                    "zeros_fixed": c.zeros_fixed,
+                    "inertia": w.values.iter().zip(&original).map(|(a, b)| f64::from(a - b).powi(2)).sum::<f64>(),
+                }),
+            );
+            w.encoding = Some(Encoding::Clustered(c));
+        }
+        Op::Cast { dtype } => {
+            let bits = cast::cast_bits(&w.values, *dtype);
+            w.values = cast::widen(&bits, *dtype);
+            w.encoding = Some(Encoding::Cast {
+                dtype: *dtype,
+                bits,
+            });
+        }
+        Op::LowRank { rule, algorithm } => {
+            let (rows, cols) = lowrank::matrix_view(shape, t.channel_axis());
+            match lowrank::factorize(&w.values, rows, cols, *rule, *algorithm) {
+                Ok((f, info)) => {
+                    w.values = f.reconstruct();
+                    w.details.insert(
+                        "low_rank".into(),
+                        serde_json::to_value(&info).unwrap_or_default(),
+                    );
+                    w.encoding = Some(Encoding::LowRank(f));
+                }
+                Err(why) => {
+                    w.skipped.push(format!("{label}: {why}"));
+                    return Ok(());
+                }
+            }
+        }
+        Op::Separable { rule } => {
+            let outcome = if is_conv(t) {
+                separable::separate(&w.values, shape, *rule)
+            } else {
+                Err("not a convolution kernel".to_string())
+            };
+            match outcome {
+                Ok(s) => {
+                    w.values = s.reconstruct();
+                    w.details.insert(
+                        "separable".into(),
+                        serde_json::json!({"rank": s.rank, "cost": s.cost()}),
+                    );
+                    w.encoding = Some(Encoding::Separable(s));
+                }
+                Err(why) => {
+                    w.skipped.push(format!("{label}: {why}"));
+                    return Ok(());
+                }
+            }
+        }
+        Op::Tucker2 { rule } => {
+            let outcome = if is_conv(t) {
+                separable::tucker2(&w.values, shape, *rule)
+            } else {
+                Err("not a convolution kernel".to_string())
+            };
+            match outcome {
+                Ok(k) => {
+                    w.values = k.reconstruct();
+                    w.details.insert(
+                        "tucker2".into(),
+                        serde_json::json!({"rank_out": k.rank_out, "rank_in": k.rank_in, "cost": k.cost()}),
+                    );
+                    w.encoding = Some(Encoding::Tucker(k));
+                }
+                Err(why) => {
+                    w.skipped.push(format!("{label}: {why}"));
+                    return Ok(());
+                }
+            }
+        }
+        Op::Huffman => w.huffman = true,
+    }
+    w.methods.push(label);
+    Ok(())
 }
 
 /// Applies the plan. Tensors no step selects pass through bit for bit.
@@ -554,25 +689,69 @@ pub fn run(set: &TensorSet, plan: &Plan, ctl: &dyn Control) -> Result<Outcome, C
                     values,
                     encoding: None,
                     methods: Vec::new(),
+                    huffman: false,
+                    skipped: Vec::new(),
+                    details: Map::new(),
                 });
             }
         }
         if let Op::Prune {
             sparsity,
-            scope: PruneScope::Global,
+            scope: scope @ (PruneScope::Global | PruneScope::Sensitivity),
+            min_keep,
         } = step.op
         {
             if ctl.cancelled() {
                 return Err(CompressError::Cancelled);
             }
-            let mut slices: Vec<&mut [f32]> = Vec::new();
-            for (i, w) in work.iter_mut().enumerate() {
-                if let (true, Some(w)) = (selections[si].contains(&i), w.as_mut()) {
-                    slices.push(w.values.as_mut_slice());
+            let chosen: Vec<usize> = selections[si].clone();
+            for &i in &chosen {
+                if let Some(e) = work[i].as_ref().and_then(|w| w.encoding.as_ref()) {
+                    if e.factorized() {
+                        return Err(spec_in_run(
+                            &set.tensors[i],
+                            &step.op.label(),
+                            "a factorization; prune first",
+                        ));
+                    }
                 }
             }
-            let total: usize = slices.iter().map(|s| s.len()).sum();
-            prune::prune_smallest(&mut slices, prune::prune_count(total, sparsity));
+            let mut slices: Vec<&mut Vec<f32>> = Vec::new();
+            for (i, w) in work.iter_mut().enumerate() {
+                if let (true, Some(w)) = (chosen.contains(&i), w.as_mut()) {
+                    slices.push(&mut w.values);
+                }
+            }
+            match scope {
+                PruneScope::Global => {
+                    let total: usize = slices.iter().map(|s| s.len()).sum();
+                    let mut views: Vec<&mut [f32]> =
+                        slices.into_iter().map(|v| v.as_mut_slice()).collect();
+                    prune::prune_global_floor(
+                        &mut views,
+                        prune::prune_count(total, sparsity),
+                        min_keep,
+                    );
+                }
+                _ => {
+                    let counts = {
+                        let views: Vec<&[f32]> = slices.iter().map(|v| v.as_slice()).collect();
+                        prune::sensitivity_counts(&views, sparsity, min_keep)
+                    };
+                    for (v, k) in slices.into_iter().zip(&counts) {
+                        prune::prune_smallest(&mut [v.as_mut_slice()], *k);
+                    }
+                    for (&i, k) in chosen.iter().zip(&counts) {
+                        if let Some(w) = work[i].as_mut() {
+                            let len = w.values.len().max(1);
+                            w.details.insert(
+                                "sensitivity_sparsity".into(),
+                                serde_json::json!(*k as f64 / len as f64),
+                            );
+                        }
+                    }
+                }
+            }
         }
         for &i in &selections[si] {
             if ctl.cancelled() {
@@ -580,66 +759,17 @@ pub fn run(set: &TensorSet, plan: &Plan, ctl: &dyn Control) -> Result<Outcome, C
             }
             let t = &set.tensors[i];
             let Some(w) = work[i].as_mut() else { continue };
-            match &step.op {
-                Op::Prune { sparsity, scope } => {
-                    if *scope == PruneScope::Tensor {
-                        let k = prune::prune_count(w.values.len(), *sparsity);
-                        prune::prune_smallest(&mut [w.values.as_mut_slice()], k);
-                    }
-                    // Keep the encoding consistent: a pruned weight is an exact zero code.
-                    match &mut w.encoding {
-                        Some(Encoding::Quantized(q)) => {
-                            let layout = quantize::ChannelLayout::new(&t.shape, q.axis);
-                            for (j, v) in w.values.iter().enumerate() {
-                                if *v == 0.0 {
-                                    q.codes[j] = q
-                                        .zero_points
-                                        .get(layout.channel_of(j))
-                                        .copied()
-                                        .unwrap_or(0);
-                                }
-                            }
-                        }
-                        Some(Encoding::Cast { dtype, .. }) => {
-                            let d = *dtype;
-                            w.encoding = Some(Encoding::Cast {
-                                dtype: d,
-                                bits: cast::cast_bits(&w.values, d),
-                            });
-                        }
-                        None => {}
-                    }
-                }
-                Op::Quantize {
-                    bits,
-                    scheme,
-                    granularity,
-                } => {
-                    let axis = (*granularity == Granularity::Channel).then(|| t.channel_axis());
-                    let q = quantize::quantize(&w.values, &t.shape, *bits, *scheme, axis);
-                    w.values = quantize::dequantize(&q, &t.shape);
-                    w.encoding = Some(Encoding::Quantized(q));
-                }
-                Op::Cast { dtype } => {
-                    let bits = cast::cast_bits(&w.values, *dtype);
-                    w.values = cast::widen(&bits, *dtype);
-                    w.encoding = Some(Encoding::Cast {
-                        dtype: *dtype,
-                        bits,
-                    });
-                }
-            }
-            w.methods.push(step.op.label());
+            apply(step, t, w)?;
             debug_assert!(w
                 .encoding
                 .as_ref()
                 .is_none_or(|e| decode(e, &t.shape) == w.values));
             done_units += 1;
-            ctl.progress(0.9 * done_units as f64 / total_units as f64, &stage);
+            ctl.progress(0.85 * done_units as f64 / total_units as f64, &stage);
             ctl.tensor_done();
         }
     }
-    ctl.progress(0.9, "writing report");
+    ctl.progress(0.85, "coding tensors");
     Ok(assemble(set, plan, work))
 }
 
@@ -648,21 +778,41 @@ fn assemble(set: &TensorSet, plan: &Plan, work: Vec<Option<Working>>) -> Outcome
     let mut encoded_tensors = Vec::with_capacity(set.tensors.len());
     let mut description = Map::new();
     let mut reports = Vec::with_capacity(set.tensors.len());
+    let mut archive = Vec::with_capacity(set.tensors.len());
     let mut totals = Totals::default();
+    let mut stages = StageTotals::default();
     let (mut float_bits, mut float_params) = (0f64, 0u64);
     for (i, (t, w)) in set.tensors.iter().zip(work).enumerate() {
         let params = t.len() as u64;
         let bytes_before = t.data.len() as u64;
-        let (bytes_after, nonzero, stats, methods, axis) = match &w {
+        let raw = || Payload {
+            repr: coding::Repr::Raw,
+            sections: Vec::new(),
+        };
+        let (bytes_after, nonzero, stats, axis, payload, coding_stats, stage): (
+            u64,
+            u64,
+            report::ErrorStats,
+            Option<usize>,
+            Payload,
+            Option<CodingStats>,
+            StageBytes,
+        ) = match &w {
             None => {
                 encoded_tensors.push(t.clone());
-                let nonzero = count_nonzero(t);
+                let same = StageBytes {
+                    pruned: bytes_before,
+                    quantized: bytes_before,
+                    huffman: bytes_before,
+                };
                 (
                     bytes_before,
-                    nonzero,
+                    count_nonzero(t),
                     report::error_stats(&[], &[]),
-                    Vec::new(),
                     None,
+                    raw(),
+                    None,
+                    same,
                 )
             }
             Some(w) => {
@@ -677,25 +827,47 @@ fn assemble(set: &TensorSet, plan: &Plan, work: Vec<Option<Working>>) -> Outcome
                     }
                     Some(enc) => encode(t, enc, &mut encoded_tensors, &mut description),
                 };
-                (bytes_after, nonzero, stats, w.methods.clone(), axis)
+                let (mut payload, cstats, stage) = coding::encode(
+                    w.encoding.as_ref(),
+                    &w.values,
+                    &restored.tensors[i].data,
+                    w.huffman,
+                );
+                if payload.repr == coding::Repr::Raw {
+                    // The archive writer takes the restored bytes: no second copy here.
+                    payload.sections.clear();
+                }
+                (bytes_after, nonzero, stats, axis, payload, cstats, stage)
             }
+        };
+        let archive_bytes = if payload.repr == coding::Repr::Raw {
+            bytes_before
+        } else {
+            payload.bytes()
         };
         if t.dtype.is_float() {
             float_bits += bytes_after as f64 * 8.0;
             float_params += params;
         }
         totals.tensors += 1;
-        totals.tensors_compressed += u64::from(!methods.is_empty());
         totals.parameters += params;
         totals.nonzero_parameters += nonzero;
         totals.bytes_before += bytes_before;
         totals.bytes_after += bytes_after;
+        totals.archive_tensor_bytes += archive_bytes;
+        stages.add(bytes_before, &stage);
+        let (methods, skipped, details) = match w {
+            Some(w) => (w.methods, w.skipped, w.details),
+            None => (Vec::new(), Vec::new(), Map::new()),
+        };
+        totals.tensors_compressed += u64::from(!methods.is_empty());
         reports.push(TensorReport {
             name: t.name.clone(),
             shape: t.shape.clone(),
             dtype: t.dtype.name().into(),
             role: crate::formats::inventory_role(t.role),
             methods,
+            skipped,
             quantization_axis: axis,
             parameters: params,
             nonzero,
@@ -711,10 +883,14 @@ fn assemble(set: &TensorSet, plan: &Plan, work: Vec<Option<Working>>) -> Outcome
             },
             bytes_before,
             bytes_after,
+            archive_bytes,
+            coding: coding_stats,
             relative_l2_error: stats.relative_l2_error,
             sqnr_db: stats.sqnr_db,
             max_abs_error: stats.max_abs_error,
+            details,
         });
+        archive.push(payload);
     }
     totals.mean_bits_per_weight = if float_params > 0 {
         float_bits / float_params as f64
@@ -735,6 +911,7 @@ fn assemble(set: &TensorSet, plan: &Plan, work: Vec<Option<Working>>) -> Outcome
         steps: plan.steps_json.clone(),
         tensors: reports,
         totals,
+        deep_compression: stages.finish(),
         notes,
     };
     Outcome {
@@ -743,6 +920,7 @@ fn assemble(set: &TensorSet, plan: &Plan, work: Vec<Option<Working>>) -> Outcome
             tensors: encoded_tensors,
             description: serde_json::json!({"format_version": 1, "tensors": Value::Object(description)}),
         }),
+        archive,
         report,
     }
 }
@@ -760,7 +938,12 @@ fn count_nonzero(t: &Tensor) -> u64 {
     }
 }
 
-/// Appends the stored form of one encoded tensor; returns its bytes and quantization axis.
+fn f32_le(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// Appends the stored form of one encoded tensor in `model.<ext>`; returns its bytes and
+/// quantization axis.
 fn encode(
     t: &Tensor,
     enc: &Encoding,
@@ -775,15 +958,43 @@ fn encode(
         role: Role::Other,
         output_axis: None,
     };
+    let push_f32 =
+        |out: &mut Vec<Tensor>, suffix: &str, shape: Vec<usize>, v: &[f32]| -> (String, u64) {
+            let name = format!("{}.__{suffix}", t.name);
+            let data = f32_le(v);
+            let n = data.len() as u64;
+            out.push(mk(name.clone(), DType::F32, shape, data));
+            (name, n)
+        };
     match enc {
         Encoding::Quantized(q) => {
-            let codes: Vec<u8> = q.codes.iter().map(|c| *c as u8).collect();
             let scale_name = format!("{}.__scale", t.name);
             let zp_name = format!("{}.__zero_point", t.name);
             let nscales = q.scales.len();
-            let scales = q.scales.iter().flat_map(|s| s.to_le_bytes()).collect();
-            let mut bytes = (codes.len() + 4 * nscales) as u64;
-            out.push(mk(t.name.clone(), DType::I8, t.shape.clone(), codes));
+            let scales = f32_le(&q.scales);
+            let (data, storage, stored_shape) = if q.bits == 8 {
+                (
+                    q.codes.iter().map(|c| *c as u8).collect::<Vec<u8>>(),
+                    "int8",
+                    t.shape.clone(),
+                )
+            } else {
+                let symbols: Vec<u32> = if q.bits == 1 {
+                    q.codes.iter().map(|&c| u32::from(c > 0)).collect()
+                } else {
+                    let off = 1i32 << (q.bits - 1);
+                    q.codes
+                        .iter()
+                        .map(|&c| (i32::from(c) + off) as u32)
+                        .collect()
+                };
+                let packed = pack::pack(&symbols, q.bits);
+                let len = packed.len();
+                (packed, "packed", vec![len])
+            };
+            let mut bytes = (data.len() + 4 * nscales) as u64;
+            let dtype = if q.bits == 8 { DType::I8 } else { DType::U8 };
+            out.push(mk(t.name.clone(), dtype, stored_shape, data));
             out.push(mk(scale_name.clone(), DType::F32, vec![nscales], scales));
             if !q.zero_points.is_empty() {
                 bytes += q.zero_points.len() as u64;
@@ -794,36 +1005,111 @@ fn encode(
                     q.zero_points.iter().map(|z| *z as u8).collect(),
                 ));
             }
+            let decode = if q.bits == 8 {
+                "w = (q - zero_point) * scale, scale broadcast along axis"
+            } else if q.bits == 1 {
+                "unpack 1-bit symbols s (LSB first); q = 2s - 1; w = q * scale along axis"
+            } else {
+                "unpack bits-wide symbols s (LSB first); q = s - 2^(bits-1); w = (q - zero_point) * scale along axis"
+            };
             desc.insert(
                 t.name.clone(),
                 serde_json::json!({
                     "encoding": "linear_quantized",
                     "bits": q.bits,
-                    "storage": "int8",
+                    "storage": storage,
+                    "shape": t.shape,
                     "scheme": q.scheme,
                     "granularity": if q.axis.is_some() { "channel" } else { "tensor" },
                     "axis": q.axis,
                     "scale": scale_name,
                     "zero_point": if q.zero_points.is_empty() { Value::Null } else { Value::String(zp_name) },
                     "original_dtype": t.dtype.name(),
-                    "decode": "w = (q - zero_point) * scale, scale broadcast along axis",
+                    "decode": decode,
                 }),
             );
             (bytes, q.axis)
         }
         Encoding::Cast { dtype, bits } => {
-            let (dt, name) = match dtype {
-                CastType::Float16 => (DType::F16, "float16"),
-                CastType::Bfloat16 => (DType::BF16, "bfloat16"),
+            let dt = match dtype {
+                CastType::Float16 => DType::F16,
+                CastType::Bfloat16 => DType::BF16,
             };
             let data: Vec<u8> = bits.iter().flat_map(|b| b.to_le_bytes()).collect();
             let bytes = data.len() as u64;
             out.push(mk(t.name.clone(), dt, t.shape.clone(), data));
             desc.insert(
                 t.name.clone(),
-                serde_json::json!({"encoding": "cast", "dtype": name, "original_dtype": t.dtype.name()}),
+                serde_json::json!({"encoding": "cast", "dtype": dtype.name(), "original_dtype": t.dtype.name()}),
             );
             (bytes, None)
+        }
+        Encoding::Clustered(c) => {
+            let width = pack::width_for(c.symbols());
+            let symbols: Vec<u32> = c.indices.iter().map(|&i| u32::from(i)).collect();
+            let packed = pack::pack(&symbols, width);
+            let len = packed.len() as u64;
+            out.push(mk(t.name.clone(), DType::U8, vec![packed.len()], packed));
+            let groups = c.centroids.len() / c.k.max(1);
+            let (book, book_bytes) = push_f32(out, "codebook", vec![groups, c.k], &c.centroids);
+            desc.insert(
+                t.name.clone(),
+                serde_json::json!({
+                    "encoding": "codebook",
+                    "bits": c.bits,
+                    "index_bits": width,
+                    "shape": t.shape,
+                    "axis": c.axis,
+                    "codebook": book,
+                    "zero_index": if c.zeros_fixed { Value::from(c.k) } else { Value::Null },
+                    "original_dtype": t.dtype.name(),
+                    "decode": "unpack index_bits-wide indices i (LSB first); w = 0 if i == zero_index else codebook[group, i], group = index along axis (0 without axis)",
+                }),
+            );
+            (len + book_bytes, c.axis)
+        }
+        Encoding::LowRank(f) => {
+            let (a, na) = push_f32(out, "a", vec![f.rows, f.rank], &f.a);
+            let (b, nb) = push_f32(out, "b", vec![f.rank, f.cols], &f.b);
+            desc.insert(
+                t.name.clone(),
+                serde_json::json!({
+                    "encoding": "low_rank", "a": a, "b": b, "shape": t.shape,
+                    "original_dtype": t.dtype.name(),
+                    "decode": "w = (a @ b).reshape(shape)",
+                }),
+            );
+            (na + nb, None)
+        }
+        Encoding::Separable(s) => {
+            let [o, c, kh, kw] = s.shape;
+            let (v, nv) = push_f32(out, "v", vec![o, c, kh, s.rank], &s.v);
+            let (h, nh) = push_f32(out, "h", vec![o, c, s.rank, kw], &s.h);
+            desc.insert(
+                t.name.clone(),
+                serde_json::json!({
+                    "encoding": "separable", "v": v, "h": h, "shape": t.shape,
+                    "original_dtype": t.dtype.name(),
+                    "decode": "w[o,c] = v[o,c] @ h[o,c] (a kh×1 then a 1×kw convolution)",
+                }),
+            );
+            (nv + nh, None)
+        }
+        Encoding::Tucker(k) => {
+            let (uo, n1) = push_f32(out, "u_out", vec![k.out_channels, k.rank_out], &k.u_out);
+            let mut core_shape = vec![k.rank_out, k.rank_in];
+            core_shape.extend_from_slice(&t.shape[2..]);
+            let (core, n2) = push_f32(out, "core", core_shape, &k.core);
+            let (ui, n3) = push_f32(out, "u_in", vec![k.in_channels, k.rank_in], &k.u_in);
+            desc.insert(
+                t.name.clone(),
+                serde_json::json!({
+                    "encoding": "tucker2", "u_out": uo, "core": core, "u_in": ui, "shape": t.shape,
+                    "original_dtype": t.dtype.name(),
+                    "decode": "w = einsum('oa,ab...,cb->oc...', u_out, core, u_in): a 1×1 conv C→R_in, the core conv, a 1×1 conv R_out→O",
+                }),
+            );
+            (n1 + n2 + n3, None)
         }
     }
 }

@@ -65,6 +65,137 @@ pub fn prune_smallest_reference(tensors: &mut [&mut [f32]], count: usize) {
     }
 }
 
+/// How many weights each tensor keeps at least under a floor of `min_keep` (a fraction):
+/// one weight at least, so that no layer is emptied.
+pub fn floor_count(n: usize, min_keep: f32) -> usize {
+    if n == 0 {
+        return 0;
+    }
+    ((f64::from(min_keep) * n as f64).ceil() as usize).clamp(1, n)
+}
+
+/// Global magnitude pruning with a per-tensor floor: each tensor's `floor_count` largest
+/// weights are protected, then the `count` smallest of all unprotected weights become zero
+/// (all of them when fewer remain). Optimal for "remove `count` weights, keep the floor":
+/// any other choice removes a larger magnitude. Ties by position, as [`prune_smallest`].
+pub fn prune_global_floor(tensors: &mut [&mut [f32]], count: usize, min_keep: f32) {
+    let mut keys: Vec<u64> = Vec::new();
+    let mut base = 0usize;
+    let mut protected_from: Vec<u64> = Vec::with_capacity(tensors.len());
+    for t in tensors.iter() {
+        let keep = floor_count(t.len(), min_keep);
+        let mut own: Vec<u64> = t.iter().enumerate().map(|(i, &v)| key(v, i)).collect();
+        let cut = if keep == 0 || own.is_empty() {
+            u64::MAX
+        } else {
+            let at = own.len() - keep;
+            *own.select_nth_unstable(at).1
+        };
+        protected_from.push(cut);
+        keys.extend(
+            t.iter()
+                .enumerate()
+                .filter(|(i, &v)| key(v, *i) < cut)
+                .map(|(i, &v)| (u64::from(v.abs().to_bits()) << 32) | (base + i) as u64),
+        );
+        base += t.len();
+    }
+    let pivot = if count >= keys.len() {
+        u64::MAX
+    } else {
+        *keys.select_nth_unstable(count).1
+    };
+    drop(keys);
+    let mut base = 0usize;
+    for (t, &cut) in tensors.iter_mut().zip(&protected_from) {
+        for (i, v) in t.iter_mut().enumerate() {
+            let own = key(*v, i);
+            let global = (u64::from(v.abs().to_bits()) << 32) | (base + i) as u64;
+            if own < cut && global < pivot {
+                *v = 0.0;
+            }
+        }
+        base += t.len();
+    }
+}
+
+/// The slow, obvious version: sort each tensor to find its protected weights, then sort every
+/// unprotected weight and zero the first `count`.
+pub fn prune_global_floor_reference(tensors: &mut [&mut [f32]], count: usize, min_keep: f32) {
+    let mut candidates: Vec<(f32, usize, usize)> = Vec::new();
+    for (ti, t) in tensors.iter().enumerate() {
+        let keep = floor_count(t.len(), min_keep);
+        let mut order: Vec<usize> = (0..t.len()).collect();
+        // Descending by (|w|, position): the first `keep` are protected.
+        order.sort_by(|&a, &b| t[b].abs().total_cmp(&t[a].abs()).then(b.cmp(&a)));
+        for &i in order.iter().skip(keep) {
+            candidates.push((t[i].abs(), ti, i));
+        }
+    }
+    let offsets: Vec<usize> = tensors
+        .iter()
+        .scan(0, |acc, t| {
+            let o = *acc;
+            *acc += t.len();
+            Some(o)
+        })
+        .collect();
+    candidates.sort_by(|a, b| {
+        a.0.total_cmp(&b.0)
+            .then((offsets[a.1] + a.2).cmp(&(offsets[b.1] + b.2)))
+    });
+    for &(_, ti, i) in candidates.iter().take(count) {
+        tensors[ti][i] = 0.0;
+    }
+}
+
+/// Per-tensor sparsities from a weight-error sensitivity pass: one relative-L2 error budget
+/// `e` for every tensor, each pruned as far as its error stays within `e` (and its floor),
+/// with `e` found by bisection so that the total reaches `target` of all weights. Layers whose
+/// small weights carry little energy are pruned harder, as Deep Compression's sensitivity
+/// analysis does, without retraining.
+pub fn sensitivity_counts(tensors: &[&[f32]], target: f32, min_keep: f32) -> Vec<usize> {
+    let total: usize = tensors.iter().map(|t| t.len()).sum();
+    let want = prune_count(total, target);
+    // Prefix energy of the squared magnitudes in ascending order, relative to the tensor's.
+    let prefixes: Vec<Vec<f64>> = tensors
+        .iter()
+        .map(|t| {
+            let mut sq: Vec<f64> = t.iter().map(|&v| f64::from(v) * f64::from(v)).collect();
+            sq.sort_by(f64::total_cmp);
+            let energy: f64 = sq.iter().sum();
+            let mut acc = 0.0;
+            let mut p = Vec::with_capacity(sq.len() + 1);
+            p.push(0.0);
+            for s in sq {
+                acc += s;
+                p.push(if energy > 0.0 { acc / energy } else { 0.0 });
+            }
+            p
+        })
+        .collect();
+    let counts_at = |e2: f64| -> Vec<usize> {
+        prefixes
+            .iter()
+            .zip(tensors)
+            .map(|(p, t)| {
+                let cap = t.len() - floor_count(t.len(), min_keep);
+                (p.partition_point(|&x| x <= e2).saturating_sub(1)).min(cap)
+            })
+            .collect()
+    };
+    let (mut lo, mut hi) = (0.0f64, 1.0f64);
+    for _ in 0..64 {
+        let mid = (lo + hi) / 2.0;
+        if counts_at(mid).iter().sum::<usize>() >= want {
+            hi = mid;
+        } else {
+            lo = mid;
+        }
+    }
+    counts_at(hi)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -123,6 +254,72 @@ mod tests {
         fn prune_matches_reference(p in problem()) {
             p.check();
         }
+    }
+
+    /// Global pruning with a floor: tensors of very different scales.
+    #[derive(Debug, Clone)]
+    struct FloorProblem {
+        tensors: Vec<Vec<f32>>,
+        sparsity: f32,
+        min_keep: f32,
+    }
+
+    fn floor_problem() -> impl Strategy<Value = FloorProblem> {
+        (
+            prop::collection::vec((prop::collection::vec(-4i8..=4, 0..40), 0u8..3), 1..4),
+            0f32..=1.0,
+            0f32..0.5,
+        )
+            .prop_map(|(t, sparsity, min_keep)| FloorProblem {
+                tensors: t
+                    .into_iter()
+                    .map(|(v, scale)| {
+                        v.into_iter()
+                            .map(|x| f32::from(x) * 0.25 * 10f32.powi(i32::from(scale)))
+                            .collect()
+                    })
+                    .collect(),
+                sparsity,
+                min_keep,
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn global_floor_matches_reference(p in floor_problem()) {
+            let total: usize = p.tensors.iter().map(Vec::len).sum();
+            let count = prune_count(total, p.sparsity);
+            let mut fast = p.tensors.clone();
+            let mut slow = p.tensors.clone();
+            prune_global_floor(&mut fast.iter_mut().map(|v| v.as_mut_slice()).collect::<Vec<_>>(), count, p.min_keep);
+            prune_global_floor_reference(&mut slow.iter_mut().map(|v| v.as_mut_slice()).collect::<Vec<_>>(), count, p.min_keep);
+            let bits = |t: &Vec<Vec<f32>>| t.iter().flatten().map(|v| v.to_bits()).collect::<Vec<_>>();
+            prop_assert_eq!(bits(&fast), bits(&slow));
+            for (orig, t) in p.tensors.iter().zip(&fast) {
+                // The floor: at least floor_count nonzero-or-protected entries survive.
+                let kept = t.iter().zip(orig).filter(|(a, b)| a.to_bits() == b.to_bits()).count();
+                prop_assert!(kept >= floor_count(t.len(), p.min_keep));
+            }
+        }
+    }
+
+    #[test]
+    fn sensitivity_spares_the_fragile_layer() {
+        // A layer whose weights are all alike (pruning hurts) and a heavy-tailed one.
+        let flat: Vec<f32> = (0..1000).map(|i| 1.0 + (i % 7) as f32 * 0.01).collect();
+        let tailed: Vec<f32> = (0..1000)
+            .map(|i| {
+                if i % 10 == 0 {
+                    5.0
+                } else {
+                    0.01 * (i % 13) as f32
+                }
+            })
+            .collect();
+        let counts = sensitivity_counts(&[&flat, &tailed], 0.5, 0.01);
+        assert!(counts[1] > counts[0], "{counts:?}");
+        assert!(counts.iter().sum::<usize>() >= 1000);
+        assert!(counts[1] <= 990);
     }
 
     #[test]

@@ -10,6 +10,9 @@ pub struct TensorReport {
     pub role: String,
     /// The steps applied, in order, e.g. `["prune(0.5)", "quantize(int8,symmetric,channel)"]`.
     pub methods: Vec<String>,
+    /// Why a step left this tensor alone (e.g. factors not smaller than the matrix).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub skipped: Vec<String>,
     /// The channel axis used by per-channel quantization.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub quantization_axis: Option<usize>,
@@ -20,10 +23,19 @@ pub struct TensorReport {
     pub bits_per_weight: f64,
     pub bytes_before: u64,
     pub bytes_after: u64,
+    /// True bytes of the tensor's sections in `model.mpz`.
+    pub archive_bytes: u64,
+    /// How the archive stores it: layout, Huffman, bits per weight before and after coding.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub coding: Option<super::coding::CodingStats>,
     pub relative_l2_error: f64,
     /// Signal-to-quantization-noise ratio; null when the tensor is reproduced exactly.
     pub sqnr_db: Option<f64>,
     pub max_abs_error: f64,
+    /// Method-specific figures: structure kept, k-means inertia, ranks, parameters and
+    /// multiply-adds before and after.
+    #[serde(skip_serializing_if = "serde_json::Map::is_empty")]
+    pub details: serde_json::Map<String, serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Serialize, Default)]
@@ -35,6 +47,45 @@ pub struct Totals {
     pub bytes_before: u64,
     pub bytes_after: u64,
     pub mean_bits_per_weight: f64,
+    /// Σ `archive_bytes`: the tensors' share of `model.mpz`.
+    pub archive_tensor_bytes: u64,
+}
+
+/// Deep Compression's columns over all tensors (Han et al., Table 1): bytes and ratio after
+/// pruning (sparse, relative indices, f32 values), after quantization (fixed-width codes,
+/// codebooks and scales included) and after Huffman coding. Untouched tensors count at their
+/// own size in every column; graph and headers are not tensor bytes.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct StageTotals {
+    pub bytes_original: u64,
+    pub bytes_after_pruning: u64,
+    pub bytes_after_quantization: u64,
+    pub bytes_after_huffman: u64,
+    pub ratio_after_pruning: f64,
+    pub ratio_after_quantization: f64,
+    pub ratio_after_huffman: f64,
+}
+
+impl StageTotals {
+    pub fn add(&mut self, original: u64, s: &super::coding::StageBytes) {
+        self.bytes_original += original;
+        self.bytes_after_pruning += s.pruned;
+        self.bytes_after_quantization += s.quantized;
+        self.bytes_after_huffman += s.huffman;
+    }
+    pub fn finish(mut self) -> StageTotals {
+        let r = |b: u64| {
+            if b > 0 {
+                self.bytes_original as f64 / b as f64
+            } else {
+                0.0
+            }
+        };
+        self.ratio_after_pruning = r(self.bytes_after_pruning);
+        self.ratio_after_quantization = r(self.bytes_after_quantization);
+        self.ratio_after_huffman = r(self.bytes_after_huffman);
+        self
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -43,6 +94,7 @@ pub struct Report {
     pub steps: Vec<serde_json::Value>,
     pub tensors: Vec<TensorReport>,
     pub totals: Totals,
+    pub deep_compression: StageTotals,
     pub notes: Vec<String>,
 }
 

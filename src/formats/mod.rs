@@ -2,6 +2,7 @@
 //! Formats are the only code that knows bytes on disk.
 
 pub mod limits;
+pub mod mpz;
 pub mod npz;
 pub mod onnx;
 pub mod safetensors;
@@ -367,6 +368,11 @@ pub fn inspect_path(path: &Path) -> Result<(Format, Vec<TensorInfo>, u64), Forma
 
 /// Parses and validates a model held in memory.
 pub fn read_bytes(bytes: &[u8]) -> Result<TensorSet, FormatError> {
+    if bytes.starts_with(mpz::MAGIC) {
+        return Err(FormatError::Unsupported(
+            "this is a modelpress archive (model.mpz); rebuild the model with `modelpress decompress` first".into(),
+        ));
+    }
     match sniff(bytes) {
         Some(Format::Npy) => npz::read_npy_file(bytes),
         Some(Format::Npz) => npz::read_npz(bytes),

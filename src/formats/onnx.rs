@@ -309,6 +309,49 @@ pub fn read(bytes: &[u8]) -> Result<TensorSet, FormatError> {
     })
 }
 
+impl OnnxContainer {
+    /// The graph (initializers without payloads) as protobuf bytes, for the archive.
+    pub fn graph_bytes(&self) -> Vec<u8> {
+        self.model.encode_to_vec()
+    }
+
+    /// For each initializer, whether [`write`] puts these tensors back in their typed field
+    /// (an untouched initializer first read from one) rather than `raw_data`.
+    pub fn typed_fields(&self, tensors: &[Tensor]) -> Vec<bool> {
+        tensors
+            .iter()
+            .zip(&self.originals)
+            .map(|(t, o)| !o.raw && fingerprint(&t.data) == o.fingerprint)
+            .collect()
+    }
+
+    /// Rebuilds a container from an archive's graph bytes and field table, so that
+    /// [`write`] of `tensors` gives the bytes the job wrote.
+    pub fn from_archive(
+        graph: &[u8],
+        typed_fields: &[bool],
+        tensors: &[Tensor],
+    ) -> Result<OnnxContainer, FormatError> {
+        let model = ModelProto::decode(graph)
+            .map_err(|e| FormatError::invalid(format!("archive graph is not ONNX: {e}")))?;
+        let inits = model.graph.as_ref().map_or(0, |g| g.initializer.len());
+        if inits != tensors.len() || typed_fields.len() != tensors.len() {
+            return Err(FormatError::invalid(
+                "archive graph and tensors disagree in number",
+            ));
+        }
+        let originals = tensors
+            .iter()
+            .zip(typed_fields)
+            .map(|(t, &typed)| Original {
+                raw: !typed,
+                fingerprint: fingerprint(&t.data),
+            })
+            .collect();
+        Ok(OnnxContainer { model, originals })
+    }
+}
+
 /// Writes the model with the given tensor values; tensors match initializers by position.
 pub fn write(c: &OnnxContainer, tensors: &[Tensor]) -> Result<Vec<u8>, FormatError> {
     // Cheap: the retained graph holds no initializer payloads.

@@ -124,7 +124,12 @@ async fn kill_9_during_a_job_then_restart_completes_it_exactly_once() {
         .collect();
     assert_eq!(
         names,
-        vec!["model.safetensors", "report.json", "restored.safetensors"],
+        vec![
+            "model.mpz",
+            "model.safetensors",
+            "report.json",
+            "restored.safetensors"
+        ],
         "no duplicate artifacts"
     );
     for a in done["artifacts"].as_array().unwrap() {

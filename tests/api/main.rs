@@ -1,5 +1,6 @@
 //! All integration tests in one binary (convention 4).
 
+mod archive;
 mod cli;
 mod corrupt;
 mod crash;

@@ -1,0 +1,981 @@
+//! The stored form of one tensor in a `model.mpz` archive: which representation, its
+//! parameters ([`Repr`], kept as JSON in the archive header) and its byte sections.
+//!
+//! Index streams (quantized codes, codebook indices) are stored dense or sparse, with fixed
+//! width or canonical Huffman codes, whichever is smallest (Huffman only for tensors that a
+//! `huffman` step selected). Sparse streams follow Deep Compression: each kept entry stores
+//! its gap to the previous one in `gap_bits` bits; a gap too long for that inserts a filler
+//! entry holding the zero symbol. Fillers also run to the end, so a tensor never has more
+//! than 2^gap_bits zeros after its last entry: the element count is bounded by the stream.
+//!
+//! Decoding rebuilds the same structs the compression produced and calls the same decode
+//! functions, so the values equal `restored` bit for bit.
+
+use super::huffman;
+use super::kmeans::{Algorithm, Clustered};
+use super::lowrank::Factors;
+use super::pack;
+use super::quantize::{self, Quantized, Scheme};
+use super::separable::{Separable, Tucker2};
+use super::Encoding;
+use serde::{Deserialize, Serialize};
+
+/// Most elements a factorized tensor may rebuild per stored factor element: far above any
+/// real factorization (a rank-1 65536×65536 matrix reaches 32768), low enough that a
+/// hostile header cannot claim terabytes from a few bytes.
+pub const MAX_FACTOR_EXPANSION: u128 = 1 << 16;
+
+fn check_expansion(n: usize, stored: &[usize]) -> Result<(), DecodeError> {
+    let stored: u128 = stored.iter().map(|&s| s as u128).sum();
+    if n as u128 > stored.max(1) * MAX_FACTOR_EXPANSION {
+        return Err(err("factors too small for the shape they claim"));
+    }
+    Ok(())
+}
+
+/// Widest sparse gap field tried.
+pub const MAX_GAP_BITS: u8 = 12;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Layout {
+    Dense,
+    Sparse,
+}
+
+/// How an index stream is stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stream {
+    /// Symbols take values in 0..alphabet.
+    pub alphabet: u32,
+    pub layout: Layout,
+    pub huffman: bool,
+    /// Sparse only: width of a relative index, and the symbol that means zero.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gap_bits: Option<u8>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zero_symbol: Option<u32>,
+    /// Entries in the stream: the element count (dense) or kept entries plus fillers (sparse).
+    pub entries: u64,
+}
+
+/// A tensor's representation in the archive.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "encoding", rename_all = "snake_case")]
+pub enum Repr {
+    /// The tensor's bytes in its own dtype. Section `data`.
+    Raw,
+    /// Float values with zeros left out. Sections `gaps` (+`gap_lengths`), `values` (f32).
+    SparseFloat { stream: Stream },
+    /// float16/bfloat16 bit patterns. Section `data` (u16 LE).
+    Cast { dtype: String },
+    /// Integer codes `q`, `w = (q - zero_point)·scale`; symbol = q + 2^(bits-1) (bits ≥ 2) or
+    /// (q + 1)/2 (bits = 1). Sections: the stream's, `scales` (f32), `zero_points` (i8).
+    Linear {
+        bits: u8,
+        scheme: Scheme,
+        axis: Option<usize>,
+        stream: Stream,
+    },
+    /// Codebook indices; symbol k is an exact zero. Sections: the stream's, `centroids`
+    /// (f32, groups × k).
+    Codebook {
+        bits: u8,
+        axis: Option<usize>,
+        k: usize,
+        zeros_fixed: bool,
+        algorithm: Algorithm,
+        stream: Stream,
+    },
+    /// W [rows, cols] = A·B. Sections `a` [rows, rank], `b` [rank, cols] (f32).
+    LowRank {
+        rows: usize,
+        cols: usize,
+        rank: usize,
+    },
+    /// Per-filter kh×1 and 1×kw factors. Sections `v` [O,C,kh,r], `h` [O,C,r,kw] (f32).
+    Separable { rank: usize },
+    /// Sections `u_out` [O,R_out], `core` [R_out,R_in,window], `u_in` [C,R_in] (f32).
+    Tucker2 { rank_out: usize, rank_in: usize },
+}
+
+/// One tensor's representation with its sections, ready to write.
+#[derive(Debug, Clone)]
+pub struct Payload {
+    pub repr: Repr,
+    pub sections: Vec<(String, Vec<u8>)>,
+}
+
+impl Payload {
+    pub fn bytes(&self) -> u64 {
+        self.sections.iter().map(|(_, b)| b.len() as u64).sum()
+    }
+}
+
+/// Sizes of the Deep Compression stages for one tensor, in bytes: pruned (sparse, f32
+/// values), pruned and quantized (fixed-width codes + tables), and Huffman coded.
+#[derive(Debug, Clone, Copy, Serialize, Default)]
+pub struct StageBytes {
+    pub pruned: u64,
+    pub quantized: u64,
+    pub huffman: u64,
+}
+
+/// What coding a tensor achieved, for the report.
+#[derive(Debug, Clone, Serialize)]
+pub struct CodingStats {
+    pub layout: Layout,
+    pub huffman: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gap_bits: Option<u8>,
+    /// Bits per weight of the best fixed-width form (codes, relative indices, tables).
+    pub fixed_bits_per_weight: f64,
+    /// Bits per weight after Huffman coding, when a `huffman` step selected the tensor.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub coded_bits_per_weight: Option<f64>,
+}
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// Symbols of an index-stream encoding, its alphabet and its zero symbol (if any).
+fn symbols(enc: &Encoding) -> Option<(Vec<u32>, u32, Option<u32>)> {
+    match enc {
+        Encoding::Quantized(q) => {
+            if q.bits == 1 {
+                let s = q.codes.iter().map(|&c| u32::from(c > 0)).collect();
+                return Some((s, 2, None));
+            }
+            let off = 1i32 << (q.bits - 1);
+            let s = q
+                .codes
+                .iter()
+                .map(|&c| (i32::from(c) + off) as u32)
+                .collect();
+            let zero = match q.scheme {
+                Scheme::Symmetric => Some(off as u32),
+                Scheme::Affine => {
+                    let first = q.zero_points.first().copied().unwrap_or(0);
+                    q.zero_points
+                        .iter()
+                        .all(|&z| z == first)
+                        .then_some((i32::from(first) + off) as u32)
+                }
+            };
+            Some((s, 1 << q.bits, zero))
+        }
+        Encoding::Clustered(c) => Some((
+            c.indices.iter().map(|&i| u32::from(i)).collect(),
+            c.symbols() as u32,
+            c.zeros_fixed.then_some(c.k as u32),
+        )),
+        _ => None,
+    }
+}
+
+/// Kept entries (gaps and symbols, fillers included) of a sparse stream with `b`-bit gaps.
+fn sparse_entries(symbols: &[u32], zero: u32, b: u8) -> (Vec<u32>, Vec<u32>) {
+    let max_gap = (1usize << b) - 1;
+    let (mut gaps, mut syms) = (Vec::new(), Vec::new());
+    let mut next = 0usize; // first position not yet covered
+    let push_fillers_to =
+        |target: usize, gaps: &mut Vec<u32>, syms: &mut Vec<u32>, next: &mut usize| {
+            while target - *next > max_gap {
+                gaps.push(max_gap as u32);
+                syms.push(zero);
+                *next += max_gap + 1;
+            }
+        };
+    for (p, &s) in symbols.iter().enumerate() {
+        if s == zero {
+            continue;
+        }
+        push_fillers_to(p, &mut gaps, &mut syms, &mut next);
+        gaps.push((p - next) as u32);
+        syms.push(s);
+        next = p + 1;
+    }
+    push_fillers_to(symbols.len(), &mut gaps, &mut syms, &mut next);
+    (gaps, syms)
+}
+
+/// Gap counts for width `b` from the kept positions, without building the streams.
+fn sparse_gap_histogram(positions: &[usize], n: usize, b: u8) -> (Vec<u64>, u64) {
+    let max_gap = (1usize << b) - 1;
+    let mut hist = vec![0u64; max_gap + 1];
+    let mut fillers = 0u64;
+    let mut next = 0usize;
+    for &p in positions.iter().chain(std::iter::once(&usize::MAX)) {
+        let target = p.min(n);
+        let long = (target - next) / (max_gap + 1);
+        fillers += long as u64;
+        hist[max_gap] += long as u64;
+        next += long * (max_gap + 1);
+        if p == usize::MAX {
+            break;
+        }
+        hist[p - next] += 1;
+        next = p + 1;
+    }
+    (hist, fillers)
+}
+
+/// Bytes of a Huffman length table for an alphabet (5 bits per symbol).
+fn lengths_table_bytes(alphabet: usize) -> u64 {
+    pack::packed_len(alphabet, 5) as u64
+}
+
+fn huffman_bytes(counts: &[u64]) -> u64 {
+    let lengths = huffman::code_lengths(counts);
+    lengths_table_bytes(counts.len()) + huffman::encoded_bits(counts, &lengths).div_ceil(8)
+}
+
+/// The sizes of every way to store a stream, for choosing and for the report.
+struct Options {
+    dense_fixed: u64,
+    dense_huffman: u64,
+    /// (gap bits, fixed bytes, huffman bytes) per width tried.
+    sparse: Vec<(u8, u64, u64)>,
+}
+
+fn options(symbols: &[u32], alphabet: u32, zero: Option<u32>, value_bits: Option<u64>) -> Options {
+    let n = symbols.len() as u64;
+    let w = u64::from(pack::width_for(alphabet as usize));
+    let value_bits_fixed = value_bits.unwrap_or(w);
+    let counts = huffman::histogram(symbols, alphabet as usize);
+    // With explicit value bits (sparse floats), "dense" means the raw values.
+    let (dense_fixed, dense_huffman) = match value_bits {
+        Some(v) => ((n * v).div_ceil(8), (n * v).div_ceil(8)),
+        None => ((n * w).div_ceil(8), huffman_bytes(&counts)),
+    };
+    let mut sparse = Vec::new();
+    if let Some(z) = zero {
+        let positions: Vec<usize> = symbols
+            .iter()
+            .enumerate()
+            .filter(|(_, &s)| s != z)
+            .map(|(i, _)| i)
+            .collect();
+        let mut nonzero_counts = counts.clone();
+        nonzero_counts[z as usize] = 0;
+        for b in 1..=MAX_GAP_BITS {
+            let (gap_hist, fillers) = sparse_gap_histogram(&positions, symbols.len(), b);
+            let entries = positions.len() as u64 + fillers;
+            let fixed = (entries * (u64::from(b) + value_bits_fixed)).div_ceil(8);
+            let mut sym_counts = nonzero_counts.clone();
+            sym_counts[z as usize] = fillers;
+            let huff = huffman_bytes(&gap_hist)
+                + if value_bits.is_some() {
+                    (entries * value_bits_fixed).div_ceil(8)
+                } else {
+                    huffman_bytes(&sym_counts)
+                };
+            sparse.push((b, fixed, huff));
+        }
+    }
+    Options {
+        dense_fixed,
+        dense_huffman,
+        sparse,
+    }
+}
+
+impl Options {
+    fn best_fixed(&self) -> (Layout, Option<u8>, u64) {
+        let mut best = (Layout::Dense, None, self.dense_fixed);
+        for &(b, f, _) in &self.sparse {
+            if f < best.2 {
+                best = (Layout::Sparse, Some(b), f);
+            }
+        }
+        best
+    }
+    fn best_huffman(&self) -> (Layout, Option<u8>, u64) {
+        let mut best = (Layout::Dense, None, self.dense_huffman);
+        for &(b, _, h) in &self.sparse {
+            if h < best.2 {
+                best = (Layout::Sparse, Some(b), h);
+            }
+        }
+        best
+    }
+}
+
+fn write_lengths(lengths: &[u8]) -> Vec<u8> {
+    pack::pack(
+        &lengths.iter().map(|&l| u32::from(l)).collect::<Vec<_>>(),
+        5,
+    )
+}
+
+/// Encodes `syms` over `alphabet` with or without Huffman; returns the sections.
+fn code_symbols(
+    syms: &[u32],
+    alphabet: usize,
+    huffman: bool,
+    name: &str,
+    out: &mut Vec<(String, Vec<u8>)>,
+) {
+    if huffman {
+        let lengths = huffman::code_lengths(&huffman::histogram(syms, alphabet));
+        let stream = huffman::encode(syms, &lengths).unwrap_or_default();
+        out.push((format!("{name}_lengths"), write_lengths(&lengths)));
+        out.push((name.to_string(), stream));
+    } else {
+        out.push((
+            name.to_string(),
+            pack::pack(syms, pack::width_for(alphabet)),
+        ));
+    }
+}
+
+/// Builds a stream's sections for a chosen layout.
+fn build_stream(
+    symbols: &[u32],
+    alphabet: u32,
+    zero: Option<u32>,
+    layout: Layout,
+    gap_bits: Option<u8>,
+    huffman: bool,
+    sections: &mut Vec<(String, Vec<u8>)>,
+) -> Stream {
+    match (layout, zero, gap_bits) {
+        (Layout::Sparse, Some(z), Some(b)) => {
+            let (gaps, syms) = sparse_entries(symbols, z, b);
+            code_symbols(&gaps, 1 << b, huffman, "gaps", sections);
+            code_symbols(&syms, alphabet as usize, huffman, "symbols", sections);
+            Stream {
+                alphabet,
+                layout,
+                huffman,
+                gap_bits: Some(b),
+                zero_symbol: Some(z),
+                entries: gaps.len() as u64,
+            }
+        }
+        _ => {
+            code_symbols(symbols, alphabet as usize, huffman, "symbols", sections);
+            Stream {
+                alphabet,
+                layout: Layout::Dense,
+                huffman,
+                gap_bits: None,
+                zero_symbol: None,
+                entries: symbols.len() as u64,
+            }
+        }
+    }
+}
+
+fn table_sections(enc: &Encoding) -> Vec<(String, Vec<u8>)> {
+    match enc {
+        Encoding::Quantized(q) => {
+            let mut s = vec![("scales".to_string(), f32_bytes(&q.scales))];
+            if !q.zero_points.is_empty() {
+                s.push((
+                    "zero_points".into(),
+                    q.zero_points.iter().map(|&z| z as u8).collect(),
+                ));
+            }
+            s
+        }
+        Encoding::Clustered(c) => vec![("centroids".into(), f32_bytes(&c.centroids))],
+        _ => Vec::new(),
+    }
+}
+
+/// The stored form of a tensor. `original` is the tensor's bytes in its own dtype, `values`
+/// its restored values; `huffman` allows entropy coding.
+pub fn encode(
+    enc: Option<&Encoding>,
+    values: &[f32],
+    restored_bytes: &[u8],
+    huffman: bool,
+) -> (Payload, Option<CodingStats>, StageBytes) {
+    let n = values.len().max(1) as f64;
+    match enc {
+        None => {
+            // A float tensor changed by pruning only, or untouched: raw or sparse floats.
+            let zeros = values.iter().filter(|v| **v == 0.0).count();
+            let raw = restored_bytes.len() as u64;
+            let stage = StageBytes {
+                pruned: raw,
+                quantized: raw,
+                huffman: raw,
+            };
+            if zeros == 0 || values.is_empty() {
+                return (
+                    Payload {
+                        repr: Repr::Raw,
+                        sections: vec![("data".into(), restored_bytes.to_vec())],
+                    },
+                    None,
+                    stage,
+                );
+            }
+            let mask: Vec<u32> = values.iter().map(|&v| u32::from(v != 0.0)).collect();
+            let opts = options(&mask, 2, Some(0), Some(32));
+            let (_, b_fixed, fixed) = opts.best_fixed();
+            let (_, b_huff, huff) = opts.best_huffman();
+            let (b, use_h, bytes) = if huffman && huff < fixed {
+                (b_huff, true, huff)
+            } else {
+                (b_fixed, false, fixed)
+            };
+            let stage = StageBytes {
+                pruned: fixed.min(raw),
+                quantized: fixed.min(raw),
+                huffman: if huffman {
+                    huff.min(fixed).min(raw)
+                } else {
+                    fixed.min(raw)
+                },
+            };
+            let stats = CodingStats {
+                layout: if bytes < raw {
+                    Layout::Sparse
+                } else {
+                    Layout::Dense
+                },
+                huffman: use_h && bytes < raw,
+                gap_bits: b.filter(|_| bytes < raw),
+                fixed_bits_per_weight: fixed.min(raw) as f64 * 8.0 / n,
+                coded_bits_per_weight: huffman.then(|| huff.min(fixed).min(raw) as f64 * 8.0 / n),
+            };
+            let (Some(b), true) = (b, bytes < raw) else {
+                return (
+                    Payload {
+                        repr: Repr::Raw,
+                        sections: vec![("data".into(), restored_bytes.to_vec())],
+                    },
+                    Some(stats),
+                    stage,
+                );
+            };
+            let (gaps, flags) = sparse_entries(&mask, 0, b);
+            let mut sections = Vec::new();
+            code_symbols(&gaps, 1 << b, use_h, "gaps", &mut sections);
+            // Entry values: the kept values in order, 0 for fillers.
+            let mut kept = Vec::with_capacity(gaps.len());
+            let mut next = 0usize;
+            for (&g, &f) in gaps.iter().zip(&flags) {
+                let p = next + g as usize;
+                kept.push(if f == 1 { values[p] } else { 0.0 });
+                next = p + 1;
+            }
+            sections.push(("values".into(), f32_bytes(&kept)));
+            (
+                Payload {
+                    repr: Repr::SparseFloat {
+                        stream: Stream {
+                            alphabet: 2,
+                            layout: Layout::Sparse,
+                            huffman: use_h,
+                            gap_bits: Some(b),
+                            zero_symbol: Some(0),
+                            entries: gaps.len() as u64,
+                        },
+                    },
+                    sections,
+                },
+                Some(stats),
+                stage,
+            )
+        }
+        Some(Encoding::Cast { dtype, bits }) => {
+            let data: Vec<u8> = bits.iter().flat_map(|b| b.to_le_bytes()).collect();
+            let bytes = data.len() as u64;
+            (
+                Payload {
+                    repr: Repr::Cast {
+                        dtype: dtype.name().into(),
+                    },
+                    sections: vec![("data".into(), data)],
+                },
+                None,
+                StageBytes {
+                    pruned: bytes,
+                    quantized: bytes,
+                    huffman: bytes,
+                },
+            )
+        }
+        Some(e @ (Encoding::Quantized(_) | Encoding::Clustered(_))) => {
+            let Some((syms, alphabet, zero)) = symbols(e) else {
+                unreachable_payload()
+            };
+            let tables = table_sections(e);
+            let table_bytes: u64 = tables.iter().map(|(_, b)| b.len() as u64).sum();
+            let opts = options(&syms, alphabet, zero, None);
+            let fixed = opts.best_fixed();
+            let huff = opts.best_huffman();
+            let (layout, gap_bits, use_h) = if huffman && huff.2 < fixed.2 {
+                (huff.0, huff.1, true)
+            } else {
+                (fixed.0, fixed.1, false)
+            };
+            let mut sections = Vec::new();
+            let stream = build_stream(
+                &syms,
+                alphabet,
+                zero,
+                layout,
+                gap_bits,
+                use_h,
+                &mut sections,
+            );
+            sections.extend(tables);
+            // Stage "pruned": the same positions as a sparse stream of f32 values.
+            let pruned = match zero {
+                Some(z) => {
+                    let mask: Vec<u32> = syms.iter().map(|&s| u32::from(s != z)).collect();
+                    options(&mask, 2, Some(0), Some(32))
+                        .best_fixed()
+                        .2
+                        .min(values.len() as u64 * 4)
+                }
+                None => values.len() as u64 * 4,
+            };
+            let stats = CodingStats {
+                layout,
+                huffman: use_h,
+                gap_bits,
+                fixed_bits_per_weight: (fixed.2 + table_bytes) as f64 * 8.0 / n,
+                coded_bits_per_weight: huffman
+                    .then(|| (huff.2.min(fixed.2) + table_bytes) as f64 * 8.0 / n),
+            };
+            let stage = StageBytes {
+                pruned,
+                quantized: fixed.2 + table_bytes,
+                huffman: (if huffman {
+                    huff.2.min(fixed.2)
+                } else {
+                    fixed.2
+                }) + table_bytes,
+            };
+            let repr = match e {
+                Encoding::Quantized(q) => Repr::Linear {
+                    bits: q.bits,
+                    scheme: q.scheme,
+                    axis: q.axis,
+                    stream,
+                },
+                Encoding::Clustered(c) => Repr::Codebook {
+                    bits: c.bits,
+                    axis: c.axis,
+                    k: c.k,
+                    zeros_fixed: c.zeros_fixed,
+                    algorithm: c.algorithm,
+                    stream,
+                },
+                _ => unreachable_payload(),
+            };
+            (Payload { repr, sections }, Some(stats), stage)
+        }
+        Some(e @ (Encoding::LowRank(_) | Encoding::Separable(_) | Encoding::Tucker(_))) => {
+            let (repr, sections) = match e {
+                Encoding::LowRank(f) => (
+                    Repr::LowRank {
+                        rows: f.rows,
+                        cols: f.cols,
+                        rank: f.rank,
+                    },
+                    vec![("a".into(), f32_bytes(&f.a)), ("b".into(), f32_bytes(&f.b))],
+                ),
+                Encoding::Separable(s) => (
+                    Repr::Separable { rank: s.rank },
+                    vec![("v".into(), f32_bytes(&s.v)), ("h".into(), f32_bytes(&s.h))],
+                ),
+                Encoding::Tucker(t) => (
+                    Repr::Tucker2 {
+                        rank_out: t.rank_out,
+                        rank_in: t.rank_in,
+                    },
+                    vec![
+                        ("u_out".into(), f32_bytes(&t.u_out)),
+                        ("core".into(), f32_bytes(&t.core)),
+                        ("u_in".into(), f32_bytes(&t.u_in)),
+                    ],
+                ),
+                _ => unreachable_payload(),
+            };
+            let payload = Payload { repr, sections };
+            let bytes = payload.bytes();
+            (
+                payload,
+                None,
+                StageBytes {
+                    pruned: bytes,
+                    quantized: bytes,
+                    huffman: bytes,
+                },
+            )
+        }
+    }
+}
+
+#[allow(clippy::panic)]
+fn unreachable_payload() -> ! {
+    // The match arms above only pass the variants they name.
+    unreachable!("encoding variant checked by the caller")
+}
+
+/// Errors decoding a tensor from an archive: always the archive's fault.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct DecodeError(pub String);
+
+fn err(msg: impl Into<String>) -> DecodeError {
+    DecodeError(msg.into())
+}
+
+fn f32_section(bytes: &[u8], count: usize, what: &str) -> Result<Vec<f32>, DecodeError> {
+    if Some(bytes.len()) != count.checked_mul(4) {
+        return Err(err(format!(
+            "section {what}: {} bytes, expected {count} f32",
+            bytes.len()
+        )));
+    }
+    Ok(bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect())
+}
+
+fn read_lengths(bytes: &[u8], alphabet: usize) -> Result<Vec<u8>, DecodeError> {
+    let l =
+        pack::unpack(bytes, 5, alphabet).ok_or_else(|| err("Huffman length table too short"))?;
+    Ok(l.into_iter().map(|x| x as u8).collect())
+}
+
+fn read_symbols<'a>(
+    section: &dyn Fn(&str) -> Result<&'a [u8], DecodeError>,
+    name: &str,
+    alphabet: usize,
+    huffman: bool,
+    count: usize,
+) -> Result<Vec<u32>, DecodeError> {
+    let data = section(name)?;
+    let syms = if huffman {
+        let lengths = read_lengths(section(&format!("{name}_lengths"))?, alphabet)?;
+        huffman::decode(data, &lengths, count).map_err(|e| err(format!("{name}: {e}")))?
+    } else {
+        let w = pack::width_for(alphabet);
+        if data.len() != pack::packed_len(count, w) {
+            return Err(err(format!("section {name}: wrong length")));
+        }
+        pack::unpack(data, w, count).ok_or_else(|| err(format!("section {name}: too short")))?
+    };
+    if syms.iter().any(|&s| s as usize >= alphabet) {
+        return Err(err(format!("section {name}: symbol out of range")));
+    }
+    Ok(syms)
+}
+
+/// The entries must cover the tensor up to a last run shorter than 2^b (the encoder writes
+/// fillers to the end): the element count is then backed by the stream, not just claimed.
+fn check_coverage(gaps: &[u32], n: usize, b: u8) -> Result<(), DecodeError> {
+    let covered: u128 = gaps.iter().map(|&g| u128::from(g) + 1).sum();
+    if covered > n as u128 || n as u128 - covered >= 1u128 << b {
+        return Err(err("sparse stream does not cover the shape"));
+    }
+    Ok(())
+}
+
+/// Decodes a stream into `n` symbols (zero symbol where a sparse stream has no entry).
+fn read_stream<'a>(
+    s: &Stream,
+    n: usize,
+    section: &dyn Fn(&str) -> Result<&'a [u8], DecodeError>,
+) -> Result<Vec<u32>, DecodeError> {
+    let alphabet = s.alphabet as usize;
+    if alphabet == 0 || alphabet > 1 << 16 {
+        return Err(err("stream alphabet out of range"));
+    }
+    match s.layout {
+        Layout::Dense => {
+            if s.entries != n as u64 {
+                return Err(err("dense stream length differs from the shape"));
+            }
+            read_symbols(section, "symbols", alphabet, s.huffman, n)
+        }
+        Layout::Sparse => {
+            let (Some(b), Some(z)) = (s.gap_bits, s.zero_symbol) else {
+                return Err(err("sparse stream without gap_bits or zero_symbol"));
+            };
+            if !(1..=MAX_GAP_BITS).contains(&b) || z as usize >= alphabet {
+                return Err(err("sparse stream parameters out of range"));
+            }
+            let entries = usize::try_from(s.entries).map_err(|_| err("too many entries"))?;
+            // Fillers bound every run of zeros, so a stream of e entries covers at most
+            // (e + 1)·2^b elements: a larger shape is a lie.
+            if (n as u128) > (entries as u128 + 1) << b {
+                return Err(err("sparse stream too short for the shape"));
+            }
+            let gaps = read_symbols(section, "gaps", 1 << b, s.huffman, entries)?;
+            let syms = read_symbols(section, "symbols", alphabet, s.huffman, entries)?;
+            check_coverage(&gaps, n, b)?;
+            let mut out = vec![z; n];
+            let mut next = 0usize;
+            for (&g, &v) in gaps.iter().zip(&syms) {
+                let p = next + g as usize;
+                *out.get_mut(p)
+                    .ok_or_else(|| err("sparse entry beyond the tensor"))? = v;
+                next = p + 1;
+            }
+            Ok(out)
+        }
+    }
+}
+
+/// Rebuilds a tensor's values from its representation; `section` fetches a named section.
+/// Returns None for `Raw` (the caller takes the bytes as they are).
+pub fn decode<'a>(
+    repr: &Repr,
+    shape: &[usize],
+    section: &dyn Fn(&str) -> Result<&'a [u8], DecodeError>,
+) -> Result<Option<Vec<f32>>, DecodeError> {
+    let n = crate::formats::element_count(shape).ok_or_else(|| err("shape overflows"))?;
+    let rank_axis_ok = |axis: Option<usize>| axis.is_none_or(|a| a < shape.len());
+    let channels = |axis: Option<usize>| axis.map_or(1, |a| shape[a]);
+    Ok(Some(match repr {
+        Repr::Raw => return Ok(None),
+        Repr::Cast { dtype } => {
+            let t = match dtype.as_str() {
+                "float16" => super::cast::CastType::Float16,
+                "bfloat16" => super::cast::CastType::Bfloat16,
+                _ => return Err(err("unknown cast dtype")),
+            };
+            let data = section("data")?;
+            if Some(data.len()) != n.checked_mul(2) {
+                return Err(err("cast data length differs from the shape"));
+            }
+            let bits: Vec<u16> = data
+                .chunks_exact(2)
+                .map(|c| u16::from_le_bytes([c[0], c[1]]))
+                .collect();
+            super::cast::widen(&bits, t)
+        }
+        Repr::SparseFloat { stream } => {
+            if stream.layout != Layout::Sparse
+                || stream.alphabet != 2
+                || stream.zero_symbol != Some(0)
+            {
+                return Err(err("sparse_float needs a sparse binary stream"));
+            }
+            let entries = usize::try_from(stream.entries).map_err(|_| err("too many entries"))?;
+            let b = stream.gap_bits.unwrap_or(0);
+            if !(1..=MAX_GAP_BITS).contains(&b) || (n as u128) > (entries as u128 + 1) << b {
+                return Err(err("sparse stream parameters out of range"));
+            }
+            let gaps = read_symbols(section, "gaps", 1 << b, stream.huffman, entries)?;
+            check_coverage(&gaps, n, b)?;
+            let vals = f32_section(section("values")?, entries, "values")?;
+            let mut out = vec![0f32; n];
+            let mut next = 0usize;
+            for (&g, &v) in gaps.iter().zip(&vals) {
+                let p = next + g as usize;
+                *out.get_mut(p)
+                    .ok_or_else(|| err("sparse entry beyond the tensor"))? = v;
+                next = p + 1;
+            }
+            out
+        }
+        Repr::Linear {
+            bits,
+            scheme,
+            axis,
+            stream,
+        } => {
+            if !(1..=8).contains(bits) || !rank_axis_ok(*axis) || stream.alphabet != 1 << bits {
+                return Err(err("linear parameters out of range"));
+            }
+            let syms = read_stream(stream, n, section)?;
+            let ch = channels(*axis);
+            let scales = f32_section(section("scales")?, ch, "scales")?;
+            let zero_points: Vec<i8> = match scheme {
+                Scheme::Symmetric => Vec::new(),
+                Scheme::Affine => {
+                    let z = section("zero_points")?;
+                    if z.len() != ch {
+                        return Err(err("zero_points length differs from the channels"));
+                    }
+                    z.iter().map(|&b| b as i8).collect()
+                }
+            };
+            let codes = if *bits == 1 {
+                syms.iter()
+                    .map(|&s| if s == 1 { 1i8 } else { -1 })
+                    .collect()
+            } else {
+                let off = 1i32 << (bits - 1);
+                syms.iter().map(|&s| (s as i32 - off) as i8).collect()
+            };
+            quantize::dequantize(
+                &Quantized {
+                    bits: *bits,
+                    scheme: *scheme,
+                    axis: *axis,
+                    scales,
+                    zero_points,
+                    codes,
+                },
+                shape,
+            )
+        }
+        Repr::Codebook {
+            bits,
+            axis,
+            k,
+            zeros_fixed,
+            algorithm,
+            stream,
+        } => {
+            if !(1..=8).contains(bits)
+                || *k != 1 << bits
+                || !rank_axis_ok(*axis)
+                || stream.alphabet as usize != k + usize::from(*zeros_fixed)
+            {
+                return Err(err("codebook parameters out of range"));
+            }
+            let syms = read_stream(stream, n, section)?;
+            let groups = channels(*axis);
+            let centroids = f32_section(
+                section("centroids")?,
+                groups
+                    .checked_mul(*k)
+                    .ok_or_else(|| err("codebook too large"))?,
+                "centroids",
+            )?;
+            Clustered {
+                bits: *bits,
+                axis: *axis,
+                k: *k,
+                centroids,
+                indices: syms.iter().map(|&s| s as u16).collect(),
+                zeros_fixed: *zeros_fixed,
+                algorithm: *algorithm,
+            }
+            .decode(shape)
+        }
+        Repr::LowRank { rows, cols, rank } => {
+            if rows.checked_mul(*cols) != Some(n) || *rank == 0 {
+                return Err(err("low-rank shape differs from the tensor"));
+            }
+            let a = f32_section(
+                section("a")?,
+                rows.checked_mul(*rank)
+                    .ok_or_else(|| err("rank too large"))?,
+                "a",
+            )?;
+            let b = f32_section(
+                section("b")?,
+                rank.checked_mul(*cols)
+                    .ok_or_else(|| err("rank too large"))?,
+                "b",
+            )?;
+            check_expansion(n, &[a.len(), b.len()])?;
+            Factors {
+                rows: *rows,
+                cols: *cols,
+                rank: *rank,
+                a,
+                b,
+            }
+            .reconstruct()
+        }
+        Repr::Separable { rank } => {
+            let [o, c, kh, kw] = <[usize; 4]>::try_from(shape)
+                .map_err(|_| err("separable filters need a 4-D shape"))?;
+            let filters = o * c;
+            let count = |x: usize| filters.checked_mul(x).and_then(|v| v.checked_mul(*rank));
+            let v = f32_section(
+                section("v")?,
+                count(kh).ok_or_else(|| err("rank too large"))?,
+                "v",
+            )?;
+            let h = f32_section(
+                section("h")?,
+                count(kw).ok_or_else(|| err("rank too large"))?,
+                "h",
+            )?;
+            check_expansion(n, &[v.len(), h.len()])?;
+            Separable {
+                shape: [o, c, kh, kw],
+                rank: *rank,
+                v,
+                h,
+            }
+            .reconstruct()
+        }
+        Repr::Tucker2 { rank_out, rank_in } => {
+            if shape.len() < 3 {
+                return Err(err("Tucker-2 needs a kernel of rank ≥ 3"));
+            }
+            let (o, c) = (shape[0], shape[1]);
+            let window: usize = shape[2..].iter().product();
+            let mul = |a: usize, b: usize| a.checked_mul(b).ok_or_else(|| err("rank too large"));
+            let u_out = f32_section(section("u_out")?, mul(o, *rank_out)?, "u_out")?;
+            let core = f32_section(
+                section("core")?,
+                mul(mul(*rank_out, *rank_in)?, window)?,
+                "core",
+            )?;
+            let u_in = f32_section(section("u_in")?, mul(c, *rank_in)?, "u_in")?;
+            check_expansion(n, &[u_out.len(), core.len(), u_in.len()])?;
+            Tucker2 {
+                out_channels: o,
+                in_channels: c,
+                window,
+                rank_out: *rank_out,
+                rank_in: *rank_in,
+                u_out,
+                core,
+                u_in,
+            }
+            .reconstruct()
+        }
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Sparse symbol streams with long zero runs, and a gap width.
+    #[derive(Debug, Clone)]
+    struct SparseProblem {
+        symbols: Vec<u32>,
+        b: u8,
+    }
+
+    fn problem() -> impl Strategy<Value = SparseProblem> {
+        (
+            prop::collection::vec(prop_oneof![8 => Just(0u32), 1 => 1u32..5], 0..600),
+            1u8..=6,
+        )
+            .prop_map(|(symbols, b)| SparseProblem { symbols, b })
+    }
+
+    proptest! {
+        #[test]
+        fn sparse_stream_round_trips_and_histogram_matches(p in problem()) {
+            let (gaps, syms) = sparse_entries(&p.symbols, 0, p.b);
+            let positions: Vec<usize> = p.symbols.iter().enumerate().filter(|(_, &s)| s != 0).map(|(i, _)| i).collect();
+            let (hist, fillers) = sparse_gap_histogram(&positions, p.symbols.len(), p.b);
+            prop_assert_eq!(huffman::histogram(&gaps, 1 << p.b), hist);
+            prop_assert_eq!(gaps.len(), positions.len() + fillers as usize);
+            for huffman in [false, true] {
+                let mut sections = Vec::new();
+                let stream = build_stream(&p.symbols, 5, Some(0), Layout::Sparse, Some(p.b), huffman, &mut sections);
+                let get = |name: &str| -> Result<&[u8], DecodeError> {
+                    sections.iter().find(|(n, _)| n == name).map(|(_, b)| b.as_slice()).ok_or_else(|| err("missing"))
+                };
+                prop_assert_eq!(read_stream(&stream, p.symbols.len(), &get).unwrap(), p.symbols.clone());
+            }
+            prop_assert_eq!(syms.len(), gaps.len());
+        }
+    }
+}

@@ -1,0 +1,477 @@
+//! Compact filters for convolution kernels [O, C, kh, kw]:
+//! - spatially separable filters (Jaderberg, Vedaldi, Zisserman 2014, scheme 1): each kh×kw
+//!   filter W[o,c] ≈ Σ_t v_t·h_tᵀ by its own SVD, i.e. a kh×1 convolution followed by a
+//!   1×kw one, with the same rank r for every filter of the tensor;
+//! - Tucker-2 (Kim et al. 2016): W ≈ core ×₀ U_out ×₁ U_in, a 1×1 convolution C→R_in, a kh×kw
+//!   convolution R_in→R_out, and a 1×1 convolution R_out→O, by HOSVD.
+//!
+//! Reconstruction loops have a fixed summation order, so an archive rebuilds `restored` bit
+//! for bit on any machine.
+
+use super::lowrank::{choose_rank, singular_values, RankRule};
+use faer::Mat;
+use serde::Serialize;
+
+/// Parameters and multiply-adds per output position, before and after.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Cost {
+    pub parameters_before: usize,
+    pub parameters_after: usize,
+    pub macs_per_position_before: usize,
+    pub macs_per_position_after: usize,
+}
+
+/// Spatially separable factors: v [O, C, kh, r] and h [O, C, r, kw].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Separable {
+    pub shape: [usize; 4],
+    pub rank: usize,
+    pub v: Vec<f32>,
+    pub h: Vec<f32>,
+}
+
+impl Separable {
+    pub fn reconstruct(&self) -> Vec<f32> {
+        let [o, c, kh, kw] = self.shape;
+        let r = self.rank;
+        let mut out = vec![0f32; o * c * kh * kw];
+        for f in 0..o * c {
+            let v = &self.v[f * kh * r..(f + 1) * kh * r];
+            let h = &self.h[f * r * kw..(f + 1) * r * kw];
+            let filt = &mut out[f * kh * kw..(f + 1) * kh * kw];
+            for y in 0..kh {
+                for x in 0..kw {
+                    let mut s = 0f32;
+                    for t in 0..r {
+                        s += v[y * r + t] * h[t * kw + x];
+                    }
+                    filt[y * kw + x] = s;
+                }
+            }
+        }
+        out
+    }
+    pub fn cost(&self) -> Cost {
+        let [o, c, kh, kw] = self.shape;
+        Cost {
+            parameters_before: o * c * kh * kw,
+            parameters_after: o * c * self.rank * (kh + kw),
+            macs_per_position_before: o * c * kh * kw,
+            macs_per_position_after: o * c * self.rank * (kh + kw),
+        }
+    }
+}
+
+fn filter_svd(filter: &[f32], kh: usize, kw: usize) -> Option<(Mat<f32>, Vec<f64>, Mat<f32>)> {
+    let m = Mat::from_fn(kh, kw, |i, j| filter[i * kw + j]);
+    let svd = m.thin_svd().ok()?;
+    let s = svd.S().column_vector();
+    let s = (0..s.nrows()).map(|i| f64::from(s[i])).collect();
+    Some((svd.U().to_owned(), s, svd.V().to_owned()))
+}
+
+/// Why a kernel is not a 2-D convolution kernel, if it is not.
+pub fn not_2d_kernel(shape: &[usize]) -> Option<String> {
+    match shape {
+        [_, _, kh, kw] if *kh > 1 && *kw > 1 => None,
+        _ => Some(format!(
+            "spatial separation needs a [O, C, kh, kw] kernel with kh, kw > 1, not {shape:?}"
+        )),
+    }
+}
+
+/// Separates every filter with one rank for the tensor (`Rank`, or the smallest rank whose
+/// kept energy over all filters reaches `Energy`; `Ratio` is a parameter budget).
+pub fn separate(values: &[f32], shape: &[usize], rule: RankRule) -> Result<Separable, String> {
+    if let Some(why) = not_2d_kernel(shape) {
+        return Err(why);
+    }
+    let (o, c, kh, kw) = (shape[0], shape[1], shape[2], shape[3]);
+    let full = kh.min(kw);
+    let mut decs = Vec::with_capacity(o * c);
+    let mut energy_by_rank = vec![0f64; full];
+    let mut total = 0f64;
+    for f in 0..o * c {
+        let d = filter_svd(&values[f * kh * kw..(f + 1) * kh * kw], kh, kw)
+            .ok_or("the SVD of a filter did not converge")?;
+        for (t, s) in d.1.iter().enumerate() {
+            energy_by_rank[t] += s * s;
+            total += s * s;
+        }
+        decs.push(d);
+    }
+    let rank = match rule {
+        RankRule::Ratio(f) => {
+            ((f * (kh * kw) as f64 / (kh + kw) as f64).floor() as usize).clamp(1, full)
+        }
+        RankRule::Rank(r) => r.clamp(1, full),
+        RankRule::Energy(_) => {
+            let sigma: Vec<f64> = energy_by_rank.iter().map(|e| e.sqrt()).collect();
+            choose_rank(&sigma, total, rule, kh, kw).unwrap_or(full)
+        }
+    };
+    if rank * (kh + kw) >= kh * kw {
+        return Err(format!(
+            "rank {rank} separable {kh}×1 and 1×{kw} filters take {} parameters, not fewer than {}",
+            rank * (kh + kw),
+            kh * kw
+        ));
+    }
+    let mut v = vec![0f32; o * c * kh * rank];
+    let mut h = vec![0f32; o * c * rank * kw];
+    for (f, (u, s, vv)) in decs.iter().enumerate() {
+        for t in 0..rank {
+            let root = s.get(t).copied().unwrap_or(0.0).sqrt() as f32;
+            for y in 0..kh {
+                v[f * kh * rank + y * rank + t] = u[(y, t)] * root;
+            }
+            for x in 0..kw {
+                h[f * rank * kw + t * kw + x] = vv[(x, t)] * root;
+            }
+        }
+    }
+    Ok(Separable {
+        shape: [o, c, kh, kw],
+        rank,
+        v,
+        h,
+    })
+}
+
+/// Tucker-2 factors: u_out [O, R_out], core [R_out, R_in, window], u_in [C, R_in].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tucker2 {
+    /// O, C and the kernel window (kh·kw·…).
+    pub out_channels: usize,
+    pub in_channels: usize,
+    pub window: usize,
+    pub rank_out: usize,
+    pub rank_in: usize,
+    pub u_out: Vec<f32>,
+    pub core: Vec<f32>,
+    pub u_in: Vec<f32>,
+}
+
+impl Tucker2 {
+    /// W[o,c,s] = Σ_a u_out[o,a] · Σ_b core[a,b,s] · u_in[c,b], in that order.
+    pub fn reconstruct(&self) -> Vec<f32> {
+        let (o, c, s, ro, ri) = (
+            self.out_channels,
+            self.in_channels,
+            self.window,
+            self.rank_out,
+            self.rank_in,
+        );
+        // t[a, c, s] = Σ_b core[a,b,s]·u_in[c,b]
+        let mut t = vec![0f32; ro * c * s];
+        for a in 0..ro {
+            for ci in 0..c {
+                let out = &mut t[(a * c + ci) * s..(a * c + ci + 1) * s];
+                for b in 0..ri {
+                    let u = self.u_in[ci * ri + b];
+                    let core = &self.core[(a * ri + b) * s..(a * ri + b + 1) * s];
+                    for (x, &g) in out.iter_mut().zip(core) {
+                        *x += g * u;
+                    }
+                }
+            }
+        }
+        let mut w = vec![0f32; o * c * s];
+        for oi in 0..o {
+            let out = &mut w[oi * c * s..(oi + 1) * c * s];
+            for a in 0..ro {
+                let u = self.u_out[oi * ro + a];
+                for (x, &y) in out.iter_mut().zip(&t[a * c * s..(a + 1) * c * s]) {
+                    *x += u * y;
+                }
+            }
+        }
+        w
+    }
+    pub fn cost(&self) -> Cost {
+        let (o, c, s, ro, ri) = (
+            self.out_channels,
+            self.in_channels,
+            self.window,
+            self.rank_out,
+            self.rank_in,
+        );
+        let after = c * ri + ri * ro * s + ro * o;
+        Cost {
+            parameters_before: o * c * s,
+            parameters_after: after,
+            macs_per_position_before: o * c * s,
+            macs_per_position_after: after,
+        }
+    }
+}
+
+/// Mode unfoldings of W [O, C, S]: mode 0 is [O, C·S], mode 1 is [C, O·S].
+fn unfold_in(values: &[f32], o: usize, c: usize, s: usize) -> Vec<f32> {
+    let mut m = vec![0f32; c * o * s];
+    for oi in 0..o {
+        for ci in 0..c {
+            for x in 0..s {
+                m[ci * o * s + oi * s + x] = values[(oi * c + ci) * s + x];
+            }
+        }
+    }
+    m
+}
+
+fn left_vectors(values: &[f32], rows: usize, cols: usize) -> Option<(Mat<f32>, Vec<f64>)> {
+    let m = Mat::from_fn(rows, cols, |i, j| values[i * cols + j]);
+    let svd = m.thin_svd().ok()?;
+    let s = svd.S().column_vector();
+    Some((
+        svd.U().to_owned(),
+        (0..s.nrows()).map(|i| f64::from(s[i])).collect(),
+    ))
+}
+
+/// Tucker-2 by HOSVD. `rule` applies to each channel mode (`Rank` gives both ranks, `Energy`
+/// each mode's kept energy, `Ratio` the largest common fraction of O and C within that
+/// parameter budget).
+pub fn tucker2(values: &[f32], shape: &[usize], rule: RankRule) -> Result<Tucker2, String> {
+    if shape.len() < 3 {
+        return Err(format!(
+            "Tucker-2 needs a convolution kernel [O, C, k…], not {shape:?}"
+        ));
+    }
+    let (o, c) = (shape[0], shape[1]);
+    let s: usize = shape[2..].iter().product();
+    if o < 2 || c < 2 {
+        return Err(format!(
+            "Tucker-2 needs at least 2 input and output channels, not {shape:?}"
+        ));
+    }
+    let (uo, so) = left_vectors(values, o, c * s).ok_or("the SVD did not converge")?;
+    let (ui, si) =
+        left_vectors(&unfold_in(values, o, c, s), c, o * s).ok_or("the SVD did not converge")?;
+    let total: f64 = values.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
+    let params = |ro: usize, ri: usize| c * ri + ri * ro * s + ro * o;
+    let (ro, ri) = match rule {
+        RankRule::Rank(r) => (r.clamp(1, o.min(c * s)), r.clamp(1, c.min(o * s))),
+        RankRule::Energy(_) => (
+            choose_rank(&so, total, rule, o, c * s).unwrap_or(o),
+            choose_rank(&si, total, rule, c, o * s).unwrap_or(c),
+        ),
+        RankRule::Ratio(f) => {
+            let budget = f * (o * c * s) as f64;
+            let mut best = (1, 1);
+            for step in 1..=100 {
+                let frac = step as f64 / 100.0;
+                let cand = (
+                    ((frac * o as f64).round() as usize).clamp(1, o),
+                    ((frac * c as f64).round() as usize).clamp(1, c),
+                );
+                if (params(cand.0, cand.1) as f64) <= budget {
+                    best = cand;
+                }
+            }
+            best
+        }
+    };
+    let (ro, ri) = (ro.min(uo.ncols()), ri.min(ui.ncols()));
+    if params(ro, ri) >= o * c * s {
+        return Err(format!(
+            "Tucker-2 ranks ({ro}, {ri}) take {} parameters, not fewer than {}",
+            params(ro, ri),
+            o * c * s
+        ));
+    }
+    // core[a,b,x] = Σ_o Σ_c U_out[o,a] · U_in[c,b] · W[o,c,x], accumulated in f64.
+    let mut half = vec![0f64; ro * c * s]; // Σ_o U_out[o,a] W[o,c,x]
+    for a in 0..ro {
+        for oi in 0..o {
+            let u = f64::from(uo[(oi, a)]);
+            let src = &values[oi * c * s..(oi + 1) * c * s];
+            for (h, &w) in half[a * c * s..(a + 1) * c * s].iter_mut().zip(src) {
+                *h += u * f64::from(w);
+            }
+        }
+    }
+    let mut core = vec![0f32; ro * ri * s];
+    for a in 0..ro {
+        for b in 0..ri {
+            for x in 0..s {
+                let mut acc = 0f64;
+                for ci in 0..c {
+                    acc += f64::from(ui[(ci, b)]) * half[(a * c + ci) * s + x];
+                }
+                core[(a * ri + b) * s + x] = acc as f32;
+            }
+        }
+    }
+    let u_out = (0..o * ro).map(|i| uo[(i / ro, i % ro)]).collect();
+    let u_in = (0..c * ri).map(|i| ui[(i / ri, i % ri)]).collect();
+    Ok(Tucker2 {
+        out_channels: o,
+        in_channels: c,
+        window: s,
+        rank_out: ro,
+        rank_in: ri,
+        u_out,
+        core,
+        u_in,
+    })
+}
+
+/// The slow, obvious reconstruction of a Tucker-2 kernel, element by element.
+pub fn tucker2_reconstruct_reference(t: &Tucker2) -> Vec<f64> {
+    let mut w = vec![0f64; t.out_channels * t.in_channels * t.window];
+    for o in 0..t.out_channels {
+        for c in 0..t.in_channels {
+            for x in 0..t.window {
+                let mut s = 0f64;
+                for a in 0..t.rank_out {
+                    for b in 0..t.rank_in {
+                        s += f64::from(t.u_out[o * t.rank_out + a])
+                            * f64::from(t.core[(a * t.rank_in + b) * t.window + x])
+                            * f64::from(t.u_in[c * t.rank_in + b]);
+                    }
+                }
+                w[(o * t.in_channels + c) * t.window + x] = s;
+            }
+        }
+    }
+    w
+}
+
+/// The slow, obvious separable reconstruction, in f64.
+pub fn separable_reconstruct_reference(s: &Separable) -> Vec<f64> {
+    let [o, c, kh, kw] = s.shape;
+    let r = s.rank;
+    let mut w = vec![0f64; o * c * kh * kw];
+    for f in 0..o * c {
+        for y in 0..kh {
+            for x in 0..kw {
+                w[(f * kh + y) * kw + x] = (0..r)
+                    .map(|t| {
+                        f64::from(s.v[(f * kh + y) * r + t]) * f64::from(s.h[(f * r + t) * kw + x])
+                    })
+                    .sum();
+            }
+        }
+    }
+    w
+}
+
+/// Optimal error of a rank-r approximation of each filter (Eckart–Young), summed.
+pub fn separable_optimal_error(values: &[f32], shape: &[usize], rank: usize) -> f64 {
+    let (kh, kw) = (shape[2], shape[3]);
+    values
+        .chunks(kh * kw)
+        .map(|f| {
+            singular_values(f, kh, kw)
+                .iter()
+                .skip(rank)
+                .map(|s| s * s)
+                .sum::<f64>()
+        })
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A small conv kernel and a rank.
+    #[derive(Debug, Clone)]
+    struct ConvProblem {
+        shape: Vec<usize>,
+        values: Vec<f32>,
+        rank: usize,
+    }
+
+    fn problem() -> impl Strategy<Value = ConvProblem> {
+        (2usize..6, 2usize..6, 3usize..6, 1usize..3).prop_flat_map(|(o, c, k, rank)| {
+            prop::collection::vec(-1f32..1f32, o * c * k * k).prop_map(move |values| ConvProblem {
+                shape: vec![o, c, k, k],
+                values,
+                rank,
+            })
+        })
+    }
+
+    fn sq_err(a: &[f32], b: &[f32]) -> f64 {
+        a.iter().zip(b).map(|(x, y)| f64::from(x - y).powi(2)).sum()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn separable_is_optimal_per_filter_and_matches_reference(p in problem()) {
+            let Ok(sep) = separate(&p.values, &p.shape, RankRule::Rank(p.rank)) else { return Ok(()); };
+            let fast = sep.reconstruct();
+            let slow = separable_reconstruct_reference(&sep);
+            for (a, b) in fast.iter().zip(&slow) {
+                // Close: f32 sums of at most r terms against f64.
+                prop_assert!((f64::from(*a) - b).abs() <= 1e-5 * (1.0 + b.abs()));
+            }
+            let optimal = separable_optimal_error(&p.values, &p.shape, p.rank);
+            let energy: f64 = p.values.iter().map(|v| f64::from(*v).powi(2)).sum();
+            prop_assert!(sq_err(&p.values, &fast) <= optimal * (1.0 + 1e-3) + 1e-6 * energy);
+        }
+
+        #[test]
+        fn tucker2_matches_reference_and_full_rank_is_exact(p in problem()) {
+            let o = p.shape[0];
+            let c = p.shape[1];
+            let s = p.shape[2] * p.shape[3];
+            if let Ok(t) = tucker2(&p.values, &p.shape, RankRule::Rank(p.rank)) {
+                let fast = t.reconstruct();
+                let slow = tucker2_reconstruct_reference(&t);
+                for (a, b) in fast.iter().zip(&slow) {
+                    prop_assert!((f64::from(*a) - b).abs() <= 1e-4 * (1.0 + b.abs()));
+                }
+                prop_assert!(t.cost().parameters_after < o * c * s);
+            }
+            // Full ranks reproduce the kernel (HOSVD with complete bases), up to f32 rounding.
+            let full = Tucker2 { ..tucker_full(&p.values, o, c, s) };
+            let back = full.reconstruct();
+            let energy: f64 = p.values.iter().map(|v| f64::from(*v).powi(2)).sum();
+            prop_assert!(sq_err(&p.values, &back) <= 1e-8 * energy.max(1.0));
+        }
+    }
+
+    /// HOSVD at full ranks, bypassing the "not smaller" check.
+    fn tucker_full(values: &[f32], o: usize, c: usize, s: usize) -> Tucker2 {
+        let (uo, _) = left_vectors(values, o, c * s).unwrap();
+        let (ui, _) = left_vectors(&unfold_in(values, o, c, s), c, o * s).unwrap();
+        let (ro, ri) = (uo.ncols(), ui.ncols());
+        let mut core = vec![0f32; ro * ri * s];
+        for a in 0..ro {
+            for b in 0..ri {
+                for x in 0..s {
+                    let mut acc = 0f64;
+                    for oi in 0..o {
+                        for ci in 0..c {
+                            acc += f64::from(uo[(oi, a)])
+                                * f64::from(ui[(ci, b)])
+                                * f64::from(values[(oi * c + ci) * s + x]);
+                        }
+                    }
+                    core[(a * ri + b) * s + x] = acc as f32;
+                }
+            }
+        }
+        Tucker2 {
+            out_channels: o,
+            in_channels: c,
+            window: s,
+            rank_out: ro,
+            rank_in: ri,
+            u_out: (0..o * ro).map(|i| uo[(i / ro, i % ro)]).collect(),
+            core,
+            u_in: (0..c * ri).map(|i| ui[(i / ri, i % ri)]).collect(),
+        }
+    }
+
+    #[test]
+    fn one_d_kernels_are_skipped_with_a_reason() {
+        let err = separate(&[0.0; 24], &[2, 4, 3], RankRule::Rank(1)).unwrap_err();
+        assert!(err.contains("kh, kw > 1"));
+    }
+}
