@@ -2,7 +2,7 @@
 //! fast path against its reference. `cargo bench --bench core` prints a Markdown table.
 //! Medians of several runs: the machine is noisy.
 
-use modelpress::compress::{prune, quantize};
+use modelpress::compress::{huffman, kmeans, lowrank, pack, prune, quantize};
 use std::hint::black_box;
 use std::time::Instant;
 
@@ -87,6 +87,62 @@ fn main() {
         prune::prune_smallest_reference(&mut [v.as_mut_slice()], k);
         black_box(v);
     });
+    // k-means on the whole tensor (16 M values): sorted Lloyd, 16 and 256 clusters.
+    let km16 = median_secs(3, || {
+        let f = kmeans::fit(black_box(&w), 16, kmeans::Algorithm::Lloyd);
+        black_box(kmeans::assign(&w, &f.centroids));
+    });
+    let km256 = median_secs(3, || {
+        let f = kmeans::fit(black_box(&w), 256, kmeans::Algorithm::Lloyd);
+        black_box(kmeans::assign(&w, &f.centroids));
+    });
+    // int4 codes of the tensor: packing, and canonical Huffman coding of the same symbols.
+    let q4 = quantize::quantize(&w, &[rows, cols], 4, quantize::Scheme::Symmetric, Some(0));
+    let symbols: Vec<u32> = q4
+        .codes
+        .iter()
+        .map(|&c| (i32::from(c) + 8) as u32)
+        .collect();
+    let pack4 = median_secs(7, || {
+        black_box(pack::pack(black_box(&symbols), 4));
+    });
+    let pack4_ref = median_secs(3, || {
+        black_box(pack::pack_reference(black_box(&symbols), 4));
+    });
+    let lengths = huffman::code_lengths(&huffman::histogram(&symbols, 16));
+    let coded = huffman::encode(&symbols, &lengths).expect("encode");
+    let huff_enc = median_secs(3, || {
+        black_box(huffman::encode(black_box(&symbols), &lengths).expect("encode"));
+    });
+    let huff_dec = median_secs(3, || {
+        black_box(huffman::decode(black_box(&coded), &lengths, symbols.len()).expect("decode"));
+    });
+    // Truncated SVD of a 1024×1024 block: exact and randomized, rank 64.
+    let block = &w[..1024 * 1024];
+    let svd_exact = median_secs(3, || {
+        black_box(
+            lowrank::factorize(
+                block,
+                1024,
+                1024,
+                lowrank::RankRule::Rank(64),
+                lowrank::SvdAlgorithm::Exact,
+            )
+            .expect("svd"),
+        );
+    });
+    let svd_rand = median_secs(3, || {
+        black_box(
+            lowrank::factorize(
+                block,
+                1024,
+                1024,
+                lowrank::RankRule::Rank(64),
+                lowrank::SvdAlgorithm::Randomized,
+            )
+            .expect("svd"),
+        );
+    });
     println!(
         "tensor: {rows}x{cols} f32 ({:.0} MiB), median of 3-9 runs, one thread",
         bytes / (1 << 20) as f64
@@ -111,13 +167,29 @@ fn main() {
         ("quantize reference (element by element)", q_ref),
         ("prune 50% (select_nth on packed keys)", prune_fast),
         ("prune 50% reference (full sort)", prune_ref),
+        ("k-means k=16, sorted Lloyd (fit + assign)", km16),
+        ("k-means k=256, sorted Lloyd (fit + assign)", km256),
+        ("pack int4 codes", pack4),
+        ("pack int4 codes, reference (bit by bit)", pack4_ref),
+        ("Huffman encode int4 codes", huff_enc),
+        ("Huffman decode int4 codes", huff_dec),
     ] {
         println!("| {name} | {s:.4} | {:.2} | {:.2} |", gbs(s), copy / s);
     }
     println!();
     println!(
-        "fast/reference speed-up: quantize {:.1}x, prune {:.1}x",
+        "fast/reference speed-up: quantize {:.1}x, prune {:.1}x, pack {:.1}x",
         q_ref / q_rows,
-        prune_ref / prune_fast
+        prune_ref / prune_fast,
+        pack4_ref / pack4
+    );
+    println!(
+        "int4 codes: {:.3} bits/weight packed, {:.3} after Huffman",
+        4.0,
+        coded.len() as f64 * 8.0 / symbols.len() as f64
+    );
+    println!(
+        "SVD of a 1024x1024 block, rank 64: exact {svd_exact:.3} s, randomized {svd_rand:.3} s ({:.1}x)",
+        svd_exact / svd_rand
     );
 }

@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
-# Produces the figures in BENCHMARKS.md: release build, core throughput, end-to-end runs.
-# usage: benches/run.sh [OUT_DIR]   (default bench-out/; needs numpy, onnxruntime, curl)
+# Produces the figures in BENCHMARKS.md: release build, core throughput, k-means against
+# scikit-learn, end-to-end runs.
+# usage: benches/run.sh [OUT_DIR]   (default bench-out/; needs numpy, onnx, onnxruntime,
+# scikit-learn and curl: pip install numpy onnx onnxruntime scikit-learn)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-bench-out}
 mkdir -p "$OUT"
 cargo build --release
 cargo bench --bench core | tee "$OUT/core.md"
+bash ../shared/cases/minilm_l3/get.sh "$OUT"
+KMEANS_BIN=$(cargo bench --bench kmeans --no-run --message-format=json 2>/dev/null |
+  python3 -c "import json,sys; [print(m['executable']) for m in map(json.loads, sys.stdin) if m.get('executable') and m['target']['name'] == 'kmeans']")
+python3 benches/kmeans_vs_sklearn.py "$KMEANS_BIN" "$OUT" "$OUT/paraphrase-MiniLM-L3-v2.onnx" | tee "$OUT/kmeans.md"
 python3 benches/e2e.py target/release/modelpress "$OUT"

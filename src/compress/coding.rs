@@ -250,7 +250,13 @@ fn options(symbols: &[u32], alphabet: u32, zero: Option<u32>, value_bits: Option
         None => ((n * w).div_ceil(8), huffman_bytes(&counts)),
     };
     let mut sparse = Vec::new();
-    if let Some(z) = zero {
+    // A sparse entry costs at least one gap bit plus the value: with fixed widths it cannot
+    // beat dense once nnz·(1 + v) ≥ n·w, and Huffman-coded sparse streams do not pay off
+    // above 90 % density either. Skipping them saves twelve passes over large tensors.
+    let nnz = zero.map_or(n, |z| n - counts.get(z as usize).copied().unwrap_or(0));
+    let worth_it = nnz * (1 + value_bits_fixed) < n * w.max(value_bits.unwrap_or(0))
+        || (nnz as f64) < 0.9 * n as f64;
+    if let (Some(z), true) = (zero, worth_it) {
         let positions: Vec<usize> = symbols
             .iter()
             .enumerate()
@@ -392,6 +398,7 @@ pub fn encode(
     values: &[f32],
     restored_bytes: &[u8],
     huffman: bool,
+    pruned: bool,
 ) -> (Payload, Option<CodingStats>, StageBytes) {
     let n = values.len().max(1) as f64;
     match enc {
@@ -526,8 +533,9 @@ pub fn encode(
                 &mut sections,
             );
             sections.extend(tables);
-            // Stage "pruned": the same positions as a sparse stream of f32 values.
-            let pruned = match zero {
+            // Stage "pruned": the same positions as a sparse stream of f32 values (the
+            // dense float32 tensor when no step pruned it).
+            let pruned = match zero.filter(|_| pruned) {
                 Some(z) => {
                     let mask: Vec<u32> = syms.iter().map(|&s| u32::from(s != z)).collect();
                     options(&mask, 2, Some(0), Some(32))

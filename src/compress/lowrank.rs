@@ -61,6 +61,10 @@ pub struct LowRankInfo {
     pub full_rank: usize,
     pub energy_kept: f64,
     pub algorithm: SvdAlgorithm,
+    /// rows·cols before, rank·(rows+cols) after; a product with the matrix costs the same
+    /// number of multiply-adds per input vector.
+    pub parameters_before: usize,
+    pub parameters_after: usize,
 }
 
 /// The matrix a weight is factorized as: 2-D as stored; a conv kernel (output axis 0) as
@@ -283,6 +287,8 @@ pub fn factorize(
                 1.0
             },
             algorithm: used,
+            parameters_before: rows * cols,
+            parameters_after: rank * (rows + cols),
         },
     ))
 }

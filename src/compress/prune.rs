@@ -196,6 +196,40 @@ pub fn sensitivity_counts(tensors: &[&[f32]], target: f32, min_keep: f32) -> Vec
     counts_at(hi)
 }
 
+/// Each channel's values (channel = index along the layout's channel axis), in flat order.
+pub fn gather_channels(values: &[f32], layout: &super::quantize::ChannelLayout) -> Vec<Vec<f32>> {
+    let ch = layout.channels.max(1);
+    let mut out: Vec<Vec<f32>> = (0..ch)
+        .map(|_| Vec::with_capacity(values.len() / ch))
+        .collect();
+    for (b, block) in values.chunks(layout.inner.max(1)).enumerate() {
+        out[b % ch].extend_from_slice(block);
+    }
+    out
+}
+
+/// Zeroes the `counts[c]` smallest-magnitude weights of each channel c (ties by position
+/// within the channel, as [`prune_smallest`]).
+pub fn prune_channels(
+    values: &mut [f32],
+    layout: &super::quantize::ChannelLayout,
+    counts: &[usize],
+) {
+    let ch = layout.channels.max(1);
+    let inner = layout.inner.max(1);
+    let mut channels = gather_channels(values, layout);
+    for (c, k) in channels.iter_mut().zip(counts) {
+        prune_smallest(&mut [c.as_mut_slice()], *k);
+    }
+    let mut cursor = vec![0usize; ch];
+    for (b, block) in values.chunks_mut(inner).enumerate() {
+        let c = b % ch;
+        let at = cursor[c];
+        block.copy_from_slice(&channels[c][at..at + block.len()]);
+        cursor[c] += block.len();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -320,6 +354,16 @@ mod tests {
         assert!(counts[1] > counts[0], "{counts:?}");
         assert!(counts.iter().sum::<usize>() >= 1000);
         assert!(counts[1] <= 990);
+    }
+
+    #[test]
+    fn channel_pruning_counts_are_per_channel() {
+        use crate::compress::quantize::ChannelLayout;
+        // [in=3, out=2] MatMul layout: channels are columns.
+        let mut w = vec![1.0f32, -9.0, 2.0, 8.0, 3.0, -7.0];
+        let l = ChannelLayout::new(&[3, 2], Some(1));
+        prune_channels(&mut w, &l, &[2, 1]);
+        assert_eq!(w, vec![0.0, -9.0, 0.0, 8.0, 3.0, 0.0]);
     }
 
     #[test]

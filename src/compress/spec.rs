@@ -33,7 +33,7 @@ pub const PRESET_NAMES: &[&str] = &[
 ];
 
 /// Deep Compression defaults: overall sparsity, and codebook bits for conv and other layers.
-pub const DEEP_COMPRESSION_SPARSITY: f64 = 0.5;
+pub const DEEP_COMPRESSION_SPARSITY: f64 = 0.3;
 pub const DEEP_COMPRESSION_CONV_BITS: u64 = 8;
 pub const DEEP_COMPRESSION_FC_BITS: u64 = 5;
 
@@ -81,18 +81,12 @@ pub fn preset(
                     ));
                 }
             }
-            let sparsity = options
-                .get("sparsity")
-                .cloned()
-                .unwrap_or(json!(DEEP_COMPRESSION_SPARSITY));
-            let conv = options
-                .get("conv_bits")
-                .cloned()
-                .unwrap_or(json!(DEEP_COMPRESSION_CONV_BITS));
-            let fc = options
-                .get("fc_bits")
-                .cloned()
-                .unwrap_or(json!(DEEP_COMPRESSION_FC_BITS));
+            let sparsity = fraction(options, "sparsity", "options.sparsity", false)?
+                .unwrap_or(DEEP_COMPRESSION_SPARSITY);
+            let conv = int_in(options, "conv_bits", "options.conv_bits", 1, 8)?
+                .unwrap_or(DEEP_COMPRESSION_CONV_BITS);
+            let fc = int_in(options, "fc_bits", "options.fc_bits", 1, 8)?
+                .unwrap_or(DEEP_COMPRESSION_FC_BITS);
             vec![
                 json!({"method": "prune", "scope": "sensitivity", "sparsity": sparsity, "min_keep": 0.02}),
                 json!({"method": "kmeans", "bits": fc, "conv_bits": conv}),

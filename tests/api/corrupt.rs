@@ -246,6 +246,42 @@ async fn bad_requests_get_stable_codes() {
         ),
         (json!({"preset": "int8"}), 422, "invalid_spec", "model_id"),
         (
+            json!({"model_id": id, "pipeline": [{"method": "kmeans", "bits": 9}]}),
+            422,
+            "invalid_spec",
+            "pipeline[0].bits",
+        ),
+        (
+            json!({"model_id": id, "pipeline": [{"method": "lowrank", "rank": 4, "energy": 0.9}]}),
+            422,
+            "invalid_spec",
+            "pipeline[0].rank",
+        ),
+        (
+            json!({"model_id": id, "pipeline": [{"method": "prune", "pattern": "4:2"}]}),
+            422,
+            "invalid_spec",
+            "pipeline[0].pattern",
+        ),
+        (
+            json!({"model_id": id, "pipeline": [{"method": "prune", "structure": "output"}]}),
+            422,
+            "invalid_spec",
+            "pipeline[0].ratio",
+        ),
+        (
+            json!({"model_id": id, "preset": "deep-compression", "options": {"fc_bits": 0}}),
+            422,
+            "invalid_spec",
+            "options.fc_bits",
+        ),
+        (
+            json!({"model_id": id, "preset": "int8", "options": {"sparsity": 0.5}}),
+            422,
+            "invalid_spec",
+            "options.sparsity",
+        ),
+        (
             json!({"model_id": "0190c0de-0000-7000-8000-000000000000", "preset": "int8"}),
             404,
             "model_not_found",

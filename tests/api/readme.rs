@@ -44,6 +44,7 @@ async fn readme_walkthrough_runs() {
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .env("MODELPRESS", base)
             .env("OUT", dir)
+            .env("MODELPRESS_CLI", env!("CARGO_BIN_EXE_modelpress"))
             .output()
             .unwrap()
     })
@@ -61,6 +62,10 @@ async fn readme_walkthrough_runs() {
         "walkthrough did not download restored.onnx:\n{stdout}"
     );
     let score = evaluate("mnist8", &restored);
+    assert!(score["top1_accuracy"].as_f64().unwrap() >= 0.981);
+    // Step 5 rebuilt the Deep Compression archive into a model onnxruntime runs.
+    let rebuilt = work.path().join("rebuilt.onnx");
+    let score = evaluate("mnist8", &rebuilt);
     assert!(score["top1_accuracy"].as_f64().unwrap() >= 0.981);
     app.stop().await;
 }
