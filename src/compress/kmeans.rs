@@ -11,7 +11,7 @@
 //!   O(k·log n) instead of O(n·k): the clusters are the intervals between centroid midpoints.
 //!
 //! Why the Lloyd variant never ends above plain Lloyd from the same start (the property test
-//! `lloyd_never_regresses` checks it): assigning each value to its nearest centroid and moving
+//! `optimal_matches_reference_and_lloyd_never_regresses` checks it): assigning each value to its nearest centroid and moving
 //! each centroid to its cluster's mean each never raise the inertia, and these are the only
 //! steps plain Lloyd takes. Where plain Lloyd leaves an empty cluster's centroid idle, this
 //! variant splits the costliest cluster at its best cut, which lowers the inertia by that
