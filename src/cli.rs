@@ -6,6 +6,15 @@ use crate::formats;
 use crate::runner;
 use indicatif::{ProgressBar, ProgressStyle};
 
+/// `println!` that stops quietly when stdout is closed (`modelpress inspect | head`) instead
+/// of panicking on the broken pipe.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write;
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
 struct BarControl(ProgressBar);
 
 impl Control for BarControl {
@@ -70,14 +79,16 @@ pub fn compress(args: CompressArgs) -> i32 {
     match result {
         Ok(out) => {
             let s = &out.summary;
-            println!(
+            say!(
                 "compressed {} -> {} bytes (ratio {:.2}x), {} parameters, {} nonzero, {:.2} bits/weight",
                 s.original_bytes, s.compressed_bytes, s.ratio, s.parameters, s.nonzero_parameters, s.mean_bits_per_weight
             );
             for a in &out.artifacts {
-                println!(
+                say!(
                     "  {:<24} {:>12} bytes  sha256 {}",
-                    a.name, a.size_bytes, a.sha256
+                    a.name,
+                    a.size_bytes,
+                    a.sha256
                 );
             }
             0
@@ -115,7 +126,7 @@ fn dry_run(input: &std::path::Path, plan: &compress::Plan) -> i32 {
         (b + t.bytes_before, a + t.estimated_bytes_after)
     });
     for t in planned.iter().filter(|t| !t.steps.is_empty()) {
-        println!(
+        say!(
             "{:<48} {:>12} -> {:>12} bytes  {}",
             t.name,
             t.bytes_before,
@@ -124,7 +135,7 @@ fn dry_run(input: &std::path::Path, plan: &compress::Plan) -> i32 {
         );
     }
     let touched = planned.iter().filter(|t| !t.steps.is_empty()).count();
-    println!(
+    say!(
         "{touched} of {} tensors touched; tensor bytes {before} -> {after} (estimated)",
         planned.len()
     );
@@ -139,21 +150,24 @@ pub fn inspect(args: InspectArgs) -> i32 {
     let inv = formats::inventory(&set);
     if args.json {
         let doc = serde_json::json!({"format": set.format, "parameter_count": set.parameter_count(), "tensors": inv});
-        println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+        say!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
         return 0;
     }
-    println!(
+    say!(
         "format: {}   tensors: {}   parameters: {}",
         set.format.as_str(),
         inv.len(),
         set.parameter_count()
     );
-    println!(
+    say!(
         "{:<48} {:<20} {:<9} {:>12} role",
-        "name", "shape", "dtype", "parameters"
+        "name",
+        "shape",
+        "dtype",
+        "parameters"
     );
     for t in &inv {
-        println!(
+        say!(
             "{:<48} {:<20} {:<9} {:>12} {}",
             t.name,
             format!("{:?}", t.shape),
@@ -193,7 +207,7 @@ pub fn decompress(args: DecompressArgs) -> i32 {
         eprintln!("error: cannot write {}: {e}", args.output.display());
         return 1;
     }
-    println!(
+    say!(
         "rebuilt {} ({} tensors, {} format) -> {} bytes  sha256 {}",
         args.output.display(),
         set.tensors.len(),
