@@ -93,6 +93,17 @@ fn plan_predicts_what_the_run_does() {
             "digits_mlp_control/digits_mlp_weights.npz",
             json!({"pipeline": [{"method": "quantize", "scheme": "affine"}, {"method": "cast", "dtype": "float16", "include": "fc3*", "min_params": 0}]}),
         ),
+        // Packed low-bit codes, codebooks (with a zero symbol after pruning), binary,
+        // ternary and a fixed-rank factorization: the estimate is the stored size.
+        ("silero_vad/silero_vad_16k.safetensors", json!({"preset": "int4"})),
+        ("silero_vad/silero_vad_16k.safetensors", json!({"preset": "ternary"})),
+        ("digits_mlp_control/digits_mlp.safetensors", json!({"preset": "binary"})),
+        ("digits_mlp_control/digits_mlp.safetensors", json!({"preset": "kmeans4"})),
+        ("mnist8/mnist-8.onnx", json!({"preset": "deep-compression"})),
+        (
+            "digits_mlp_control/digits_mlp_weights.npz",
+            json!({"pipeline": [{"method": "lowrank", "rank": 8}]}),
+        ),
     ] {
         let set = formats::read_bytes(&case_file(rel)).unwrap();
         let plan = compress::parse_spec(&spec).unwrap();
