@@ -339,3 +339,67 @@ proptest! {
         }
     }
 }
+
+/// The issue's bar for k-means: inertia at least as good as scikit-learn's
+/// `KMeans(init=linspace, n_init=1)` at the same k, on every weight of the shared cases.
+#[test]
+fn kmeans_inertia_is_at_most_sklearns_on_every_shared_weight() {
+    use modelpress::compress::kmeans;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut weights = Vec::new();
+    for file in [
+        "mnist8/mnist-8.onnx",
+        "silero_vad/silero_vad_16k_sequence.onnx",
+        "digits_mlp_control/digits_mlp.onnx",
+    ] {
+        let set = formats::read_path(&cases().join(file)).unwrap();
+        for t in set.tensors {
+            if t.dtype.is_float() && t.shape.len() >= 2 && t.len() >= 16 {
+                let mut t = t;
+                t.name = format!("{}:{}", file.split('/').next().unwrap(), t.name);
+                weights.push(t);
+            }
+        }
+    }
+    let npz = tmp.path().join("weights.npz");
+    std::fs::write(
+        &npz,
+        formats::npz::write_npz(&weights, false, None).unwrap(),
+    )
+    .unwrap();
+    let script = r#"
+import json, sys, numpy as np
+from sklearn.cluster import KMeans
+out = {}
+for name, w in np.load(sys.argv[1]).items():
+    x = w.reshape(-1, 1).astype(np.float64)
+    out[name] = {}
+    for k in (16, 32, 256):
+        kk = min(k, len(np.unique(x)))
+        init = np.linspace(x.min(), x.max(), kk).reshape(-1, 1)
+        km = KMeans(n_clusters=kk, init=init, n_init=1, max_iter=300, random_state=0).fit(x)
+        out[name][str(k)] = float(km.inertia_)
+print(json.dumps(out))
+"#;
+    let sklearn: Value = serde_json::from_str(&python(script, &[npz.to_str().unwrap()])).unwrap();
+    let mut compared = 0;
+    for t in &weights {
+        let values = t.to_f32().unwrap();
+        let energy: f64 = values.iter().map(|v| f64::from(*v).powi(2)).sum();
+        for k in [16usize, 32, 256] {
+            let fit = kmeans::fit(&values, k, kmeans::Algorithm::Auto);
+            let codes = kmeans::assign(&values, &fit.centroids);
+            let ours = kmeans::inertia(&values, &fit.centroids, &codes);
+            let theirs = sklearn[&t.name][k.to_string()].as_f64().unwrap();
+            // Both are float64 sums; ours uses the f32 centroids it stores (slack 1e-12 of
+            // the energy for that rounding).
+            assert!(
+                ours <= theirs * (1.0 + 1e-9) + 1e-12 * energy,
+                "{} k={k}: {ours} > scikit-learn's {theirs}",
+                t.name
+            );
+            compared += 1;
+        }
+    }
+    assert!(compared >= 3 * 15, "{compared} comparisons");
+}

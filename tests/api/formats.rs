@@ -95,10 +95,22 @@ fn plan_predicts_what_the_run_does() {
         ),
         // Packed low-bit codes, codebooks (with a zero symbol after pruning), binary,
         // ternary and a fixed-rank factorization: the estimate is the stored size.
-        ("silero_vad/silero_vad_16k.safetensors", json!({"preset": "int4"})),
-        ("silero_vad/silero_vad_16k.safetensors", json!({"preset": "ternary"})),
-        ("digits_mlp_control/digits_mlp.safetensors", json!({"preset": "binary"})),
-        ("digits_mlp_control/digits_mlp.safetensors", json!({"preset": "kmeans4"})),
+        (
+            "silero_vad/silero_vad_16k.safetensors",
+            json!({"preset": "int4"}),
+        ),
+        (
+            "silero_vad/silero_vad_16k.safetensors",
+            json!({"preset": "ternary"}),
+        ),
+        (
+            "digits_mlp_control/digits_mlp.safetensors",
+            json!({"preset": "binary"}),
+        ),
+        (
+            "digits_mlp_control/digits_mlp.safetensors",
+            json!({"preset": "kmeans4"}),
+        ),
         ("mnist8/mnist-8.onnx", json!({"preset": "deep-compression"})),
         (
             "digits_mlp_control/digits_mlp_weights.npz",
