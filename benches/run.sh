@@ -13,4 +13,5 @@ bash ../shared/cases/minilm_l3/get.sh "$OUT"
 KMEANS_BIN=$(cargo bench --bench kmeans --no-run --message-format=json 2>/dev/null |
   python3 -c "import json,sys; [print(m['executable']) for m in map(json.loads, sys.stdin) if m.get('executable') and m['target']['name'] == 'kmeans']")
 python3 benches/kmeans_vs_sklearn.py "$KMEANS_BIN" "$OUT" "$OUT/paraphrase-MiniLM-L3-v2.onnx" | tee "$OUT/kmeans.md"
+python3 benches/kmeans_every_weight.py "$KMEANS_BIN" "$OUT/paraphrase-MiniLM-L3-v2.onnx" | tee "$OUT/kmeans-every-weight.txt"
 python3 benches/e2e.py target/release/modelpress "$OUT"
