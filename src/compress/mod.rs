@@ -586,8 +586,15 @@ fn apply(step: &Step, t: &Tensor, w: &mut Working) -> Result<(), CompressError> 
                 !zero_cluster,
                 *algorithm,
             );
-            w.values = c.decode(shape);
-            let original = t.to_f32().unwrap_or_default();
+            let decoded = c.decode(shape);
+            // Against the values this step clustered (after any pruning), as k-means defines it.
+            let inertia: f64 = w
+                .values
+                .iter()
+                .zip(&decoded)
+                .map(|(a, b)| (f64::from(*a) - f64::from(*b)).powi(2))
+                .sum();
+            w.values = decoded;
             w.details.insert(
                 "kmeans".into(),
                 serde_json::json!({
@@ -595,7 +602,7 @@ fn apply(step: &Step, t: &Tensor, w: &mut Working) -> Result<(), CompressError> 
                     "k": c.k,
                     "algorithm": c.algorithm,
                     "zeros_fixed": c.zeros_fixed,
-                    "inertia": w.values.iter().zip(&original).map(|(a, b)| f64::from(a - b).powi(2)).sum::<f64>(),
+                    "inertia": inertia,
                 }),
             );
             w.encoding = Some(Encoding::Clustered(c));
