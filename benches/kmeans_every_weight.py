@@ -6,6 +6,12 @@ times them). CI checks the same on mnist8, silero_vad and digits
 
 usage: benches/kmeans_every_weight.py KMEANS_BIN MODEL.onnx
 """
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
 from onnx import numpy_helper
 from sklearn.cluster import KMeans
 BIN, M = sys.argv[1], sys.argv[2]

@@ -14,7 +14,8 @@
 //! `lloyd_never_regresses_against_plain_lloyd` checks it on tie-free data): it first takes
 //! exactly plain Lloyd's steps (nearest-centroid assignment with ties to the lower index,
 //! centroids to their cluster means, empty clusters' centroids left in place) to plain
-//! Lloyd's fixed point; scikit-learn stops earlier, at a tolerance. Only then, if clusters
+//! Lloyd's fixed point or scikit-learn's 300 iterations, whichever comes first (scikit-learn
+//! may stop earlier still, at a tolerance). Only then, if clusters
 //! are empty, it splits the costliest cluster at its best cut for each (lowering the inertia
 //! by that cut's gain, ≥ 0) and continues; assignment and update steps never raise the
 //! inertia, so it ends at or below plain Lloyd's fixed point. (Refilling empty clusters
@@ -27,6 +28,8 @@ use serde::Serialize;
 /// back-pointers (32 MiB).
 pub const OPTIMAL_BUDGET: usize = 8 << 20;
 const MAX_LLOYD_ITERATIONS: usize = 10_000;
+/// Plain Lloyd's iterations before empty clusters are refilled: scikit-learn's `max_iter`.
+const PLAIN_LLOYD_ITERATIONS: usize = 300;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -249,13 +252,15 @@ fn lloyd_bounds(p: &Prefix, mut centroids: Vec<f64>) -> (Vec<usize>, usize) {
         if iterations >= MAX_LLOYD_ITERATIONS {
             break;
         }
-        if next == bounds {
-            let empty = bounds.windows(2).any(|w| w[1] == w[0]);
-            if refill || !empty {
+        let converged = next == bounds;
+        if converged || (!refill && iterations >= PLAIN_LLOYD_ITERATIONS) {
+            let empty = next.windows(2).any(|w| w[1] == w[0]);
+            if refill || (converged && !empty) {
                 break;
             }
-            // Phase 2: plain Lloyd has converged with idle centroids.
-            refill = true;
+            // Phase 2: plain Lloyd has converged (or used scikit-learn's 300 iterations)
+            // with idle centroids; without idle ones it simply carries on.
+            refill = empty;
         }
         bounds = next;
         iterations += 1;
@@ -448,11 +453,12 @@ pub fn optimal_reference(values: &[f32], k: usize) -> f64 {
 }
 
 /// The slow, obvious Lloyd: O(n·k) assignment by scanning every centroid, centroids of empty
-/// clusters left where they are, stopped when no assignment changes.
+/// clusters left where they are, stopped when no assignment changes or after scikit-learn's
+/// 300 iterations.
 pub fn lloyd_reference(values: &[f32], init: &[f64]) -> Vec<f64> {
     let mut c = init.to_vec();
     let mut assignment: Vec<usize> = Vec::new();
-    for _ in 0..MAX_LLOYD_ITERATIONS {
+    for _ in 0..=PLAIN_LLOYD_ITERATIONS {
         let next: Vec<usize> = values
             .iter()
             .map(|&v| {
