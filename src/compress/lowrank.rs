@@ -301,6 +301,15 @@ fn not_smaller(rank: usize, rows: usize, cols: usize) -> String {
     )
 }
 
+/// Thin SVD of a row-major [rows, cols] matrix: U, σ (descending), V.
+pub(crate) fn thin_svd(
+    values: &[f32],
+    rows: usize,
+    cols: usize,
+) -> Option<(Mat<f32>, Vec<f64>, Mat<f32>)> {
+    exact_svd(&to_mat(values, rows, cols)).map(|d| (d.u, d.s, d.v))
+}
+
 /// Singular values of a matrix (descending), for references and sensitivity checks.
 pub fn singular_values(values: &[f32], rows: usize, cols: usize) -> Vec<f64> {
     exact_svd(&to_mat(values, rows, cols)).map_or_else(Vec::new, |d| d.s)

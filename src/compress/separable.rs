@@ -8,7 +8,7 @@
 //! Reconstruction loops have a fixed summation order, so an archive rebuilds `restored` bit
 //! for bit on any machine.
 
-use super::lowrank::{choose_rank, singular_values, RankRule};
+use super::lowrank::{choose_rank, singular_values, thin_svd, RankRule};
 use faer::Mat;
 use serde::Serialize;
 
@@ -62,14 +62,6 @@ impl Separable {
     }
 }
 
-fn filter_svd(filter: &[f32], kh: usize, kw: usize) -> Option<(Mat<f32>, Vec<f64>, Mat<f32>)> {
-    let m = Mat::from_fn(kh, kw, |i, j| filter[i * kw + j]);
-    let svd = m.thin_svd().ok()?;
-    let s = svd.S().column_vector();
-    let s = (0..s.nrows()).map(|i| f64::from(s[i])).collect();
-    Some((svd.U().to_owned(), s, svd.V().to_owned()))
-}
-
 /// Why a kernel is not a 2-D convolution kernel, if it is not.
 pub fn not_2d_kernel(shape: &[usize]) -> Option<String> {
     match shape {
@@ -92,7 +84,7 @@ pub fn separate(values: &[f32], shape: &[usize], rule: RankRule) -> Result<Separ
     let mut energy_by_rank = vec![0f64; full];
     let mut total = 0f64;
     for f in 0..o * c {
-        let d = filter_svd(&values[f * kh * kw..(f + 1) * kh * kw], kh, kw)
+        let d = thin_svd(&values[f * kh * kw..(f + 1) * kh * kw], kh, kw)
             .ok_or("the SVD of a filter did not converge")?;
         for (t, s) in d.1.iter().enumerate() {
             energy_by_rank[t] += s * s;
@@ -220,13 +212,7 @@ fn unfold_in(values: &[f32], o: usize, c: usize, s: usize) -> Vec<f32> {
 }
 
 fn left_vectors(values: &[f32], rows: usize, cols: usize) -> Option<(Mat<f32>, Vec<f64>)> {
-    let m = Mat::from_fn(rows, cols, |i, j| values[i * cols + j]);
-    let svd = m.thin_svd().ok()?;
-    let s = svd.S().column_vector();
-    Some((
-        svd.U().to_owned(),
-        (0..s.nrows()).map(|i| f64::from(s[i])).collect(),
-    ))
+    thin_svd(values, rows, cols).map(|(u, s, _)| (u, s))
 }
 
 /// Tucker-2 by HOSVD. `rule` applies to each channel mode (`Rank` gives both ranks, `Energy`
