@@ -83,6 +83,9 @@ pub fn compress(args: CompressArgs) -> i32 {
                 "compressed {} -> {} bytes (ratio {:.2}x), {} parameters, {} nonzero, {:.2} bits/weight",
                 s.original_bytes, s.compressed_bytes, s.ratio, s.parameters, s.nonzero_parameters, s.mean_bits_per_weight
             );
+            for w in &s.warnings {
+                eprintln!("warning[{}]: {}", w.code, w.message);
+            }
             for a in &out.artifacts {
                 say!(
                     "  {:<24} {:>12} bytes  sha256 {}",

@@ -8,6 +8,7 @@ pub mod api;
 pub mod cli;
 pub mod compress;
 pub mod config;
+pub mod deploy;
 pub mod error;
 pub mod formats;
 pub mod queue;

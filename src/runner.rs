@@ -1,7 +1,8 @@
 //! Runs one compression from a model file to artifact files in a directory. The worker and
 //! the CLI both call [`execute`], so a job and `modelpress compress` write the same bytes.
 
-use crate::compress::{self, CompressError, Control, Plan};
+use crate::compress::{self, report::Warning, CompressError, Control, Plan};
+use crate::deploy::{self, TensorForm};
 use crate::formats::{self, FormatError};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -10,7 +11,13 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
 pub struct Summary {
     pub original_bytes: u64,
+    /// The deployable file's size (as `deployable_bytes`), kept under its first name.
     pub compressed_bytes: u64,
+    /// Size of `model.<ext>`, the file a runtime loads; the restored model when no step
+    /// encoded anything.
+    #[serde(default)]
+    pub deployable_bytes: u64,
+    /// original_bytes / deployable_bytes.
     pub ratio: f64,
     pub parameters: u64,
     pub nonzero_parameters: u64,
@@ -18,6 +25,11 @@ pub struct Summary {
     /// Size of `model.mpz`, when the job wrote one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub archive_bytes: Option<u64>,
+    /// original_bytes / archive_bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub archive_ratio: Option<f64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<Warning>,
 }
 
 #[derive(Debug, Clone)]
@@ -97,23 +109,59 @@ pub fn execute(
     let ext = set.format.extension();
     let restored_bytes = formats::write_bytes(&outcome.restored)?;
     let mut notes = outcome.report.notes.clone();
-    let model = match (&outcome.encoded, set.format) {
+    let mut warnings = outcome.report.warnings.clone();
+    // The deployable file: bytes (None: the same bytes as restored) and extension.
+    let mut forms: Vec<TensorForm> = Vec::new();
+    let mut deploy_doc = serde_json::Value::Null;
+    let model = match (&outcome.encoded, &set.container) {
         (None, _) => None,
-        (Some(_), formats::Format::Onnx) => {
-            notes.push(
-                "ONNX: model.onnx holds the dense restored weights until deployable ONNX \
-                 (DequantizeLinear initializers) is built; bytes_after and bits_per_weight \
-                 give the size of the encoded form"
-                    .into(),
-            );
-            // The same bytes as restored.onnx: borrowed, not copied.
-            Some((None, "onnx"))
+        (Some(_), formats::Container::Onnx(c)) => {
+            let deployed = deploy::onnx::write(c, &outcome.restored.tensors, &outcome.encodings)?;
+            forms = deployed.tensors;
+            deploy_doc = serde_json::json!({
+                "file": "model.onnx",
+                "opset": deployed.opset,
+                "tensors": forms,
+            });
+            Some((Some(deployed.bytes), "onnx"))
         }
         (Some(enc), _) => {
             let (bytes, mext) = formats::write_encoded(&set, &enc.tensors, &enc.description)?;
             Some((Some(bytes), mext))
         }
     };
+    let dense: Vec<&TensorForm> = forms.iter().filter(|f| f.form == "dense").collect();
+    if !dense.is_empty() {
+        warnings.push(Warning::new(
+            "dense_fallback",
+            format!(
+                "{} encoded tensor(s) stay dense in the deployable file ({}); model.mpz holds them compactly",
+                dense.len(),
+                dense
+                    .iter()
+                    .take(5)
+                    .map(|f| format!("{}: {}", f.name, f.note.as_deref().unwrap_or("")))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ),
+        ));
+    }
+    // Tensors a step changed but that no encoding holds (pruning alone): their zeros are
+    // stored densely in every format but the archive.
+    let dense_changed = outcome
+        .report
+        .tensors
+        .iter()
+        .zip(&outcome.encodings)
+        .filter(|(t, e)| e.is_none() && !t.methods.is_empty())
+        .count();
+    if dense_changed > 0 {
+        notes.push(format!(
+            "{dense_changed} tensor(s) were changed without an encoding (e.g. unstructured pruning): \
+             their zeros are stored densely in model.{ext} and restored.{ext}, which are no smaller \
+             for it; model.mpz codes them sparsely"
+        ));
+    }
     let wants = |o: &str| plan.outputs.iter().any(|x| x == o);
     let archive = if wants("archive") {
         Some(formats::mpz::write(
@@ -127,30 +175,32 @@ pub fn execute(
     let input_format = set.format;
     // The original tensors are no longer needed: free them before writing artifacts.
     drop(set);
-    let model_bytes =
-        |m: &Option<Vec<u8>>| -> usize { m.as_ref().map_or(restored_bytes.len(), Vec::len) };
     if input_format == formats::Format::Npy && model.is_some() {
         notes.push("an .npy holds one array, so model.npz carries the codes and scales".into());
     }
-    let compressed_bytes = model
+    let deployable_bytes = model
         .as_ref()
-        .map(|(b, _)| model_bytes(b) as u64)
-        .unwrap_or(u64::MAX)
-        .min(restored_bytes.len() as u64)
-        .min(archive.as_ref().map_or(u64::MAX, |a| a.len() as u64));
+        .and_then(|(b, _)| b.as_ref().map(|b| b.len()))
+        .unwrap_or(restored_bytes.len()) as u64;
+    let ratio_of = |bytes: u64| {
+        if bytes > 0 {
+            original_bytes as f64 / bytes as f64
+        } else {
+            0.0
+        }
+    };
     let totals = &outcome.report.totals;
     let summary = Summary {
         original_bytes,
-        compressed_bytes,
-        ratio: if compressed_bytes > 0 {
-            original_bytes as f64 / compressed_bytes as f64
-        } else {
-            0.0
-        },
+        compressed_bytes: deployable_bytes,
+        deployable_bytes,
+        ratio: ratio_of(deployable_bytes),
         parameters: totals.parameters,
         nonzero_parameters: totals.nonzero_parameters,
         mean_bits_per_weight: totals.mean_bits_per_weight,
         archive_bytes: archive.as_ref().map(|a| a.len() as u64),
+        archive_ratio: archive.as_ref().map(|a| ratio_of(a.len() as u64)),
+        warnings: warnings.clone(),
     };
     let mut artifacts = Vec::new();
     if wants("model") {
@@ -172,8 +222,10 @@ pub fn execute(
     if wants("report") {
         let mut report = outcome.report;
         report.notes = notes;
+        report.warnings = warnings;
         let doc = serde_json::json!({
             "summary": summary,
+            "deployable": deploy_doc,
             "artifacts": artifacts.iter().map(|a| serde_json::json!({"name": a.name, "size_bytes": a.size_bytes, "sha256": a.sha256})).collect::<Vec<_>>(),
             "report": report,
         });

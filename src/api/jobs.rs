@@ -34,6 +34,7 @@ pub fn job_view(j: &JobRecord, artifacts: &[ArtifactRecord]) -> Value {
         "finished_at": j.finished_at.map(rfc3339),
         "error": error,
         "summary": j.summary,
+        "warnings": j.summary.as_ref().and_then(|s| s.get("warnings")).cloned().unwrap_or_else(|| json!([])),
         "artifacts": artifacts.iter().map(|a| json!({
             "name": a.name,
             "size_bytes": a.size_bytes,

@@ -76,6 +76,10 @@ pub enum Repr {
         scheme: Scheme,
         axis: Option<usize>,
         stream: Stream,
+        /// Group-wise quantization: inputs per scale within each channel (absent in
+        /// archives written before it existed).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        group_size: Option<usize>,
     },
     /// Codebook indices; symbol k is an exact zero. Sections: the stream's, `centroids`
     /// (f32, groups × k).
@@ -568,6 +572,7 @@ pub fn encode(
                     scheme: q.scheme,
                     axis: q.axis,
                     stream,
+                    group_size: q.group_size,
                 },
                 Encoding::Clustered(c) => Repr::Codebook {
                     bits: c.bits,
@@ -795,12 +800,20 @@ pub fn decode<'a>(
             scheme,
             axis,
             stream,
+            group_size,
         } => {
-            if !(1..=8).contains(bits) || !rank_axis_ok(*axis) || stream.alphabet != 1 << bits {
+            if !(1..=8).contains(bits)
+                || !rank_axis_ok(*axis)
+                || stream.alphabet != 1 << bits
+                || group_size.is_some_and(|g| g == 0 || g > n.max(1))
+            {
                 return Err(err("linear parameters out of range"));
             }
             let syms = read_stream(stream, n, section)?;
-            let ch = channels(*axis);
+            let ch = match group_size {
+                Some(g) => quantize::GroupLayout::new(shape, *axis, *g).groups(),
+                None => channels(*axis),
+            };
             let scales = f32_section(section("scales")?, ch, "scales")?;
             let zero_points: Vec<i8> = match scheme {
                 Scheme::Symmetric => Vec::new(),
@@ -828,6 +841,7 @@ pub fn decode<'a>(
                     scales,
                     zero_points,
                     codes,
+                    group_size: *group_size,
                 },
                 shape,
             )

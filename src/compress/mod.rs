@@ -49,6 +49,8 @@ pub struct Selector {
     pub include: Vec<glob::Pattern>,
     pub exclude: Vec<glob::Pattern>,
     pub min_params: usize,
+    /// Only tensors with one of these roles (empty: any role).
+    pub roles: Vec<Role>,
 }
 
 /// Default floor under which a tensor is left alone: tiny tensors cost nothing to store and
@@ -62,6 +64,14 @@ impl Selector {
         }
         if self.exclude.iter().any(|p| p.matches(&t.name)) {
             return false;
+        }
+        if !self.roles.is_empty() {
+            if !self.roles.contains(&t.role) {
+                return false;
+            }
+            if self.include.is_empty() {
+                return true;
+            }
         }
         if self.include.is_empty() {
             t.shape.len() >= 2 && matches!(t.role, Role::Weight | Role::Embedding)
@@ -100,6 +110,8 @@ pub enum Op {
         bits: u8,
         scheme: Scheme,
         granularity: Granularity,
+        /// Group-wise: inputs per scale within each output channel.
+        group_size: Option<usize>,
     },
     Kmeans {
         bits: u8,
@@ -176,6 +188,7 @@ impl Op {
                 bits,
                 scheme,
                 granularity,
+                group_size,
             } => format!(
                 "quantize(int{bits},{},{})",
                 if *scheme == Scheme::Affine {
@@ -183,7 +196,10 @@ impl Op {
                 } else {
                     "symmetric"
                 },
-                gran(*granularity)
+                match group_size {
+                    Some(g) => format!("group {g}"),
+                    None => gran(*granularity).to_string(),
+                }
             ),
             Op::Kmeans {
                 bits,
@@ -294,6 +310,9 @@ pub struct Outcome {
     /// One payload per tensor, in order, for `model.mpz`. A `Raw` payload without sections
     /// stands for the restored tensor's own bytes.
     pub archive: Vec<Payload>,
+    /// Each tensor's encoding, in order (None: stored as its restored values), for the
+    /// deployable forms.
+    pub encodings: Vec<Option<Encoding>>,
     pub report: Report,
 }
 
@@ -382,8 +401,15 @@ pub fn plan(set: &TensorSet, plan: &Plan) -> Vec<PlannedTensor> {
                     bits,
                     scheme,
                     granularity,
+                    group_size,
                 }) => {
-                    let ch = channels_of(t, *granularity);
+                    let ch = match group_size {
+                        Some(g) => {
+                            quantize::GroupLayout::new(&t.shape, axis_for(t, *granularity), *g)
+                                .groups() as u64
+                        }
+                        None => channels_of(t, *granularity),
+                    };
                     packed(u64::from(*bits)) + ch * if *scheme == Scheme::Affine { 5 } else { 4 }
                 }
                 Some(Op::Binary { granularity }) => packed(1) + 4 * channels_of(t, *granularity),
@@ -548,8 +574,13 @@ fn apply(step: &Step, t: &Tensor, w: &mut Working) -> Result<(), CompressError> 
             bits,
             scheme,
             granularity,
+            group_size,
         } => {
-            let q = quantize::quantize(&w.values, shape, *bits, *scheme, axis_for(t, *granularity));
+            let axis = axis_for(t, *granularity);
+            let q = match group_size {
+                Some(g) => quantize::quantize_grouped(&w.values, shape, *bits, *scheme, axis, *g),
+                None => quantize::quantize(&w.values, shape, *bits, *scheme, axis),
+            };
             w.values = quantize::dequantize(&q, shape);
             w.encoding = Some(Encoding::Quantized(q));
         }
@@ -813,6 +844,7 @@ fn assemble(set: &TensorSet, plan: &Plan, work: Vec<Option<Working>>) -> Outcome
     let mut description = Map::new();
     let mut reports = Vec::with_capacity(set.tensors.len());
     let mut archive = Vec::with_capacity(set.tensors.len());
+    let mut encodings = Vec::with_capacity(set.tensors.len());
     let mut totals = Totals::default();
     let mut stages = StageTotals::default();
     let (mut float_bits, mut float_params) = (0f64, 0u64);
@@ -892,8 +924,14 @@ fn assemble(set: &TensorSet, plan: &Plan, work: Vec<Option<Working>>) -> Outcome
         totals.archive_tensor_bytes += archive_bytes;
         stages.add(bytes_before, &stage);
         let (methods, skipped, details) = match w {
-            Some(w) => (w.methods, w.skipped, w.details),
-            None => (Vec::new(), Vec::new(), Map::new()),
+            Some(w) => {
+                encodings.push(w.encoding);
+                (w.methods, w.skipped, w.details)
+            }
+            None => {
+                encodings.push(None);
+                (Vec::new(), Vec::new(), Map::new())
+            }
         };
         totals.tensors_compressed += u64::from(!methods.is_empty());
         reports.push(TensorReport {
@@ -941,6 +979,18 @@ fn assemble(set: &TensorSet, plan: &Plan, work: Vec<Option<Working>>) -> Outcome
     {
         notes.push("no tensor matched the pipeline's selection: the model is unchanged".into());
     }
+    let mut warnings = Vec::new();
+    if totals.tensors_compressed == 0 {
+        warnings.push(report::Warning::new(
+            "nothing_compressed",
+            format!(
+                "no tensor was compressed: the pipeline selected none of the model's {} tensors ({} parameters); \
+                 the artifacts hold the model unchanged",
+                set.tensors.len(),
+                totals.parameters
+            ),
+        ));
+    }
     let report = Report {
         format: set.format.as_str().into(),
         steps: plan.steps_json.clone(),
@@ -948,6 +998,7 @@ fn assemble(set: &TensorSet, plan: &Plan, work: Vec<Option<Working>>) -> Outcome
         totals,
         deep_compression: stages.finish(),
         notes,
+        warnings,
     };
     Outcome {
         restored,
@@ -956,6 +1007,7 @@ fn assemble(set: &TensorSet, plan: &Plan, work: Vec<Option<Working>>) -> Outcome
             description: serde_json::json!({"format_version": 1, "tensors": Value::Object(description)}),
         }),
         archive,
+        encodings,
         report,
     }
 }
@@ -1055,8 +1107,9 @@ fn encode(
                     "storage": storage,
                     "shape": t.shape,
                     "scheme": q.scheme,
-                    "granularity": if q.axis.is_some() { "channel" } else { "tensor" },
+                    "granularity": if q.group_size.is_some() { "group" } else if q.axis.is_some() { "channel" } else { "tensor" },
                     "axis": q.axis,
+                    "group_size": q.group_size,
                     "scale": scale_name,
                     "zero_point": if q.zero_points.is_empty() { Value::Null } else { Value::String(zp_name) },
                     "original_dtype": t.dtype.name(),

@@ -27,6 +27,9 @@ pub struct Quantized {
     /// Empty for the symmetric scheme (its zero point is 0).
     pub zero_points: Vec<i8>,
     pub codes: Vec<i8>,
+    /// Group-wise quantization: inputs per scale within each channel (see [`GroupLayout`]);
+    /// `scales` then holds channels × blocks values. None: one scale per channel.
+    pub group_size: Option<usize>,
 }
 
 /// The tensor viewed as `outer × channels × inner` blocks around the channel axis.
@@ -56,6 +59,166 @@ impl ChannelLayout {
     /// The channel of flat element `i` (used by the reference implementations).
     pub fn channel_of(&self, i: usize) -> usize {
         (i / self.inner.max(1)) % self.channels.max(1)
+    }
+}
+
+/// Group-wise (block) layout: the tensor viewed as `outer × channels × inner` around its
+/// channel axis; a channel's inputs are k = outer_index·inner + inner_index (a MatMul weight
+/// [in, out]: the rows; a conv kernel [O, C, kh, kw]: C·kh·kw; an embedding [V, D]: D), cut
+/// into blocks of `group_size` (the last one may be shorter). Scale `c·blocks + k/group_size`.
+#[derive(Debug, Clone, Copy)]
+pub struct GroupLayout {
+    pub channel: ChannelLayout,
+    pub group_size: usize,
+    /// Blocks per channel.
+    pub blocks: usize,
+}
+
+impl GroupLayout {
+    pub fn new(shape: &[usize], axis: Option<usize>, group_size: usize) -> GroupLayout {
+        let channel = ChannelLayout::new(shape, axis);
+        let inputs = channel.outer * channel.inner;
+        // A group wider than the inputs is one group: stored as such, so that archives name
+        // no group larger than their tensor.
+        let group_size = group_size.clamp(1, inputs.max(1));
+        GroupLayout {
+            channel,
+            group_size,
+            blocks: inputs.div_ceil(group_size).max(1),
+        }
+    }
+    /// Number of scales.
+    pub fn groups(&self) -> usize {
+        self.channel.channels.max(1) * self.blocks
+    }
+    /// The group of flat element `i` (used by the reference implementations).
+    pub fn group_of(&self, i: usize) -> usize {
+        let inner = self.channel.inner.max(1);
+        let ch = self.channel.channels.max(1);
+        let (rest, j) = (i / inner, i % inner);
+        let (o, c) = (rest / ch, rest % ch);
+        c * self.blocks + (o * inner + j) / self.group_size
+    }
+    /// Calls `f(range, group)` for runs of consecutive elements in one group, in order.
+    fn for_each_run(&self, mut f: impl FnMut(std::ops::Range<usize>, usize)) {
+        let inner = self.channel.inner.max(1);
+        let ch = self.channel.channels.max(1);
+        for o in 0..self.channel.outer {
+            for c in 0..ch {
+                let base = (o * ch + c) * inner;
+                let k0 = o * inner;
+                let mut j = 0;
+                while j < inner {
+                    let block = (k0 + j) / self.group_size;
+                    let end = ((block + 1) * self.group_size - k0).min(inner);
+                    f(base + j..base + end, c * self.blocks + block);
+                    j = end;
+                }
+            }
+        }
+    }
+}
+
+/// Group-wise quantization: one scale (and zero point) per channel per block of
+/// `group_size` inputs. Values must be finite.
+pub fn quantize_grouped(
+    values: &[f32],
+    shape: &[usize],
+    bits: u8,
+    scheme: Scheme,
+    axis: Option<usize>,
+    group_size: usize,
+) -> Quantized {
+    let layout = GroupLayout::new(shape, axis, group_size);
+    let groups = layout.groups();
+    let (mut lo, mut hi) = (vec![f32::INFINITY; groups], vec![f32::NEG_INFINITY; groups]);
+    layout.for_each_run(|r, g| {
+        let (l, h) = min_max(&values[r]);
+        lo[g] = lo[g].min(l);
+        hi[g] = hi[g].max(h);
+    });
+    let (scales, zps): (Vec<f32>, Vec<i8>) = lo
+        .iter()
+        .zip(&hi)
+        .map(|(&l, &h)| {
+            let (l, h) = if l > h { (0.0, 0.0) } else { (l, h) };
+            params(l, h, bits, scheme)
+        })
+        .unzip();
+    let (qmin, qmax) = code_range(bits, scheme);
+    let mut codes = vec![0i8; values.len()];
+    layout.for_each_run(|r, g| {
+        let (s, z) = (scales[g], f32::from(zps[g]));
+        for (o, &v) in codes[r.clone()].iter_mut().zip(&values[r]) {
+            *o = fast_round((v / s).round_ties_even_fast().add_clamped(z, qmin, qmax));
+        }
+    });
+    Quantized {
+        bits,
+        scheme,
+        axis,
+        scales,
+        zero_points: if scheme == Scheme::Affine {
+            zps
+        } else {
+            Vec::new()
+        },
+        codes,
+        group_size: Some(layout.group_size),
+    }
+}
+
+/// The slow, obvious version of [`quantize_grouped`]: each element's group from its flat
+/// index.
+pub fn quantize_grouped_reference(
+    values: &[f32],
+    shape: &[usize],
+    bits: u8,
+    scheme: Scheme,
+    axis: Option<usize>,
+    group_size: usize,
+) -> Quantized {
+    let layout = GroupLayout::new(shape, axis, group_size);
+    let groups = layout.groups();
+    let mut lo = vec![f32::INFINITY; groups];
+    let mut hi = vec![f32::NEG_INFINITY; groups];
+    for (i, &v) in values.iter().enumerate() {
+        let g = layout.group_of(i);
+        lo[g] = lo[g].min(v);
+        hi[g] = hi[g].max(v);
+    }
+    let (mut scales, mut zps) = (Vec::new(), Vec::new());
+    for g in 0..groups {
+        let (l, h) = if lo[g] > hi[g] {
+            (0.0, 0.0)
+        } else {
+            (lo[g], hi[g])
+        };
+        let (s, z) = params(l, h, bits, scheme);
+        scales.push(s);
+        zps.push(z);
+    }
+    let (qmin, qmax) = code_range(bits, scheme);
+    let codes = values
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            let g = layout.group_of(i);
+            ((v / scales[g]).round_ties_even() + f32::from(zps[g])).clamp(qmin, qmax) as i8
+        })
+        .collect();
+    Quantized {
+        bits,
+        scheme,
+        axis,
+        scales,
+        zero_points: if scheme == Scheme::Affine {
+            zps
+        } else {
+            Vec::new()
+        },
+        codes,
+        group_size: Some(layout.group_size),
     }
 }
 
@@ -175,6 +338,7 @@ pub fn quantize(
             Vec::new()
         },
         codes,
+        group_size: None,
     }
 }
 
@@ -201,6 +365,18 @@ impl RoundHelpers for f32 {
 
 /// Values the codes stand for.
 pub fn dequantize(q: &Quantized, shape: &[usize]) -> Vec<f32> {
+    if let Some(g) = q.group_size {
+        let layout = GroupLayout::new(shape, q.axis, g);
+        let zp = |g: usize| f32::from(q.zero_points.get(g).copied().unwrap_or(0));
+        let mut out = vec![0f32; q.codes.len()];
+        layout.for_each_run(|r, g| {
+            let (s, z) = (q.scales[g], zp(g));
+            for (v, &k) in out[r.clone()].iter_mut().zip(&q.codes[r]) {
+                *v = (f32::from(k) - z) * s;
+            }
+        });
+        return out;
+    }
     let layout = ChannelLayout::new(shape, q.axis);
     let ch = layout.channels.max(1);
     let zp = |c: usize| f32::from(q.zero_points.get(c).copied().unwrap_or(0));
@@ -273,6 +449,7 @@ pub fn quantize_reference(
             Vec::new()
         },
         codes,
+        group_size: None,
     }
 }
 
@@ -347,6 +524,61 @@ mod tests {
         fn quantize_matches_reference(p in problem()) {
             p.check();
         }
+
+        #[test]
+        fn grouped_quantize_matches_reference(p in problem(), group in 1usize..9) {
+            GroupedProblem { base: p, group }.check();
+        }
+    }
+
+    /// A [`QuantizeProblem`] quantized in blocks of `group` inputs per channel.
+    #[derive(Debug, Clone)]
+    struct GroupedProblem {
+        base: QuantizeProblem,
+        group: usize,
+    }
+
+    impl GroupedProblem {
+        fn check(&self) {
+            let p = &self.base;
+            let fast = quantize_grouped(&p.values, &p.shape, p.bits, p.scheme, p.axis, self.group);
+            let slow = quantize_grouped_reference(
+                &p.values, &p.shape, p.bits, p.scheme, p.axis, self.group,
+            );
+            Tolerance::Exact.assert_i8(&fast.codes, &slow.codes);
+            assert_eq!(fast.scales, slow.scales);
+            assert_eq!(fast.zero_points, slow.zero_points);
+            let layout = GroupLayout::new(&p.shape, p.axis, self.group);
+            assert_eq!(fast.scales.len(), layout.groups());
+            let back = dequantize(&fast, &p.shape);
+            for (i, (&v, &d)) in p.values.iter().zip(&back).enumerate() {
+                Tolerance::HalfStep(fast.scales[layout.group_of(i)]).assert_close(v, d);
+            }
+            // A group as wide as the inputs is per-channel quantization.
+            let whole = quantize_grouped(
+                &p.values,
+                &p.shape,
+                p.bits,
+                p.scheme,
+                p.axis,
+                p.values.len(),
+            );
+            let channel = quantize(&p.values, &p.shape, p.bits, p.scheme, p.axis);
+            assert_eq!(whole.codes, channel.codes);
+            assert_eq!(whole.scales, channel.scales);
+        }
+    }
+
+    #[test]
+    fn groups_cut_a_matmul_weights_rows_and_an_embeddings_columns() {
+        // MatMul [in=4, out=2], channel axis last: groups of 2 rows per column.
+        let l = GroupLayout::new(&[4, 2], Some(1), 2);
+        let groups: Vec<usize> = (0..8).map(|i| l.group_of(i)).collect();
+        assert_eq!(groups, [0, 2, 0, 2, 1, 3, 1, 3]);
+        // Embedding [2, 6], channel axis first: groups of 4 columns, the last one short.
+        let l = GroupLayout::new(&[2, 6], Some(0), 4);
+        let groups: Vec<usize> = (0..12).map(|i| l.group_of(i)).collect();
+        assert_eq!(groups, [0, 0, 0, 0, 1, 1, 2, 2, 2, 2, 3, 3]);
     }
 
     #[test]

@@ -88,6 +88,24 @@ impl StageTotals {
     }
 }
 
+/// Something a user must know about a job that still succeeded; clients switch on `code`.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct Warning {
+    /// Stable: `nothing_compressed` (no tensor was changed), `dense_fallback` (an encoded
+    /// tensor stays dense in the deployable file).
+    pub code: String,
+    pub message: String,
+}
+
+impl Warning {
+    pub fn new(code: &str, message: impl Into<String>) -> Warning {
+        Warning {
+            code: code.into(),
+            message: message.into(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
     pub format: String,
@@ -96,6 +114,8 @@ pub struct Report {
     pub totals: Totals,
     pub deep_compression: StageTotals,
     pub notes: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<Warning>,
 }
 
 /// Error figures of `after` against `before`.

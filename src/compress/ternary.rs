@@ -51,6 +51,7 @@ pub fn binarize(values: &[f32], shape: &[usize], axis: Option<usize>) -> Quantiz
         scales,
         zero_points: Vec::new(),
         codes,
+        group_size: None,
     }
 }
 
@@ -95,6 +96,7 @@ pub fn ternarize(values: &[f32], shape: &[usize], axis: Option<usize>, factor: f
         scales,
         zero_points: Vec::new(),
         codes,
+        group_size: None,
     }
 }
 
@@ -124,6 +126,7 @@ pub fn binarize_reference(values: &[f32], shape: &[usize], axis: Option<usize>) 
             .iter()
             .map(|&v| if v < 0.0 { -1 } else { 1 })
             .collect(),
+        group_size: None,
     }
 }
 
@@ -163,6 +166,7 @@ pub fn ternarize_reference(
         scales,
         zero_points: Vec::new(),
         codes,
+        group_size: None,
     }
 }
 

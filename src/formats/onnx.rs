@@ -354,6 +354,16 @@ impl OnnxContainer {
 
 /// Writes the model with the given tensor values; tensors match initializers by position.
 pub fn write(c: &OnnxContainer, tensors: &[Tensor]) -> Result<Vec<u8>, FormatError> {
+    Ok(fill(c, tensors, &[])?.encode_to_vec())
+}
+
+/// The model with the given tensor values, as a protobuf to edit further. Initializers whose
+/// position is `true` in `leave_out` are removed (a graph edit replaces them).
+pub fn fill(
+    c: &OnnxContainer,
+    tensors: &[Tensor],
+    leave_out: &[bool],
+) -> Result<ModelProto, FormatError> {
     // Cheap: the retained graph holds no initializer payloads.
     let mut model = c.model.clone();
     let graph = model
@@ -365,20 +375,33 @@ pub fn write(c: &OnnxContainer, tensors: &[Tensor]) -> Result<Vec<u8>, FormatErr
             "tensor count differs from the graph".into(),
         ));
     }
-    for ((init, t), orig) in graph.initializer.iter_mut().zip(tensors).zip(&c.originals) {
+    for (init, t) in graph.initializer.iter().zip(tensors) {
         let dtype = dtype_from(init.data_type).map_err(|e| FormatError::Write(e.to_string()))?;
         if dtype != t.dtype || init.name != t.name {
             return Err(FormatError::Write(format!(
-                "initializer {:?} changed type; graph rewriting comes with deployable ONNX",
+                "initializer {:?} changed type or name",
                 init.name
             )));
         }
+    }
+    let mut kept = Vec::with_capacity(tensors.len());
+    for (i, ((mut init, t), orig)) in std::mem::take(&mut graph.initializer)
+        .into_iter()
+        .zip(tensors)
+        .zip(&c.originals)
+        .enumerate()
+    {
+        if leave_out.get(i).copied().unwrap_or(false) {
+            continue;
+        }
         let unchanged = fingerprint(&t.data) == orig.fingerprint;
         if unchanged && !orig.raw {
-            set_typed(init, dtype, &t.data);
+            set_typed(&mut init, t.dtype, &t.data);
         } else {
             init.raw_data = t.data.clone();
         }
+        kept.push(init);
     }
-    Ok(model.encode_to_vec())
+    graph.initializer = kept;
+    Ok(model)
 }

@@ -69,11 +69,17 @@ async fn mnist8_int8_restored_runs_in_onnxruntime_within_0_3_points() {
     assert_eq!(t("Parameter6")["methods"], json!([]));
     assert!(t("Parameter87")["sqnr_db"].as_f64().unwrap() > 30.0);
     assert_eq!(job["summary"]["parameters"], 5998);
-    assert!(report["report"]["notes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .any(|n| n.as_str().unwrap().contains("model.onnx holds the dense")));
+    // model.onnx is the deployable form: int8 codes rebuilt by Cast+Mul (opset 8 has no
+    // per-axis DequantizeLinear), smaller than onnxruntime's own int8 file (17,687 B).
+    let forms = report["deployable"]["tensors"].as_array().unwrap();
+    assert_eq!(forms.len(), 2, "{forms:?}");
+    assert!(forms.iter().all(|f| f["form"] == "Cast+Mul"), "{forms:?}");
+    let deployable = job["summary"]["deployable_bytes"].as_u64().unwrap();
+    assert!(deployable < 17_687, "{deployable}");
+    assert_eq!(
+        job["summary"]["compressed_bytes"].as_u64(),
+        Some(deployable)
+    );
     app.stop().await;
 }
 
@@ -93,14 +99,15 @@ async fn silero_safetensors_int8_loads_in_python_and_matches_the_report() {
     }
     let summary = &job["summary"];
     assert!(summary["ratio"].as_f64().unwrap() > 3.5, "{summary}");
-    // The smaller of model.safetensors and model.mpz.
+    // The deployable file is model.safetensors; the archive has a ratio of its own.
     let model_len = std::fs::metadata(dir.join("model.safetensors"))
         .unwrap()
         .len();
-    assert_eq!(
-        summary["compressed_bytes"].as_u64().unwrap(),
-        model_len.min(summary["archive_bytes"].as_u64().unwrap())
-    );
+    assert_eq!(summary["deployable_bytes"].as_u64().unwrap(), model_len);
+    assert_eq!(summary["compressed_bytes"].as_u64().unwrap(), model_len);
+    let archive = summary["archive_bytes"].as_u64().unwrap() as f64;
+    let original = summary["original_bytes"].as_u64().unwrap() as f64;
+    assert!((summary["archive_ratio"].as_f64().unwrap() - original / archive).abs() < 1e-9);
     let script = r#"
 import json, sys, numpy as np
 from safetensors.numpy import load_file

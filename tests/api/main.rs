@@ -4,6 +4,7 @@ mod archive;
 mod cli;
 mod corrupt;
 mod crash;
+mod deploy;
 mod formats;
 mod fuzz;
 mod helpers;

@@ -1,0 +1,644 @@
+//! `model.onnx` at its compressed size: each encoded weight's initializer is replaced by its
+//! compact parts (integer codes, scales, codebooks, factors) and a small subgraph of standard
+//! ONNX ops that rebuilds the dense weight under the same name, so every consumer (Conv,
+//! MatMul, Gather, LSTM, a node inside an `If` branch) reads it unchanged. The subgraph only
+//! depends on initializers, so runtimes fold it once at load time (onnxruntime does).
+//!
+//! Forms, by encoding:
+//! - int8: `DequantizeLinear` (per tensor from opset 10, per axis from 13), else `Cast`+`Mul`;
+//! - int1..int7 and k-means indices: the packed bytes of `compress::pack` unpacked with
+//!   `Div`/`Floor`/`Sub` (and a `MatMul` by powers of two when a symbol spans bytes), then
+//!   `Sub`/`Mul` by offsets and scales, or `Gather` from the codebook;
+//! - float16/bfloat16: `Cast`;
+//! - low-rank, separable and Tucker-2 factors: `MatMul` of the factors and `Reshape`.
+//!
+//! Every op used exists from opset 7 with numpy broadcasting; a model below that keeps dense
+//! weights, and the report says so.
+
+use super::TensorForm;
+use crate::compress::{
+    cast::CastType, kmeans::Clustered, lowrank::Factors, pack, quantize::GroupLayout,
+    quantize::Quantized, separable::Separable, separable::Tucker2, Encoding,
+};
+use crate::formats::onnx::{self as onnx_format, OnnxContainer};
+use crate::formats::{DType, FormatError, Tensor};
+use prost::Message;
+use std::collections::HashSet;
+use tract_onnx::pb::{
+    attribute_proto::AttributeType, tensor_proto::DataType, tensor_shape_proto, type_proto,
+    AttributeProto, GraphProto, ModelProto, NodeProto, TensorProto, TensorShapeProto, TypeProto,
+    ValueInfoProto,
+};
+
+/// Cast with an integer `to` and Floor exist from opset 6; numpy broadcasting in
+/// Add/Sub/Mul/Div from 7.
+pub const MIN_OPSET: i64 = 7;
+
+/// The deployable model and how each encoded tensor went into it.
+pub struct Deployed {
+    pub bytes: Vec<u8>,
+    pub tensors: Vec<TensorForm>,
+    /// The default-domain opset of the written model.
+    pub opset: i64,
+}
+
+/// The default ONNX domain's opset version (0 when the model imports none).
+pub fn default_opset(model: &ModelProto) -> i64 {
+    model
+        .opset_import
+        .iter()
+        .filter(|o| o.domain.is_empty() || o.domain == "ai.onnx")
+        .map(|o| o.version)
+        .max()
+        .unwrap_or(0)
+}
+
+/// Every value and node name in the model, subgraphs included, so new names never clash.
+struct Names {
+    taken: HashSet<String>,
+}
+
+impl Names {
+    fn of(model: &ModelProto) -> Names {
+        fn walk(g: &GraphProto, taken: &mut HashSet<String>) {
+            for v in g.input.iter().chain(&g.output).chain(&g.value_info) {
+                taken.insert(v.name.clone());
+            }
+            for i in &g.initializer {
+                taken.insert(i.name.clone());
+            }
+            for n in &g.node {
+                taken.insert(n.name.clone());
+                for x in n.input.iter().chain(&n.output) {
+                    taken.insert(x.clone());
+                }
+                for a in &n.attribute {
+                    for sub in a.g.iter().chain(&a.graphs) {
+                        walk(sub, taken);
+                    }
+                }
+            }
+        }
+        let mut taken = HashSet::new();
+        if let Some(g) = &model.graph {
+            walk(g, &mut taken);
+        }
+        Names { taken }
+    }
+
+    fn fresh(&mut self, base: &str, suffix: &str) -> String {
+        let mut name = format!("{base}__mp_{suffix}");
+        let mut i = 1;
+        while self.taken.contains(&name) {
+            name = format!("{base}__mp_{suffix}{i}");
+            i += 1;
+        }
+        self.taken.insert(name.clone());
+        name
+    }
+}
+
+fn attr_int(name: &str, i: i64) -> AttributeProto {
+    AttributeProto {
+        name: name.into(),
+        r#type: AttributeType::Int as i32,
+        i,
+        ..Default::default()
+    }
+}
+
+fn attr_ints(name: &str, ints: Vec<i64>) -> AttributeProto {
+    AttributeProto {
+        name: name.into(),
+        r#type: AttributeType::Ints as i32,
+        ints,
+        ..Default::default()
+    }
+}
+
+fn dims_i64(dims: &[usize]) -> Vec<i64> {
+    dims.iter().map(|&d| d as i64).collect()
+}
+
+/// The graph edits that rebuild one weight.
+struct Edit<'a> {
+    names: &'a mut Names,
+    opset: i64,
+    weight: String,
+    inits: Vec<TensorProto>,
+    nodes: Vec<NodeProto>,
+    bytes: u64,
+}
+
+impl Edit<'_> {
+    fn init(&mut self, suffix: &str, dt: DataType, dims: &[usize], raw: Vec<u8>) -> String {
+        let name = self.names.fresh(&self.weight, suffix);
+        self.bytes += raw.len() as u64;
+        self.inits.push(TensorProto {
+            name: name.clone(),
+            data_type: dt as i32,
+            dims: dims_i64(dims),
+            raw_data: raw,
+            ..Default::default()
+        });
+        name
+    }
+
+    fn floats(&mut self, suffix: &str, dims: &[usize], values: &[f32]) -> String {
+        let raw = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.init(suffix, DataType::Float, dims, raw)
+    }
+
+    fn int64s(&mut self, suffix: &str, values: &[i64]) -> String {
+        let raw = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.init(suffix, DataType::Int64, &[values.len()], raw)
+    }
+
+    /// Adds a node; its output is a fresh name, or the weight's own name when `last`.
+    fn op(
+        &mut self,
+        op_type: &str,
+        inputs: Vec<String>,
+        attribute: Vec<AttributeProto>,
+        last: bool,
+    ) -> String {
+        let output = if last {
+            self.weight.clone()
+        } else {
+            self.names
+                .fresh(&self.weight, &op_type.to_ascii_lowercase())
+        };
+        let name = self.names.fresh(&self.weight, &format!("{op_type}_node"));
+        self.nodes.push(NodeProto {
+            input: inputs,
+            output: vec![output.clone()],
+            name,
+            op_type: op_type.into(),
+            attribute,
+            ..Default::default()
+        });
+        output
+    }
+
+    fn cast(&mut self, x: String, to: DataType, last: bool) -> String {
+        self.op("Cast", vec![x], vec![attr_int("to", to as i64)], last)
+    }
+
+    fn binary(&mut self, op: &str, a: String, b: String, last: bool) -> String {
+        self.op(op, vec![a, b], Vec::new(), last)
+    }
+
+    fn reshape(&mut self, x: String, dims: &[usize], last: bool) -> String {
+        let shape = self.int64s("shape", &dims_i64(dims));
+        self.op("Reshape", vec![x, shape], Vec::new(), last)
+    }
+
+    /// The first `len` elements along `axis` (Slice takes attributes before opset 10).
+    fn head(&mut self, x: String, axis: usize, len: usize) -> String {
+        let axis = axis as i64;
+        if self.opset >= 10 {
+            let starts = self.int64s("starts", &[0]);
+            let ends = self.int64s("ends", &[len as i64]);
+            let axes = self.int64s("axes", &[axis]);
+            self.op("Slice", vec![x, starts, ends, axes], Vec::new(), false)
+        } else {
+            self.op(
+                "Slice",
+                vec![x],
+                vec![
+                    attr_ints("starts", vec![0]),
+                    attr_ints("ends", vec![len as i64]),
+                    attr_ints("axes", vec![axis]),
+                ],
+                false,
+            )
+        }
+    }
+
+    /// `count` symbols of `width` bits, packed least significant bit first (`pack::pack`),
+    /// as float32 values [count]. Every step is exact: the values are small integers.
+    fn unpack(&mut self, packed: Vec<u8>, width: u8, count: usize) -> String {
+        let n = packed.len();
+        if width == 8 {
+            let codes = self.init("codes", DataType::Uint8, &[n], packed);
+            return self.cast(codes, DataType::Float, false);
+        }
+        // A width that divides 8 takes whole digits of base 2^width from each byte; any other
+        // width goes through single bits, regrouped by a product with powers of two.
+        let digit = if 8 % width == 0 { width } else { 1 };
+        let per_byte = usize::from(8 / digit);
+        let bytes = self.init("packed", DataType::Uint8, &[n, 1], packed);
+        let x = self.cast(bytes, DataType::Float, false);
+        let shifts: Vec<f32> = (0..per_byte)
+            .map(|j| (1u32 << (j * usize::from(digit))) as f32)
+            .collect();
+        let shifts = self.floats("shifts", &[per_byte], &shifts);
+        let shifted = self.binary("Div", x, shifts, false);
+        let shifted = self.op("Floor", vec![shifted], Vec::new(), false);
+        let base = self.floats("base", &[], &[(1u32 << digit) as f32]);
+        let above = self.binary("Div", shifted.clone(), base.clone(), false);
+        let above = self.op("Floor", vec![above], Vec::new(), false);
+        let above = self.binary("Mul", above, base, false);
+        let digits = self.binary("Sub", shifted, above, false);
+        let flat_len = n * per_byte;
+        let flat = self.reshape(digits, &[flat_len], false);
+        let needed = count * usize::from(width / digit);
+        let flat = if needed < flat_len {
+            self.head(flat, 0, needed)
+        } else {
+            flat
+        };
+        if digit == width {
+            return flat;
+        }
+        let bits = self.reshape(flat, &[count, usize::from(width)], false);
+        let powers: Vec<f32> = (0..width).map(|j| (1u32 << j) as f32).collect();
+        let powers = self.floats("powers", &[usize::from(width)], &powers);
+        self.binary("MatMul", bits, powers, false)
+    }
+}
+
+/// Dims that broadcast a per-channel vector along `axis` of a tensor of `shape`.
+fn channel_dims(shape: &[usize], axis: Option<usize>) -> Vec<usize> {
+    match axis {
+        Some(a) if a < shape.len() => {
+            let mut d = vec![shape[a]];
+            d.extend(std::iter::repeat_n(1, shape.len() - a - 1));
+            d
+        }
+        _ => Vec::new(),
+    }
+}
+
+fn quantized(e: &mut Edit, q: &Quantized, shape: &[usize]) -> String {
+    if let Some(g) = q.group_size {
+        return grouped(e, q, shape, g);
+    }
+    let count = q.codes.len();
+    let dims = channel_dims(shape, q.axis);
+    if q.bits == 8 {
+        let codes = q.codes.iter().map(|&c| c as u8).collect();
+        let codes = e.init("quantized", DataType::Int8, shape, codes);
+        let per_axis = q.axis.is_some() && q.scales.len() > 1;
+        if e.opset >= 13 || (!per_axis && e.opset >= 10) {
+            let vec_dims: Vec<usize> = if per_axis {
+                vec![q.scales.len()]
+            } else {
+                Vec::new()
+            };
+            let mut inputs = vec![codes, e.floats("scale", &vec_dims, &q.scales)];
+            if !q.zero_points.is_empty() {
+                let zp = q.zero_points.iter().map(|&z| z as u8).collect();
+                inputs.push(e.init("zero_point", DataType::Int8, &vec_dims, zp));
+            }
+            let attrs = match (per_axis, q.axis) {
+                (true, Some(a)) => vec![attr_int("axis", a as i64)],
+                _ => Vec::new(),
+            };
+            e.op("DequantizeLinear", inputs, attrs, true);
+            return "DequantizeLinear".into();
+        }
+        let mut x = e.cast(codes, DataType::Float, false);
+        if !q.zero_points.is_empty() {
+            let zp: Vec<f32> = q.zero_points.iter().map(|&z| f32::from(z)).collect();
+            let zp = e.floats("zero_point", &dims, &zp);
+            x = e.binary("Sub", x, zp, false);
+        }
+        let scale = e.floats("scale", &dims, &q.scales);
+        e.binary("Mul", x, scale, true);
+        return "Cast+Mul".into();
+    }
+    let (symbols, offset) = unsigned_symbols(&q.codes, q.bits);
+    let packed = pack::pack(&symbols, q.bits);
+    let mut x = e.unpack(packed, q.bits, count);
+    x = e.reshape(x, shape, false);
+    if q.bits == 1 {
+        let two = e.floats("two", &[], &[2.0]);
+        x = e.binary("Mul", x, two, false);
+    }
+    // (s - offset - zero_point) · scale, the offset and zero point summed first: all small
+    // integers, so the sum is exact and the result equals dequantize() bit for bit.
+    let bias: Vec<f32> = if q.zero_points.is_empty() {
+        vec![offset]
+    } else {
+        q.zero_points
+            .iter()
+            .map(|&z| offset + f32::from(z))
+            .collect()
+    };
+    let bias_dims = if q.zero_points.is_empty() {
+        Vec::new()
+    } else {
+        dims.clone()
+    };
+    let bias = e.floats("offset", &bias_dims, &bias);
+    x = e.binary("Sub", x, bias, false);
+    let scale = e.floats("scale", &dims, &q.scales);
+    e.binary("Mul", x, scale, true);
+    format!("unpack(int{})+Mul", q.bits)
+}
+
+/// Symbols as `model.<ext>` stores them: 1 bit is the sign, wider codes are offset by
+/// 2^(bits-1) to be unsigned. Returns the symbols and the offset to subtract.
+fn unsigned_symbols(codes: &[i8], bits: u8) -> (Vec<u32>, f32) {
+    if bits == 1 {
+        (codes.iter().map(|&c| u32::from(c > 0)).collect(), 1.0)
+    } else {
+        let off = 1i32 << (bits - 1);
+        (
+            codes.iter().map(|&c| (i32::from(c) + off) as u32).collect(),
+            off as f32,
+        )
+    }
+}
+
+/// Group-wise codes: the weight viewed as [channels, blocks, group] (channel axis first, or
+/// no axis) or [blocks, group, channels] (channel axis last), padded to whole blocks, scaled
+/// by [channels, blocks, 1] or [blocks, 1, channels], then cut back and reshaped.
+fn grouped(e: &mut Edit, q: &Quantized, shape: &[usize], group_size: usize) -> String {
+    let l = GroupLayout::new(shape, q.axis, group_size);
+    let (ch, nb, g) = (l.channel.channels.max(1), l.blocks, l.group_size);
+    let k = l.channel.outer * l.channel.inner;
+    let kp = nb * g;
+    let rows_first = l.channel.outer == 1;
+    let mut codes = Vec::with_capacity(ch * kp);
+    if rows_first {
+        for row in q.codes.chunks(k.max(1)) {
+            codes.extend_from_slice(row);
+            codes.extend(std::iter::repeat_n(0i8, kp - k));
+        }
+    } else {
+        codes.extend_from_slice(&q.codes);
+        codes.extend(std::iter::repeat_n(0i8, (kp - k) * ch));
+    }
+    let (view, scale_dims, flat) = if rows_first {
+        ([ch, nb, g], [ch, nb, 1], [ch, kp])
+    } else {
+        ([nb, g, ch], [nb, 1, ch], [kp, ch])
+    };
+    // Scales are stored channel-major (c·blocks + b); the second view wants block-major.
+    let reorder = |v: &[f32]| -> Vec<f32> {
+        if rows_first {
+            v.to_vec()
+        } else {
+            (0..nb)
+                .flat_map(|b| (0..ch).map(move |c| v[c * nb + b]))
+                .collect()
+        }
+    };
+    let zero_points: Vec<f32> = q.zero_points.iter().map(|&z| f32::from(z)).collect();
+    let (mut x, offset, form) = if q.bits == 8 {
+        let raw = codes.iter().map(|&c| c as u8).collect();
+        let init = e.init("quantized", DataType::Int8, &view, raw);
+        (
+            e.cast(init, DataType::Float, false),
+            0.0,
+            format!("Cast+Mul(group {g})"),
+        )
+    } else {
+        let (symbols, offset) = unsigned_symbols(&codes, q.bits);
+        let packed = pack::pack(&symbols, q.bits);
+        let x = e.unpack(packed, q.bits, codes.len());
+        let mut x = e.reshape(x, &view, false);
+        if q.bits == 1 {
+            let two = e.floats("two", &[], &[2.0]);
+            x = e.binary("Mul", x, two, false);
+        }
+        (x, offset, format!("unpack(int{})+Mul(group {g})", q.bits))
+    };
+    if !zero_points.is_empty() {
+        let bias: Vec<f32> = reorder(&zero_points).iter().map(|z| offset + z).collect();
+        let bias = e.floats("offset", &scale_dims, &bias);
+        x = e.binary("Sub", x, bias, false);
+    } else if offset != 0.0 {
+        let bias = e.floats("offset", &[], &[offset]);
+        x = e.binary("Sub", x, bias, false);
+    }
+    let scale = e.floats("scale", &scale_dims, &reorder(&q.scales));
+    x = e.binary("Mul", x, scale, false);
+    if kp > k {
+        x = e.reshape(x, &flat, false);
+        x = e.head(x, usize::from(rows_first), k);
+    }
+    e.reshape(x, shape, true);
+    form
+}
+
+fn clustered(e: &mut Edit, c: &Clustered, shape: &[usize]) -> String {
+    let width = pack::width_for(c.symbols());
+    let symbols: Vec<u32> = c.indices.iter().map(|&i| u32::from(i)).collect();
+    let packed = pack::pack(&symbols, width);
+    let mut x = e.unpack(packed, width, c.indices.len());
+    x = e.reshape(x, shape, false);
+    // Each group's book gains a zero at index k, the code of weights kept out of clustering.
+    let k = c.k.max(1);
+    let groups = c.centroids.len() / k;
+    let mut book = Vec::with_capacity(groups * (k + 1));
+    for g in c.centroids.chunks_exact(k) {
+        book.extend_from_slice(g);
+        book.push(0.0);
+    }
+    if groups > 1 {
+        let offsets: Vec<f32> = (0..groups).map(|g| (g * (k + 1)) as f32).collect();
+        let offsets = e.floats("book_offset", &channel_dims(shape, c.axis), &offsets);
+        x = e.binary("Add", x, offsets, false);
+    }
+    let idx = e.cast(x, DataType::Int64, false);
+    let book = e.floats("codebook", &[book.len()], &book);
+    e.op("Gather", vec![book, idx], vec![attr_int("axis", 0)], true);
+    format!("unpack(uint{width})+Gather(codebook)")
+}
+
+fn factors(e: &mut Edit, f: &Factors, shape: &[usize]) -> String {
+    let a = e.floats("lowrank_a", &[f.rows, f.rank], &f.a);
+    let b = e.floats("lowrank_b", &[f.rank, f.cols], &f.b);
+    let same = shape == [f.rows, f.cols];
+    let w = e.binary("MatMul", a, b, same);
+    if !same {
+        e.reshape(w, shape, true);
+    }
+    "MatMul(factors)".into()
+}
+
+fn separable(e: &mut Edit, s: &Separable, shape: &[usize]) -> String {
+    let [o, c, kh, kw] = s.shape;
+    let v = e.floats("vertical", &[o, c, kh, s.rank], &s.v);
+    let h = e.floats("horizontal", &[o, c, s.rank, kw], &s.h);
+    let same = shape == s.shape;
+    let w = e.binary("MatMul", v, h, same);
+    if !same {
+        e.reshape(w, shape, true);
+    }
+    "MatMul(separable)".into()
+}
+
+fn tucker(e: &mut Edit, k: &Tucker2, shape: &[usize]) -> String {
+    let u_in = e.floats("u_in", &[k.in_channels, k.rank_in], &k.u_in);
+    let core = e.floats("core", &[k.rank_out, k.rank_in, k.window], &k.core);
+    let u_out = e.floats("u_out", &[k.out_channels, k.rank_out], &k.u_out);
+    // [C, R_in] · [R_out, R_in, window] broadcasts to [R_out, C, window].
+    let t = e.binary("MatMul", u_in, core, false);
+    let t = e.reshape(t, &[k.rank_out, k.in_channels * k.window], false);
+    let w = e.binary("MatMul", u_out, t, false);
+    e.reshape(w, shape, true);
+    "MatMul(tucker2)".into()
+}
+
+fn cast(e: &mut Edit, dtype: CastType, bits: &[u16], shape: &[usize]) -> String {
+    let raw = bits.iter().flat_map(|b| b.to_le_bytes()).collect();
+    let dt = match dtype {
+        CastType::Float16 => DataType::Float16,
+        CastType::Bfloat16 => DataType::Bfloat16,
+    };
+    let x = e.init(dtype.name(), dt, shape, raw);
+    e.cast(x, DataType::Float, true);
+    "Cast".into()
+}
+
+/// Why a tensor keeps its dense weights in the deployable file, if it must.
+fn refusal(t: &Tensor, enc: &Encoding, opset: i64) -> Option<String> {
+    if t.dtype != DType::F32 {
+        return Some(format!(
+            "only float32 weights are rewritten; this one is {}",
+            t.dtype.name()
+        ));
+    }
+    if opset < MIN_OPSET {
+        return Some(format!(
+            "the model's opset {opset} is below {MIN_OPSET}, the first with the ops the compact form needs"
+        ));
+    }
+    if let Encoding::Cast {
+        dtype: CastType::Bfloat16,
+        ..
+    } = enc
+    {
+        if opset < 13 {
+            return Some(format!(
+                "Cast from bfloat16 needs opset 13; the model has {opset}"
+            ));
+        }
+    }
+    if let Encoding::Quantized(Quantized {
+        group_size: Some(g),
+        axis,
+        ..
+    }) = enc
+    {
+        let l = GroupLayout::new(&t.shape, *axis, *g);
+        if l.channel.outer > 1 && l.channel.inner > 1 {
+            return Some(
+                "group-wise codes are rewritten when the channel axis is the first or the last"
+                    .into(),
+            );
+        }
+    }
+    if let Encoding::Separable(s) = enc {
+        if s.shape.iter().product::<usize>() != t.len() {
+            return Some("separable factors do not cover the kernel".into());
+        }
+    }
+    None
+}
+
+/// Writes `model.onnx`: `restored` for every tensor without an encoding, the compact form
+/// for every encoded one. `encodings` is parallel to `restored`.
+pub fn write(
+    c: &OnnxContainer,
+    restored: &[Tensor],
+    encodings: &[Option<Encoding>],
+) -> Result<Deployed, FormatError> {
+    let opset = default_opset(&c.model);
+    let mut names = Names::of(&c.model);
+    let mut leave_out = vec![false; restored.len()];
+    let mut forms = Vec::new();
+    let mut inits = Vec::new();
+    let mut nodes = Vec::new();
+    for (i, (t, enc)) in restored.iter().zip(encodings).enumerate() {
+        let Some(enc) = enc else { continue };
+        if let Some(why) = refusal(t, enc, opset) {
+            forms.push(TensorForm {
+                name: t.name.clone(),
+                form: "dense".into(),
+                bytes: t.data.len() as u64,
+                note: Some(why),
+            });
+            continue;
+        }
+        let mut e = Edit {
+            names: &mut names,
+            opset,
+            weight: t.name.clone(),
+            inits: Vec::new(),
+            nodes: Vec::new(),
+            bytes: 0,
+        };
+        let form = match enc {
+            Encoding::Quantized(q) => quantized(&mut e, q, &t.shape),
+            Encoding::Cast { dtype, bits } => cast(&mut e, *dtype, bits, &t.shape),
+            Encoding::Clustered(k) => clustered(&mut e, k, &t.shape),
+            Encoding::LowRank(f) => factors(&mut e, f, &t.shape),
+            Encoding::Separable(s) => separable(&mut e, s, &t.shape),
+            Encoding::Tucker(k) => tucker(&mut e, k, &t.shape),
+        };
+        leave_out[i] = true;
+        forms.push(TensorForm {
+            name: t.name.clone(),
+            form,
+            bytes: e.bytes,
+            note: None,
+        });
+        inits.extend(e.inits);
+        nodes.extend(e.nodes);
+    }
+    let mut model = onnx_format::fill(c, restored, &leave_out)?;
+    let old_ir = model.ir_version < 4;
+    let graph = model
+        .graph
+        .as_mut()
+        .ok_or_else(|| FormatError::Write("model has no graph".into()))?;
+    if old_ir {
+        // Before IR 4 every initializer is also a graph input: the replaced weights are now
+        // node outputs, and the new initializers need their input entries.
+        let replaced: HashSet<&str> = restored
+            .iter()
+            .zip(&leave_out)
+            .filter(|(_, &out)| out)
+            .map(|(t, _)| t.name.as_str())
+            .collect();
+        graph.input.retain(|v| !replaced.contains(v.name.as_str()));
+        graph.input.extend(inits.iter().map(value_info));
+    }
+    graph.initializer.extend(inits);
+    // The new nodes read only initializers: placed first, the graph stays topologically sorted.
+    nodes.append(&mut graph.node);
+    graph.node = nodes;
+    Ok(Deployed {
+        bytes: model.encode_to_vec(),
+        tensors: forms,
+        opset,
+    })
+}
+
+fn value_info(t: &TensorProto) -> ValueInfoProto {
+    ValueInfoProto {
+        name: t.name.clone(),
+        r#type: Some(TypeProto {
+            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                elem_type: t.data_type,
+                shape: Some(TensorShapeProto {
+                    dim: t
+                        .dims
+                        .iter()
+                        .map(|&d| tensor_shape_proto::Dimension {
+                            value: Some(tensor_shape_proto::dimension::Value::DimValue(d)),
+                            ..Default::default()
+                        })
+                        .collect(),
+                }),
+            })),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}

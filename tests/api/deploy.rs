@@ -1,0 +1,206 @@
+//! Deployable `model.onnx`: every preset on every shared ONNX case loads and runs in
+//! onnxruntime at its compressed size, with the outputs of `restored.onnx`; size and quality
+//! goals against onnxruntime's own quantizer; warnings for jobs that compress nothing.
+
+use crate::helpers::*;
+use modelpress::compress::{self, NoControl};
+use modelpress::runner;
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Relative L2 error of `model.onnx`'s scored output against `restored.onnx`'s on the same
+/// rows. The compact forms rebuild the restored weights exactly (integer codes, codebooks,
+/// casts) or up to the summation order of a MatMul of factors, so anything above float
+/// rounding means the graph edit is wrong.
+const DEPLOYED_VS_RESTORED_REL_L2: f64 = 1e-4;
+
+const ONNX_CASES: &[(&str, &str)] = &[
+    ("mnist8", "mnist8/mnist-8.onnx"),
+    ("silero_vad", "silero_vad/silero_vad_16k_sequence.onnx"),
+    ("digits_mlp_control", "digits_mlp_control/digits_mlp.onnx"),
+];
+
+fn compress_to(input: &Path, spec: Value, dir: &Path) -> Value {
+    let plan = compress::parse_spec(&spec).expect("spec");
+    runner::execute(input, &plan, dir, &NoControl).expect("compress");
+    serde_json::from_slice(&std::fs::read(dir.join("report.json")).unwrap()).unwrap()
+}
+
+/// Runs each (case, candidate, reference) in onnxruntime; returns the metrics per pair.
+fn compare(pairs: &[(String, PathBuf, PathBuf)], rows: usize) -> Vec<Value> {
+    let tmp = tempfile::NamedTempFile::new().unwrap();
+    let list: Vec<Value> = pairs
+        .iter()
+        .map(|(case, cand, reference)| {
+            json!({"case": case, "candidate": cand, "reference": reference, "rows": rows})
+        })
+        .collect();
+    std::fs::write(tmp.path(), serde_json::to_vec(&list).unwrap()).unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/compare_onnx.py");
+    let out = Command::new("python3")
+        .arg(script)
+        .arg(cases())
+        .arg(tmp.path())
+        .env("OMP_NUM_THREADS", "1")
+        .output()
+        .expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "onnxruntime refused or failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("json")
+}
+
+#[test]
+fn every_onnx_case_and_preset_deploys_and_runs_in_onnxruntime() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut pairs = Vec::new();
+    for (case, file) in ONNX_CASES {
+        let input = cases().join(file);
+        for preset in compress::PRESET_NAMES {
+            let dir = tmp.path().join(format!("{case}-{preset}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            let report = compress_to(&input, json!({"preset": preset}), &dir);
+            let model = dir.join("model.onnx");
+            let restored = dir.join("restored.onnx");
+            let summary = &report["summary"];
+            if !model.exists() {
+                // Nothing was encoded (pruning alone): restored.onnx is the deployable file.
+                assert_eq!(
+                    summary["deployable_bytes"].as_u64().unwrap(),
+                    std::fs::metadata(&restored).unwrap().len(),
+                    "{case} {preset}"
+                );
+                continue;
+            }
+            let model_len = std::fs::metadata(&model).unwrap().len();
+            assert_eq!(
+                summary["deployable_bytes"].as_u64().unwrap(),
+                model_len,
+                "{case} {preset}"
+            );
+            assert_eq!(summary["compressed_bytes"], summary["deployable_bytes"]);
+            let forms = report["deployable"]["tensors"].as_array().unwrap();
+            assert!(!forms.is_empty(), "{case} {preset}: no deployable forms");
+            if forms.iter().any(|f| f["form"] != "dense") {
+                assert!(
+                    model_len < std::fs::metadata(&restored).unwrap().len(),
+                    "{case} {preset}: model.onnx ({model_len} B) is not smaller than restored.onnx"
+                );
+            }
+            pairs.push((case.to_string(), model, restored));
+        }
+    }
+    assert!(
+        pairs.len() >= 3 * 10,
+        "only {} deployable models",
+        pairs.len()
+    );
+    for m in compare(&pairs, 300) {
+        let err = m["output_rel_l2"].as_f64().unwrap();
+        assert!(
+            err <= DEPLOYED_VS_RESTORED_REL_L2,
+            "{}: output differs from restored.onnx by {err}",
+            m["candidate"]
+        );
+    }
+}
+
+#[test]
+fn mnist8_int8_is_smaller_than_onnxruntimes_file_and_keeps_top1() {
+    let tmp = tempfile::tempdir().unwrap();
+    let report = compress_to(
+        &cases().join("mnist8/mnist-8.onnx"),
+        json!({"preset": "int8"}),
+        tmp.path(),
+    );
+    let bytes = report["summary"]["deployable_bytes"].as_u64().unwrap();
+    // onnxruntime 1.32's quantize_dynamic writes 17,687 bytes (../shared/cases/README.md).
+    assert!(bytes < 17_687, "model.onnx is {bytes} bytes");
+    let forms = report["deployable"]["tensors"].as_array().unwrap();
+    // mnist-8 is opset 8: per-axis DequantizeLinear needs 13, so the form is Cast+Mul.
+    assert!(forms.iter().all(|f| f["form"] == "Cast+Mul"), "{forms:?}");
+    let m = evaluate("mnist8", &tmp.path().join("model.onnx"));
+    let (top1, original) = (
+        m["top1_accuracy"].as_f64().unwrap(),
+        m["top1_accuracy_original"].as_f64().unwrap(),
+    );
+    assert!(top1 >= original - 0.003, "top-1 {top1} vs {original}");
+}
+
+#[test]
+fn silero_int8_model_onnx_keeps_decisions_where_onnxruntimes_int8_does_not() {
+    let tmp = tempfile::tempdir().unwrap();
+    let report = compress_to(
+        &cases().join("silero_vad/silero_vad_16k_sequence.onnx"),
+        json!({"preset": "int8"}),
+        tmp.path(),
+    );
+    let forms = report["deployable"]["tensors"].as_array().unwrap();
+    assert!(forms.iter().any(|f| f["form"] == "DequantizeLinear"));
+    let m = evaluate("silero_vad", &tmp.path().join("model.onnx"));
+    // onnxruntime's dynamic int8 of this model agrees on 0.235 of the decisions.
+    let agreement = m["decision_agreement"].as_f64().unwrap();
+    assert!(agreement >= 0.99, "decision agreement {agreement}");
+    // ...and its file is 331,513 bytes.
+    assert!(m["candidate_bytes"].as_u64().unwrap() < 400_000, "{m}");
+}
+
+#[tokio::test]
+async fn a_job_that_compresses_nothing_says_so() {
+    let app = spawn_app().await;
+    let m = app
+        .upload(case_file("mnist8/mnist-8.onnx"), "mnist-8.onnx")
+        .await;
+    let spec = json!({"model_id": m["id"], "pipeline": [
+        {"method": "quantize", "bits": 8, "include": ["no_such_tensor*"]}
+    ]});
+    let job = app.submit_json(spec).await;
+    app.drain().await;
+    let job = app.job(job["id"].as_str().unwrap()).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(job["warnings"][0]["code"], "nothing_compressed", "{job}");
+    assert_eq!(
+        job["summary"]["warnings"][0]["code"], "nothing_compressed",
+        "{job}"
+    );
+    let report: Value = serde_json::from_slice(&app.download(&job, "report.json").await).unwrap();
+    assert_eq!(
+        report["report"]["warnings"][0]["code"],
+        "nothing_compressed"
+    );
+    // A job that did compress carries no warning.
+    let job = app
+        .submit_json(json!({"model_id": m["id"], "preset": "int8"}))
+        .await;
+    app.drain().await;
+    let job = app.job(job["id"].as_str().unwrap()).await;
+    assert_eq!(job["warnings"], json!([]), "{job}");
+    app.stop().await;
+
+    // The CLI prints the warning.
+    let out = tempfile::tempdir().unwrap();
+    let spec = out.path().join("spec.json");
+    std::fs::write(
+        &spec,
+        r#"{"pipeline":[{"method":"quantize","bits":8,"include":["nothing*"]}]}"#,
+    )
+    .unwrap();
+    let run = Command::new(env!("CARGO_BIN_EXE_modelpress"))
+        .arg("compress")
+        .arg(cases().join("mnist8/mnist-8.onnx"))
+        .arg("--spec")
+        .arg(&spec)
+        .arg("-o")
+        .arg(out.path().join("o"))
+        .output()
+        .unwrap();
+    assert!(run.status.success());
+    assert!(
+        String::from_utf8_lossy(&run.stderr).contains("warning[nothing_compressed]"),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+}
