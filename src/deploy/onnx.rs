@@ -124,7 +124,10 @@ fn dims_i64(dims: &[usize]) -> Vec<i64> {
 struct Edit<'a> {
     names: &'a mut Names,
     opset: i64,
+    /// The value the last node writes: the weight's name as its consumers read it.
     weight: String,
+    /// Compact parts as `Constant` nodes (the weight was one) instead of initializers.
+    as_constants: bool,
     inits: Vec<TensorProto>,
     nodes: Vec<NodeProto>,
     bytes: u64,
@@ -134,13 +137,33 @@ impl Edit<'_> {
     fn init(&mut self, suffix: &str, dt: DataType, dims: &[usize], raw: Vec<u8>) -> String {
         let name = self.names.fresh(&self.weight, suffix);
         self.bytes += raw.len() as u64;
-        self.inits.push(TensorProto {
+        let tensor = TensorProto {
             name: name.clone(),
             data_type: dt as i32,
             dims: dims_i64(dims),
             raw_data: raw,
             ..Default::default()
-        });
+        };
+        if self.as_constants {
+            let node = self.names.fresh(&self.weight, "Constant_node");
+            self.nodes.push(NodeProto {
+                output: vec![name.clone()],
+                name: node,
+                op_type: "Constant".into(),
+                attribute: vec![AttributeProto {
+                    name: "value".into(),
+                    r#type: AttributeType::Tensor as i32,
+                    t: Some(TensorProto {
+                        name: String::new(),
+                        ..tensor
+                    }),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            });
+        } else {
+            self.inits.push(tensor);
+        }
         name
     }
 
@@ -554,6 +577,9 @@ pub fn write(
     let mut forms = Vec::new();
     let mut inits = Vec::new();
     let mut nodes = Vec::new();
+    let n_inits = restored.len() - c.constants.len();
+    // Constant nodes replaced by their compact parts and decode nodes, in the same graph.
+    let mut spliced: Vec<(&onnx_format::ConstantSlot, Vec<NodeProto>)> = Vec::new();
     for (i, (t, enc)) in restored.iter().zip(encodings).enumerate() {
         let Some(enc) = enc else { continue };
         if let Some(why) = refusal(t, enc, opset) {
@@ -565,10 +591,12 @@ pub fn write(
             });
             continue;
         }
+        let slot = i.checked_sub(n_inits).and_then(|k| c.constants.get(k));
         let mut e = Edit {
             names: &mut names,
             opset,
-            weight: t.name.clone(),
+            weight: slot.map_or_else(|| t.name.clone(), |s| s.output.clone()),
+            as_constants: slot.is_some(),
             inits: Vec::new(),
             nodes: Vec::new(),
             bytes: 0,
@@ -589,7 +617,10 @@ pub fn write(
             note: None,
         });
         inits.extend(e.inits);
-        nodes.extend(e.nodes);
+        match slot {
+            Some(slot) => spliced.push((slot, e.nodes)),
+            None => nodes.extend(e.nodes),
+        }
     }
     let mut model = onnx_format::fill(c, restored, &leave_out)?;
     let old_ir = model.ir_version < 4;
@@ -600,7 +631,7 @@ pub fn write(
     if old_ir {
         // Before IR 4 every initializer is also a graph input: the replaced weights are now
         // node outputs, and the new initializers need their input entries.
-        let replaced: HashSet<&str> = restored
+        let replaced: HashSet<&str> = restored[..n_inits]
             .iter()
             .zip(&leave_out)
             .filter(|(_, &out)| out)
@@ -610,6 +641,15 @@ pub fn write(
         graph.input.extend(inits.iter().map(value_info));
     }
     graph.initializer.extend(inits);
+    // A Constant's replacement goes where it stood. Last slot first: splicing never moves a
+    // node that a later-processed slot's path goes through.
+    spliced.sort_by(|a, b| (&b.0.hops, b.0.node).cmp(&(&a.0.hops, a.0.node)));
+    for (slot, new_nodes) in spliced {
+        let sub = onnx_format::graph_at_mut(graph, &slot.hops)
+            .filter(|g| slot.node < g.node.len())
+            .ok_or_else(|| FormatError::Write(format!("Constant {:?} not found", slot.output)))?;
+        sub.node.splice(slot.node..=slot.node, new_nodes);
+    }
     // The new nodes read only initializers: placed first, the graph stays topologically sorted.
     nodes.append(&mut graph.node);
     graph.node = nodes;

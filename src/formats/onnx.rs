@@ -5,14 +5,142 @@
 use super::{Container, DType, Format, FormatError, Role, Tensor, TensorSet};
 use prost::Message;
 use std::collections::HashMap;
-use tract_onnx::pb::{tensor_proto::DataType, ModelProto, NodeProto, TensorProto};
+use tract_onnx::pb::{
+    tensor_proto::DataType, AttributeProto, GraphProto, ModelProto, NodeProto, TensorProto,
+};
 
 /// The graph with its initializers' payloads taken out (the tensors hold them), so a model
 /// is not kept in memory twice, plus a fingerprint of each payload as read.
 #[derive(Debug, Clone)]
 pub struct OnnxContainer {
     pub model: ModelProto,
+    /// One per tensor: the initializers first, then the `Constant` nodes.
     originals: Vec<Original>,
+    /// Where each tensor after the initializers sits: a `Constant` node's `value`, in the
+    /// main graph or in the body of an `If`/`Loop`/`Scan` (at any depth).
+    pub constants: Vec<ConstantSlot>,
+}
+
+/// A `Constant` node holding a weight: the hops (node, attribute, graph: 0 for `g`, 1 + j
+/// for `graphs[j]`) from the main graph down to the graph that holds it, and its index there.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConstantSlot {
+    pub hops: Vec<(usize, usize, usize)>,
+    pub node: usize,
+    /// The node's output: the name its consumers read.
+    pub output: String,
+}
+
+/// Subgraphs nested deeper than this are refused (a hostile file could nest thousands).
+const MAX_SUBGRAPH_DEPTH: usize = 32;
+
+fn sub_graph(a: &AttributeProto, which: usize) -> Option<&GraphProto> {
+    if which == 0 {
+        a.g.as_ref()
+    } else {
+        a.graphs.get(which - 1)
+    }
+}
+
+fn sub_graph_mut(a: &mut AttributeProto, which: usize) -> Option<&mut GraphProto> {
+    if which == 0 {
+        a.g.as_mut()
+    } else {
+        a.graphs.get_mut(which - 1)
+    }
+}
+
+/// The graph at the end of `hops`, from the main graph.
+pub fn graph_at<'a>(g: &'a GraphProto, hops: &[(usize, usize, usize)]) -> Option<&'a GraphProto> {
+    hops.iter().try_fold(g, |g, &(n, a, w)| {
+        sub_graph(g.node.get(n)?.attribute.get(a)?, w)
+    })
+}
+
+pub fn graph_at_mut<'a>(
+    g: &'a mut GraphProto,
+    hops: &[(usize, usize, usize)],
+) -> Option<&'a mut GraphProto> {
+    hops.iter().try_fold(g, |g, &(n, a, w)| {
+        sub_graph_mut(g.node.get_mut(n)?.attribute.get_mut(a)?, w)
+    })
+}
+
+fn is_constant(n: &NodeProto) -> bool {
+    n.op_type == "Constant" && (n.domain.is_empty() || n.domain == "ai.onnx")
+}
+
+/// The `value` tensor of a `Constant` node, when it has one of a supported type.
+fn constant_value(n: &NodeProto) -> Option<&TensorProto> {
+    if !is_constant(n) {
+        return None;
+    }
+    let t = n.attribute.iter().find(|a| a.name == "value")?.t.as_ref()?;
+    dtype_from(t.data_type).ok().map(|_| t)
+}
+
+fn constant_value_mut(n: &mut NodeProto) -> Option<&mut TensorProto> {
+    if !is_constant(n) {
+        return None;
+    }
+    n.attribute
+        .iter_mut()
+        .find(|a| a.name == "value")?
+        .t
+        .as_mut()
+}
+
+/// Every `Constant` node with a tensor `value`, depth first in node order. A pure function
+/// of the graph with payloads cleared, so an archive finds the same slots again.
+pub fn constant_slots(g: &GraphProto) -> Result<Vec<ConstantSlot>, FormatError> {
+    fn walk(
+        g: &GraphProto,
+        hops: &mut Vec<(usize, usize, usize)>,
+        out: &mut Vec<ConstantSlot>,
+    ) -> Result<(), FormatError> {
+        if hops.len() > MAX_SUBGRAPH_DEPTH {
+            return Err(FormatError::invalid(format!(
+                "subgraphs nested deeper than {MAX_SUBGRAPH_DEPTH}"
+            )));
+        }
+        for (ni, n) in g.node.iter().enumerate() {
+            if constant_value(n).is_some() {
+                out.push(ConstantSlot {
+                    hops: hops.clone(),
+                    node: ni,
+                    output: n.output.first().cloned().unwrap_or_default(),
+                });
+            }
+            for (ai, a) in n.attribute.iter().enumerate() {
+                let subs = a.g.iter().map(|g| (0, g));
+                let more = a.graphs.iter().enumerate().map(|(j, g)| (j + 1, g));
+                for (w, sub) in subs.chain(more) {
+                    hops.push((ni, ai, w));
+                    walk(sub, hops, out)?;
+                    hops.pop();
+                }
+            }
+            if out.len() > super::limits::MAX_TENSORS {
+                return Err(FormatError::invalid("too many Constant nodes"));
+            }
+        }
+        Ok(())
+    }
+    let mut out = Vec::new();
+    walk(g, &mut Vec::new(), &mut out)?;
+    Ok(out)
+}
+
+/// Every node of the graph and of its subgraphs.
+fn all_nodes<'a>(g: &'a GraphProto, out: &mut Vec<&'a NodeProto>) {
+    for n in &g.node {
+        out.push(n);
+        for a in &n.attribute {
+            for sub in a.g.iter().chain(&a.graphs) {
+                all_nodes(sub, out);
+            }
+        }
+    }
 }
 
 /// How an initializer stored its values, and a fingerprint of them: a tensor whose bytes
@@ -259,8 +387,12 @@ pub fn read(bytes: &[u8]) -> Result<TensorSet, FormatError> {
     if graph.initializer.len() > super::limits::MAX_TENSORS {
         return Err(FormatError::invalid("too many initializers"));
     }
+    // Consumers across the main graph and every subgraph: a branch of an `If` may read an
+    // initializer of the main graph (an outer-scope reference) or a Constant of its own.
+    let mut nodes = Vec::new();
+    all_nodes(graph, &mut nodes);
     let mut consumers: HashMap<&str, Vec<(&NodeProto, usize)>> = HashMap::new();
-    for node in &graph.node {
+    for node in nodes {
         for (slot, input) in node.input.iter().enumerate() {
             consumers
                 .entry(input.as_str())
@@ -268,44 +400,77 @@ pub fn read(bytes: &[u8]) -> Result<TensorSet, FormatError> {
                 .push((node, slot));
         }
     }
-    let mut tensors = Vec::with_capacity(graph.initializer.len());
-    let mut originals = Vec::with_capacity(graph.initializer.len());
-    for init in &graph.initializer {
+    let constants = constant_slots(graph)?;
+    if graph.initializer.len() + constants.len() > super::limits::MAX_TENSORS {
+        return Err(FormatError::invalid("too many tensors"));
+    }
+    let mut tensors = Vec::with_capacity(graph.initializer.len() + constants.len());
+    let mut originals = Vec::with_capacity(tensors.capacity());
+    let mut names: std::collections::HashSet<String> = std::collections::HashSet::new();
+    let found = graph
+        .initializer
+        .iter()
+        .map(|init| (init, init.name.clone(), "initializer"))
+        .chain(constants.iter().filter_map(|slot| {
+            let node = graph_at(graph, &slot.hops)?.node.get(slot.node)?;
+            Some((constant_value(node)?, slot.output.clone(), "Constant"))
+        }));
+    for (init, value_name, what) in found {
         let dtype = dtype_from(init.data_type)?;
         let mut shape = Vec::with_capacity(init.dims.len());
         for &d in &init.dims {
             let d = usize::try_from(d).map_err(|_| {
-                FormatError::invalid(format!(
-                    "initializer {:?} has a negative dimension",
-                    init.name
-                ))
+                FormatError::invalid(format!("{what} {value_name:?} has a negative dimension"))
             })?;
             shape.push(d);
         }
         let count = super::element_count(&shape).ok_or_else(|| {
-            FormatError::invalid(format!("initializer {:?}: shape overflows", init.name))
+            FormatError::invalid(format!("{what} {value_name:?}: shape overflows"))
         })?;
         let data = initializer_bytes(init, dtype, count)?;
         originals.push(Original {
             raw: !init.raw_data.is_empty(),
             fingerprint: fingerprint(&data),
         });
-        let mut t = Tensor::new(init.name.clone(), dtype, shape, data)?;
-        if let Some((role, axis)) = usage(&init.name, &t.shape, &consumers) {
+        // Sibling branches may reuse a value name: the tensor's name stays unique.
+        let mut name = value_name.clone();
+        let mut k = 1;
+        while names.contains(&name) {
+            name = format!("{value_name}#{k}");
+            k += 1;
+        }
+        names.insert(name.clone());
+        let mut t = Tensor::new(name, dtype, shape, data)?;
+        if let Some((role, axis)) = usage(&value_name, &t.shape, &consumers) {
             t.role = if dtype.is_float() { role } else { Role::Other };
             t.output_axis = axis;
         }
         tensors.push(t);
     }
+    if constants.len() + graph.initializer.len() != tensors.len() {
+        return Err(FormatError::invalid("a Constant node could not be read"));
+    }
     drop(consumers);
     let mut model = model;
     if let Some(g) = model.graph.as_mut() {
         g.initializer.iter_mut().for_each(clear_payload);
+        for slot in &constants {
+            if let Some(t) = graph_at_mut(g, &slot.hops)
+                .and_then(|sub| sub.node.get_mut(slot.node))
+                .and_then(constant_value_mut)
+            {
+                clear_payload(t);
+            }
+        }
     }
     Ok(TensorSet {
         format: Format::Onnx,
         tensors,
-        container: Container::Onnx(std::sync::Arc::new(OnnxContainer { model, originals })),
+        container: Container::Onnx(std::sync::Arc::new(OnnxContainer {
+            model,
+            originals,
+            constants,
+        })),
     })
 }
 
@@ -335,7 +500,18 @@ impl OnnxContainer {
         let model = ModelProto::decode(graph)
             .map_err(|e| FormatError::invalid(format!("archive graph is not ONNX: {e}")))?;
         let inits = model.graph.as_ref().map_or(0, |g| g.initializer.len());
-        if inits != tensors.len() || typed_fields.len() != tensors.len() {
+        let slots = match model.graph.as_ref() {
+            Some(g) => constant_slots(g)?,
+            None => Vec::new(),
+        };
+        // Archives written before Constant nodes were read keep their payloads in the graph
+        // and hold the initializers only.
+        let constants = if tensors.len() == inits {
+            Vec::new()
+        } else {
+            slots
+        };
+        if inits + constants.len() != tensors.len() || typed_fields.len() != tensors.len() {
             return Err(FormatError::invalid(
                 "archive graph and tensors disagree in number",
             ));
@@ -348,7 +524,11 @@ impl OnnxContainer {
                 fingerprint: fingerprint(&t.data),
             })
             .collect();
-        Ok(OnnxContainer { model, originals })
+        Ok(OnnxContainer {
+            model,
+            originals,
+            constants,
+        })
     }
 }
 
@@ -370,7 +550,8 @@ pub fn fill(
         .graph
         .as_mut()
         .ok_or_else(|| FormatError::Write("model has no graph".into()))?;
-    if graph.initializer.len() != tensors.len() || c.originals.len() != tensors.len() {
+    let inits = graph.initializer.len();
+    if inits + c.constants.len() != tensors.len() || c.originals.len() != tensors.len() {
         return Err(FormatError::Write(
             "tensor count differs from the graph".into(),
         ));
@@ -403,5 +584,21 @@ pub fn fill(
         kept.push(init);
     }
     graph.initializer = kept;
+    for (i, slot) in c.constants.iter().enumerate() {
+        let k = inits + i;
+        if leave_out.get(k).copied().unwrap_or(false) {
+            continue;
+        }
+        let (t, orig) = (&tensors[k], &c.originals[k]);
+        let value = graph_at_mut(graph, &slot.hops)
+            .and_then(|g| g.node.get_mut(slot.node))
+            .and_then(constant_value_mut)
+            .ok_or_else(|| FormatError::Write(format!("Constant {:?} not found", slot.output)))?;
+        if fingerprint(&t.data) == orig.fingerprint && !orig.raw {
+            set_typed(value, t.dtype, &t.data);
+        } else {
+            value.raw_data = t.data.clone();
+        }
+    }
     Ok(model)
 }

@@ -204,3 +204,103 @@ async fn a_job_that_compresses_nothing_says_so() {
         String::from_utf8_lossy(&run.stderr)
     );
 }
+
+/// Runs `model`, `restored` and the original on both branches of the If; prints the
+/// relative errors of model vs restored (basic optimizations: the rebuilt weights, see
+/// compare_onnx.py) and of model vs original (default optimizations: as deployed).
+const IF_CHECK: &str = r#"
+import json, sys, numpy as np, onnxruntime as ort
+x = np.random.default_rng(1).standard_normal((32, 64)).astype(np.float32)
+def run(p, c, basic=False):
+    so = ort.SessionOptions()
+    if basic:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    s = ort.InferenceSession(p, so, providers=["CPUExecutionProvider"])
+    return s.run(None, {"x": x, "cond": np.array(c)})[0].astype(np.float64)
+out = {}
+for c in (True, False):
+    m, r, o = run(sys.argv[1], c), run(sys.argv[2], c), run(sys.argv[3], c)
+    mb, rb = run(sys.argv[1], c, True), run(sys.argv[2], c, True)
+    out[str(c)] = {"vs_restored": float(np.linalg.norm(mb - rb) / np.linalg.norm(rb)),
+                   "vs_original": float(np.linalg.norm(m - o) / np.linalg.norm(o)),
+                   "argmax_agreement": float((m.argmax(1) == o.argmax(1)).mean())}
+print(json.dumps(out))
+"#;
+
+#[test]
+fn constant_weights_inside_both_branches_of_an_if_are_compressed_and_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let original = tmp.path().join("if.onnx");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/if_constants_model.py");
+    let made = Command::new("python3")
+        .arg(script)
+        .arg(&original)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let set = modelpress::formats::read_path(&original).unwrap();
+    let weights: Vec<&str> = set
+        .tensors
+        .iter()
+        .filter(|t| t.role == modelpress::formats::Role::Weight)
+        .map(|t| t.name.as_str())
+        .collect();
+    assert_eq!(
+        weights,
+        ["W3", "W4", "W1", "W2", "W5"],
+        "every Constant is a tensor"
+    );
+    for preset in ["int8", "int4-g32", "kmeans4", "fp16"] {
+        let dir = tmp.path().join(preset);
+        std::fs::create_dir_all(&dir).unwrap();
+        let spec = json!({"pipeline": compress::preset(preset, &Default::default()).unwrap().unwrap()
+            .into_iter()
+            .map(|mut s| { s["min_params"] = json!(1); s })
+            .collect::<Vec<_>>()});
+        let report = compress_to(&original, spec, &dir);
+        let forms = report["deployable"]["tensors"].as_array().unwrap();
+        assert_eq!(forms.len(), 5, "{preset}: {forms:?}");
+        assert!(forms.iter().all(|f| f["form"] != "dense"), "{forms:?}");
+        assert!(report["summary"]["warnings"].is_null(), "{report}");
+        let model = dir.join("model.onnx");
+        let restored = dir.join("restored.onnx");
+        assert!(
+            std::fs::metadata(&model).unwrap().len() < std::fs::metadata(&original).unwrap().len()
+        );
+        let out = python(
+            IF_CHECK,
+            &[
+                model.to_str().unwrap(),
+                restored.to_str().unwrap(),
+                original.to_str().unwrap(),
+            ],
+        );
+        let v: Value = serde_json::from_str(&out).unwrap();
+        for branch in ["True", "False"] {
+            let b = &v[branch];
+            assert!(
+                b["vs_restored"].as_f64().unwrap() <= DEPLOYED_VS_RESTORED_REL_L2,
+                "{preset} {branch}: {b}"
+            );
+            assert!(
+                b["argmax_agreement"].as_f64().unwrap() >= 0.9,
+                "{preset} {branch}: {b}"
+            );
+        }
+        // The archive rebuilds restored.onnx bit for bit, Constant nodes included.
+        let archive = std::fs::read(dir.join("model.mpz")).unwrap();
+        let rebuilt =
+            modelpress::formats::write_bytes(&modelpress::formats::mpz::read(&archive).unwrap())
+                .unwrap();
+        assert!(rebuilt == std::fs::read(&restored).unwrap(), "{preset}");
+    }
+    // Untouched, the model is written back byte for byte as prost re-encodes it.
+    let untouched = modelpress::formats::write_bytes(&set).unwrap();
+    let reencoded = {
+        use prost::Message;
+        tract_onnx::pb::ModelProto::decode(std::fs::read(&original).unwrap().as_slice())
+            .unwrap()
+            .encode_to_vec()
+    };
+    assert!(untouched == reencoded);
+}
