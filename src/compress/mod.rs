@@ -1128,7 +1128,7 @@ fn encode(
             out.push(mk(t.name.clone(), dt, t.shape.clone(), data));
             desc.insert(
                 t.name.clone(),
-                serde_json::json!({"encoding": "cast", "dtype": dtype.name(), "original_dtype": t.dtype.name()}),
+                serde_json::json!({"encoding": "cast", "dtype": dtype.name(), "shape": t.shape, "original_dtype": t.dtype.name()}),
             );
             (bytes, None)
         }
