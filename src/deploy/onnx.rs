@@ -483,6 +483,110 @@ fn factors(e: &mut Edit, f: &Factors, shape: &[usize]) -> String {
     "MatMul(factors)".into()
 }
 
+/// How every consumer of a low-rank weight can take the two factors in its own compute
+/// path instead of the rebuilt matrix (fewer multiply-adds, not only fewer bytes).
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Split {
+    /// X·W = (X·A)·B: W [in, out] = A [in, r] · B [r, out], the right operand of MatMul.
+    MatMul,
+    /// Conv(X, W) = Conv1×1(Conv(X, B as r filters), A): W [O, C, k…] = A [O, r] · B [r, C·k…].
+    Conv,
+}
+
+fn attr<'a>(n: &'a NodeProto, name: &str) -> Option<&'a AttributeProto> {
+    n.attribute.iter().find(|a| a.name == name)
+}
+
+/// The split that fits every consumer of `name` in the main graph, if one does and no
+/// subgraph reads it.
+fn split_for(graph: &GraphProto, name: &str, f: &Factors, shape: &[usize]) -> Option<Split> {
+    fn used_in_subgraph(g: &GraphProto, name: &str) -> bool {
+        g.node.iter().any(|n| {
+            n.attribute.iter().any(|a| {
+                a.g.iter().chain(&a.graphs).any(|sub| {
+                    sub.node.iter().any(|m| m.input.iter().any(|i| i == name))
+                        || used_in_subgraph(sub, name)
+                })
+            })
+        })
+    }
+    if used_in_subgraph(graph, name) || graph.output.iter().any(|o| o.name == name) {
+        return None;
+    }
+    let mut kinds = graph
+        .node
+        .iter()
+        .flat_map(|n| {
+            n.input
+                .iter()
+                .enumerate()
+                .filter(|(_, i)| *i == name)
+                .map(move |(k, _)| (n, k))
+        })
+        .map(|(n, k)| match (n.op_type.as_str(), k) {
+            ("MatMul", 1) if shape.len() == 2 && shape == [f.rows, f.cols] => Some(Split::MatMul),
+            ("Conv", 1)
+                if shape.len() >= 3
+                    && f.rows == shape[0]
+                    && attr(n, "group").is_none_or(|g| g.i == 1) =>
+            {
+                Some(Split::Conv)
+            }
+            _ => None,
+        });
+    let first = kinds.next()??;
+    kinds.all(|k| k == Some(first)).then_some(first)
+}
+
+/// Rewrites each consumer of `weight` to read the factors `a` and `b` (see [`Split`]).
+fn apply_split(
+    graph: &mut GraphProto,
+    names: &mut Names,
+    weight: &str,
+    split: Split,
+    a: &str,
+    b: &str,
+) {
+    let mut out = Vec::with_capacity(graph.node.len() + 2);
+    for mut n in std::mem::take(&mut graph.node) {
+        if n.input.get(1).is_none_or(|i| i != weight) {
+            out.push(n);
+            continue;
+        }
+        let inner = names.fresh(weight, "factor_out");
+        let first_name = names.fresh(weight, "first_factor_node");
+        match split {
+            Split::MatMul => {
+                // X·A first, then the consumer multiplies by B.
+                out.push(NodeProto {
+                    input: vec![n.input[0].clone(), a.into()],
+                    output: vec![inner.clone()],
+                    name: first_name,
+                    op_type: "MatMul".into(),
+                    ..Default::default()
+                });
+                n.input = vec![inner, b.into()];
+            }
+            Split::Conv => {
+                // The original convolution with r filters (B), then a 1×1 one with A and
+                // the bias.
+                let mut first = n.clone();
+                first.name = first_name;
+                first.input = vec![n.input[0].clone(), b.into()];
+                first.output = vec![inner.clone()];
+                first.attribute.retain(|a| a.name != "kernel_shape");
+                out.push(first);
+                let mut inputs = vec![inner, a.into()];
+                inputs.extend(n.input.get(2).cloned());
+                n.input = inputs;
+                n.attribute.clear();
+            }
+        }
+        out.push(n);
+    }
+    graph.node = out;
+}
+
 fn separable(e: &mut Edit, s: &Separable, shape: &[usize]) -> String {
     let [o, c, kh, kw] = s.shape;
     let v = e.floats("vertical", &[o, c, kh, s.rank], &s.v);
@@ -580,6 +684,7 @@ pub fn write(
     let n_inits = restored.len() - c.constants.len();
     // Constant nodes replaced by their compact parts and decode nodes, in the same graph.
     let mut spliced: Vec<(&onnx_format::ConstantSlot, Vec<NodeProto>)> = Vec::new();
+    let mut splits: Vec<(String, Split, String, String)> = Vec::new();
     for (i, (t, enc)) in restored.iter().zip(encodings).enumerate() {
         let Some(enc) = enc else { continue };
         if let Some(why) = refusal(t, enc, opset) {
@@ -605,7 +710,35 @@ pub fn write(
             Encoding::Quantized(q) => quantized(&mut e, q, &t.shape),
             Encoding::Cast { dtype, bits } => cast(&mut e, *dtype, bits, &t.shape),
             Encoding::Clustered(k) => clustered(&mut e, k, &t.shape),
-            Encoding::LowRank(f) => factors(&mut e, f, &t.shape),
+            Encoding::LowRank(f) => {
+                let split = match (slot, c.model.graph.as_ref()) {
+                    (None, Some(g)) => split_for(g, &t.name, f, &t.shape),
+                    _ => None,
+                };
+                match split {
+                    Some(split) => {
+                        // A [O, r, 1…] and B [r, C, k…] for a Conv; A, B as they are for MatMul.
+                        let (a_dims, b_dims) = match split {
+                            Split::MatMul => (vec![f.rows, f.rank], vec![f.rank, f.cols]),
+                            Split::Conv => {
+                                let mut a = vec![f.rows, f.rank];
+                                a.extend(std::iter::repeat_n(1, t.shape.len() - 2));
+                                let mut b = vec![f.rank];
+                                b.extend_from_slice(&t.shape[1..]);
+                                (a, b)
+                            }
+                        };
+                        let a = e.floats("lowrank_a", &a_dims, &f.a);
+                        let b = e.floats("lowrank_b", &b_dims, &f.b);
+                        splits.push((t.name.clone(), split, a, b));
+                        match split {
+                            Split::MatMul => "MatMul·MatMul (factors in the compute path)".into(),
+                            Split::Conv => "Conv·Conv1x1 (factors in the compute path)".into(),
+                        }
+                    }
+                    None => factors(&mut e, f, &t.shape),
+                }
+            }
             Encoding::Separable(s) => separable(&mut e, s, &t.shape),
             Encoding::Tucker(k) => tucker(&mut e, k, &t.shape),
         };
@@ -649,6 +782,9 @@ pub fn write(
             .filter(|g| slot.node < g.node.len())
             .ok_or_else(|| FormatError::Write(format!("Constant {:?} not found", slot.output)))?;
         sub.node.splice(slot.node..=slot.node, new_nodes);
+    }
+    for (weight, split, a, b) in &splits {
+        apply_split(graph, &mut names, weight, *split, a, b);
     }
     // The new nodes read only initializers: placed first, the graph stays topologically sorted.
     nodes.append(&mut graph.node);
