@@ -69,10 +69,10 @@ pub fn preset(
             json!({"method": "quantize", "bits": 4, "scheme": "symmetric", "granularity": "channel"}),
         ],
         "int4-g32" => vec![
-            json!({"method": "quantize", "bits": 4, "scheme": "symmetric", "granularity": "channel", "group_size": 32}),
+            json!({"method": "quantize", "bits": 4, "scheme": "affine", "granularity": "channel", "group_size": 32}),
         ],
         "int4-g128" => vec![
-            json!({"method": "quantize", "bits": 4, "scheme": "symmetric", "granularity": "channel", "group_size": 128}),
+            json!({"method": "quantize", "bits": 4, "scheme": "affine", "granularity": "channel", "group_size": 128}),
         ],
         "kmeans4" => vec![json!({"method": "kmeans", "bits": 4})],
         "ternary" => vec![json!({"method": "ternary", "granularity": "channel"})],

@@ -538,15 +538,120 @@ fn split_for(graph: &GraphProto, name: &str, f: &Factors, shape: &[usize]) -> Op
     kinds.all(|k| k == Some(first)).then_some(first)
 }
 
-/// Rewrites each consumer of `weight` to read the factors `a` and `b` (see [`Split`]).
-fn apply_split(
-    graph: &mut GraphProto,
-    names: &mut Names,
-    weight: &str,
-    split: Split,
-    a: &str,
-    b: &str,
-) {
+/// onnxruntime's int4 MatMul (`com.microsoft.MatMulNBits`): B [N, blocks, block·bits/8]
+/// packed, scales [N·blocks], optional packed zero points; symbols are unsigned with the
+/// default zero point 2^(bits-1), as `compress::pack` stores symmetric codes.
+struct NBits {
+    b: String,
+    scales: String,
+    zero_points: Option<String>,
+    k: usize,
+    n: usize,
+    bits: u8,
+    block: usize,
+}
+
+/// Where every consumer of a group-wise int4 weight is a MatMul taking it as [K, N]: the
+/// MatMulNBits form, which onnxruntime runs with integer weights (tract has no such op; the
+/// standard form is the fallback, see `grouped`).
+fn nbits_fits(graph: &GraphProto, name: &str, q: &Quantized, shape: &[usize]) -> bool {
+    let Some(g) = q.group_size else { return false };
+    let fake = Factors {
+        rows: shape.first().copied().unwrap_or(0),
+        cols: shape.get(1).copied().unwrap_or(0),
+        rank: 0,
+        a: Vec::new(),
+        b: Vec::new(),
+    };
+    q.bits == 4
+        && shape.len() == 2
+        && q.axis == Some(1)
+        && g >= 16
+        && g.is_power_of_two()
+        && split_for(graph, name, &fake, shape) == Some(Split::MatMul)
+}
+
+fn nbits(e: &mut Edit, q: &Quantized, shape: &[usize]) -> NBits {
+    let (k, n) = (shape[0], shape[1]);
+    let g = q.group_size.unwrap_or(k);
+    let blocks = k.div_ceil(g);
+    let off = 1i32 << (q.bits - 1);
+    // Column-major blocks: B[n, blk, :] holds W[blk·g .. (blk+1)·g, n], padded with the zero
+    // symbol past K.
+    let mut symbols = Vec::with_capacity(n * blocks * g);
+    for col in 0..n {
+        for row in 0..blocks * g {
+            let code = if row < k { q.codes[row * n + col] } else { 0 };
+            let zp = if row < k {
+                0
+            } else {
+                i32::from(
+                    q.zero_points
+                        .get(col * blocks + row / g)
+                        .copied()
+                        .unwrap_or(0),
+                )
+            };
+            symbols.push((i32::from(code) + off + zp) as u32);
+        }
+    }
+    let packed = pack::pack(&symbols, q.bits);
+    let blob = g * usize::from(q.bits) / 8;
+    let b = e.init("nbits_b", DataType::Uint8, &[n, blocks, blob], packed);
+    let scales = e.floats("nbits_scales", &[n * blocks], &q.scales);
+    let zero_points = (!q.zero_points.is_empty()).then(|| {
+        let per_col = (blocks * usize::from(q.bits)).div_ceil(8);
+        let mut raw = Vec::with_capacity(n * per_col);
+        for col in 0..n {
+            let zs: Vec<u32> = (0..blocks)
+                .map(|b| (i32::from(q.zero_points[col * blocks + b]) + off) as u32)
+                .collect();
+            let mut p = pack::pack(&zs, q.bits);
+            p.resize(per_col, 0);
+            raw.extend(p);
+        }
+        e.init("nbits_zero_points", DataType::Uint8, &[n * per_col], raw)
+    });
+    NBits {
+        b,
+        scales,
+        zero_points,
+        k,
+        n,
+        bits: q.bits,
+        block: g,
+    }
+}
+
+/// A consumer rewrite: factors or integer weights in the compute path.
+enum Rewrite {
+    Factors { split: Split, a: String, b: String },
+    NBits(NBits),
+}
+
+/// Rewrites each consumer of `weight` (see [`Split`], [`NBits`]).
+fn apply_rewrite(graph: &mut GraphProto, names: &mut Names, weight: &str, rewrite: &Rewrite) {
+    let (split, a, b) = match rewrite {
+        Rewrite::Factors { split, a, b } => (*split, a.as_str(), b.as_str()),
+        Rewrite::NBits(nb) => {
+            for n in graph.node.iter_mut() {
+                if n.op_type == "MatMul" && n.input.get(1).is_some_and(|i| i == weight) {
+                    let mut inputs = vec![n.input[0].clone(), nb.b.clone(), nb.scales.clone()];
+                    inputs.extend(nb.zero_points.clone());
+                    n.input = inputs;
+                    n.op_type = "MatMulNBits".into();
+                    n.domain = "com.microsoft".into();
+                    n.attribute = vec![
+                        attr_int("K", nb.k as i64),
+                        attr_int("N", nb.n as i64),
+                        attr_int("bits", i64::from(nb.bits)),
+                        attr_int("block_size", nb.block as i64),
+                    ];
+                }
+            }
+            return;
+        }
+    };
     let mut out = Vec::with_capacity(graph.node.len() + 2);
     for mut n in std::mem::take(&mut graph.node) {
         if n.input.get(1).is_none_or(|i| i != weight) {
@@ -684,7 +789,7 @@ pub fn write(
     let n_inits = restored.len() - c.constants.len();
     // Constant nodes replaced by their compact parts and decode nodes, in the same graph.
     let mut spliced: Vec<(&onnx_format::ConstantSlot, Vec<NodeProto>)> = Vec::new();
-    let mut splits: Vec<(String, Split, String, String)> = Vec::new();
+    let mut rewrites: Vec<(String, Rewrite)> = Vec::new();
     for (i, (t, enc)) in restored.iter().zip(encodings).enumerate() {
         let Some(enc) = enc else { continue };
         if let Some(why) = refusal(t, enc, opset) {
@@ -707,6 +812,21 @@ pub fn write(
             bytes: 0,
         };
         let form = match enc {
+            Encoding::Quantized(q)
+                if slot.is_none()
+                    && c.model
+                        .graph
+                        .as_ref()
+                        .is_some_and(|g| nbits_fits(g, &t.name, q, &t.shape)) =>
+            {
+                let nb = nbits(&mut e, q, &t.shape);
+                let form = format!(
+                    "com.microsoft.MatMulNBits (int{}, block {}; onnxruntime only)",
+                    nb.bits, nb.block
+                );
+                rewrites.push((t.name.clone(), Rewrite::NBits(nb)));
+                form
+            }
             Encoding::Quantized(q) => quantized(&mut e, q, &t.shape),
             Encoding::Cast { dtype, bits } => cast(&mut e, *dtype, bits, &t.shape),
             Encoding::Clustered(k) => clustered(&mut e, k, &t.shape),
@@ -730,7 +850,7 @@ pub fn write(
                         };
                         let a = e.floats("lowrank_a", &a_dims, &f.a);
                         let b = e.floats("lowrank_b", &b_dims, &f.b);
-                        splits.push((t.name.clone(), split, a, b));
+                        rewrites.push((t.name.clone(), Rewrite::Factors { split, a, b }));
                         match split {
                             Split::MatMul => "MatMul·MatMul (factors in the compute path)".into(),
                             Split::Conv => "Conv·Conv1x1 (factors in the compute path)".into(),
@@ -783,8 +903,20 @@ pub fn write(
             .ok_or_else(|| FormatError::Write(format!("Constant {:?} not found", slot.output)))?;
         sub.node.splice(slot.node..=slot.node, new_nodes);
     }
-    for (weight, split, a, b) in &splits {
-        apply_split(graph, &mut names, weight, *split, a, b);
+    for (weight, rewrite) in &rewrites {
+        apply_rewrite(graph, &mut names, weight, rewrite);
+    }
+    let contrib = rewrites.iter().any(|(_, r)| matches!(r, Rewrite::NBits(_)));
+    if contrib
+        && !model
+            .opset_import
+            .iter()
+            .any(|o| o.domain == "com.microsoft")
+    {
+        model.opset_import.push(tract_onnx::pb::OperatorSetIdProto {
+            domain: "com.microsoft".into(),
+            version: 1,
+        });
     }
     // The new nodes read only initializers: placed first, the graph stays topologically sorted.
     nodes.append(&mut graph.node);
