@@ -83,6 +83,17 @@ pub fn compress(args: CompressArgs) -> i32 {
                 "compressed {} -> {} bytes (ratio {:.2}x), {} parameters, {} nonzero, {:.2} bits/weight",
                 s.original_bytes, s.compressed_bytes, s.ratio, s.parameters, s.nonzero_parameters, s.mean_bits_per_weight
             );
+            if let Some(l) = &s.latency {
+                match (l.original_ms, l.deployable_ms, &l.skipped) {
+                    (Some(o), Some(d), _) => say!(
+                        "latency (tract, 1 thread): original {o:.3} ms, model.onnx {d:.3} ms ({:.2}x){}",
+                        d / o,
+                        if l.slower_than_original { ", slower than the original" } else { "" }
+                    ),
+                    (_, _, Some(why)) => say!("latency not measured: {why}"),
+                    _ => {}
+                }
+            }
             for w in &s.warnings {
                 eprintln!("warning[{}]: {}", w.code, w.message);
             }

@@ -30,6 +30,9 @@ pub struct Summary {
     pub archive_ratio: Option<f64>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<Warning>,
+    /// The original and model.onnx timed in-process (ONNX jobs with a compact model.onnx).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency: Option<deploy::latency::Latency>,
 }
 
 #[derive(Debug, Clone)]
@@ -189,6 +192,29 @@ pub fn execute(
             0.0
         }
     };
+    let latency = match (&model, input_format) {
+        (Some((Some(bytes), "onnx")), formats::Format::Onnx) if plan.latency => {
+            ctl.progress(0.95, "timing the original and model.onnx");
+            let original = std::fs::read(input).map_err(|e| RunError::Internal(e.to_string()))?;
+            Some(deploy::latency::compare(&original, bytes))
+        }
+        _ => None,
+    };
+    if let Some(l) = latency
+        .as_ref()
+        .filter(|l| l.ratio.is_some_and(|r| r > 1.5))
+    {
+        warnings.push(Warning::new(
+            "slower_than_original",
+            format!(
+                "model.onnx ran {:.1}x slower than the original in tract ({:.3} ms vs {:.3} ms): \
+                 its weights are rebuilt at run time by a runtime that does not fold them",
+                l.ratio.unwrap_or(0.0),
+                l.deployable_ms.unwrap_or(0.0),
+                l.original_ms.unwrap_or(0.0)
+            ),
+        ));
+    }
     let totals = &outcome.report.totals;
     let summary = Summary {
         original_bytes,
@@ -201,6 +227,7 @@ pub fn execute(
         archive_bytes: archive.as_ref().map(|a| a.len() as u64),
         archive_ratio: archive.as_ref().map(|a| ratio_of(a.len() as u64)),
         warnings: warnings.clone(),
+        latency,
     };
     let mut artifacts = Vec::new();
     if wants("model") {

@@ -245,6 +245,8 @@ pub struct Plan {
     pub outputs: Vec<String>,
     /// True when the caller named the outputs; false means "every artifact that applies".
     pub outputs_explicit: bool,
+    /// Time the original and the deployable ONNX model in-process (tract) for the summary.
+    pub latency: bool,
 }
 
 /// A convolution kernel: rank ≥ 3 with its output channels on axis 0 (ONNX Conv, PyTorch).

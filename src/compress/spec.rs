@@ -529,10 +529,14 @@ pub fn parse_spec(spec: &Value) -> Result<Plan, CompressError> {
         .as_object()
         .ok_or_else(|| spec_err("spec", "must be a JSON object"))?;
     for key in obj.keys() {
-        if !["model_id", "preset", "pipeline", "outputs", "options"].contains(&key.as_str()) {
+        if ![
+            "model_id", "preset", "pipeline", "outputs", "options", "latency",
+        ]
+        .contains(&key.as_str())
+        {
             return Err(spec_err(
                 key,
-                "unknown field (expected preset, options, pipeline, outputs)",
+                "unknown field (expected preset, options, pipeline, outputs, latency)",
             ));
         }
     }
@@ -611,10 +615,16 @@ pub fn parse_spec(spec: &Value) -> Result<Plan, CompressError> {
         }
         Some(_) => return Err(spec_err("outputs", "must be a list")),
     };
+    let latency = match obj.get("latency") {
+        None => true,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(spec_err("latency", "must be true or false")),
+    };
     Ok(Plan {
         steps,
         steps_json,
         outputs,
         outputs_explicit,
+        latency,
     })
 }

@@ -552,8 +552,7 @@ struct NBits {
 }
 
 /// Where every consumer of a group-wise int4 weight is a MatMul taking it as [K, N]: the
-/// MatMulNBits form, which onnxruntime runs with integer weights (tract has no such op; the
-/// standard form is the fallback, see `grouped`).
+/// MatMulNBits form, which onnxruntime (and tract) run with integer weights.
 fn nbits_fits(graph: &GraphProto, name: &str, q: &Quantized, shape: &[usize]) -> bool {
     let Some(g) = q.group_size else { return false };
     let fake = Factors {
@@ -821,7 +820,7 @@ pub fn write(
             {
                 let nb = nbits(&mut e, q, &t.shape);
                 let form = format!(
-                    "com.microsoft.MatMulNBits (int{}, block {}; onnxruntime only)",
+                    "com.microsoft.MatMulNBits (int{}, block {})",
                     nb.bits, nb.block
                 );
                 rewrites.push((t.name.clone(), Rewrite::NBits(nb)));

@@ -356,11 +356,6 @@ fn tract_run(path: &Path) -> Vec<Vec<f32>> {
 fn deployable_models_run_in_tract_in_process() {
     let tmp = tempfile::tempdir().unwrap();
     for (case, file) in ONNX_CASES {
-        if *case == "digits_mlp_control" {
-            // Its ai.onnx.ml post-processing (ZipMap) is not in tract; its weights are plain
-            // MatMul/Add, covered by mnist8.
-            continue;
-        }
         for preset in ["int8", "int4", "int4-g32", "kmeans4", "fp16", "lowrank-90"] {
             let dir = tmp.path().join(format!("{case}-{preset}"));
             std::fs::create_dir_all(&dir).unwrap();
@@ -440,4 +435,37 @@ print("ok" if not bad else "differ: " + ", ".join(bad))
         }
     }
     assert!(checked >= 30, "{checked}");
+}
+
+#[test]
+fn the_summary_times_the_original_and_model_onnx_in_tract() {
+    let tmp = tempfile::tempdir().unwrap();
+    let report = compress_to(
+        &cases().join("silero_vad/silero_vad_16k_sequence.onnx"),
+        json!({"preset": "int8"}),
+        tmp.path(),
+    );
+    let l = &report["summary"]["latency"];
+    let (o, d) = (
+        l["original_ms"].as_f64().unwrap(),
+        l["deployable_ms"].as_f64().unwrap(),
+    );
+    assert!(o > 0.0 && d > 0.0, "{l}");
+    assert!((l["ratio"].as_f64().unwrap() - d / o).abs() < 1e-9);
+    assert_eq!(l["slower_than_original"], json!(d > o));
+    assert!(l["engine"].as_str().unwrap().contains("tract"));
+    // A model tract cannot load gets the reason instead of a number.
+    let model = std::fs::read(tmp.path().join("model.onnx")).unwrap();
+    let l = modelpress::deploy::latency::compare(b"not a model", &model);
+    assert!(l.skipped.unwrap().contains("tract cannot load"));
+    assert!(l.original_ms.is_none() && l.ratio.is_none() && !l.slower_than_original);
+    // "latency": false skips the timing.
+    let dir = tmp.path().join("off");
+    std::fs::create_dir_all(&dir).unwrap();
+    let report = compress_to(
+        &cases().join("mnist8/mnist-8.onnx"),
+        json!({"preset": "int8", "latency": false}),
+        &dir,
+    );
+    assert!(report["summary"]["latency"].is_null());
 }
