@@ -10,7 +10,7 @@ onnxruntime's quantize_dynamic (int8, per channel) and MatMulNBitsQuantizer (int
 and 128, symmetric) on the same case.
 
 usage: benches/deploy.py BIN OUT_DIR MINILM.onnx   (run by benches/run.sh; needs numpy,
-onnx, onnxruntime)
+onnx, onnx-ir (for MatMulNBitsQuantizer), onnxruntime)
 """
 import json
 import os

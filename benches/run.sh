@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Produces the figures in BENCHMARKS.md: release build, core throughput, k-means against
 # scikit-learn, end-to-end runs.
-# usage: benches/run.sh [OUT_DIR]   (default bench-out/; needs numpy, onnx, onnxruntime,
-# scikit-learn and curl: pip install numpy onnx onnxruntime scikit-learn)
+# usage: benches/run.sh [OUT_DIR]   (default bench-out/; needs numpy, onnx, onnx-ir, onnxruntime,
+# scikit-learn and curl: pip install numpy onnx onnx-ir onnxruntime scikit-learn)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-bench-out}
@@ -15,3 +15,4 @@ KMEANS_BIN=$(cargo bench --bench kmeans --no-run --message-format=json 2>/dev/nu
 python3 benches/kmeans_vs_sklearn.py "$KMEANS_BIN" "$OUT" "$OUT/paraphrase-MiniLM-L3-v2.onnx" | tee "$OUT/kmeans.md"
 python3 benches/kmeans_every_weight.py "$KMEANS_BIN" "$OUT/paraphrase-MiniLM-L3-v2.onnx" | tee "$OUT/kmeans-every-weight.txt"
 python3 benches/e2e.py target/release/modelpress "$OUT"
+python3 benches/deploy.py target/release/modelpress "$OUT" "$OUT/paraphrase-MiniLM-L3-v2.onnx" | tee "$OUT/deploy.md"

@@ -119,7 +119,12 @@ pub fn execute(
     let model = match (&outcome.encoded, &set.container) {
         (None, _) => None,
         (Some(_), formats::Container::Onnx(c)) => {
-            let deployed = deploy::onnx::write(c, &outcome.restored.tensors, &outcome.encodings)?;
+            let deployed = deploy::onnx::write(
+                c,
+                &outcome.restored.tensors,
+                &outcome.encodings,
+                plan.deploy,
+            )?;
             forms = deployed.tensors;
             deploy_doc = serde_json::json!({
                 "file": "model.onnx",

@@ -6,7 +6,7 @@ use super::kmeans::Algorithm;
 use super::lowrank::{RankRule, SvdAlgorithm};
 use super::quantize::{Granularity, Scheme};
 use super::structured::{Dim, Norm};
-use super::{CompressError, Op, Plan, PruneScope, Selector, Step, DEFAULT_MIN_PARAMS};
+use super::{CompressError, DeployStyle, Op, Plan, PruneScope, Selector, Step, DEFAULT_MIN_PARAMS};
 use crate::formats::Role;
 use serde_json::{json, Map, Value};
 
@@ -530,13 +530,13 @@ pub fn parse_spec(spec: &Value) -> Result<Plan, CompressError> {
         .ok_or_else(|| spec_err("spec", "must be a JSON object"))?;
     for key in obj.keys() {
         if ![
-            "model_id", "preset", "pipeline", "outputs", "options", "latency",
+            "model_id", "preset", "pipeline", "outputs", "options", "latency", "deploy",
         ]
         .contains(&key.as_str())
         {
             return Err(spec_err(
                 key,
-                "unknown field (expected preset, options, pipeline, outputs, latency)",
+                "unknown field (expected preset, options, pipeline, outputs, latency, deploy)",
             ));
         }
     }
@@ -620,11 +620,26 @@ pub fn parse_spec(spec: &Value) -> Result<Plan, CompressError> {
         Some(Value::Bool(b)) => *b,
         Some(_) => return Err(spec_err("latency", "must be true or false")),
     };
+    let deploy = match obj.get("deploy") {
+        None => DeployStyle::Auto,
+        Some(v) => match v.as_str() {
+            Some("auto") => DeployStyle::Auto,
+            Some("folded") => DeployStyle::Folded,
+            Some("operators") => DeployStyle::Operators,
+            _ => {
+                return Err(spec_err(
+                    "deploy",
+                    "must be \"auto\", \"folded\" or \"operators\"",
+                ))
+            }
+        },
+    };
     Ok(Plan {
         steps,
         steps_json,
         outputs,
         outputs_explicit,
         latency,
+        deploy,
     })
 }

@@ -5,7 +5,9 @@
 //! depends on initializers, so runtimes fold it once at load time (onnxruntime does).
 //!
 //! Forms, by encoding:
-//! - int8: `DequantizeLinear` (per tensor from opset 10, per axis from 13), else `Cast`+`Mul`;
+//! - int8: `Cast`+`Mul`, or `DequantizeLinear` when asked for operators (per tensor from
+//!   opset 10, per axis from 13);
+//! - group-wise int4 MatMul weights: `com.microsoft.MatMulNBits` unless asked for folded forms;
 //! - int1..int7 and k-means indices: the packed bytes of `compress::pack` unpacked with
 //!   `Div`/`Floor`/`Sub` (and a `MatMul` by powers of two when a symbol spans bytes), then
 //!   `Sub`/`Mul` by offsets and scales, or `Gather` from the codebook;
@@ -18,7 +20,7 @@
 use super::TensorForm;
 use crate::compress::{
     cast::CastType, kmeans::Clustered, lowrank::Factors, pack, quantize::GroupLayout,
-    quantize::Quantized, separable::Separable, separable::Tucker2, Encoding,
+    quantize::Quantized, separable::Separable, separable::Tucker2, DeployStyle, Encoding,
 };
 use crate::formats::onnx::{self as onnx_format, OnnxContainer};
 use crate::formats::{DType, FormatError, Tensor};
@@ -124,6 +126,7 @@ fn dims_i64(dims: &[usize]) -> Vec<i64> {
 struct Edit<'a> {
     names: &'a mut Names,
     opset: i64,
+    style: DeployStyle,
     /// The value the last node writes: the weight's name as its consumers read it.
     weight: String,
     /// Compact parts as `Constant` nodes (the weight was one) instead of initializers.
@@ -303,7 +306,7 @@ fn quantized(e: &mut Edit, q: &Quantized, shape: &[usize]) -> String {
         let codes = q.codes.iter().map(|&c| c as u8).collect();
         let codes = e.init("quantized", DataType::Int8, shape, codes);
         let per_axis = q.axis.is_some() && q.scales.len() > 1;
-        if e.opset >= 13 || (!per_axis && e.opset >= 10) {
+        if e.style == DeployStyle::Operators && (e.opset >= 13 || (!per_axis && e.opset >= 10)) {
             let vec_dims: Vec<usize> = if per_axis {
                 vec![q.scales.len()]
             } else {
@@ -778,6 +781,7 @@ pub fn write(
     c: &OnnxContainer,
     restored: &[Tensor],
     encodings: &[Option<Encoding>],
+    style: DeployStyle,
 ) -> Result<Deployed, FormatError> {
     let opset = default_opset(&c.model);
     let mut names = Names::of(&c.model);
@@ -804,6 +808,7 @@ pub fn write(
         let mut e = Edit {
             names: &mut names,
             opset,
+            style,
             weight: slot.map_or_else(|| t.name.clone(), |s| s.output.clone()),
             as_constants: slot.is_some(),
             inits: Vec::new(),
@@ -813,6 +818,7 @@ pub fn write(
         let form = match enc {
             Encoding::Quantized(q)
                 if slot.is_none()
+                    && style != DeployStyle::Folded
                     && c.model
                         .graph
                         .as_ref()

@@ -93,6 +93,33 @@ fn every_onnx_case_and_preset_deploys_and_runs_in_onnxruntime() {
             pairs.push((case.to_string(), model, restored));
         }
     }
+    // The other deployment styles of the presets that have a choice.
+    for (case, file) in ONNX_CASES {
+        for preset in ["int8", "int4-g32", "int4-g128"] {
+            for style in ["folded", "operators"] {
+                let dir = tmp.path().join(format!("{case}-{preset}-{style}"));
+                std::fs::create_dir_all(&dir).unwrap();
+                let report = compress_to(
+                    &cases().join(file),
+                    json!({"preset": preset, "deploy": style}),
+                    &dir,
+                );
+                let forms = report["deployable"]["tensors"].as_array().unwrap();
+                let nbits = forms
+                    .iter()
+                    .any(|f| f["form"].as_str().unwrap().contains("MatMulNBits"));
+                assert!(
+                    !(style == "folded" && nbits),
+                    "{case} {preset} {style}: {forms:?}"
+                );
+                pairs.push((
+                    case.to_string(),
+                    dir.join("model.onnx"),
+                    dir.join("restored.onnx"),
+                ));
+            }
+        }
+    }
     assert!(
         pairs.len() >= 3 * 10,
         "only {} deployable models",
@@ -139,13 +166,28 @@ fn silero_int8_model_onnx_keeps_decisions_where_onnxruntimes_int8_does_not() {
         tmp.path(),
     );
     let forms = report["deployable"]["tensors"].as_array().unwrap();
-    assert!(forms.iter().any(|f| f["form"] == "DequantizeLinear"));
+    assert!(forms.iter().all(|f| f["form"] == "Cast+Mul"), "{forms:?}");
     let m = evaluate("silero_vad", &tmp.path().join("model.onnx"));
     // onnxruntime's dynamic int8 of this model agrees on 0.235 of the decisions.
     let agreement = m["decision_agreement"].as_f64().unwrap();
     assert!(agreement >= 0.99, "decision agreement {agreement}");
     // ...and its file is 331,513 bytes.
     assert!(m["candidate_bytes"].as_u64().unwrap() < 400_000, "{m}");
+    // The same codes as DequantizeLinear operators.
+    let dir = tmp.path().join("operators");
+    std::fs::create_dir_all(&dir).unwrap();
+    let report = compress_to(
+        &cases().join("silero_vad/silero_vad_16k_sequence.onnx"),
+        json!({"preset": "int8", "deploy": "operators"}),
+        &dir,
+    );
+    let forms = report["deployable"]["tensors"].as_array().unwrap();
+    assert!(
+        forms.iter().all(|f| f["form"] == "DequantizeLinear"),
+        "{forms:?}"
+    );
+    let m = evaluate("silero_vad", &dir.join("model.onnx"));
+    assert!(m["decision_agreement"].as_f64().unwrap() >= 0.99, "{m}");
 }
 
 #[tokio::test]
