@@ -179,11 +179,31 @@ pub fn quantize_grouped_reference(
     group_size: usize,
 ) -> Quantized {
     let layout = GroupLayout::new(shape, axis, group_size);
-    let groups = layout.groups();
+    let mut q = reference_by(
+        values,
+        layout.groups(),
+        |i| layout.group_of(i),
+        bits,
+        scheme,
+    );
+    q.axis = axis;
+    q.group_size = Some(layout.group_size);
+    q
+}
+
+/// Round to nearest with one scale (and zero point) per group, each element's group from
+/// `group_of`: the slow, obvious core of both references.
+fn reference_by(
+    values: &[f32],
+    groups: usize,
+    group_of: impl Fn(usize) -> usize,
+    bits: u8,
+    scheme: Scheme,
+) -> Quantized {
     let mut lo = vec![f32::INFINITY; groups];
     let mut hi = vec![f32::NEG_INFINITY; groups];
     for (i, &v) in values.iter().enumerate() {
-        let g = layout.group_of(i);
+        let g = group_of(i);
         lo[g] = lo[g].min(v);
         hi[g] = hi[g].max(v);
     }
@@ -203,14 +223,14 @@ pub fn quantize_grouped_reference(
         .iter()
         .enumerate()
         .map(|(i, &v)| {
-            let g = layout.group_of(i);
+            let g = group_of(i);
             ((v / scales[g]).round_ties_even() + f32::from(zps[g])).clamp(qmin, qmax) as i8
         })
         .collect();
     Quantized {
         bits,
         scheme,
-        axis,
+        axis: None,
         scales,
         zero_points: if scheme == Scheme::Affine {
             zps
@@ -218,7 +238,7 @@ pub fn quantize_grouped_reference(
             Vec::new()
         },
         codes,
-        group_size: Some(layout.group_size),
+        group_size: None,
     }
 }
 
@@ -409,48 +429,15 @@ pub fn quantize_reference(
     axis: Option<usize>,
 ) -> Quantized {
     let layout = ChannelLayout::new(shape, axis);
-    let ch = layout.channels.max(1);
-    let mut lo = vec![f32::INFINITY; ch];
-    let mut hi = vec![f32::NEG_INFINITY; ch];
-    for (i, &v) in values.iter().enumerate() {
-        let c = layout.channel_of(i);
-        lo[c] = lo[c].min(v);
-        hi[c] = hi[c].max(v);
-    }
-    let mut scales = Vec::new();
-    let mut zps = Vec::new();
-    for c in 0..ch {
-        let (l, h) = if lo[c] > hi[c] {
-            (0.0, 0.0)
-        } else {
-            (lo[c], hi[c])
-        };
-        let (s, z) = params(l, h, bits, scheme);
-        scales.push(s);
-        zps.push(z);
-    }
-    let (qmin, qmax) = code_range(bits, scheme);
-    let codes = values
-        .iter()
-        .enumerate()
-        .map(|(i, &v)| {
-            let c = layout.channel_of(i);
-            ((v / scales[c]).round_ties_even() + f32::from(zps[c])).clamp(qmin, qmax) as i8
-        })
-        .collect();
-    Quantized {
+    let mut q = reference_by(
+        values,
+        layout.channels.max(1),
+        |i| layout.channel_of(i),
         bits,
         scheme,
-        axis,
-        scales,
-        zero_points: if scheme == Scheme::Affine {
-            zps
-        } else {
-            Vec::new()
-        },
-        codes,
-        group_size: None,
-    }
+    );
+    q.axis = axis;
+    q
 }
 
 #[cfg(test)]
