@@ -37,8 +37,10 @@ CASE_MODELS = [
 ]
 PRESETS = {
     "int8": {"preset": "int8"},
+    "int8 (deploy: operators)": {"preset": "int8", "deploy": "operators"},
     "int4": {"preset": "int4"},
     "int4-g32": {"preset": "int4-g32"},
+    "int4-g32 (deploy: folded)": {"preset": "int4-g32", "deploy": "folded"},
     "int4-g128": {"preset": "int4-g128"},
     "kmeans4": {"preset": "kmeans4"},
     "lowrank-90": {"preset": "lowrank-90"},
@@ -58,17 +60,19 @@ def feed(case, data):
     return {n: data[n][:rows] for n in names}
 
 
-def latency_ms(path, inputs):
-    s = evaluate.session(path)
-    names = [i.name for i in s.get_inputs()]
-    x = {n: inputs[n] for n in names}
-    s.run(None, x)
-    times = []
-    for _ in range(RUNS):
-        t0 = time.perf_counter()
+def latency_pair_ms(original, candidate, inputs):
+    """Median ms of the original and of the candidate, runs interleaved (the machine drifts)."""
+    sessions = [evaluate.session(p) for p in (original, candidate)]
+    feeds = [{i.name: inputs[i.name] for i in s.get_inputs()} for s in sessions]
+    for s, x in zip(sessions, feeds):
         s.run(None, x)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    times = ([], [])
+    for _ in range(RUNS):
+        for k, (s, x) in enumerate(zip(sessions, feeds)):
+            t0 = time.perf_counter()
+            s.run(None, x)
+            times[k].append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def score(case_name, case, data, labels, original, candidate):
@@ -109,15 +113,14 @@ def main():
         labels = data.pop("labels", None)
         inputs = feed(case, data)
         original_bytes = os.path.getsize(model)
-        base_ms = latency_ms(model, inputs)
         base_metric = score(case_name, case, data, labels, model, model)
-        rows.append((case_name, "original", original_bytes, 1.0, base_metric, base_ms, base_ms, ""))
+        rows.append((case_name, "original", original_bytes, 1.0, base_metric, None, None, ""))
         out_dir = os.path.join(OUT, "deploy", case_name)
         os.makedirs(out_dir, exist_ok=True)
         for name, spec in PRESETS.items():
             d = os.path.join(out_dir, name)
             spec_path = os.path.join(out_dir, name + ".json")
-            json.dump(spec, open(spec_path, "w"))
+            json.dump(dict(spec, latency=False), open(spec_path, "w"))
             subprocess.run([BIN, "compress", model, "--spec", spec_path, "--quiet", "-o", d],
                            env=ENV, check=True, capture_output=True)
             path = os.path.join(d, "model.onnx")
@@ -127,18 +130,19 @@ def main():
             forms = sorted({t["form"] for t in (report.get("deployable") or {}).get("tensors", [])})
             size = os.path.getsize(path)
             rows.append((case_name, "modelpress " + name, size, original_bytes / size,
-                         score(case_name, case, data, labels, model, path), base_ms,
-                         latency_ms(path, inputs), ", ".join(forms) or "dense"))
+                         score(case_name, case, data, labels, model, path),
+                         *latency_pair_ms(model, path, inputs), ", ".join(forms) or "dense"))
         for label, path in ort_peers(model, out_dir).items():
             size = os.path.getsize(path)
             rows.append((case_name, label, size, original_bytes / size,
-                         score(case_name, case, data, labels, model, path), base_ms,
-                         latency_ms(path, inputs), ""))
+                         score(case_name, case, data, labels, model, path),
+                         *latency_pair_ms(model, path, inputs), ""))
         print(f"{case_name} done", file=sys.stderr)
-    print("| case | variant | model.onnx bytes | ratio | metric | ort ms original | ort ms this | forms |")
-    print("|---|---|---:|---:|---:|---:|---:|---|")
+    print("| case | variant | model.onnx bytes | ratio | metric | ort ms original | ort ms this | this / original | forms |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
-        print(f"| {r[0]} | {r[1]} | {r[2]:,} | {r[3]:.2f}x | {r[4]:.4f} | {r[5]:.3f} | {r[6]:.3f} | {r[7]} |")
+        ms = "| | |" if r[5] is None else f"| {r[5]:.3f} | {r[6]:.3f} | {r[6] / r[5]:.2f} |"
+        print(f"| {r[0]} | {r[1]} | {r[2]:,} | {r[3]:.2f}x | {r[4]:.4f} {ms} {r[7]} |")
 
 
 if __name__ == "__main__":
