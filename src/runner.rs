@@ -205,10 +205,11 @@ pub fn execute(
         }
         _ => None,
     };
-    if let Some(l) = latency
-        .as_ref()
-        .filter(|l| l.ratio.is_some_and(|r| r > 1.5))
-    {
+    // Sub-millisecond differences are noise on a busy machine: warn only beyond both bounds.
+    if let Some(l) = latency.as_ref().filter(|l| {
+        l.ratio.is_some_and(|r| r > 1.5)
+            && l.deployable_ms.unwrap_or(0.0) - l.original_ms.unwrap_or(0.0) > 1.0
+    }) {
         warnings.push(Warning::new(
             "slower_than_original",
             format!(

@@ -93,7 +93,7 @@ impl StageTotals {
 pub struct Warning {
     /// Stable: `nothing_compressed` (no tensor was changed), `dense_fallback` (an encoded
     /// tensor stays dense in the deployable file), `slower_than_original` (model.onnx ran
-    /// more than 1.5x slower than the original in tract).
+    /// more than 1.5x and 1 ms slower than the original in tract).
     pub code: String,
     pub message: String,
 }
