@@ -512,3 +512,40 @@ fn the_summary_times_the_original_and_model_onnx_in_tract() {
     );
     assert!(report["summary"]["latency"].is_null());
 }
+
+/// A Constant whose value points at external data (e.g. /etc/passwd) is refused, as an
+/// initializer that does is: modelpress never follows, nor passes on, such a reference.
+#[tokio::test]
+async fn a_constant_with_external_data_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("ext.onnx");
+    python(
+        r#"
+import sys, onnx
+from onnx import helper, TensorProto
+t = TensorProto(name="w", data_type=TensorProto.FLOAT, dims=[64, 64])
+t.data_location = TensorProto.EXTERNAL
+e = t.external_data.add(); e.key = "location"; e.value = "/etc/passwd"
+x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])
+y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])
+g = helper.make_graph([helper.make_node("Constant", [], ["w"], value=t),
+                       helper.make_node("MatMul", ["x", "w"], ["y"])], "g", [x], [y])
+onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), sys.argv[1])
+"#,
+        &[path.to_str().unwrap()],
+    );
+    let err = modelpress::formats::read_path(&path).unwrap_err();
+    assert!(err.to_string().contains("external data"), "{err}");
+    let app = spawn_app().await;
+    let r = app
+        .client
+        .post(app.url("/v1/models?name=ext.onnx"))
+        .body(std::fs::read(&path).unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 422);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(error_code(&body), "invalid_model", "{body}");
+    app.stop().await;
+}
