@@ -886,16 +886,18 @@ pub fn write(
         .graph
         .as_mut()
         .ok_or_else(|| FormatError::Write("model has no graph".into()))?;
+    // A replaced weight is now a node output, so it can no longer be a graph input too
+    // (before IR 4 every initializer is one; from IR 4 an initializer listed as an input is
+    // a default the caller may override, which a compressed weight no longer offers).
+    let replaced: HashSet<&str> = restored[..n_inits]
+        .iter()
+        .zip(&leave_out)
+        .filter(|(_, &out)| out)
+        .map(|(t, _)| t.name.as_str())
+        .collect();
+    graph.input.retain(|v| !replaced.contains(v.name.as_str()));
     if old_ir {
-        // Before IR 4 every initializer is also a graph input: the replaced weights are now
-        // node outputs, and the new initializers need their input entries.
-        let replaced: HashSet<&str> = restored[..n_inits]
-            .iter()
-            .zip(&leave_out)
-            .filter(|(_, &out)| out)
-            .map(|(t, _)| t.name.as_str())
-            .collect();
-        graph.input.retain(|v| !replaced.contains(v.name.as_str()));
+        // ...and before IR 4 the new initializers need their input entries.
         graph.input.extend(inits.iter().map(value_info));
     }
     graph.initializer.extend(inits);
