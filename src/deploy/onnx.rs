@@ -627,14 +627,56 @@ fn nbits(e: &mut Edit, q: &Quantized, shape: &[usize]) -> NBits {
 
 /// A consumer rewrite: factors or integer weights in the compute path.
 enum Rewrite {
-    Factors { split: Split, a: String, b: String },
+    Factors {
+        split: Split,
+        a: String,
+        b: String,
+    },
     NBits(NBits),
+    /// Conv(X, W) = Conv1×1(Conv(Conv1×1(X, first), core), last): C → R_in → R_out → O.
+    Tucker {
+        first: String,
+        core: String,
+        last: String,
+    },
 }
 
 /// Rewrites each consumer of `weight` (see [`Split`], [`NBits`]).
 fn apply_rewrite(graph: &mut GraphProto, names: &mut Names, weight: &str, rewrite: &Rewrite) {
     let (split, a, b) = match rewrite {
         Rewrite::Factors { split, a, b } => (*split, a.as_str(), b.as_str()),
+        Rewrite::Tucker { first, core, last } => {
+            let mut out = Vec::with_capacity(graph.node.len() + 4);
+            for mut n in std::mem::take(&mut graph.node) {
+                if n.op_type != "Conv" || n.input.get(1).is_none_or(|i| i != weight) {
+                    out.push(n);
+                    continue;
+                }
+                let reduced = names.fresh(weight, "tucker_in");
+                let cored = names.fresh(weight, "tucker_core");
+                out.push(NodeProto {
+                    input: vec![n.input[0].clone(), first.clone()],
+                    output: vec![reduced.clone()],
+                    name: names.fresh(weight, "tucker_in_node"),
+                    op_type: "Conv".into(),
+                    ..Default::default()
+                });
+                // The core keeps the original's window, pads, strides and dilations.
+                let mut middle = n.clone();
+                middle.name = names.fresh(weight, "tucker_core_node");
+                middle.input = vec![reduced, core.clone()];
+                middle.output = vec![cored.clone()];
+                middle.attribute.retain(|a| a.name != "kernel_shape");
+                out.push(middle);
+                let mut inputs = vec![cored, last.clone()];
+                inputs.extend(n.input.get(2).cloned());
+                n.input = inputs;
+                n.attribute.clear();
+                out.push(n);
+            }
+            graph.node = out;
+            return;
+        }
         Rewrite::NBits(nb) => {
             for n in graph.node.iter_mut() {
                 if n.op_type == "MatMul" && n.input.get(1).is_some_and(|i| i == weight) {
@@ -865,6 +907,41 @@ pub fn write(
                 }
             }
             Encoding::Separable(s) => separable(&mut e, s, &t.shape),
+            Encoding::Tucker(k)
+                if slot.is_none()
+                    && t.shape.len() >= 3
+                    && t.shape[..2] == [k.out_channels, k.in_channels]
+                    && c.model.graph.as_ref().is_some_and(|g| {
+                        let view = Factors {
+                            rows: k.out_channels,
+                            cols: 0,
+                            rank: 0,
+                            a: Vec::new(),
+                            b: Vec::new(),
+                        };
+                        split_for(g, &t.name, &view, &t.shape) == Some(Split::Conv)
+                    }) =>
+            {
+                let ones = t.shape.len() - 2;
+                let mut first_dims = vec![k.rank_in, k.in_channels];
+                first_dims.extend(std::iter::repeat_n(1, ones));
+                // u_in is [C, R_in]; the first convolution's filters are its columns.
+                let mut first = Vec::with_capacity(k.u_in.len());
+                for b in 0..k.rank_in {
+                    for ci in 0..k.in_channels {
+                        first.push(k.u_in[ci * k.rank_in + b]);
+                    }
+                }
+                let first = e.floats("tucker_u_in", &first_dims, &first);
+                let mut core_dims = vec![k.rank_out, k.rank_in];
+                core_dims.extend_from_slice(&t.shape[2..]);
+                let core = e.floats("tucker_core", &core_dims, &k.core);
+                let mut last_dims = vec![k.out_channels, k.rank_out];
+                last_dims.extend(std::iter::repeat_n(1, ones));
+                let last = e.floats("tucker_u_out", &last_dims, &k.u_out);
+                rewrites.push((t.name.clone(), Rewrite::Tucker { first, core, last }));
+                "Conv1x1·Conv·Conv1x1 (Tucker-2 in the compute path)".into()
+            }
             Encoding::Tucker(k) => tucker(&mut e, k, &t.shape),
         };
         leave_out[i] = true;

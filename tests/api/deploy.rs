@@ -549,3 +549,41 @@ onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), sys
     assert_eq!(error_code(&body), "invalid_model", "{body}");
     app.stop().await;
 }
+
+/// Tucker-2 kernels become three convolutions in the compute path (1×1 to R_in channels,
+/// the core with the original window, 1×1 to the outputs with the bias).
+#[test]
+fn tucker2_kernels_run_as_three_convolutions() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut pairs = Vec::new();
+    for (case, file) in &ONNX_CASES[..2] {
+        let dir = tmp.path().join(case);
+        std::fs::create_dir_all(&dir).unwrap();
+        let report = compress_to(
+            &cases().join(file),
+            json!({"pipeline": [{"method": "tucker2", "ratio": 0.5}], "latency": false}),
+            &dir,
+        );
+        let forms = report["deployable"]["tensors"].as_array().unwrap();
+        assert!(
+            forms.iter().any(|f| f["form"]
+                .as_str()
+                .unwrap()
+                .starts_with("Conv1x1·Conv·Conv1x1")),
+            "{case}: {forms:?}"
+        );
+        pairs.push((
+            case.to_string(),
+            dir.join("model.onnx"),
+            dir.join("restored.onnx"),
+        ));
+    }
+    for m in compare(&pairs, 300) {
+        let err = m["output_rel_l2"].as_f64().unwrap();
+        assert!(
+            err <= DEPLOYED_VS_RESTORED_REL_L2,
+            "{}: {err}",
+            m["candidate"]
+        );
+    }
+}
