@@ -85,3 +85,18 @@ async fn openapi_matches_the_router() {
     assert_eq!(served_doc, modelpress::api::health::OPENAPI);
     app.stop().await;
 }
+
+/// The document parses as YAML (PyYAML's safe loader), and its preset enum is the server's.
+#[test]
+fn openapi_parses_and_lists_every_preset() {
+    let out = python(
+        r#"
+import json, sys, yaml
+doc = yaml.safe_load(open(sys.argv[1]))
+print(json.dumps(doc["components"]["schemas"]["JobSpec"]["properties"]["preset"]["enum"]))
+"#,
+        &[concat!(env!("CARGO_MANIFEST_DIR"), "/openapi.yaml")],
+    );
+    let presets: Vec<String> = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(presets, modelpress::compress::PRESET_NAMES);
+}
