@@ -137,14 +137,7 @@ pub fn quantize_grouped(
         lo[g] = lo[g].min(l);
         hi[g] = hi[g].max(h);
     });
-    let (scales, zps): (Vec<f32>, Vec<i8>) = lo
-        .iter()
-        .zip(&hi)
-        .map(|(&l, &h)| {
-            let (l, h) = if l > h { (0.0, 0.0) } else { (l, h) };
-            params(l, h, bits, scheme)
-        })
-        .unzip();
+    let (scales, zps) = params_all(&lo, &hi, bits, scheme);
     let (qmin, qmax) = code_range(bits, scheme);
     let mut codes = vec![0i8; values.len()];
     layout.for_each_run(|r, g| {
@@ -153,19 +146,9 @@ pub fn quantize_grouped(
             *o = fast_round((v / s).round_ties_even_fast().add_clamped(z, qmin, qmax));
         }
     });
-    Quantized {
-        bits,
-        scheme,
-        axis,
-        scales,
-        zero_points: if scheme == Scheme::Affine {
-            zps
-        } else {
-            Vec::new()
-        },
-        codes,
-        group_size: Some(layout.group_size),
-    }
+    let mut q = quantized(bits, scheme, axis, scales, zps, codes);
+    q.group_size = Some(layout.group_size);
+    q
 }
 
 /// The slow, obvious version of [`quantize_grouped`]: each element's group from its flat
@@ -185,8 +168,8 @@ pub fn quantize_grouped_reference(
         |i| layout.group_of(i),
         bits,
         scheme,
+        axis,
     );
-    q.axis = axis;
     q.group_size = Some(layout.group_size);
     q
 }
@@ -199,6 +182,7 @@ fn reference_by(
     group_of: impl Fn(usize) -> usize,
     bits: u8,
     scheme: Scheme,
+    axis: Option<usize>,
 ) -> Quantized {
     let mut lo = vec![f32::INFINITY; groups];
     let mut hi = vec![f32::NEG_INFINITY; groups];
@@ -207,17 +191,7 @@ fn reference_by(
         lo[g] = lo[g].min(v);
         hi[g] = hi[g].max(v);
     }
-    let (mut scales, mut zps) = (Vec::new(), Vec::new());
-    for g in 0..groups {
-        let (l, h) = if lo[g] > hi[g] {
-            (0.0, 0.0)
-        } else {
-            (lo[g], hi[g])
-        };
-        let (s, z) = params(l, h, bits, scheme);
-        scales.push(s);
-        zps.push(z);
-    }
+    let (scales, zps) = params_all(&lo, &hi, bits, scheme);
     let (qmin, qmax) = code_range(bits, scheme);
     let codes = values
         .iter()
@@ -227,19 +201,7 @@ fn reference_by(
             ((v / scales[g]).round_ties_even() + f32::from(zps[g])).clamp(qmin, qmax) as i8
         })
         .collect();
-    Quantized {
-        bits,
-        scheme,
-        axis: None,
-        scales,
-        zero_points: if scheme == Scheme::Affine {
-            zps
-        } else {
-            Vec::new()
-        },
-        codes,
-        group_size: None,
-    }
+    quantized(bits, scheme, axis, scales, zps, codes)
 }
 
 fn code_range(bits: u8, scheme: Scheme) -> (f32, f32) {
@@ -268,6 +230,41 @@ fn params(lo: f32, hi: f32, bits: u8, scheme: Scheme) -> (f32, i8) {
             let zp = (qmin - lo / s).round_ties_even().clamp(qmin, qmax);
             (s, zp as i8)
         }
+    }
+}
+
+/// Scale and zero point of each group from its min and max (an empty group: 0..0).
+fn params_all(lo: &[f32], hi: &[f32], bits: u8, scheme: Scheme) -> (Vec<f32>, Vec<i8>) {
+    lo.iter()
+        .zip(hi)
+        .map(|(&l, &h)| {
+            let (l, h) = if l > h { (0.0, 0.0) } else { (l, h) };
+            params(l, h, bits, scheme)
+        })
+        .unzip()
+}
+
+/// The codes and their parameters; the symmetric scheme keeps no zero points.
+fn quantized(
+    bits: u8,
+    scheme: Scheme,
+    axis: Option<usize>,
+    scales: Vec<f32>,
+    zps: Vec<i8>,
+    codes: Vec<i8>,
+) -> Quantized {
+    Quantized {
+        bits,
+        scheme,
+        axis,
+        scales,
+        zero_points: if scheme == Scheme::Affine {
+            zps
+        } else {
+            Vec::new()
+        },
+        codes,
+        group_size: None,
     }
 }
 
@@ -315,14 +312,7 @@ pub fn quantize(
             hi[c] = hi[c].max(h);
         }
     }
-    let (scales, zps): (Vec<f32>, Vec<i8>) = lo
-        .iter()
-        .zip(&hi)
-        .map(|(&l, &h)| {
-            let (l, h) = if l > h { (0.0, 0.0) } else { (l, h) };
-            params(l, h, bits, scheme)
-        })
-        .unzip();
+    let (scales, zps) = params_all(&lo, &hi, bits, scheme);
     let (qmin, qmax) = code_range(bits, scheme);
     let mut codes = vec![0i8; values.len()];
     if layout.inner == 1 && ch > 1 {
@@ -347,19 +337,7 @@ pub fn quantize(
             }
         }
     }
-    Quantized {
-        bits,
-        scheme,
-        axis,
-        scales,
-        zero_points: if scheme == Scheme::Affine {
-            zps
-        } else {
-            Vec::new()
-        },
-        codes,
-        group_size: None,
-    }
+    quantized(bits, scheme, axis, scales, zps, codes)
 }
 
 trait RoundHelpers {
@@ -429,15 +407,14 @@ pub fn quantize_reference(
     axis: Option<usize>,
 ) -> Quantized {
     let layout = ChannelLayout::new(shape, axis);
-    let mut q = reference_by(
+    reference_by(
         values,
         layout.channels.max(1),
         |i| layout.channel_of(i),
         bits,
         scheme,
-    );
-    q.axis = axis;
-    q
+        axis,
+    )
 }
 
 #[cfg(test)]
