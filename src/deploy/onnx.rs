@@ -502,7 +502,7 @@ fn attr<'a>(n: &'a NodeProto, name: &str) -> Option<&'a AttributeProto> {
 
 /// The split that fits every consumer of `name` in the main graph, if one does and no
 /// subgraph reads it.
-fn split_for(graph: &GraphProto, name: &str, f: &Factors, shape: &[usize]) -> Option<Split> {
+fn split_for(graph: &GraphProto, name: &str, shape: &[usize]) -> Option<Split> {
     fn used_in_subgraph(g: &GraphProto, name: &str) -> bool {
         g.node.iter().any(|n| {
             n.attribute.iter().any(|a| {
@@ -527,12 +527,8 @@ fn split_for(graph: &GraphProto, name: &str, f: &Factors, shape: &[usize]) -> Op
                 .map(move |(k, _)| (n, k))
         })
         .map(|(n, k)| match (n.op_type.as_str(), k) {
-            ("MatMul", 1) if shape.len() == 2 && shape == [f.rows, f.cols] => Some(Split::MatMul),
-            ("Conv", 1)
-                if shape.len() >= 3
-                    && f.rows == shape[0]
-                    && attr(n, "group").is_none_or(|g| g.i == 1) =>
-            {
+            ("MatMul", 1) if shape.len() == 2 => Some(Split::MatMul),
+            ("Conv", 1) if shape.len() >= 3 && attr(n, "group").is_none_or(|g| g.i == 1) => {
                 Some(Split::Conv)
             }
             _ => None,
@@ -558,19 +554,12 @@ struct NBits {
 /// MatMulNBits form, which onnxruntime (and tract) run with integer weights.
 fn nbits_fits(graph: &GraphProto, name: &str, q: &Quantized, shape: &[usize]) -> bool {
     let Some(g) = q.group_size else { return false };
-    let fake = Factors {
-        rows: shape.first().copied().unwrap_or(0),
-        cols: shape.get(1).copied().unwrap_or(0),
-        rank: 0,
-        a: Vec::new(),
-        b: Vec::new(),
-    };
     q.bits == 4
         && shape.len() == 2
         && q.axis == Some(1)
         && g >= 16
         && g.is_power_of_two()
-        && split_for(graph, name, &fake, shape) == Some(Split::MatMul)
+        && split_for(graph, name, shape) == Some(Split::MatMul)
 }
 
 fn nbits(e: &mut Edit, q: &Quantized, shape: &[usize]) -> NBits {
@@ -641,99 +630,94 @@ enum Rewrite {
     },
 }
 
-/// Rewrites each consumer of `weight` (see [`Split`], [`NBits`]).
+/// Rewrites each consumer of `weight` (see [`Split`], [`NBits`], [`Rewrite::Tucker`]); the
+/// splits guarantee every consumer takes the weight as its second input.
 fn apply_rewrite(graph: &mut GraphProto, names: &mut Names, weight: &str, rewrite: &Rewrite) {
-    let (split, a, b) = match rewrite {
-        Rewrite::Factors { split, a, b } => (*split, a.as_str(), b.as_str()),
-        Rewrite::Tucker { first, core, last } => {
-            let mut out = Vec::with_capacity(graph.node.len() + 4);
-            for mut n in std::mem::take(&mut graph.node) {
-                if n.op_type != "Conv" || n.input.get(1).is_none_or(|i| i != weight) {
-                    out.push(n);
-                    continue;
-                }
-                let reduced = names.fresh(weight, "tucker_in");
-                let cored = names.fresh(weight, "tucker_core");
-                out.push(NodeProto {
-                    input: vec![n.input[0].clone(), first.clone()],
-                    output: vec![reduced.clone()],
-                    name: names.fresh(weight, "tucker_in_node"),
-                    op_type: "Conv".into(),
-                    ..Default::default()
-                });
-                // The core keeps the original's window, pads, strides and dilations.
-                let mut middle = n.clone();
-                middle.name = names.fresh(weight, "tucker_core_node");
-                middle.input = vec![reduced, core.clone()];
-                middle.output = vec![cored.clone()];
-                middle.attribute.retain(|a| a.name != "kernel_shape");
-                out.push(middle);
-                let mut inputs = vec![cored, last.clone()];
-                inputs.extend(n.input.get(2).cloned());
-                n.input = inputs;
-                n.attribute.clear();
-                out.push(n);
-            }
-            graph.node = out;
-            return;
-        }
-        Rewrite::NBits(nb) => {
-            for n in graph.node.iter_mut() {
-                if n.op_type == "MatMul" && n.input.get(1).is_some_and(|i| i == weight) {
-                    let mut inputs = vec![n.input[0].clone(), nb.b.clone(), nb.scales.clone()];
-                    inputs.extend(nb.zero_points.clone());
-                    n.input = inputs;
-                    n.op_type = "MatMulNBits".into();
-                    n.domain = "com.microsoft".into();
-                    n.attribute = vec![
-                        attr_int("K", nb.k as i64),
-                        attr_int("N", nb.n as i64),
-                        attr_int("bits", i64::from(nb.bits)),
-                        attr_int("block_size", nb.block as i64),
-                    ];
-                }
-            }
-            return;
-        }
-    };
-    let mut out = Vec::with_capacity(graph.node.len() + 2);
+    let mut out = Vec::with_capacity(graph.node.len() + 4);
     for mut n in std::mem::take(&mut graph.node) {
         if n.input.get(1).is_none_or(|i| i != weight) {
             out.push(n);
             continue;
         }
-        let inner = names.fresh(weight, "factor_out");
-        let first_name = names.fresh(weight, "first_factor_node");
-        match split {
-            Split::MatMul => {
+        let x = n.input[0].clone();
+        match rewrite {
+            Rewrite::NBits(nb) => {
+                let mut inputs = vec![x, nb.b.clone(), nb.scales.clone()];
+                inputs.extend(nb.zero_points.clone());
+                n.input = inputs;
+                n.op_type = "MatMulNBits".into();
+                n.domain = "com.microsoft".into();
+                n.attribute = vec![
+                    attr_int("K", nb.k as i64),
+                    attr_int("N", nb.n as i64),
+                    attr_int("bits", i64::from(nb.bits)),
+                    attr_int("block_size", nb.block as i64),
+                ];
+                out.push(n);
+            }
+            Rewrite::Factors {
+                split: Split::MatMul,
+                a,
+                b,
+            } => {
                 // X·A first, then the consumer multiplies by B.
+                let inner = names.fresh(weight, "factor_out");
                 out.push(NodeProto {
-                    input: vec![n.input[0].clone(), a.into()],
+                    input: vec![x, a.clone()],
                     output: vec![inner.clone()],
-                    name: first_name,
+                    name: names.fresh(weight, "first_factor_node"),
                     op_type: "MatMul".into(),
                     ..Default::default()
                 });
-                n.input = vec![inner, b.into()];
+                n.input = vec![inner, b.clone()];
+                out.push(n);
             }
-            Split::Conv => {
-                // The original convolution with r filters (B), then a 1×1 one with A and
-                // the bias.
-                let mut first = n.clone();
-                first.name = first_name;
-                first.input = vec![n.input[0].clone(), b.into()];
-                first.output = vec![inner.clone()];
-                first.attribute.retain(|a| a.name != "kernel_shape");
-                out.push(first);
-                let mut inputs = vec![inner, a.into()];
-                inputs.extend(n.input.get(2).cloned());
-                n.input = inputs;
-                n.attribute.clear();
+            Rewrite::Factors {
+                split: Split::Conv,
+                a,
+                b,
+            } => {
+                // The original convolution with r filters (B), then a 1×1 one with A.
+                out.extend(conv_then_pointwise(n, names, weight, x, b, a));
+            }
+            Rewrite::Tucker { first, core, last } => {
+                let reduced = names.fresh(weight, "tucker_in");
+                out.push(NodeProto {
+                    input: vec![x, first.clone()],
+                    output: vec![reduced.clone()],
+                    name: names.fresh(weight, "tucker_in_node"),
+                    op_type: "Conv".into(),
+                    ..Default::default()
+                });
+                out.extend(conv_then_pointwise(n, names, weight, reduced, core, last));
             }
         }
-        out.push(n);
     }
     graph.node = out;
+}
+
+/// The consumer Conv `n` as two: a copy that keeps its window, pads, strides and dilations,
+/// reading `x` with the `spatial` filters, then `n` itself as a 1×1 convolution by
+/// `pointwise` with its bias.
+fn conv_then_pointwise(
+    mut n: NodeProto,
+    names: &mut Names,
+    weight: &str,
+    x: String,
+    spatial: &str,
+    pointwise: &str,
+) -> [NodeProto; 2] {
+    let inner = names.fresh(weight, "factor_out");
+    let mut first = n.clone();
+    first.name = names.fresh(weight, "first_factor_node");
+    first.input = vec![x, spatial.into()];
+    first.output = vec![inner.clone()];
+    first.attribute.retain(|a| a.name != "kernel_shape");
+    let mut inputs = vec![inner, pointwise.into()];
+    inputs.extend(n.input.get(2).cloned());
+    n.input = inputs;
+    n.attribute.clear();
+    [first, n]
 }
 
 fn separable(e: &mut Edit, s: &Separable, shape: &[usize]) -> String {
@@ -879,7 +863,11 @@ pub fn write(
             Encoding::Clustered(k) => clustered(&mut e, k, &t.shape),
             Encoding::LowRank(f) => {
                 let split = match (slot, c.model.graph.as_ref()) {
-                    (None, Some(g)) => split_for(g, &t.name, f, &t.shape),
+                    // The factors' rows are the weight's first axis: MatMul's inputs, Conv's
+                    // output channels.
+                    (None, Some(g)) if t.shape.first() == Some(&f.rows) => {
+                        split_for(g, &t.name, &t.shape)
+                    }
                     _ => None,
                 };
                 match split {
@@ -911,16 +899,10 @@ pub fn write(
                 if slot.is_none()
                     && t.shape.len() >= 3
                     && t.shape[..2] == [k.out_channels, k.in_channels]
-                    && c.model.graph.as_ref().is_some_and(|g| {
-                        let view = Factors {
-                            rows: k.out_channels,
-                            cols: 0,
-                            rank: 0,
-                            a: Vec::new(),
-                            b: Vec::new(),
-                        };
-                        split_for(g, &t.name, &view, &t.shape) == Some(Split::Conv)
-                    }) =>
+                    && c.model
+                        .graph
+                        .as_ref()
+                        .is_some_and(|g| split_for(g, &t.name, &t.shape) == Some(Split::Conv)) =>
             {
                 let ones = t.shape.len() - 2;
                 let mut first_dims = vec![k.rank_in, k.in_channels];
