@@ -11,8 +11,9 @@ use tract_onnx::tract_hir::infer::Factoid;
 /// Timed runs after the warm-up.
 pub const RUNS: usize = 5;
 
-/// One model's median run time in milliseconds, or why it could not be measured.
-pub fn median_ms(bytes: &[u8]) -> Result<f64, String> {
+/// Runs a model on zeros of its declared input shapes: the outputs of a first run, then the
+/// milliseconds of `timed` more runs.
+pub fn run_on_zeros(bytes: &[u8], timed: usize) -> Result<(TVec<TValue>, Vec<f64>), String> {
     let mut model = tract_onnx::onnx()
         .model_for_read(&mut std::io::Cursor::new(bytes))
         .map_err(|e| format!("tract cannot load it: {e}"))?;
@@ -39,15 +40,22 @@ pub fn median_ms(bytes: &[u8]) -> Result<f64, String> {
         .into_optimized()
         .and_then(|m| m.into_runnable())
         .map_err(|e| format!("tract cannot plan it: {e}"))?;
-    plan.run(inputs.clone())
+    let outputs = plan
+        .run(inputs.clone())
         .map_err(|e| format!("tract cannot run it: {e}"))?;
-    let mut times = Vec::with_capacity(RUNS);
-    for _ in 0..RUNS {
+    let mut times = Vec::with_capacity(timed);
+    for _ in 0..timed {
         let t0 = Instant::now();
         plan.run(inputs.clone())
             .map_err(|e| format!("tract cannot run it: {e}"))?;
         times.push(t0.elapsed().as_secs_f64() * 1e3);
     }
+    Ok((outputs, times))
+}
+
+/// One model's median run time in milliseconds, or why it could not be measured.
+pub fn median_ms(bytes: &[u8]) -> Result<f64, String> {
+    let (_, mut times) = run_on_zeros(bytes, RUNS)?;
     times.sort_by(f64::total_cmp);
     Ok(times[times.len() / 2])
 }

@@ -38,19 +38,11 @@ fn compare(pairs: &[(String, PathBuf, PathBuf)], rows: usize) -> Vec<Value> {
         .collect();
     std::fs::write(tmp.path(), serde_json::to_vec(&list).unwrap()).unwrap();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/compare_onnx.py");
-    let out = Command::new("python3")
-        .arg(script)
-        .arg(cases())
-        .arg(tmp.path())
-        .env("OMP_NUM_THREADS", "1")
-        .output()
-        .expect("python3 runs");
-    assert!(
-        out.status.success(),
-        "onnxruntime refused or failed: {}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = python(
+        &std::fs::read_to_string(script).unwrap(),
+        &[cases().to_str().unwrap(), tmp.path().to_str().unwrap()],
     );
-    serde_json::from_slice(&out.stdout).expect("json")
+    serde_json::from_str(&out).expect("json")
 }
 
 #[test]
@@ -160,34 +152,27 @@ fn mnist8_int8_is_smaller_than_onnxruntimes_file_and_keeps_top1() {
 #[test]
 fn silero_int8_model_onnx_keeps_decisions_where_onnxruntimes_int8_does_not() {
     let tmp = tempfile::tempdir().unwrap();
-    let report = compress_to(
-        &cases().join("silero_vad/silero_vad_16k_sequence.onnx"),
-        json!({"preset": "int8"}),
-        tmp.path(),
-    );
-    let forms = report["deployable"]["tensors"].as_array().unwrap();
-    assert!(forms.iter().all(|f| f["form"] == "Cast+Mul"), "{forms:?}");
-    let m = evaluate("silero_vad", &tmp.path().join("model.onnx"));
-    // onnxruntime's dynamic int8 of this model agrees on 0.235 of the decisions.
-    let agreement = m["decision_agreement"].as_f64().unwrap();
-    assert!(agreement >= 0.99, "decision agreement {agreement}");
-    // ...and its file is 331,513 bytes.
-    assert!(m["candidate_bytes"].as_u64().unwrap() < 400_000, "{m}");
-    // The same codes as DequantizeLinear operators.
-    let dir = tmp.path().join("operators");
-    std::fs::create_dir_all(&dir).unwrap();
-    let report = compress_to(
-        &cases().join("silero_vad/silero_vad_16k_sequence.onnx"),
-        json!({"preset": "int8", "deploy": "operators"}),
-        &dir,
-    );
-    let forms = report["deployable"]["tensors"].as_array().unwrap();
-    assert!(
-        forms.iter().all(|f| f["form"] == "DequantizeLinear"),
-        "{forms:?}"
-    );
-    let m = evaluate("silero_vad", &dir.join("model.onnx"));
-    assert!(m["decision_agreement"].as_f64().unwrap() >= 0.99, "{m}");
+    // The default form, and the same codes as DequantizeLinear operators.
+    for (style, form) in [("auto", "Cast+Mul"), ("operators", "DequantizeLinear")] {
+        let dir = tmp.path().join(style);
+        std::fs::create_dir_all(&dir).unwrap();
+        let report = compress_to(
+            &cases().join("silero_vad/silero_vad_16k_sequence.onnx"),
+            json!({"preset": "int8", "deploy": style}),
+            &dir,
+        );
+        let forms = report["deployable"]["tensors"].as_array().unwrap();
+        assert!(
+            forms.iter().all(|f| f["form"] == form),
+            "{style}: {forms:?}"
+        );
+        let m = evaluate("silero_vad", &dir.join("model.onnx"));
+        // onnxruntime's dynamic int8 of this model agrees on 0.235 of the decisions...
+        let agreement = m["decision_agreement"].as_f64().unwrap();
+        assert!(agreement >= 0.99, "{style}: decision agreement {agreement}");
+        // ...and its file is 331,513 bytes.
+        assert!(m["candidate_bytes"].as_u64().unwrap() < 400_000, "{m}");
+    }
 }
 
 #[tokio::test]
@@ -275,12 +260,10 @@ fn constant_weights_inside_both_branches_of_an_if_are_compressed_and_run() {
     let tmp = tempfile::tempdir().unwrap();
     let original = tmp.path().join("if.onnx");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/if_constants_model.py");
-    let made = Command::new("python3")
-        .arg(script)
-        .arg(&original)
-        .status()
-        .unwrap();
-    assert!(made.success());
+    python(
+        &std::fs::read_to_string(script).unwrap(),
+        &[original.to_str().unwrap()],
+    );
     let set = modelpress::formats::read_path(&original).unwrap();
     let weights: Vec<&str> = set
         .tensors
@@ -351,36 +334,11 @@ fn constant_weights_inside_both_branches_of_an_if_are_compressed_and_run() {
     assert!(untouched == reencoded);
 }
 
-/// Runs an ONNX file in tract, in-process, on zeros of its declared input shapes (symbolic
-/// dimensions as 1); returns every output as f32 (non-float outputs are skipped).
+/// Runs an ONNX file in tract, in-process, on zeros of its declared input shapes (as the
+/// summary's timing does); returns every float output as f32.
 fn tract_run(path: &Path) -> Vec<Vec<f32>> {
-    use tract_onnx::prelude::*;
-    use tract_onnx::tract_hir::infer::Factoid;
-    let mut model = tract_onnx::onnx()
-        .model_for_path(path)
-        .expect("tract loads");
-    let inputs: Vec<TValue> = (0..model.inputs.len())
-        .map(|i| {
-            let fact = model.input_fact(i).unwrap().clone();
-            let dt = fact.datum_type.concretize().unwrap_or(f32::datum_type());
-            let shape: Vec<usize> = fact
-                .shape
-                .dims()
-                .map(|d| d.concretize().and_then(|d| d.to_i64().ok()).unwrap_or(1) as usize)
-                .collect();
-            let t = Tensor::zero_dt(dt, &shape).unwrap();
-            model
-                .set_input_fact(i, InferenceFact::dt_shape(dt, shape))
-                .unwrap();
-            t.into_tvalue()
-        })
-        .collect();
-    let runnable = model
-        .into_optimized()
-        .expect("tract optimizes")
-        .into_runnable()
-        .expect("tract plans");
-    let outputs = runnable.run(inputs.into()).expect("tract runs");
+    let bytes = std::fs::read(path).unwrap();
+    let (outputs, _) = modelpress::deploy::latency::run_on_zeros(&bytes, 0).expect("tract runs");
     outputs
         .iter()
         .filter_map(|o| {
