@@ -200,6 +200,8 @@ pub fn execute(
     let latency = match (&model, input_format) {
         (Some((Some(bytes), "onnx")), formats::Format::Onnx) if plan.latency => {
             ctl.progress(0.95, "timing the original and model.onnx");
+            // Read again rather than kept from parsing: holding the file through the whole
+            // compression would add its size to the peak for every job.
             let original = std::fs::read(input).map_err(|e| RunError::Internal(e.to_string()))?;
             Some(deploy::latency::compare(&original, bytes))
         }
