@@ -135,7 +135,7 @@ fn dry_run(input: &std::path::Path, plan: &compress::Plan) -> i32 {
         Ok(s) => s,
         Err(code) => return code,
     };
-    let planned = compress::plan(&set, plan);
+    let planned = compress::plan(&set.tensors, plan);
     let (before, after): (u64, u64) = planned.iter().fold((0, 0), |(b, a), t| {
         (b + t.bytes_before, a + t.estimated_bytes_after)
     });

@@ -1,7 +1,8 @@
 //! modelpress: a service that compresses trained neural networks.
 //!
 //! A job flows: `api` (upload, submit) → `queue` (durable, leased) → `worker` → `runner` →
-//! `formats` (bytes ↔ [`formats::TensorSet`]) and `compress` (pure tensor methods) →
+//! `formats` (bytes ↔ [`formats::TensorSet`]) and `compress` (pure methods over
+//! [`model::Tensor`]s) →
 //! `store` (artifacts) → `api` (status, download).
 
 pub mod api;
@@ -11,6 +12,7 @@ pub mod config;
 pub mod deploy;
 pub mod error;
 pub mod formats;
+pub mod model;
 pub mod queue;
 pub mod runner;
 pub mod startup;

@@ -107,10 +107,12 @@ pub fn execute(
         .map_err(|e| RunError::Internal(e.to_string()))?
         .len();
     let set = formats::read_path(input)?;
-    let outcome = compress::run(&set, plan, ctl)?;
+    let mut outcome = compress::run(&set.tensors, plan, ctl)?;
+    outcome.report.format = set.format.as_str().into();
+    let restored = set.with_tensors(std::mem::take(&mut outcome.restored));
     ctl.progress(0.92, "writing artifacts");
     let ext = set.format.extension();
-    let restored_bytes = formats::write_bytes(&outcome.restored)?;
+    let restored_bytes = formats::write_bytes(&restored)?;
     let mut notes = outcome.report.notes.clone();
     let mut warnings = outcome.report.warnings.clone();
     // The deployable file: bytes (None: the same bytes as restored) and extension.
@@ -119,12 +121,8 @@ pub fn execute(
     let model = match (&outcome.encoded, &set.container) {
         (None, _) => None,
         (Some(_), formats::Container::Onnx(c)) => {
-            let deployed = deploy::onnx::write(
-                c,
-                &outcome.restored.tensors,
-                &outcome.encodings,
-                plan.deploy,
-            )?;
+            let deployed =
+                deploy::onnx::write(c, &restored.tensors, &outcome.encodings, plan.deploy)?;
             forms = deployed.tensors;
             deploy_doc = serde_json::json!({
                 "file": "model.onnx",
@@ -174,7 +172,7 @@ pub fn execute(
     let archive = if wants("archive") {
         Some(formats::mpz::write(
             &set,
-            &outcome.restored.tensors,
+            &restored.tensors,
             &outcome.archive,
         )?)
     } else {

@@ -749,7 +749,7 @@ pub fn decode<'a>(
     shape: &[usize],
     section: &dyn Fn(&str) -> Result<&'a [u8], DecodeError>,
 ) -> Result<Option<Vec<f32>>, DecodeError> {
-    let n = crate::formats::element_count(shape).ok_or_else(|| err("shape overflows"))?;
+    let n = crate::model::element_count(shape).ok_or_else(|| err("shape overflows"))?;
     let rank_axis_ok = |axis: Option<usize>| axis.is_none_or(|a| a < shape.len());
     let channels = |axis: Option<usize>| axis.map_or(1, |a| shape[a]);
     Ok(Some(match repr {

@@ -1,5 +1,5 @@
 //! The compression core. Methods are pure functions over tensors, one module each; `spec`
-//! parses a job's spec into a validated [`Plan`], and [`run`] applies it to a [`TensorSet`].
+//! parses a job's spec into a validated [`Plan`], and [`run`] applies it to a model's tensors.
 //! No HTTP, SQL or file paths here.
 
 pub mod cast;
@@ -18,7 +18,7 @@ pub mod ternary;
 #[cfg(test)]
 pub mod testing;
 
-use crate::formats::{DType, Role, Tensor, TensorSet};
+use crate::model::{DType, Role, Tensor};
 use cast::CastType;
 use coding::{CodingStats, Payload, StageBytes};
 use kmeans::Clustered;
@@ -325,7 +325,8 @@ impl Control for NoControl {
 /// What a run produces: the dense restored model, the encoded tensors, the archive payloads
 /// and the report.
 pub struct Outcome {
-    pub restored: TensorSet,
+    /// The model's tensors with their working values, in order.
+    pub restored: Vec<Tensor>,
     /// Every tensor as stored in `model.<ext>`; None when no step encoded anything.
     pub encoded: Option<EncodedModel>,
     /// One payload per tensor, in order, for `model.mpz`. A `Raw` payload without sections
@@ -365,12 +366,12 @@ fn decode(enc: &Encoding, shape: &[usize]) -> Vec<f32> {
 }
 
 /// For each step, the indices of the tensors it touches.
-fn select(set: &TensorSet, plan: &Plan) -> Vec<Vec<usize>> {
+fn select(tensors: &[Tensor], plan: &Plan) -> Vec<Vec<usize>> {
     plan.steps
         .iter()
         .map(|s| {
-            (0..set.tensors.len())
-                .filter(|&i| s.select.selects(&set.tensors[i]))
+            (0..tensors.len())
+                .filter(|&i| s.select.selects(&tensors[i]))
                 .collect()
         })
         .collect()
@@ -397,9 +398,9 @@ fn channels_of(t: &Tensor, g: Granularity) -> u64 {
 
 /// The cheap half of a run (tract's `output_facts` before `eval`): which tensors each step
 /// touches and the bytes they will take. `run` selects with the same function.
-pub fn plan(set: &TensorSet, plan: &Plan) -> Vec<PlannedTensor> {
-    let selections = select(set, plan);
-    set.tensors
+pub fn plan(tensors: &[Tensor], plan: &Plan) -> Vec<PlannedTensor> {
+    let selections = select(tensors, plan);
+    tensors
         .iter()
         .enumerate()
         .map(|(i, t)| {
@@ -734,17 +735,17 @@ fn apply(step: &Step, t: &Tensor, w: &mut Working) -> Result<(), CompressError> 
 }
 
 /// Applies the plan. Tensors no step selects pass through bit for bit.
-pub fn run(set: &TensorSet, plan: &Plan, ctl: &dyn Control) -> Result<Outcome, CompressError> {
-    let n = set.tensors.len();
+pub fn run(tensors: &[Tensor], plan: &Plan, ctl: &dyn Control) -> Result<Outcome, CompressError> {
+    let n = tensors.len();
     let mut work: Vec<Option<Working>> = (0..n).map(|_| None).collect();
-    let selections = select(set, plan);
+    let selections = select(tensors, plan);
     let total_units: usize = selections.iter().map(Vec::len).sum::<usize>().max(1);
     let mut done_units = 0usize;
     for (si, step) in plan.steps.iter().enumerate() {
         let stage = format!("step {}/{}: {}", si + 1, plan.steps.len(), step.op.label());
         for &i in &selections[si] {
             if work[i].is_none() {
-                let t = &set.tensors[i];
+                let t = &tensors[i];
                 let values = t.to_f32().unwrap_or_default();
                 check_finite(t, &values)?;
                 work[i] = Some(Working {
@@ -772,7 +773,7 @@ pub fn run(set: &TensorSet, plan: &Plan, ctl: &dyn Control) -> Result<Outcome, C
                 if let Some(e) = work[i].as_ref().and_then(|w| w.encoding.as_ref()) {
                     if e.factorized() {
                         return Err(spec_in_run(
-                            &set.tensors[i],
+                            &tensors[i],
                             &step.op.label(),
                             "a factorization; prune first",
                         ));
@@ -804,7 +805,7 @@ pub fn run(set: &TensorSet, plan: &Plan, ctl: &dyn Control) -> Result<Outcome, C
                     let layouts: Vec<quantize::ChannelLayout> = chosen
                         .iter()
                         .map(|&i| {
-                            let t = &set.tensors[i];
+                            let t = &tensors[i];
                             quantize::ChannelLayout::new(&t.shape, Some(t.channel_axis()))
                         })
                         .collect();
@@ -843,7 +844,7 @@ pub fn run(set: &TensorSet, plan: &Plan, ctl: &dyn Control) -> Result<Outcome, C
             if ctl.cancelled() {
                 return Err(CompressError::Cancelled);
             }
-            let t = &set.tensors[i];
+            let t = &tensors[i];
             let Some(w) = work[i].as_mut() else { continue };
             apply(step, t, w)?;
             debug_assert!(w
@@ -856,20 +857,20 @@ pub fn run(set: &TensorSet, plan: &Plan, ctl: &dyn Control) -> Result<Outcome, C
         }
     }
     ctl.progress(0.85, "coding tensors");
-    Ok(assemble(set, plan, work))
+    Ok(assemble(tensors, plan, work))
 }
 
-fn assemble(set: &TensorSet, plan: &Plan, work: Vec<Option<Working>>) -> Outcome {
-    let mut restored = set.clone();
-    let mut encoded_tensors = Vec::with_capacity(set.tensors.len());
+fn assemble(tensors: &[Tensor], plan: &Plan, work: Vec<Option<Working>>) -> Outcome {
+    let mut restored = tensors.to_vec();
+    let mut encoded_tensors = Vec::with_capacity(tensors.len());
     let mut description = Map::new();
-    let mut reports = Vec::with_capacity(set.tensors.len());
-    let mut archive = Vec::with_capacity(set.tensors.len());
-    let mut encodings = Vec::with_capacity(set.tensors.len());
+    let mut reports = Vec::with_capacity(tensors.len());
+    let mut archive = Vec::with_capacity(tensors.len());
+    let mut encodings = Vec::with_capacity(tensors.len());
     let mut totals = Totals::default();
     let mut stages = StageTotals::default();
     let (mut float_bits, mut float_params) = (0f64, 0u64);
-    for (i, (t, w)) in set.tensors.iter().zip(work).enumerate() {
+    for (i, (t, w)) in tensors.iter().zip(work).enumerate() {
         let params = t.len() as u64;
         let bytes_before = t.data.len() as u64;
         let raw = || Payload {
@@ -905,11 +906,11 @@ fn assemble(set: &TensorSet, plan: &Plan, work: Vec<Option<Working>>) -> Outcome
             Some(w) => {
                 let original = t.to_f32().unwrap_or_default();
                 let stats = report::error_stats(&original, &w.values);
-                restored.tensors[i].set_f32(&w.values);
+                restored[i].set_f32(&w.values);
                 let nonzero = w.values.iter().filter(|v| **v != 0.0).count() as u64;
                 let (bytes_after, axis) = match &w.encoding {
                     None => {
-                        encoded_tensors.push(restored.tensors[i].clone());
+                        encoded_tensors.push(restored[i].clone());
                         (bytes_before, None)
                     }
                     Some(enc) => encode(t, enc, &mut encoded_tensors, &mut description),
@@ -917,7 +918,7 @@ fn assemble(set: &TensorSet, plan: &Plan, work: Vec<Option<Working>>) -> Outcome
                 let (mut payload, cstats, stage) = coding::encode(
                     w.encoding.as_ref(),
                     &w.values,
-                    &restored.tensors[i].data,
+                    &restored[i].data,
                     w.huffman,
                     w.pruned,
                 );
@@ -959,7 +960,7 @@ fn assemble(set: &TensorSet, plan: &Plan, work: Vec<Option<Working>>) -> Outcome
             name: t.name.clone(),
             shape: t.shape.clone(),
             dtype: t.dtype.name().into(),
-            role: crate::formats::inventory_role(t.role),
+            role: t.role.name().to_string(),
             methods,
             skipped,
             quantization_axis: axis,
@@ -996,7 +997,7 @@ fn assemble(set: &TensorSet, plan: &Plan, work: Vec<Option<Working>>) -> Outcome
     if plan
         .steps
         .iter()
-        .all(|s| set.tensors.iter().all(|t| !s.select.selects(t)))
+        .all(|s| tensors.iter().all(|t| !s.select.selects(t)))
     {
         notes.push("no tensor matched the pipeline's selection: the model is unchanged".into());
     }
@@ -1007,13 +1008,13 @@ fn assemble(set: &TensorSet, plan: &Plan, work: Vec<Option<Working>>) -> Outcome
             format!(
                 "no tensor was compressed: the pipeline selected none of the model's {} tensors ({} parameters); \
                  the artifacts hold the model unchanged",
-                set.tensors.len(),
+                tensors.len(),
                 totals.parameters
             ),
         ));
     }
     let report = Report {
-        format: set.format.as_str().into(),
+        format: String::new(),
         steps: plan.steps_json.clone(),
         tensors: reports,
         totals,

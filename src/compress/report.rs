@@ -109,6 +109,7 @@ impl Warning {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
+    /// The input's format name, filled in by the caller (the core never sees containers).
     pub format: String,
     pub steps: Vec<serde_json::Value>,
     pub tensors: Vec<TensorReport>,

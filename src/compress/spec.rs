@@ -7,7 +7,7 @@ use super::lowrank::{RankRule, SvdAlgorithm};
 use super::quantize::{Granularity, Scheme};
 use super::structured::{Dim, Norm};
 use super::{CompressError, DeployStyle, Op, Plan, PruneScope, Selector, Step, DEFAULT_MIN_PARAMS};
-use crate::formats::Role;
+use crate::model::Role;
 use serde_json::{json, Map, Value};
 
 fn spec_err(field: &str, msg: impl std::fmt::Display) -> CompressError {

@@ -3,10 +3,7 @@
 
 /// Most tensors one model may hold.
 pub const MAX_TENSORS: usize = 1_000_000;
-/// Most dimensions one tensor may have.
-pub const MAX_RANK: usize = 32;
-/// Longest tensor name, in bytes.
-pub const MAX_NAME_BYTES: usize = 4096;
+pub use crate::model::{MAX_ELEMENTS, MAX_NAME_BYTES, MAX_RANK};
 /// Largest .npy header (numpy itself never writes more than a few hundred bytes).
 pub const MAX_NPY_HEADER_BYTES: usize = 1 << 20;
 /// Largest uncompressed .npz member: bounds zip bombs.
@@ -14,5 +11,3 @@ pub const MAX_NPZ_MEMBER_BYTES: u64 = 16 << 30;
 /// Largest ratio between an .npz member's declared size and its compressed size: deflate
 /// cannot exceed ~1032:1, so anything above that is a lie.
 pub const MAX_DEFLATE_RATIO: u64 = 1100;
-/// Most elements in one tensor (2^40: far beyond any real model, well inside usize).
-pub const MAX_ELEMENTS: u64 = 1 << 40;

@@ -19,8 +19,10 @@ fn roundtrip(rel: &str, format: Format) {
     }
     // A compression leaves every tensor it does not select bit for bit.
     let plan = compress::parse_spec(&json!({"preset": "int8"})).unwrap();
-    let out = compress::run(&set, &plan, &NoControl).unwrap();
-    let restored = formats::read_bytes(&formats::write_bytes(&out.restored).unwrap()).unwrap();
+    let out = compress::run(&set.tensors, &plan, &NoControl).unwrap();
+    let restored =
+        formats::read_bytes(&formats::write_bytes(&set.with_tensors(out.restored)).unwrap())
+            .unwrap();
     let mut untouched = 0;
     for (a, r) in set.tensors.iter().zip(&out.report.tensors) {
         let b = restored.tensors.iter().find(|t| t.name == a.name).unwrap();
@@ -119,8 +121,8 @@ fn plan_predicts_what_the_run_does() {
     ] {
         let set = formats::read_bytes(&case_file(rel)).unwrap();
         let plan = compress::parse_spec(&spec).unwrap();
-        let planned = compress::plan(&set, &plan);
-        let out = compress::run(&set, &plan, &NoControl).unwrap();
+        let planned = compress::plan(&set.tensors, &plan);
+        let out = compress::run(&set.tensors, &plan, &NoControl).unwrap();
         for (p, r) in planned.iter().zip(&out.report.tensors) {
             assert_eq!((&p.name, &p.steps), (&r.name, &r.methods), "{rel}");
             assert_eq!(p.estimated_bytes_after, r.bytes_after, "{rel}: {}", p.name);
