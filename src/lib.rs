@@ -16,6 +16,7 @@ pub mod model;
 pub mod queue;
 pub mod runner;
 pub mod startup;
+pub mod state;
 pub mod store;
 pub mod telemetry;
 pub mod worker;

@@ -3,7 +3,7 @@
 
 use super::jobs::find;
 use crate::error::{ApiError, ErrorCode};
-use crate::startup::AppState;
+use crate::state::AppState;
 use axum::body::Body;
 use axum::extract::{Path, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};

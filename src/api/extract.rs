@@ -2,7 +2,7 @@
 //! next to the blobs, hashed as they arrive, never held whole in memory.
 
 use crate::error::{ApiError, ErrorCode};
-use crate::startup::AppState;
+use crate::state::AppState;
 use axum::body::Body;
 use axum::extract::{FromRequest, Multipart, Request};
 use axum::http::header::CONTENT_TYPE;

@@ -6,7 +6,7 @@ use super::{page_params, parse_id, rfc3339};
 use crate::compress;
 use crate::error::{ApiError, ErrorCode};
 use crate::queue::{ArtifactRecord, Enqueued, JobFilter, JobRecord, JobState, NewJob, QueueError};
-use crate::startup::{AppState, DEFAULT_TENANT};
+use crate::state::{AppState, DEFAULT_TENANT};
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};

@@ -5,7 +5,7 @@ use super::{page_params, parse_id, rfc3339};
 use crate::error::{ApiError, ErrorCode};
 use crate::formats;
 use crate::queue::{ModelRecord, QueueError};
-use crate::startup::{AppState, DEFAULT_TENANT};
+use crate::state::{AppState, DEFAULT_TENANT};
 use axum::extract::{Path, Query, Request, State};
 use axum::http::StatusCode;
 use axum::Json;

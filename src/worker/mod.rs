@@ -3,7 +3,7 @@
 use crate::compress::{self, Control};
 use crate::queue::{ArtifactRecord, Heartbeat, JobRecord};
 use crate::runner::{self, RunError};
-use crate::startup::AppState;
+use crate::state::AppState;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

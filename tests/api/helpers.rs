@@ -1,7 +1,8 @@
 //! spawn_app(): the real server on port 0 against a fresh SQLite file in a TempDir.
 
 use modelpress::config::ServeConfig;
-use modelpress::startup::{AppState, Application};
+use modelpress::startup::Application;
+use modelpress::state::AppState;
 use modelpress::worker::{self, Outcome};
 use serde_json::Value;
 use std::path::{Path, PathBuf};

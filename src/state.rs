@@ -1,0 +1,45 @@
+//! What every handler and worker shares: configuration, the catalog, queue and blob store
+//! behind their traits, and this process's running jobs. `startup` builds it; `api` and
+//! `worker` only read it.
+
+use crate::config::ServeConfig;
+use crate::queue::{JobQueue, ModelCatalog};
+use crate::store::BlobStore;
+use metrics_exporter_prometheus::PrometheusHandle;
+use std::collections::HashMap;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// The tenant every request belongs to until API keys arrive.
+pub const DEFAULT_TENANT: &str = "default";
+
+pub struct Inner {
+    pub config: ServeConfig,
+    pub models: Arc<dyn ModelCatalog>,
+    pub queue: Arc<dyn JobQueue>,
+    pub blobs: Arc<dyn BlobStore>,
+    pub metrics: PrometheusHandle,
+    /// Wakes idle workers when a job is queued.
+    pub job_queued: Notify,
+    /// Cancel flags of the jobs running in this process.
+    pub running: Mutex<HashMap<Uuid, Arc<AtomicBool>>>,
+    /// Set when shutdown stops claiming new jobs.
+    pub stop_claiming: CancellationToken,
+    /// Set when the grace period ends: running jobs stop and are requeued.
+    pub hard_stop: CancellationToken,
+    /// Distinguishes this process's leases from another's.
+    pub instance_id: String,
+}
+
+#[derive(Clone)]
+pub struct AppState(pub Arc<Inner>);
+
+impl std::ops::Deref for AppState {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}
