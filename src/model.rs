@@ -53,6 +53,26 @@ impl DType {
     pub fn is_float(self) -> bool {
         matches!(self, DType::F32 | DType::F16 | DType::BF16 | DType::F64)
     }
+    /// The dtype [`DType::name`] names.
+    pub fn parse(name: &str) -> Option<DType> {
+        [
+            DType::F32,
+            DType::F16,
+            DType::BF16,
+            DType::F64,
+            DType::I8,
+            DType::U8,
+            DType::I16,
+            DType::U16,
+            DType::I32,
+            DType::U32,
+            DType::I64,
+            DType::U64,
+            DType::Bool,
+        ]
+        .into_iter()
+        .find(|d| d.name() == name)
+    }
     pub fn name(self) -> &'static str {
         match self {
             DType::F32 => "float32",
@@ -84,6 +104,18 @@ pub enum Role {
 }
 
 impl Role {
+    /// The role [`Role::name`] names.
+    pub fn parse(name: &str) -> Option<Role> {
+        [
+            Role::Weight,
+            Role::Bias,
+            Role::Norm,
+            Role::Embedding,
+            Role::Other,
+        ]
+        .into_iter()
+        .find(|r| r.name() == name)
+    }
     /// The role's name in inventories and reports.
     pub fn name(self) -> &'static str {
         match self {
@@ -94,6 +126,16 @@ impl Role {
             Role::Other => "other",
         }
     }
+}
+
+/// What selection needs to know of a tensor: everything but its values (an inventory row
+/// has it).
+#[derive(Debug, Clone, Copy)]
+pub struct TensorFacts<'a> {
+    pub name: &'a str,
+    pub dtype: DType,
+    pub shape: &'a [usize],
+    pub role: Role,
 }
 
 /// One named tensor with its bytes (little-endian, C order).
@@ -148,6 +190,15 @@ impl Tensor {
             role,
             output_axis: None,
         })
+    }
+
+    pub fn facts(&self) -> TensorFacts<'_> {
+        TensorFacts {
+            name: &self.name,
+            dtype: self.dtype,
+            shape: &self.shape,
+            role: self.role,
+        }
     }
 
     pub fn len(&self) -> usize {

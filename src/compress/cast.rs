@@ -1,10 +1,115 @@
-//! Casts to 16-bit floats (round to nearest even, as IEEE and PyTorch do).
+//! Casts to 16-bit floats (round to nearest even, as IEEE and PyTorch do): the `cast` method
+//! and its [`Halves`] form.
 
+use super::coding::{self, CodingStats, Payload, Repr, StageBytes};
+use super::form::{Encoding, Form, Parts, Stored};
+use super::method::{params, spec_err, Applied, Kind, Method, Registration, Working};
+use super::CompressError;
+use crate::model::{DType, Tensor};
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use serde::Serialize;
+use serde_json::{json, Map, Value};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub const METHOD: Registration = Registration {
+    name: "cast",
+    about: "float16 or bfloat16 weights",
+    file: "src/compress/cast.rs",
+    parse,
+};
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Params {
+    dtype: Option<CastType>,
+}
+
+fn parse(
+    obj: &Map<String, Value>,
+    at: &dyn Fn(&str) -> String,
+) -> Result<Box<dyn Method>, CompressError> {
+    let p: Params = params(obj, METHOD.name, at)?;
+    let dtype = p
+        .dtype
+        .ok_or_else(|| spec_err(&at("dtype"), "must be \"float16\" or \"bfloat16\""))?;
+    Ok(Box::new(Cast { dtype }))
+}
+
+/// The `cast` step.
+#[derive(Debug, Clone)]
+pub struct Cast {
+    pub dtype: CastType,
+}
+
+impl Method for Cast {
+    fn label(&self) -> String {
+        format!("cast({})", self.dtype.name())
+    }
+    fn kind(&self) -> Kind {
+        Kind::Encode
+    }
+    fn estimate(&self, t: &Tensor, _pruned_first: bool) -> Option<u64> {
+        Some(t.len() as u64 * 2)
+    }
+    fn apply(&self, _t: &Tensor, w: &mut Working) -> Result<Applied, CompressError> {
+        let bits = cast_bits(&w.values, self.dtype);
+        w.values = widen(&bits, self.dtype);
+        w.encoding = Some(Encoding::Cast(Halves {
+            dtype: self.dtype,
+            bits,
+        }));
+        Ok(Applied::Ran)
+    }
+}
+
+/// 16-bit float patterns.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Halves {
+    pub dtype: CastType,
+    pub bits: Vec<u16>,
+}
+
+impl Form for Halves {
+    fn decode(&self, _shape: &[usize]) -> Vec<f32> {
+        widen(&self.bits, self.dtype)
+    }
+    fn rezero(&mut self, values: &[f32], _shape: &[usize]) -> Result<(), String> {
+        self.bits = cast_bits(values, self.dtype);
+        Ok(())
+    }
+    fn factorized(&self) -> bool {
+        false
+    }
+    fn store(&self, t: &Tensor, parts: &mut Parts) -> Stored {
+        let dt = match self.dtype {
+            CastType::Float16 => DType::F16,
+            CastType::Bfloat16 => DType::BF16,
+        };
+        let data: Vec<u8> = self.bits.iter().flat_map(|b| b.to_le_bytes()).collect();
+        let bytes = parts.push(t.name.clone(), dt, t.shape.clone(), data);
+        Stored {
+            bytes,
+            axis: None,
+            description: json!({"encoding": "cast", "dtype": self.dtype.name(), "shape": t.shape, "original_dtype": t.dtype.name()}),
+        }
+    }
+    fn payload(
+        &self,
+        _values: &[f32],
+        _huffman: bool,
+        _pruned: bool,
+    ) -> (Payload, Option<CodingStats>, StageBytes) {
+        let data: Vec<u8> = self.bits.iter().flat_map(|b| b.to_le_bytes()).collect();
+        coding::plain(
+            Repr::Cast {
+                dtype: self.dtype.name().into(),
+            },
+            vec![("data".into(), data)],
+        )
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CastType {
     Float16,

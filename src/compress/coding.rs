@@ -17,7 +17,6 @@ use super::lowrank::Factors;
 use super::pack;
 use super::quantize::{self, Quantized, Scheme};
 use super::separable::{Separable, Tucker2};
-use super::Encoding;
 use serde::{Deserialize, Serialize};
 
 /// Most elements a factorized tensor may rebuild per stored factor element: far above any
@@ -137,45 +136,6 @@ pub struct CodingStats {
     /// Bits per weight after Huffman coding, when a `huffman` step selected the tensor.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub coded_bits_per_weight: Option<f64>,
-}
-
-fn f32_bytes(v: &[f32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
-}
-
-/// Symbols of an index-stream encoding, its alphabet and its zero symbol (if any).
-fn symbols(enc: &Encoding) -> Option<(Vec<u32>, u32, Option<u32>)> {
-    match enc {
-        Encoding::Quantized(q) => {
-            if q.bits == 1 {
-                let s = q.codes.iter().map(|&c| u32::from(c > 0)).collect();
-                return Some((s, 2, None));
-            }
-            let off = 1i32 << (q.bits - 1);
-            let s = q
-                .codes
-                .iter()
-                .map(|&c| (i32::from(c) + off) as u32)
-                .collect();
-            let zero = match q.scheme {
-                Scheme::Symmetric => Some(off as u32),
-                Scheme::Affine => {
-                    let first = q.zero_points.first().copied().unwrap_or(0);
-                    q.zero_points
-                        .iter()
-                        .all(|&z| z == first)
-                        .then_some((i32::from(first) + off) as u32)
-                }
-            };
-            Some((s, 1 << q.bits, zero))
-        }
-        Encoding::Clustered(c) => Some((
-            c.indices.iter().map(|&i| u32::from(i)).collect(),
-            c.symbols() as u32,
-            c.zeros_fixed.then_some(c.k as u32),
-        )),
-        _ => None,
-    }
 }
 
 /// Kept entries (gaps and symbols, fillers included) of a sparse stream with `b`-bit gaps.
@@ -378,260 +338,188 @@ fn build_stream(
     }
 }
 
-fn table_sections(enc: &Encoding) -> Vec<(String, Vec<u8>)> {
-    match enc {
-        Encoding::Quantized(q) => {
-            let mut s = vec![("scales".to_string(), f32_bytes(&q.scales))];
-            if !q.zero_points.is_empty() {
-                s.push((
-                    "zero_points".into(),
-                    q.zero_points.iter().map(|&z| z as u8).collect(),
-                ));
-            }
-            s
-        }
-        Encoding::Clustered(c) => vec![("centroids".into(), f32_bytes(&c.centroids))],
-        _ => Vec::new(),
-    }
-}
-
-/// The stored form of a tensor. `original` is the tensor's bytes in its own dtype, `values`
-/// its restored values; `huffman` allows entropy coding.
-pub fn encode(
-    enc: Option<&Encoding>,
+/// The archive form of a float tensor changed by pruning only, or untouched: raw, or sparse
+/// floats when that is smaller. `restored_bytes` is the tensor in its own dtype.
+pub fn floats(
     values: &[f32],
     restored_bytes: &[u8],
     huffman: bool,
-    pruned: bool,
 ) -> (Payload, Option<CodingStats>, StageBytes) {
     let n = values.len().max(1) as f64;
-    match enc {
-        None => {
-            // A float tensor changed by pruning only, or untouched: raw or sparse floats.
-            let zeros = values.iter().filter(|v| **v == 0.0).count();
-            let raw = restored_bytes.len() as u64;
-            let stage = StageBytes {
-                pruned: raw,
-                quantized: raw,
-                huffman: raw,
-            };
-            if zeros == 0 || values.is_empty() {
-                return (
-                    Payload {
-                        repr: Repr::Raw,
-                        sections: vec![("data".into(), restored_bytes.to_vec())],
-                    },
-                    None,
-                    stage,
-                );
-            }
-            let mask: Vec<u32> = values.iter().map(|&v| u32::from(v != 0.0)).collect();
-            let opts = options(&mask, 2, Some(0), Some(32));
-            let (_, b_fixed, fixed) = opts.best_fixed();
-            let (_, b_huff, huff) = opts.best_huffman();
-            let (b, use_h, bytes) = if huffman && huff < fixed {
-                (b_huff, true, huff)
-            } else {
-                (b_fixed, false, fixed)
-            };
-            let stage = StageBytes {
-                pruned: fixed.min(raw),
-                quantized: fixed.min(raw),
-                huffman: if huffman {
-                    huff.min(fixed).min(raw)
-                } else {
-                    fixed.min(raw)
-                },
-            };
-            let stats = CodingStats {
-                layout: if bytes < raw {
-                    Layout::Sparse
-                } else {
-                    Layout::Dense
-                },
-                huffman: use_h && bytes < raw,
-                gap_bits: b.filter(|_| bytes < raw),
-                fixed_bits_per_weight: fixed.min(raw) as f64 * 8.0 / n,
-                coded_bits_per_weight: huffman.then(|| huff.min(fixed).min(raw) as f64 * 8.0 / n),
-            };
-            let (Some(b), true) = (b, bytes < raw) else {
-                return (
-                    Payload {
-                        repr: Repr::Raw,
-                        sections: vec![("data".into(), restored_bytes.to_vec())],
-                    },
-                    Some(stats),
-                    stage,
-                );
-            };
-            let (gaps, flags) = sparse_entries(&mask, 0, b);
-            let mut sections = Vec::new();
-            code_symbols(&gaps, 1 << b, use_h, "gaps", &mut sections);
-            // Entry values: the kept values in order, 0 for fillers.
-            let mut kept = Vec::with_capacity(gaps.len());
-            let mut next = 0usize;
-            for (&g, &f) in gaps.iter().zip(&flags) {
-                let p = next + g as usize;
-                kept.push(if f == 1 { values[p] } else { 0.0 });
-                next = p + 1;
-            }
-            sections.push(("values".into(), f32_bytes(&kept)));
-            (
-                Payload {
-                    repr: Repr::SparseFloat {
-                        stream: Stream {
-                            alphabet: 2,
-                            layout: Layout::Sparse,
-                            huffman: use_h,
-                            gap_bits: Some(b),
-                            zero_symbol: Some(0),
-                            entries: gaps.len() as u64,
-                        },
-                    },
-                    sections,
-                },
-                Some(stats),
-                stage,
-            )
-        }
-        Some(Encoding::Cast { dtype, bits }) => {
-            let data: Vec<u8> = bits.iter().flat_map(|b| b.to_le_bytes()).collect();
-            let bytes = data.len() as u64;
-            (
-                Payload {
-                    repr: Repr::Cast {
-                        dtype: dtype.name().into(),
-                    },
-                    sections: vec![("data".into(), data)],
-                },
-                None,
-                StageBytes {
-                    pruned: bytes,
-                    quantized: bytes,
-                    huffman: bytes,
-                },
-            )
-        }
-        Some(e @ (Encoding::Quantized(_) | Encoding::Clustered(_))) => {
-            let Some((syms, alphabet, zero)) = symbols(e) else {
-                unreachable_payload()
-            };
-            let tables = table_sections(e);
-            let table_bytes: u64 = tables.iter().map(|(_, b)| b.len() as u64).sum();
-            let opts = options(&syms, alphabet, zero, None);
-            let fixed = opts.best_fixed();
-            let huff = opts.best_huffman();
-            let (layout, gap_bits, use_h) = if huffman && huff.2 < fixed.2 {
-                (huff.0, huff.1, true)
-            } else {
-                (fixed.0, fixed.1, false)
-            };
-            let mut sections = Vec::new();
-            let stream = build_stream(
-                &syms,
-                alphabet,
-                zero,
-                layout,
-                gap_bits,
-                use_h,
-                &mut sections,
-            );
-            sections.extend(tables);
-            // Stage "pruned": the same positions as a sparse stream of f32 values (the
-            // dense float32 tensor when no step pruned it).
-            let pruned = match zero.filter(|_| pruned) {
-                Some(z) => {
-                    let mask: Vec<u32> = syms.iter().map(|&s| u32::from(s != z)).collect();
-                    options(&mask, 2, Some(0), Some(32))
-                        .best_fixed()
-                        .2
-                        .min(values.len() as u64 * 4)
-                }
-                None => values.len() as u64 * 4,
-            };
-            let stats = CodingStats {
-                layout,
-                huffman: use_h,
-                gap_bits,
-                fixed_bits_per_weight: (fixed.2 + table_bytes) as f64 * 8.0 / n,
-                coded_bits_per_weight: huffman
-                    .then(|| (huff.2.min(fixed.2) + table_bytes) as f64 * 8.0 / n),
-            };
-            let stage = StageBytes {
-                pruned,
-                quantized: fixed.2 + table_bytes,
-                huffman: (if huffman {
-                    huff.2.min(fixed.2)
-                } else {
-                    fixed.2
-                }) + table_bytes,
-            };
-            let repr = match e {
-                Encoding::Quantized(q) => Repr::Linear {
-                    bits: q.bits,
-                    scheme: q.scheme,
-                    axis: q.axis,
-                    stream,
-                    group_size: q.group_size,
-                },
-                Encoding::Clustered(c) => Repr::Codebook {
-                    bits: c.bits,
-                    axis: c.axis,
-                    k: c.k,
-                    zeros_fixed: c.zeros_fixed,
-                    algorithm: c.algorithm,
-                    stream,
-                },
-                _ => unreachable_payload(),
-            };
-            (Payload { repr, sections }, Some(stats), stage)
-        }
-        Some(e @ (Encoding::LowRank(_) | Encoding::Separable(_) | Encoding::Tucker(_))) => {
-            let (repr, sections) = match e {
-                Encoding::LowRank(f) => (
-                    Repr::LowRank {
-                        rows: f.rows,
-                        cols: f.cols,
-                        rank: f.rank,
-                    },
-                    vec![("a".into(), f32_bytes(&f.a)), ("b".into(), f32_bytes(&f.b))],
-                ),
-                Encoding::Separable(s) => (
-                    Repr::Separable { rank: s.rank },
-                    vec![("v".into(), f32_bytes(&s.v)), ("h".into(), f32_bytes(&s.h))],
-                ),
-                Encoding::Tucker(t) => (
-                    Repr::Tucker2 {
-                        rank_out: t.rank_out,
-                        rank_in: t.rank_in,
-                    },
-                    vec![
-                        ("u_out".into(), f32_bytes(&t.u_out)),
-                        ("core".into(), f32_bytes(&t.core)),
-                        ("u_in".into(), f32_bytes(&t.u_in)),
-                    ],
-                ),
-                _ => unreachable_payload(),
-            };
-            let payload = Payload { repr, sections };
-            let bytes = payload.bytes();
-            (
-                payload,
-                None,
-                StageBytes {
-                    pruned: bytes,
-                    quantized: bytes,
-                    huffman: bytes,
-                },
-            )
-        }
+    // A float tensor changed by pruning only, or untouched: raw or sparse floats.
+    let zeros = values.iter().filter(|v| **v == 0.0).count();
+    let raw = restored_bytes.len() as u64;
+    let stage = StageBytes {
+        pruned: raw,
+        quantized: raw,
+        huffman: raw,
+    };
+    if zeros == 0 || values.is_empty() {
+        return (
+            Payload {
+                repr: Repr::Raw,
+                sections: vec![("data".into(), restored_bytes.to_vec())],
+            },
+            None,
+            stage,
+        );
     }
+    let mask: Vec<u32> = values.iter().map(|&v| u32::from(v != 0.0)).collect();
+    let opts = options(&mask, 2, Some(0), Some(32));
+    let (_, b_fixed, fixed) = opts.best_fixed();
+    let (_, b_huff, huff) = opts.best_huffman();
+    let (b, use_h, bytes) = if huffman && huff < fixed {
+        (b_huff, true, huff)
+    } else {
+        (b_fixed, false, fixed)
+    };
+    let stage = StageBytes {
+        pruned: fixed.min(raw),
+        quantized: fixed.min(raw),
+        huffman: if huffman {
+            huff.min(fixed).min(raw)
+        } else {
+            fixed.min(raw)
+        },
+    };
+    let stats = CodingStats {
+        layout: if bytes < raw {
+            Layout::Sparse
+        } else {
+            Layout::Dense
+        },
+        huffman: use_h && bytes < raw,
+        gap_bits: b.filter(|_| bytes < raw),
+        fixed_bits_per_weight: fixed.min(raw) as f64 * 8.0 / n,
+        coded_bits_per_weight: huffman.then(|| huff.min(fixed).min(raw) as f64 * 8.0 / n),
+    };
+    let (Some(b), true) = (b, bytes < raw) else {
+        return (
+            Payload {
+                repr: Repr::Raw,
+                sections: vec![("data".into(), restored_bytes.to_vec())],
+            },
+            Some(stats),
+            stage,
+        );
+    };
+    let (gaps, flags) = sparse_entries(&mask, 0, b);
+    let mut sections = Vec::new();
+    code_symbols(&gaps, 1 << b, use_h, "gaps", &mut sections);
+    // Entry values: the kept values in order, 0 for fillers.
+    let mut kept = Vec::with_capacity(gaps.len());
+    let mut next = 0usize;
+    for (&g, &f) in gaps.iter().zip(&flags) {
+        let p = next + g as usize;
+        kept.push(if f == 1 { values[p] } else { 0.0 });
+        next = p + 1;
+    }
+    sections.push(("values".into(), f32_bytes(&kept)));
+    (
+        Payload {
+            repr: Repr::SparseFloat {
+                stream: Stream {
+                    alphabet: 2,
+                    layout: Layout::Sparse,
+                    huffman: use_h,
+                    gap_bits: Some(b),
+                    zero_symbol: Some(0),
+                    entries: gaps.len() as u64,
+                },
+            },
+            sections,
+        },
+        Some(stats),
+        stage,
+    )
 }
 
-#[allow(clippy::panic)]
-fn unreachable_payload() -> ! {
-    // The match arms above only pass the variants they name.
-    unreachable!("encoding variant checked by the caller")
+/// A form stored as index symbols (quantized codes, codebook indices) plus tables: the
+/// stream is laid out dense or sparse, fixed width or Huffman coded, whichever is smallest
+/// (Huffman only when allowed). `repr` builds the header from the chosen stream.
+#[allow(clippy::too_many_arguments)]
+pub fn index_stream(
+    syms: &[u32],
+    alphabet: u32,
+    zero: Option<u32>,
+    tables: Vec<(String, Vec<u8>)>,
+    values: &[f32],
+    huffman: bool,
+    pruned: bool,
+    repr: impl FnOnce(Stream) -> Repr,
+) -> (Payload, Option<CodingStats>, StageBytes) {
+    let n = values.len().max(1) as f64;
+    let table_bytes: u64 = tables.iter().map(|(_, b)| b.len() as u64).sum();
+    let opts = options(syms, alphabet, zero, None);
+    let fixed = opts.best_fixed();
+    let huff = opts.best_huffman();
+    let (layout, gap_bits, use_h) = if huffman && huff.2 < fixed.2 {
+        (huff.0, huff.1, true)
+    } else {
+        (fixed.0, fixed.1, false)
+    };
+    let mut sections = Vec::new();
+    let stream = build_stream(syms, alphabet, zero, layout, gap_bits, use_h, &mut sections);
+    sections.extend(tables);
+    // Stage "pruned": the same positions as a sparse stream of f32 values (the
+    // dense float32 tensor when no step pruned it).
+    let pruned = match zero.filter(|_| pruned) {
+        Some(z) => {
+            let mask: Vec<u32> = syms.iter().map(|&s| u32::from(s != z)).collect();
+            options(&mask, 2, Some(0), Some(32))
+                .best_fixed()
+                .2
+                .min(values.len() as u64 * 4)
+        }
+        None => values.len() as u64 * 4,
+    };
+    let stats = CodingStats {
+        layout,
+        huffman: use_h,
+        gap_bits,
+        fixed_bits_per_weight: (fixed.2 + table_bytes) as f64 * 8.0 / n,
+        coded_bits_per_weight: huffman
+            .then(|| (huff.2.min(fixed.2) + table_bytes) as f64 * 8.0 / n),
+    };
+    let stage = StageBytes {
+        pruned,
+        quantized: fixed.2 + table_bytes,
+        huffman: (if huffman {
+            huff.2.min(fixed.2)
+        } else {
+            fixed.2
+        }) + table_bytes,
+    };
+    (
+        Payload {
+            repr: repr(stream),
+            sections,
+        },
+        Some(stats),
+        stage,
+    )
+}
+
+/// A form stored as plain sections (16-bit floats, float32 factors): every stage is its size.
+pub fn plain(
+    repr: Repr,
+    sections: Vec<(String, Vec<u8>)>,
+) -> (Payload, Option<CodingStats>, StageBytes) {
+    let payload = Payload { repr, sections };
+    let bytes = payload.bytes();
+    (
+        payload,
+        None,
+        StageBytes {
+            pruned: bytes,
+            quantized: bytes,
+            huffman: bytes,
+        },
+    )
+}
+
+pub fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
 /// Errors decoding a tensor from an archive: always the archive's fault.

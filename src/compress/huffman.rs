@@ -6,8 +6,51 @@
 //! significant bit first. Lengths are capped at [`MAX_CODE_LEN`] by halving the counts and
 //! rebuilding, as zlib-style coders do.
 
+use super::method::{params, Applied, Kind, Method, Registration, Working};
+use super::CompressError;
+use crate::model::Tensor;
+use serde_json::{Map, Value};
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
+
+pub const METHOD: Registration = Registration {
+    name: "huffman",
+    about: "lets model.mpz Huffman-code index streams and sparse gaps (Deep Compression, stage 3)",
+    file: "src/compress/huffman.rs",
+    parse,
+};
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Params {}
+
+fn parse(
+    obj: &Map<String, Value>,
+    at: &dyn Fn(&str) -> String,
+) -> Result<Box<dyn Method>, CompressError> {
+    let _: Params = params(obj, METHOD.name, at)?;
+    Ok(Box::new(Huffman))
+}
+
+/// The `huffman` step: the archive may entropy-code this tensor's streams.
+#[derive(Debug, Clone)]
+pub struct Huffman;
+
+impl Method for Huffman {
+    fn label(&self) -> String {
+        "huffman".into()
+    }
+    fn kind(&self) -> Kind {
+        Kind::Entropy
+    }
+    fn estimate(&self, _t: &Tensor, _pruned_first: bool) -> Option<u64> {
+        None
+    }
+    fn apply(&self, _t: &Tensor, w: &mut Working) -> Result<Applied, CompressError> {
+        w.huffman = true;
+        Ok(Applied::Ran)
+    }
+}
 
 pub const MAX_CODE_LEN: u8 = 24;
 

@@ -21,8 +21,194 @@
 //! inertia, so it ends at or below plain Lloyd's fixed point. (Refilling empty clusters
 //! earlier, inside the iterations, gave a different trajectory that could end higher: the
 //! property test found such a case.)
+//!
+//! The `kmeans` method, and its [`Clustered`] form (packed indices plus codebooks).
 
+use super::coding::{self, f32_bytes, CodingStats, Payload, Repr, StageBytes};
+use super::form::{Encoding, Form, Parts, Stored};
+use super::method::{int_in, params, Applied, Kind, Method, Registration, Working};
+use super::quantize::Granularity;
+use super::{is_conv, pack, CompressError};
+use crate::model::{DType, Tensor};
 use serde::Serialize;
+use serde_json::{json, Map, Value};
+
+pub const METHOD: Registration = Registration {
+    name: "kmeans",
+    about: "k-means weight sharing: 2^bits shared values per tensor or channel (Deep Compression)",
+    file: "src/compress/kmeans.rs",
+    parse,
+};
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Params {
+    bits: Option<u64>,
+    conv_bits: Option<u64>,
+    granularity: Option<Granularity>,
+    zero_cluster: Option<bool>,
+    algorithm: Option<Algorithm>,
+}
+
+fn parse(
+    obj: &Map<String, Value>,
+    at: &dyn Fn(&str) -> String,
+) -> Result<Box<dyn Method>, CompressError> {
+    let p: Params = params(obj, METHOD.name, at)?;
+    Ok(Box::new(Kmeans {
+        bits: int_in(p.bits, &at("bits"), 1, 8)?.unwrap_or(4) as u8,
+        conv_bits: int_in(p.conv_bits, &at("conv_bits"), 1, 8)?.map(|b| b as u8),
+        granularity: p.granularity.unwrap_or(Granularity::Tensor),
+        zero_cluster: p.zero_cluster.unwrap_or(false),
+        algorithm: p.algorithm.unwrap_or(Algorithm::Auto),
+    }))
+}
+
+/// The `kmeans` step.
+#[derive(Debug, Clone)]
+pub struct Kmeans {
+    pub bits: u8,
+    /// Bits for convolution kernels, when they differ (Deep Compression: 8 conv / 5 fc).
+    pub conv_bits: Option<u8>,
+    pub granularity: Granularity,
+    /// Let exact zeros join a cluster instead of keeping them exact.
+    pub zero_cluster: bool,
+    pub algorithm: Algorithm,
+}
+
+impl Kmeans {
+    fn bits_for(&self, t: &Tensor) -> u8 {
+        if is_conv(t) {
+            self.conv_bits.unwrap_or(self.bits)
+        } else {
+            self.bits
+        }
+    }
+}
+
+impl Method for Kmeans {
+    fn label(&self) -> String {
+        match self.conv_bits {
+            Some(c) => format!(
+                "kmeans({} bits,conv {c} bits,{})",
+                self.bits,
+                self.granularity.name()
+            ),
+            None => format!("kmeans({} bits,{})", self.bits, self.granularity.name()),
+        }
+    }
+    fn kind(&self) -> Kind {
+        Kind::Encode
+    }
+    fn estimate(&self, t: &Tensor, pruned_first: bool) -> Option<u64> {
+        let k = 1u64 << self.bits_for(t);
+        // A kept zero needs one more symbol, known only once pruning has run; assume it when
+        // the pipeline prunes this tensor first.
+        let zero = !self.zero_cluster && pruned_first;
+        let width = u64::from(pack::width_for((k + u64::from(zero)) as usize));
+        Some((t.len() as u64 * width).div_ceil(8) + 4 * k * self.granularity.channels(t))
+    }
+    fn apply(&self, t: &Tensor, w: &mut Working) -> Result<Applied, CompressError> {
+        let b = self.bits_for(t);
+        let c = cluster(
+            &w.values,
+            &t.shape,
+            b,
+            self.granularity.axis(t),
+            !self.zero_cluster,
+            self.algorithm,
+        );
+        let decoded = c.decode(&t.shape);
+        // Against the values this step clustered (after any pruning), as k-means defines it.
+        let inertia: f64 = w
+            .values
+            .iter()
+            .zip(&decoded)
+            .map(|(a, b)| (f64::from(*a) - f64::from(*b)).powi(2))
+            .sum();
+        w.values = decoded;
+        w.details.insert(
+            "kmeans".into(),
+            json!({
+                "bits": b,
+                "k": c.k,
+                "algorithm": c.algorithm,
+                "zeros_fixed": c.zeros_fixed,
+                "inertia": inertia,
+            }),
+        );
+        w.encoding = Some(Encoding::Clustered(c));
+        Ok(Applied::Ran)
+    }
+}
+
+impl Form for Clustered {
+    fn decode(&self, shape: &[usize]) -> Vec<f32> {
+        Clustered::decode(self, shape)
+    }
+    fn rezero(&mut self, values: &[f32], _shape: &[usize]) -> Result<(), String> {
+        for (j, v) in values.iter().enumerate() {
+            if *v == 0.0 {
+                self.indices[j] = self.k as u16;
+                self.zeros_fixed = true;
+            }
+        }
+        Ok(())
+    }
+    fn factorized(&self) -> bool {
+        false
+    }
+    fn store(&self, t: &Tensor, parts: &mut Parts) -> Stored {
+        let width = pack::width_for(self.symbols());
+        let symbols: Vec<u32> = self.indices.iter().map(|&i| u32::from(i)).collect();
+        let packed = pack::pack(&symbols, width);
+        let len = parts.push(t.name.clone(), DType::U8, vec![packed.len()], packed);
+        let groups = self.centroids.len() / self.k.max(1);
+        let (book, book_bytes) = parts.push_f32("codebook", vec![groups, self.k], &self.centroids);
+        Stored {
+            bytes: len + book_bytes,
+            axis: self.axis,
+            description: json!({
+                "encoding": "codebook",
+                "bits": self.bits,
+                "index_bits": width,
+                "shape": t.shape,
+                "axis": self.axis,
+                "codebook": book,
+                "zero_index": if self.zeros_fixed { Value::from(self.k) } else { Value::Null },
+                "original_dtype": t.dtype.name(),
+                "decode": "unpack index_bits-wide indices i (LSB first); w = 0 if i == zero_index else codebook[group, i], group = index along axis (0 without axis)",
+            }),
+        }
+    }
+    fn payload(
+        &self,
+        values: &[f32],
+        huffman: bool,
+        pruned: bool,
+    ) -> (Payload, Option<CodingStats>, StageBytes) {
+        let syms: Vec<u32> = self.indices.iter().map(|&i| u32::from(i)).collect();
+        let zero = self.zeros_fixed.then_some(self.k as u32);
+        let tables = vec![("centroids".to_string(), f32_bytes(&self.centroids))];
+        coding::index_stream(
+            &syms,
+            self.symbols() as u32,
+            zero,
+            tables,
+            values,
+            huffman,
+            pruned,
+            |stream| Repr::Codebook {
+                bits: self.bits,
+                axis: self.axis,
+                k: self.k,
+                zeros_fixed: self.zeros_fixed,
+                algorithm: self.algorithm,
+                stream,
+            },
+        )
+    }
+}
 
 /// Largest k·(distinct values) for which `Auto` runs the exact dynamic programme: 8 M
 /// back-pointers (32 MiB).

@@ -5,9 +5,162 @@
 //!
 //! Reconstruction uses [`matmul`], a plain loop with a fixed summation order, so the dense
 //! weights rebuilt from an archive on any machine equal the job's `restored` bit for bit.
+//!
+//! The `lowrank` method, and its [`Factors`] form.
 
+use super::coding::{self, f32_bytes, CodingStats, Payload, Repr, StageBytes};
+use super::form::{Encoding, Form, Parts, Stored};
+use super::method::{
+    fraction, int_in, params, spec_err, Applied, Kind, Method, Registration, Working,
+};
+use super::CompressError;
+use crate::model::Tensor;
 use faer::Mat;
 use serde::Serialize;
+use serde_json::{json, Map, Value};
+
+pub const METHOD: Registration = Registration {
+    name: "lowrank",
+    about: "W ≈ A·B by truncated SVD, rank by rank, energy or parameter ratio",
+    file: "src/compress/lowrank.rs",
+    parse,
+};
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Params {
+    rank: Option<u64>,
+    energy: Option<f64>,
+    ratio: Option<f64>,
+    algorithm: Option<SvdAlgorithm>,
+}
+
+/// Exactly one of `rank`, `energy`, `ratio` (shared by the factorizations).
+pub fn rank_rule(
+    rank: Option<u64>,
+    energy: Option<f64>,
+    ratio: Option<f64>,
+    at: &dyn Fn(&str) -> String,
+) -> Result<RankRule, CompressError> {
+    let rank = int_in(rank, &at("rank"), 1, 1 << 20)?;
+    let energy = fraction(energy, &at("energy"), true)?;
+    let ratio = fraction(ratio, &at("ratio"), true)?;
+    match (rank, energy, ratio) {
+        (Some(r), None, None) => Ok(RankRule::Rank(r as usize)),
+        (None, Some(e), None) if e > 0.0 => Ok(RankRule::Energy(e)),
+        (None, None, Some(f)) if f > 0.0 => Ok(RankRule::Ratio(f)),
+        (None, Some(_), None) => Err(spec_err(&at("energy"), "must be above 0")),
+        (None, None, Some(_)) => Err(spec_err(&at("ratio"), "must be above 0")),
+        _ => Err(spec_err(
+            &at("rank"),
+            "give exactly one of rank, energy or ratio",
+        )),
+    }
+}
+
+fn parse(
+    obj: &Map<String, Value>,
+    at: &dyn Fn(&str) -> String,
+) -> Result<Box<dyn Method>, CompressError> {
+    let p: Params = params(obj, METHOD.name, at)?;
+    Ok(Box::new(LowRank {
+        rule: rank_rule(p.rank, p.energy, p.ratio, at)?,
+        algorithm: p.algorithm.unwrap_or(SvdAlgorithm::Auto),
+    }))
+}
+
+impl RankRule {
+    pub fn label(&self) -> String {
+        match self {
+            RankRule::Rank(k) => format!("rank={k}"),
+            RankRule::Energy(e) => format!("energy={e}"),
+            RankRule::Ratio(f) => format!("ratio={f}"),
+        }
+    }
+}
+
+/// The `lowrank` step.
+#[derive(Debug, Clone)]
+pub struct LowRank {
+    pub rule: RankRule,
+    pub algorithm: SvdAlgorithm,
+}
+
+impl Method for LowRank {
+    fn label(&self) -> String {
+        format!("lowrank({})", self.rule.label())
+    }
+    fn kind(&self) -> Kind {
+        Kind::Factorize
+    }
+    fn estimate(&self, t: &Tensor, _pruned_first: bool) -> Option<u64> {
+        let (r, c) = matrix_view(&t.shape, t.channel_axis());
+        match self.rule {
+            RankRule::Energy(_) => None,
+            rule => choose_rank(&[], 0.0, rule, r, c)
+                .map(|k| (k * (r + c)) as u64 * 4)
+                .filter(|b| *b < (r * c) as u64 * 4),
+        }
+    }
+    fn apply(&self, t: &Tensor, w: &mut Working) -> Result<Applied, CompressError> {
+        let (rows, cols) = matrix_view(&t.shape, t.channel_axis());
+        match factorize(&w.values, rows, cols, self.rule, self.algorithm) {
+            Ok((f, info)) => {
+                w.values = f.reconstruct();
+                w.details.insert(
+                    "low_rank".into(),
+                    serde_json::to_value(&info).unwrap_or_default(),
+                );
+                w.encoding = Some(Encoding::LowRank(f));
+                Ok(Applied::Ran)
+            }
+            Err(why) => Ok(Applied::Skipped(why)),
+        }
+    }
+}
+
+impl Form for Factors {
+    fn decode(&self, _shape: &[usize]) -> Vec<f32> {
+        self.reconstruct()
+    }
+    fn rezero(&mut self, _values: &[f32], _shape: &[usize]) -> Result<(), String> {
+        Err("a factorization; prune first".into())
+    }
+    fn factorized(&self) -> bool {
+        true
+    }
+    fn store(&self, t: &Tensor, parts: &mut Parts) -> Stored {
+        let (a, na) = parts.push_f32("a", vec![self.rows, self.rank], &self.a);
+        let (b, nb) = parts.push_f32("b", vec![self.rank, self.cols], &self.b);
+        Stored {
+            bytes: na + nb,
+            axis: None,
+            description: json!({
+                "encoding": "low_rank", "a": a, "b": b, "shape": t.shape,
+                "original_dtype": t.dtype.name(),
+                "decode": "w = (a @ b).reshape(shape)",
+            }),
+        }
+    }
+    fn payload(
+        &self,
+        _values: &[f32],
+        _huffman: bool,
+        _pruned: bool,
+    ) -> (Payload, Option<CodingStats>, StageBytes) {
+        coding::plain(
+            Repr::LowRank {
+                rows: self.rows,
+                cols: self.cols,
+                rank: self.rank,
+            },
+            vec![
+                ("a".into(), f32_bytes(&self.a)),
+                ("b".into(), f32_bytes(&self.b)),
+            ],
+        )
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -20,7 +173,7 @@ pub enum RankRule {
     Ratio(f64),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SvdAlgorithm {
     Auto,

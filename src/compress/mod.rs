@@ -1,12 +1,16 @@
-//! The compression core. Methods are pure functions over tensors, one module each; `spec`
-//! parses a job's spec into a validated [`Plan`], and [`run`] applies it to a model's tensors.
+//! The compression core: the pipeline. Each method is one file implementing
+//! [`method::Method`] (registered in [`method::METHODS`]) and the [`form::Form`] it leaves a
+//! tensor in; `spec` parses a job's spec into a validated [`Plan`], [`plan`] estimates it,
+//! [`check`] refuses impossible orderings, and [`run`] applies it to a model's tensors.
 //! No HTTP, SQL or file paths here.
 
 pub mod cast;
 pub mod coding;
+pub mod form;
 pub mod huffman;
 pub mod kmeans;
 pub mod lowrank;
+pub mod method;
 pub mod pack;
 pub mod prune;
 pub mod quantize;
@@ -18,17 +22,15 @@ pub mod ternary;
 #[cfg(test)]
 pub mod testing;
 
-use crate::model::{DType, Role, Tensor};
-use cast::CastType;
+use crate::model::{Role, Tensor, TensorFacts};
 use coding::{CodingStats, Payload, StageBytes};
-use kmeans::Clustered;
-use lowrank::{Factors, RankRule, SvdAlgorithm};
-use quantize::{Granularity, Quantized, Scheme};
+pub use form::Encoding;
+use form::{Parts, Stored};
+pub use method::{Applied, Kind, Method, Working};
 use report::{Report, StageTotals, TensorReport, Totals};
-use separable::{Separable, Tucker2};
 use serde_json::{Map, Value};
 pub use spec::{parse_spec, preset, OUTPUT_NAMES, PRESET_NAMES};
-use structured::{Dim, Norm};
+use std::sync::Arc;
 
 /// Errors of the core: bad specs, bad values in a model, or a cancelled run.
 #[derive(Debug, thiserror::Error)]
@@ -59,10 +61,16 @@ pub const DEFAULT_MIN_PARAMS: usize = 1024;
 
 impl Selector {
     pub fn selects(&self, t: &Tensor) -> bool {
-        if !t.dtype.is_float() || t.len() < self.min_params || t.is_empty() {
+        self.selects_facts(&t.facts())
+    }
+
+    /// The same choice from what an inventory knows of a tensor (no values needed).
+    pub fn selects_facts(&self, t: &TensorFacts) -> bool {
+        let len = crate::model::element_count(t.shape).unwrap_or(0);
+        if !t.dtype.is_float() || len < self.min_params || len == 0 {
             return false;
         }
-        if self.exclude.iter().any(|p| p.matches(&t.name)) {
+        if self.exclude.iter().any(|p| p.matches(t.name)) {
             return false;
         }
         if !self.roles.is_empty() {
@@ -76,163 +84,14 @@ impl Selector {
         if self.include.is_empty() {
             t.shape.len() >= 2 && matches!(t.role, Role::Weight | Role::Embedding)
         } else {
-            self.include.iter().any(|p| p.matches(&t.name))
+            self.include.iter().any(|p| p.matches(t.name))
         }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PruneScope {
-    Tensor,
-    Global,
-    /// Global target, per-layer sparsities from a weight-error sensitivity pass.
-    Sensitivity,
-}
-
-#[derive(Debug, Clone)]
-pub enum Op {
-    Prune {
-        sparsity: f32,
-        scope: PruneScope,
-        /// Fraction of each tensor always kept (global and sensitivity scopes).
-        min_keep: f32,
-    },
-    PruneStructured {
-        ratio: f32,
-        dim: Dim,
-        norm: Norm,
-    },
-    PruneNM {
-        n: usize,
-        m: usize,
-    },
-    Quantize {
-        bits: u8,
-        scheme: Scheme,
-        granularity: Granularity,
-        /// Group-wise: inputs per scale within each output channel.
-        group_size: Option<usize>,
-    },
-    Kmeans {
-        bits: u8,
-        /// Bits for convolution kernels, when they differ (Deep Compression: 8 conv / 5 fc).
-        conv_bits: Option<u8>,
-        granularity: Granularity,
-        zero_cluster: bool,
-        algorithm: kmeans::Algorithm,
-    },
-    Binary {
-        granularity: Granularity,
-    },
-    Ternary {
-        granularity: Granularity,
-        threshold: f32,
-    },
-    Cast {
-        dtype: CastType,
-    },
-    LowRank {
-        rule: RankRule,
-        algorithm: SvdAlgorithm,
-    },
-    Separable {
-        rule: RankRule,
-    },
-    Tucker2 {
-        rule: RankRule,
-    },
-    Huffman,
-}
-
-fn gran(g: Granularity) -> &'static str {
-    if g == Granularity::Channel {
-        "channel"
-    } else {
-        "tensor"
-    }
-}
-
-fn rule_label(r: &RankRule) -> String {
-    match r {
-        RankRule::Rank(k) => format!("rank={k}"),
-        RankRule::Energy(e) => format!("energy={e}"),
-        RankRule::Ratio(f) => format!("ratio={f}"),
-    }
-}
-
-impl Op {
-    fn label(&self) -> String {
-        match self {
-            Op::Prune {
-                sparsity,
-                scope,
-                min_keep,
-            } => match scope {
-                PruneScope::Tensor => format!("prune({sparsity},tensor)"),
-                PruneScope::Global => format!("prune({sparsity},global,min_keep={min_keep})"),
-                PruneScope::Sensitivity => {
-                    format!("prune({sparsity},sensitivity,min_keep={min_keep})")
-                }
-            },
-            Op::PruneStructured { ratio, dim, norm } => format!(
-                "prune({},{ratio},{})",
-                if *dim == Dim::Output {
-                    "output"
-                } else {
-                    "input"
-                },
-                if *norm == Norm::L1 { "l1" } else { "l2" }
-            ),
-            Op::PruneNM { n, m } => format!("prune({n}:{m})"),
-            Op::Quantize {
-                bits,
-                scheme,
-                granularity,
-                group_size,
-            } => format!(
-                "quantize(int{bits},{},{})",
-                if *scheme == Scheme::Affine {
-                    "affine"
-                } else {
-                    "symmetric"
-                },
-                match group_size {
-                    Some(g) => format!("group {g}"),
-                    None => gran(*granularity).to_string(),
-                }
-            ),
-            Op::Kmeans {
-                bits,
-                conv_bits,
-                granularity,
-                ..
-            } => match conv_bits {
-                Some(c) => format!("kmeans({bits} bits,conv {c} bits,{})", gran(*granularity)),
-                None => format!("kmeans({bits} bits,{})", gran(*granularity)),
-            },
-            Op::Binary { granularity } => format!("binary({})", gran(*granularity)),
-            Op::Ternary {
-                granularity,
-                threshold,
-            } => format!("ternary({threshold},{})", gran(*granularity)),
-            Op::Cast { dtype } => format!("cast({})", dtype.name()),
-            Op::LowRank { rule, .. } => format!("lowrank({})", rule_label(rule)),
-            Op::Separable { rule } => format!("separable({})", rule_label(rule)),
-            Op::Tucker2 { rule } => format!("tucker2({})", rule_label(rule)),
-            Op::Huffman => "huffman".into(),
-        }
-    }
-    fn prunes(&self) -> bool {
-        matches!(
-            self,
-            Op::Prune { .. } | Op::PruneStructured { .. } | Op::PruneNM { .. }
-        )
     }
 }
 
 #[derive(Debug, Clone)]
 pub struct Step {
-    pub op: Op,
+    pub method: Arc<dyn Method>,
     pub select: Selector,
 }
 
@@ -272,39 +131,6 @@ pub enum DeployStyle {
 pub fn is_conv(t: &Tensor) -> bool {
     t.shape.len() >= 3 && t.channel_axis() == 0 && t.role == Role::Weight
 }
-/// How a compressed tensor is stored. Invariant: decoding gives exactly the working values.
-#[derive(Debug, Clone)]
-pub enum Encoding {
-    Quantized(Quantized),
-    Cast { dtype: CastType, bits: Vec<u16> },
-    Clustered(Clustered),
-    LowRank(Factors),
-    Separable(Separable),
-    Tucker(Tucker2),
-}
-
-impl Encoding {
-    fn factorized(&self) -> bool {
-        matches!(
-            self,
-            Encoding::LowRank(_) | Encoding::Separable(_) | Encoding::Tucker(_)
-        )
-    }
-}
-
-/// Working state of one selected tensor. Invariant: `encoding`, when present, decodes to
-/// exactly `values`.
-struct Working {
-    values: Vec<f32>,
-    encoding: Option<Encoding>,
-    methods: Vec<String>,
-    huffman: bool,
-    /// A pruning step ran on this tensor (Deep Compression's "P" column applies).
-    pruned: bool,
-    skipped: Vec<String>,
-    details: Map<String, Value>,
-}
-
 /// Progress reporting and cancellation, checked at every tensor boundary.
 pub trait Control {
     fn progress(&self, fraction: f64, stage: &str);
@@ -354,17 +180,6 @@ fn check_finite(t: &Tensor, values: &[f32]) -> Result<(), CompressError> {
     Ok(())
 }
 
-fn decode(enc: &Encoding, shape: &[usize]) -> Vec<f32> {
-    match enc {
-        Encoding::Quantized(q) => quantize::dequantize(q, shape),
-        Encoding::Cast { dtype, bits } => cast::widen(bits, *dtype),
-        Encoding::Clustered(c) => c.decode(shape),
-        Encoding::LowRank(f) => f.reconstruct(),
-        Encoding::Separable(s) => s.reconstruct(),
-        Encoding::Tucker(t) => t.reconstruct(),
-    }
-}
-
 /// For each step, the indices of the tensors it touches.
 fn select(tensors: &[Tensor], plan: &Plan) -> Vec<Vec<usize>> {
     plan.steps
@@ -389,13 +204,6 @@ pub struct PlannedTensor {
     pub estimated_bytes_after: u64,
 }
 
-fn channels_of(t: &Tensor, g: Granularity) -> u64 {
-    match g {
-        Granularity::Channel => t.shape.get(t.channel_axis()).copied().unwrap_or(1) as u64,
-        Granularity::Tensor => 1,
-    }
-}
-
 /// The cheap half of a run (tract's `output_facts` before `eval`): which tensors each step
 /// touches and the bytes they will take. `run` selects with the same function.
 pub fn plan(tensors: &[Tensor], plan: &Plan) -> Vec<PlannedTensor> {
@@ -413,66 +221,16 @@ pub fn plan(tensors: &[Tensor], plan: &Plan) -> Vec<PlannedTensor> {
                 .collect();
             let n = t.len() as u64;
             let before = t.data.len() as u64;
-            let encoding = steps
+            let pruned_first = steps.iter().any(|s| s.method.kind() == Kind::Prune);
+            let estimated = steps
                 .iter()
                 .rev()
-                .find(|s| !s.op.prunes() && !matches!(s.op, Op::Huffman));
-            let packed = |bits: u64| (n * bits).div_ceil(8);
-            let estimated = match encoding.map(|s| &s.op) {
-                Some(Op::Quantize {
-                    bits,
-                    scheme,
-                    granularity,
-                    group_size,
-                }) => {
-                    let ch = match group_size {
-                        Some(g) => {
-                            quantize::GroupLayout::new(&t.shape, axis_for(t, *granularity), *g)
-                                .groups() as u64
-                        }
-                        None => channels_of(t, *granularity),
-                    };
-                    packed(u64::from(*bits)) + ch * if *scheme == Scheme::Affine { 5 } else { 4 }
-                }
-                Some(Op::Binary { granularity }) => packed(1) + 4 * channels_of(t, *granularity),
-                Some(Op::Ternary { granularity, .. }) => {
-                    packed(2) + 4 * channels_of(t, *granularity)
-                }
-                Some(Op::Kmeans {
-                    bits,
-                    conv_bits,
-                    granularity,
-                    zero_cluster,
-                    ..
-                }) => {
-                    let b = if is_conv(t) {
-                        conv_bits.unwrap_or(*bits)
-                    } else {
-                        *bits
-                    };
-                    let k = 1u64 << b;
-                    // A kept zero needs one more symbol, known only once pruning has run;
-                    // assume it when the pipeline prunes this tensor first.
-                    let zero = !zero_cluster && steps.iter().any(|s| s.op.prunes());
-                    let width = u64::from(pack::width_for((k + u64::from(zero)) as usize));
-                    packed(width) + 4 * k * channels_of(t, *granularity)
-                }
-                Some(Op::Cast { .. }) => n * 2,
-                Some(Op::LowRank { rule, .. }) => {
-                    let (r, c) = lowrank::matrix_view(&t.shape, t.channel_axis());
-                    match rule {
-                        RankRule::Energy(_) => before,
-                        rule => lowrank::choose_rank(&[], 0.0, *rule, r, c)
-                            .map(|k| (k * (r + c)) as u64 * 4)
-                            .filter(|b| *b < (r * c) as u64 * 4)
-                            .unwrap_or(before),
-                    }
-                }
-                _ => before,
-            };
+                .find(|s| matches!(s.method.kind(), Kind::Encode | Kind::Factorize))
+                .and_then(|s| s.method.estimate(t, pruned_first))
+                .unwrap_or(before);
             PlannedTensor {
                 name: t.name.clone(),
-                steps: steps.iter().map(|s| s.op.label()).collect(),
+                steps: steps.iter().map(|s| s.method.label()).collect(),
                 parameters: n,
                 bytes_before: before,
                 estimated_bytes_after: estimated,
@@ -481,364 +239,71 @@ pub fn plan(tensors: &[Tensor], plan: &Plan) -> Vec<PlannedTensor> {
         .collect()
 }
 
-fn spec_in_run(t: &Tensor, label: &str, why: &str) -> CompressError {
-    CompressError::InvalidSpec(format!("tensor {:?}: {label} cannot follow {why}", t.name))
-}
-
-/// After a pruning step: make the encoding agree with the new zeros.
-fn rezero(w: &mut Working, t: &Tensor, label: &str) -> Result<(), CompressError> {
-    match &mut w.encoding {
-        None => {}
-        Some(Encoding::Quantized(q)) => {
-            if q.bits == 1 {
-                return Err(spec_in_run(t, label, "binary (it has no zero)"));
+/// Refuses a pipeline in which a step cannot follow the step that last set some tensor's
+/// form (e.g. quantizing float32 factors, pruning binary weights). Runs at submit time on the
+/// model's inventory, so an impossible pipeline is a 422 and not a failed job.
+pub fn check<'a>(
+    tensors: impl IntoIterator<Item = TensorFacts<'a>>,
+    plan: &Plan,
+) -> Result<(), CompressError> {
+    for t in tensors {
+        let mut current: Option<(usize, &Step)> = None;
+        for (i, step) in plan.steps.iter().enumerate() {
+            if !step.select.selects_facts(&t) {
+                continue;
             }
-            let layout = quantize::ChannelLayout::new(&t.shape, q.axis);
-            for (j, v) in w.values.iter().enumerate() {
-                if *v == 0.0 {
-                    q.codes[j] = q
-                        .zero_points
-                        .get(layout.channel_of(j))
-                        .copied()
-                        .unwrap_or(0);
+            if let Some((j, earlier)) = current {
+                if let Some(why) = step.method.refuses_after(earlier.method.as_ref()) {
+                    return Err(CompressError::InvalidSpec(format!(
+                        "pipeline[{i}]: {} cannot follow pipeline[{j}] {why} on tensor {:?}",
+                        step.method.label(),
+                        t.name
+                    )));
                 }
             }
-        }
-        Some(Encoding::Cast { dtype, .. }) => {
-            let d = *dtype;
-            w.encoding = Some(Encoding::Cast {
-                dtype: d,
-                bits: cast::cast_bits(&w.values, d),
-            });
-        }
-        Some(Encoding::Clustered(c)) => {
-            for (j, v) in w.values.iter().enumerate() {
-                if *v == 0.0 {
-                    c.indices[j] = c.k as u16;
-                    c.zeros_fixed = true;
-                }
-            }
-        }
-        Some(_) => return Err(spec_in_run(t, label, "a factorization; prune first")),
-    }
-    Ok(())
-}
-
-fn axis_for(t: &Tensor, g: Granularity) -> Option<usize> {
-    (g == Granularity::Channel).then(|| t.channel_axis())
-}
-
-/// Applies one non-global step to one tensor.
-fn apply(step: &Step, t: &Tensor, w: &mut Working) -> Result<(), CompressError> {
-    let label = step.op.label();
-    let shape = &t.shape;
-    if !step.op.prunes() && !matches!(step.op, Op::Huffman) {
-        if let Some(e) = &w.encoding {
-            if e.factorized()
-                && !matches!(
-                    step.op,
-                    Op::LowRank { .. } | Op::Separable { .. } | Op::Tucker2 { .. }
-                )
-            {
-                return Err(spec_in_run(
-                    t,
-                    &label,
-                    "a factorization (factors stay float32)",
-                ));
+            if matches!(step.method.kind(), Kind::Encode | Kind::Factorize) {
+                current = Some((i, step));
             }
         }
     }
-    match &step.op {
-        Op::Prune {
-            sparsity,
-            scope: PruneScope::Tensor,
-            ..
-        } => {
-            let k = prune::prune_count(w.values.len(), *sparsity);
-            prune::prune_smallest(&mut [w.values.as_mut_slice()], k);
-            rezero(w, t, &label)?;
-        }
-        // Global scopes pruned every tensor before this loop.
-        Op::Prune { .. } => rezero(w, t, &label)?,
-        Op::PruneStructured { ratio, dim, norm } => {
-            let kept = structured::prune_units(
-                &mut w.values,
-                shape,
-                t.channel_axis(),
-                *dim,
-                *norm,
-                *ratio,
-            );
-            w.details.insert(
-                "structure".into(),
-                serde_json::json!({
-                    "kind": if *dim == Dim::Output { "output_channels" } else { "input_channels" },
-                    "units": kept.units,
-                    "kept": kept.kept,
-                }),
-            );
-            rezero(w, t, &label)?;
-        }
-        Op::PruneNM { n, m } => {
-            structured::prune_n_m(&mut w.values, shape, t.channel_axis(), *n, *m);
-            let view = structured::InputView::new(shape, t.channel_axis());
-            w.details.insert(
-                "structure".into(),
-                serde_json::json!({
-                    "kind": format!("{n}:{m}"),
-                    "along": "input",
-                    "groups_per_line": view.len.div_ceil(*m),
-                }),
-            );
-            rezero(w, t, &label)?;
-        }
-        Op::Quantize {
-            bits,
-            scheme,
-            granularity,
-            group_size,
-        } => {
-            let axis = axis_for(t, *granularity);
-            let q = match group_size {
-                Some(g) => quantize::quantize_grouped(&w.values, shape, *bits, *scheme, axis, *g),
-                None => quantize::quantize(&w.values, shape, *bits, *scheme, axis),
-            };
-            w.values = quantize::dequantize(&q, shape);
-            w.encoding = Some(Encoding::Quantized(q));
-        }
-        Op::Binary { granularity } => {
-            let q = ternary::binarize(&w.values, shape, axis_for(t, *granularity));
-            w.values = quantize::dequantize(&q, shape);
-            w.encoding = Some(Encoding::Quantized(q));
-        }
-        Op::Ternary {
-            granularity,
-            threshold,
-        } => {
-            let q = ternary::ternarize(&w.values, shape, axis_for(t, *granularity), *threshold);
-            w.values = quantize::dequantize(&q, shape);
-            w.encoding = Some(Encoding::Quantized(q));
-        }
-        Op::Kmeans {
-            bits,
-            conv_bits,
-            granularity,
-            zero_cluster,
-            algorithm,
-        } => {
-            let b = if is_conv(t) {
-                conv_bits.unwrap_or(*bits)
-            } else {
-                *bits
-            };
-            let c = kmeans::cluster(
-                &w.values,
-                shape,
-                b,
-                axis_for(t, *granularity),
-                !zero_cluster,
-                *algorithm,
-            );
-            let decoded = c.decode(shape);
-            // Against the values this step clustered (after any pruning), as k-means defines it.
-            let inertia: f64 = w
-                .values
-                .iter()
-                .zip(&decoded)
-                .map(|(a, b)| (f64::from(*a) - f64::from(*b)).powi(2))
-                .sum();
-            w.values = decoded;
-            w.details.insert(
-                "kmeans".into(),
-                serde_json::json!({
-                    "bits": b,
-                    "k": c.k,
-                    "algorithm": c.algorithm,
-                    "zeros_fixed": c.zeros_fixed,
-                    "inertia": inertia,
-                }),
-            );
-            w.encoding = Some(Encoding::Clustered(c));
-        }
-        Op::Cast { dtype } => {
-            let bits = cast::cast_bits(&w.values, *dtype);
-            w.values = cast::widen(&bits, *dtype);
-            w.encoding = Some(Encoding::Cast {
-                dtype: *dtype,
-                bits,
-            });
-        }
-        Op::LowRank { rule, algorithm } => {
-            let (rows, cols) = lowrank::matrix_view(shape, t.channel_axis());
-            match lowrank::factorize(&w.values, rows, cols, *rule, *algorithm) {
-                Ok((f, info)) => {
-                    w.values = f.reconstruct();
-                    w.details.insert(
-                        "low_rank".into(),
-                        serde_json::to_value(&info).unwrap_or_default(),
-                    );
-                    w.encoding = Some(Encoding::LowRank(f));
-                }
-                Err(why) => {
-                    w.skipped.push(format!("{label}: {why}"));
-                    return Ok(());
-                }
-            }
-        }
-        Op::Separable { rule } => {
-            let outcome = if is_conv(t) {
-                separable::separate(&w.values, shape, *rule)
-            } else {
-                Err("not a convolution kernel".to_string())
-            };
-            match outcome {
-                Ok(s) => {
-                    w.values = s.reconstruct();
-                    w.details.insert(
-                        "separable".into(),
-                        serde_json::json!({"rank": s.rank, "cost": s.cost()}),
-                    );
-                    w.encoding = Some(Encoding::Separable(s));
-                }
-                Err(why) => {
-                    w.skipped.push(format!("{label}: {why}"));
-                    return Ok(());
-                }
-            }
-        }
-        Op::Tucker2 { rule } => {
-            let outcome = if is_conv(t) {
-                separable::tucker2(&w.values, shape, *rule)
-            } else {
-                Err("not a convolution kernel".to_string())
-            };
-            match outcome {
-                Ok(k) => {
-                    w.values = k.reconstruct();
-                    w.details.insert(
-                        "tucker2".into(),
-                        serde_json::json!({"rank_out": k.rank_out, "rank_in": k.rank_in, "cost": k.cost()}),
-                    );
-                    w.encoding = Some(Encoding::Tucker(k));
-                }
-                Err(why) => {
-                    w.skipped.push(format!("{label}: {why}"));
-                    return Ok(());
-                }
-            }
-        }
-        Op::Huffman => w.huffman = true,
-    }
-    w.pruned |= step.op.prunes();
-    w.methods.push(label);
     Ok(())
 }
 
 /// Applies the plan. Tensors no step selects pass through bit for bit.
 pub fn run(tensors: &[Tensor], plan: &Plan, ctl: &dyn Control) -> Result<Outcome, CompressError> {
+    check(tensors.iter().map(Tensor::facts), plan)?;
     let n = tensors.len();
     let mut work: Vec<Option<Working>> = (0..n).map(|_| None).collect();
     let selections = select(tensors, plan);
     let total_units: usize = selections.iter().map(Vec::len).sum::<usize>().max(1);
     let mut done_units = 0usize;
     for (si, step) in plan.steps.iter().enumerate() {
-        let stage = format!("step {}/{}: {}", si + 1, plan.steps.len(), step.op.label());
+        let label = step.method.label();
+        let stage = format!("step {}/{}: {label}", si + 1, plan.steps.len());
         for &i in &selections[si] {
             if work[i].is_none() {
                 let t = &tensors[i];
                 let values = t.to_f32().unwrap_or_default();
                 check_finite(t, &values)?;
-                work[i] = Some(Working {
-                    values,
-                    encoding: None,
-                    methods: Vec::new(),
-                    huffman: false,
-                    pruned: false,
-                    skipped: Vec::new(),
-                    details: Map::new(),
-                });
+                work[i] = Some(Working::new(values));
             }
         }
-        if let Op::Prune {
-            sparsity,
-            scope: scope @ (PruneScope::Global | PruneScope::Sensitivity),
-            min_keep,
-        } = step.op
+        if ctl.cancelled() {
+            return Err(CompressError::Cancelled);
+        }
         {
-            if ctl.cancelled() {
-                return Err(CompressError::Cancelled);
+            let chosen: Vec<&Tensor> = selections[si].iter().map(|&i| &tensors[i]).collect();
+            let mut chosen_mask = vec![false; n];
+            for &i in &selections[si] {
+                chosen_mask[i] = true;
             }
-            let chosen: Vec<usize> = selections[si].clone();
-            for &i in &chosen {
-                if let Some(e) = work[i].as_ref().and_then(|w| w.encoding.as_ref()) {
-                    if e.factorized() {
-                        return Err(spec_in_run(
-                            &tensors[i],
-                            &step.op.label(),
-                            "a factorization; prune first",
-                        ));
-                    }
-                }
-            }
-            let mut sensitivity: Vec<(usize, f64)> = Vec::new();
-            let mut slices: Vec<&mut Vec<f32>> = Vec::new();
-            for (i, w) in work.iter_mut().enumerate() {
-                if let (true, Some(w)) = (chosen.contains(&i), w.as_mut()) {
-                    slices.push(&mut w.values);
-                }
-            }
-            match scope {
-                PruneScope::Global => {
-                    let total: usize = slices.iter().map(|s| s.len()).sum();
-                    let mut views: Vec<&mut [f32]> =
-                        slices.into_iter().map(|v| v.as_mut_slice()).collect();
-                    prune::prune_global_floor(
-                        &mut views,
-                        prune::prune_count(total, sparsity),
-                        min_keep,
-                    );
-                }
-                _ => {
-                    // The sensitivity pass works per output channel: a channel of small
-                    // weights (silero's encoder.3 spans 0.09 to 54.9) carries little of its
-                    // tensor's energy, and a per-tensor error budget would wipe it out.
-                    let layouts: Vec<quantize::ChannelLayout> = chosen
-                        .iter()
-                        .map(|&i| {
-                            let t = &tensors[i];
-                            quantize::ChannelLayout::new(&t.shape, Some(t.channel_axis()))
-                        })
-                        .collect();
-                    let channels: Vec<Vec<Vec<f32>>> = slices
-                        .iter()
-                        .zip(&layouts)
-                        .map(|(v, l)| prune::gather_channels(v, l))
-                        .collect();
-                    let counts = {
-                        let views: Vec<&[f32]> = channels
-                            .iter()
-                            .flat_map(|c| c.iter().map(Vec::as_slice))
-                            .collect();
-                        prune::sensitivity_counts(&views, sparsity, min_keep)
-                    };
-                    drop(channels);
-                    let mut next = counts.iter();
-                    for ((v, l), &i) in slices.into_iter().zip(&layouts).zip(&chosen) {
-                        let per_channel: Vec<usize> =
-                            next.by_ref().take(l.channels.max(1)).copied().collect();
-                        prune::prune_channels(v, l, &per_channel);
-                        let removed: usize = per_channel.iter().sum();
-                        let len = v.len().max(1);
-                        sensitivity.push((i, removed as f64 / len as f64));
-                    }
-                }
-            }
-            for (i, fraction) in sensitivity {
-                if let Some(w) = work[i].as_mut() {
-                    w.details
-                        .insert("sensitivity_sparsity".into(), serde_json::json!(fraction));
-                }
-            }
+            let mut slots: Vec<&mut Working> = work
+                .iter_mut()
+                .zip(&chosen_mask)
+                .filter(|(_, c)| **c)
+                .filter_map(|(w, _)| w.as_mut())
+                .collect();
+            step.method.apply_jointly(&chosen, &mut slots)?;
         }
         for &i in &selections[si] {
             if ctl.cancelled() {
@@ -846,11 +311,26 @@ pub fn run(tensors: &[Tensor], plan: &Plan, ctl: &dyn Control) -> Result<Outcome
             }
             let t = &tensors[i];
             let Some(w) = work[i].as_mut() else { continue };
-            apply(step, t, w)?;
+            if step.method.kind() == Kind::Encode
+                && w.encoding.as_ref().is_some_and(Encoding::factorized)
+            {
+                return Err(method::refused_in_run(
+                    t,
+                    &label,
+                    "a factorization (factors stay float32)",
+                ));
+            }
+            match step.method.apply(t, w)? {
+                Applied::Ran => {
+                    w.pruned |= step.method.kind() == Kind::Prune;
+                    w.methods.push(label.clone());
+                }
+                Applied::Skipped(why) => w.skipped.push(format!("{label}: {why}")),
+            }
             debug_assert!(w
                 .encoding
                 .as_ref()
-                .is_none_or(|e| decode(e, &t.shape) == w.values));
+                .is_none_or(|e| e.decode(&t.shape) == w.values));
             done_units += 1;
             ctl.progress(0.85 * done_units as f64 / total_units as f64, &stage);
             ctl.tensor_done();
@@ -913,15 +393,24 @@ fn assemble(tensors: &[Tensor], plan: &Plan, work: Vec<Option<Working>>) -> Outc
                         encoded_tensors.push(restored[i].clone());
                         (bytes_before, None)
                     }
-                    Some(enc) => encode(t, enc, &mut encoded_tensors, &mut description),
+                    Some(enc) => {
+                        let mut parts = Parts {
+                            tensors: &mut encoded_tensors,
+                            base: &t.name,
+                        };
+                        let Stored {
+                            bytes,
+                            axis,
+                            description: d,
+                        } = enc.form().store(t, &mut parts);
+                        description.insert(t.name.clone(), d);
+                        (bytes, axis)
+                    }
                 };
-                let (mut payload, cstats, stage) = coding::encode(
-                    w.encoding.as_ref(),
-                    &w.values,
-                    &restored[i].data,
-                    w.huffman,
-                    w.pruned,
-                );
+                let (mut payload, cstats, stage) = match &w.encoding {
+                    None => coding::floats(&w.values, &restored[i].data, w.huffman),
+                    Some(enc) => enc.form().payload(&w.values, w.huffman, w.pruned),
+                };
                 if payload.repr == coding::Repr::Raw {
                     // The archive writer takes the restored bytes: no second copy here.
                     payload.sections.clear();
@@ -1043,183 +532,6 @@ fn count_nonzero(t: &Tensor) -> u64 {
                 .chunks_exact(s)
                 .filter(|c| c.iter().any(|b| *b != 0))
                 .count() as u64
-        }
-    }
-}
-
-fn f32_le(v: &[f32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
-}
-
-/// Appends the stored form of one encoded tensor in `model.<ext>`; returns its bytes and
-/// quantization axis.
-fn encode(
-    t: &Tensor,
-    enc: &Encoding,
-    out: &mut Vec<Tensor>,
-    desc: &mut Map<String, Value>,
-) -> (u64, Option<usize>) {
-    let mk = |name: String, dtype: DType, shape: Vec<usize>, data: Vec<u8>| Tensor {
-        name,
-        dtype,
-        shape,
-        data,
-        role: Role::Other,
-        output_axis: None,
-    };
-    let push_f32 =
-        |out: &mut Vec<Tensor>, suffix: &str, shape: Vec<usize>, v: &[f32]| -> (String, u64) {
-            let name = format!("{}.__{suffix}", t.name);
-            let data = f32_le(v);
-            let n = data.len() as u64;
-            out.push(mk(name.clone(), DType::F32, shape, data));
-            (name, n)
-        };
-    match enc {
-        Encoding::Quantized(q) => {
-            let scale_name = format!("{}.__scale", t.name);
-            let zp_name = format!("{}.__zero_point", t.name);
-            let nscales = q.scales.len();
-            let scales = f32_le(&q.scales);
-            let (data, storage, stored_shape) = if q.bits == 8 {
-                (
-                    q.codes.iter().map(|c| *c as u8).collect::<Vec<u8>>(),
-                    "int8",
-                    t.shape.clone(),
-                )
-            } else {
-                let symbols: Vec<u32> = if q.bits == 1 {
-                    q.codes.iter().map(|&c| u32::from(c > 0)).collect()
-                } else {
-                    let off = 1i32 << (q.bits - 1);
-                    q.codes
-                        .iter()
-                        .map(|&c| (i32::from(c) + off) as u32)
-                        .collect()
-                };
-                let packed = pack::pack(&symbols, q.bits);
-                let len = packed.len();
-                (packed, "packed", vec![len])
-            };
-            let mut bytes = (data.len() + 4 * nscales) as u64;
-            let dtype = if q.bits == 8 { DType::I8 } else { DType::U8 };
-            out.push(mk(t.name.clone(), dtype, stored_shape, data));
-            out.push(mk(scale_name.clone(), DType::F32, vec![nscales], scales));
-            if !q.zero_points.is_empty() {
-                bytes += q.zero_points.len() as u64;
-                out.push(mk(
-                    zp_name.clone(),
-                    DType::I8,
-                    vec![nscales],
-                    q.zero_points.iter().map(|z| *z as u8).collect(),
-                ));
-            }
-            let decode = if q.bits == 8 {
-                "w = (q - zero_point) * scale, scale broadcast along axis"
-            } else if q.bits == 1 {
-                "unpack 1-bit symbols s (LSB first); q = 2s - 1; w = q * scale along axis"
-            } else {
-                "unpack bits-wide symbols s (LSB first); q = s - 2^(bits-1); w = (q - zero_point) * scale along axis"
-            };
-            desc.insert(
-                t.name.clone(),
-                serde_json::json!({
-                    "encoding": "linear_quantized",
-                    "bits": q.bits,
-                    "storage": storage,
-                    "shape": t.shape,
-                    "scheme": q.scheme,
-                    "granularity": if q.group_size.is_some() { "group" } else if q.axis.is_some() { "channel" } else { "tensor" },
-                    "axis": q.axis,
-                    "group_size": q.group_size,
-                    "scale": scale_name,
-                    "zero_point": if q.zero_points.is_empty() { Value::Null } else { Value::String(zp_name) },
-                    "original_dtype": t.dtype.name(),
-                    "decode": decode,
-                }),
-            );
-            (bytes, q.axis)
-        }
-        Encoding::Cast { dtype, bits } => {
-            let dt = match dtype {
-                CastType::Float16 => DType::F16,
-                CastType::Bfloat16 => DType::BF16,
-            };
-            let data: Vec<u8> = bits.iter().flat_map(|b| b.to_le_bytes()).collect();
-            let bytes = data.len() as u64;
-            out.push(mk(t.name.clone(), dt, t.shape.clone(), data));
-            desc.insert(
-                t.name.clone(),
-                serde_json::json!({"encoding": "cast", "dtype": dtype.name(), "shape": t.shape, "original_dtype": t.dtype.name()}),
-            );
-            (bytes, None)
-        }
-        Encoding::Clustered(c) => {
-            let width = pack::width_for(c.symbols());
-            let symbols: Vec<u32> = c.indices.iter().map(|&i| u32::from(i)).collect();
-            let packed = pack::pack(&symbols, width);
-            let len = packed.len() as u64;
-            out.push(mk(t.name.clone(), DType::U8, vec![packed.len()], packed));
-            let groups = c.centroids.len() / c.k.max(1);
-            let (book, book_bytes) = push_f32(out, "codebook", vec![groups, c.k], &c.centroids);
-            desc.insert(
-                t.name.clone(),
-                serde_json::json!({
-                    "encoding": "codebook",
-                    "bits": c.bits,
-                    "index_bits": width,
-                    "shape": t.shape,
-                    "axis": c.axis,
-                    "codebook": book,
-                    "zero_index": if c.zeros_fixed { Value::from(c.k) } else { Value::Null },
-                    "original_dtype": t.dtype.name(),
-                    "decode": "unpack index_bits-wide indices i (LSB first); w = 0 if i == zero_index else codebook[group, i], group = index along axis (0 without axis)",
-                }),
-            );
-            (len + book_bytes, c.axis)
-        }
-        Encoding::LowRank(f) => {
-            let (a, na) = push_f32(out, "a", vec![f.rows, f.rank], &f.a);
-            let (b, nb) = push_f32(out, "b", vec![f.rank, f.cols], &f.b);
-            desc.insert(
-                t.name.clone(),
-                serde_json::json!({
-                    "encoding": "low_rank", "a": a, "b": b, "shape": t.shape,
-                    "original_dtype": t.dtype.name(),
-                    "decode": "w = (a @ b).reshape(shape)",
-                }),
-            );
-            (na + nb, None)
-        }
-        Encoding::Separable(s) => {
-            let [o, c, kh, kw] = s.shape;
-            let (v, nv) = push_f32(out, "v", vec![o, c, kh, s.rank], &s.v);
-            let (h, nh) = push_f32(out, "h", vec![o, c, s.rank, kw], &s.h);
-            desc.insert(
-                t.name.clone(),
-                serde_json::json!({
-                    "encoding": "separable", "v": v, "h": h, "shape": t.shape,
-                    "original_dtype": t.dtype.name(),
-                    "decode": "w[o,c] = v[o,c] @ h[o,c] (a kh×1 then a 1×kw convolution)",
-                }),
-            );
-            (nv + nh, None)
-        }
-        Encoding::Tucker(k) => {
-            let (uo, n1) = push_f32(out, "u_out", vec![k.out_channels, k.rank_out], &k.u_out);
-            let mut core_shape = vec![k.rank_out, k.rank_in];
-            core_shape.extend_from_slice(&t.shape[2..]);
-            let (core, n2) = push_f32(out, "core", core_shape, &k.core);
-            let (ui, n3) = push_f32(out, "u_in", vec![k.in_channels, k.rank_in], &k.u_in);
-            desc.insert(
-                t.name.clone(),
-                serde_json::json!({
-                    "encoding": "tucker2", "u_out": uo, "core": core, "u_in": ui, "shape": t.shape,
-                    "original_dtype": t.dtype.name(),
-                    "decode": "w = einsum('oa,ab...,cb->oc...', u_out, core, u_in): a 1×1 conv C→R_in, the core conv, a 1×1 conv R_out→O",
-                }),
-            );
-            (n1 + n2 + n3, None)
         }
     }
 }

@@ -1,5 +1,202 @@
 //! Unstructured magnitude pruning: exactly `round(sparsity · n)` weights become zero, the
 //! smallest by |w|, ties broken by position (lower index first), so the count is exact.
+//!
+//! The `prune` method: per tensor, global, or global with per-layer sparsities from a
+//! sensitivity pass. Its `structure` and `pattern` forms are in `structured.rs`.
+
+use super::method::{
+    fraction, params, refused_in_run, spec_err, Applied, Kind, Method, Registration, Working,
+};
+use super::quantize::ChannelLayout;
+use super::structured::{Dim, Norm, PruneNm, PruneStructured};
+use super::CompressError;
+use crate::model::Tensor;
+use serde_json::{json, Map, Value};
+
+pub const METHOD: Registration = Registration {
+    name: "prune",
+    about: "magnitude pruning: per tensor, global or sensitivity-driven; whole channels \
+            (structure); N:M (pattern)",
+    file: "src/compress/prune.rs, src/compress/structured.rs",
+    parse,
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PruneScope {
+    Tensor,
+    Global,
+    /// Global target, per-layer sparsities from a weight-error sensitivity pass.
+    Sensitivity,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Params {
+    sparsity: Option<f64>,
+    scope: Option<PruneScope>,
+    min_keep: Option<f64>,
+    structure: Option<Dim>,
+    ratio: Option<f64>,
+    norm: Option<Norm>,
+    pattern: Option<String>,
+}
+
+fn parse(
+    obj: &Map<String, Value>,
+    at: &dyn Fn(&str) -> String,
+) -> Result<Box<dyn Method>, CompressError> {
+    let p: Params = params(obj, METHOD.name, at)?;
+    let given = |k: &str| obj.contains_key(k);
+    if let Some(pattern) = &p.pattern {
+        for k in [
+            "sparsity",
+            "scope",
+            "min_keep",
+            "structure",
+            "ratio",
+            "norm",
+        ] {
+            if given(k) {
+                return Err(spec_err(&at(k), "does not go with pattern"));
+            }
+        }
+        let parsed = pattern
+            .split_once(':')
+            .and_then(|(n, m)| Some((n.parse::<usize>().ok()?, m.parse::<usize>().ok()?)))
+            .filter(|&(n, m)| n >= 1 && n < m && m <= 64);
+        let Some((n, m)) = parsed else {
+            return Err(spec_err(
+                &at("pattern"),
+                "must be \"N:M\" with 1 ≤ N < M ≤ 64, e.g. \"2:4\"",
+            ));
+        };
+        return Ok(Box::new(PruneNm { n, m }));
+    }
+    if let Some(dim) = p.structure {
+        for k in ["sparsity", "scope", "min_keep"] {
+            if given(k) {
+                return Err(spec_err(&at(k), "does not go with structure (use ratio)"));
+            }
+        }
+        let ratio = fraction(p.ratio, &at("ratio"), false)?
+            .ok_or_else(|| spec_err(&at("ratio"), "is required with structure"))?;
+        return Ok(Box::new(PruneStructured {
+            ratio: ratio as f32,
+            dim,
+            norm: p.norm.unwrap_or(Norm::L1),
+        }));
+    }
+    for k in ["ratio", "norm"] {
+        if given(k) {
+            return Err(spec_err(&at(k), "goes with structure"));
+        }
+    }
+    let sparsity = fraction(p.sparsity, &at("sparsity"), false)?
+        .ok_or_else(|| spec_err(&at("sparsity"), "is required"))?;
+    let scope = p.scope.unwrap_or(PruneScope::Tensor);
+    let min_keep = fraction(p.min_keep, &at("min_keep"), true)?;
+    if scope == PruneScope::Tensor && min_keep.is_some() {
+        return Err(spec_err(
+            &at("min_keep"),
+            "applies to global and sensitivity scopes",
+        ));
+    }
+    Ok(Box::new(Prune {
+        sparsity: sparsity as f32,
+        scope,
+        min_keep: min_keep.unwrap_or(0.01) as f32,
+    }))
+}
+
+/// The unstructured `prune` step.
+#[derive(Debug, Clone)]
+pub struct Prune {
+    pub sparsity: f32,
+    pub scope: PruneScope,
+    /// Fraction of each tensor always kept (global and sensitivity scopes).
+    pub min_keep: f32,
+}
+
+impl Method for Prune {
+    fn label(&self) -> String {
+        let (s, k) = (self.sparsity, self.min_keep);
+        match self.scope {
+            PruneScope::Tensor => format!("prune({s},tensor)"),
+            PruneScope::Global => format!("prune({s},global,min_keep={k})"),
+            PruneScope::Sensitivity => format!("prune({s},sensitivity,min_keep={k})"),
+        }
+    }
+    fn kind(&self) -> Kind {
+        Kind::Prune
+    }
+    fn estimate(&self, _t: &Tensor, _pruned_first: bool) -> Option<u64> {
+        None
+    }
+    fn apply_jointly(
+        &self,
+        tensors: &[&Tensor],
+        work: &mut [&mut Working],
+    ) -> Result<(), CompressError> {
+        if self.scope == PruneScope::Tensor {
+            return Ok(());
+        }
+        for (t, w) in tensors.iter().zip(work.iter()) {
+            if w.encoding.as_ref().is_some_and(|e| e.factorized()) {
+                return Err(refused_in_run(
+                    t,
+                    &self.label(),
+                    "a factorization; prune first",
+                ));
+            }
+        }
+        if self.scope == PruneScope::Global {
+            let total: usize = work.iter().map(|w| w.values.len()).sum();
+            let mut views: Vec<&mut [f32]> =
+                work.iter_mut().map(|w| w.values.as_mut_slice()).collect();
+            prune_global_floor(&mut views, prune_count(total, self.sparsity), self.min_keep);
+            return Ok(());
+        }
+        // The sensitivity pass works per output channel: a channel of small weights
+        // (silero's encoder.3 spans 0.09 to 54.9) carries little of its tensor's energy, and
+        // a per-tensor error budget would wipe it out.
+        let layouts: Vec<ChannelLayout> = tensors
+            .iter()
+            .map(|t| ChannelLayout::new(&t.shape, Some(t.channel_axis())))
+            .collect();
+        let counts = {
+            let channels: Vec<Vec<Vec<f32>>> = work
+                .iter()
+                .zip(&layouts)
+                .map(|(w, l)| gather_channels(&w.values, l))
+                .collect();
+            let views: Vec<&[f32]> = channels
+                .iter()
+                .flat_map(|c| c.iter().map(Vec::as_slice))
+                .collect();
+            sensitivity_counts(&views, self.sparsity, self.min_keep)
+        };
+        let mut next = counts.iter();
+        for (w, l) in work.iter_mut().zip(&layouts) {
+            let per_channel: Vec<usize> = next.by_ref().take(l.channels.max(1)).copied().collect();
+            prune_channels(&mut w.values, l, &per_channel);
+            let removed: usize = per_channel.iter().sum();
+            let fraction = removed as f64 / w.values.len().max(1) as f64;
+            w.details
+                .insert("sensitivity_sparsity".into(), json!(fraction));
+        }
+        Ok(())
+    }
+    fn apply(&self, t: &Tensor, w: &mut Working) -> Result<Applied, CompressError> {
+        if self.scope == PruneScope::Tensor {
+            let k = prune_count(w.values.len(), self.sparsity);
+            prune_smallest(&mut [w.values.as_mut_slice()], k);
+        }
+        // Global scopes pruned every tensor in apply_jointly.
+        w.rezero(t, &self.label())?;
+        Ok(Applied::Ran)
+    }
+}
 
 /// Sort key: |w| bits (ordered like |w| for finite floats) then position.
 #[inline(always)]
@@ -197,7 +394,7 @@ pub fn sensitivity_counts(tensors: &[&[f32]], target: f32, min_keep: f32) -> Vec
 }
 
 /// Each channel's values (channel = index along the layout's channel axis), in flat order.
-pub fn gather_channels(values: &[f32], layout: &super::quantize::ChannelLayout) -> Vec<Vec<f32>> {
+pub fn gather_channels(values: &[f32], layout: &ChannelLayout) -> Vec<Vec<f32>> {
     let ch = layout.channels.max(1);
     let mut out: Vec<Vec<f32>> = (0..ch)
         .map(|_| Vec::with_capacity(values.len() / ch))
@@ -210,11 +407,7 @@ pub fn gather_channels(values: &[f32], layout: &super::quantize::ChannelLayout) 
 
 /// Zeroes the `counts[c]` smallest-magnitude weights of each channel c (ties by position
 /// within the channel, as [`prune_smallest`]).
-pub fn prune_channels(
-    values: &mut [f32],
-    layout: &super::quantize::ChannelLayout,
-    counts: &[usize],
-) {
+pub fn prune_channels(values: &mut [f32], layout: &ChannelLayout, counts: &[usize]) {
     let ch = layout.channels.max(1);
     let inner = layout.inner.max(1);
     let mut channels = gather_channels(values, layout);
@@ -358,7 +551,6 @@ mod tests {
 
     #[test]
     fn channel_pruning_counts_are_per_channel() {
-        use crate::compress::quantize::ChannelLayout;
         // [in=3, out=2] MatMul layout: channels are columns.
         let mut w = vec![1.0f32, -9.0, 2.0, 8.0, 3.0, -7.0];
         let l = ChannelLayout::new(&[3, 2], Some(1));

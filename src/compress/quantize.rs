@@ -1,6 +1,263 @@
-//! Uniform quantization: symmetric or affine, per tensor or per output channel.
+//! Uniform quantization: symmetric or affine, per tensor, per output channel or per group of
+//! inputs within each channel. The `quantize` method, and the [`Quantized`] form that
+//! `binary` and `ternary` leave too.
 
+use super::coding::{self, f32_bytes, CodingStats, Payload, Repr, StageBytes};
+use super::form::{Form, Parts, Stored};
+use super::method::{self, int_in, spec_err, Applied, Kind, Method, Registration, Working};
+use super::{pack, CompressError};
+use crate::model::{DType, Tensor};
 use serde::Serialize;
+use serde_json::{json, Map, Value};
+
+pub const METHOD: Registration = Registration {
+    name: "quantize",
+    about: "uniform int2..int8, symmetric or affine, per tensor, per channel or group-wise",
+    file: "src/compress/quantize.rs",
+    parse,
+};
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Params {
+    bits: Option<u64>,
+    scheme: Option<Scheme>,
+    granularity: Option<Granularity>,
+    group_size: Option<u64>,
+}
+
+fn parse(
+    obj: &Map<String, Value>,
+    at: &dyn Fn(&str) -> String,
+) -> Result<Box<dyn Method>, CompressError> {
+    let p: Params = method::params(obj, METHOD.name, at)?;
+    let bits = int_in(p.bits, &at("bits"), 2, 8)?.unwrap_or(8) as u8;
+    let granularity = p.granularity.unwrap_or(Granularity::Channel);
+    let group_size = int_in(p.group_size, &at("group_size"), 16, 256)?;
+    if group_size.is_some() && granularity == Granularity::Tensor {
+        return Err(spec_err(
+            &at("group_size"),
+            "groups split each output channel: it goes with granularity \"channel\"",
+        ));
+    }
+    Ok(Box::new(Quantize {
+        bits,
+        scheme: p.scheme.unwrap_or(Scheme::Symmetric),
+        granularity,
+        group_size: group_size.map(|g| g as usize),
+    }))
+}
+
+/// The `quantize` step.
+#[derive(Debug, Clone)]
+pub struct Quantize {
+    pub bits: u8,
+    pub scheme: Scheme,
+    pub granularity: Granularity,
+    /// Group-wise: inputs per scale within each output channel.
+    pub group_size: Option<usize>,
+}
+
+impl Granularity {
+    pub fn name(self) -> &'static str {
+        match self {
+            Granularity::Channel => "channel",
+            Granularity::Tensor => "tensor",
+        }
+    }
+    /// The axis per-channel scales run along for `t`, None per tensor.
+    pub fn axis(self, t: &Tensor) -> Option<usize> {
+        (self == Granularity::Channel).then(|| t.channel_axis())
+    }
+    /// How many scales (or codebooks) `t` gets.
+    pub fn channels(self, t: &Tensor) -> u64 {
+        match self {
+            Granularity::Channel => t.shape.get(t.channel_axis()).copied().unwrap_or(1) as u64,
+            Granularity::Tensor => 1,
+        }
+    }
+}
+
+impl Method for Quantize {
+    fn label(&self) -> String {
+        format!(
+            "quantize(int{},{},{})",
+            self.bits,
+            if self.scheme == Scheme::Affine {
+                "affine"
+            } else {
+                "symmetric"
+            },
+            match self.group_size {
+                Some(g) => format!("group {g}"),
+                None => self.granularity.name().to_string(),
+            }
+        )
+    }
+    fn kind(&self) -> Kind {
+        Kind::Encode
+    }
+    fn estimate(&self, t: &Tensor, _pruned_first: bool) -> Option<u64> {
+        let ch = match self.group_size {
+            Some(g) => GroupLayout::new(&t.shape, self.granularity.axis(t), g).groups() as u64,
+            None => self.granularity.channels(t),
+        };
+        let per_scale = if self.scheme == Scheme::Affine { 5 } else { 4 };
+        Some((t.len() as u64 * u64::from(self.bits)).div_ceil(8) + ch * per_scale)
+    }
+    fn apply(&self, t: &Tensor, w: &mut Working) -> Result<Applied, CompressError> {
+        let axis = self.granularity.axis(t);
+        let q = match self.group_size {
+            Some(g) => quantize_grouped(&w.values, &t.shape, self.bits, self.scheme, axis, g),
+            None => quantize(&w.values, &t.shape, self.bits, self.scheme, axis),
+        };
+        w.values = dequantize(&q, &t.shape);
+        w.encoding = Some(super::form::Encoding::Quantized(q));
+        Ok(Applied::Ran)
+    }
+}
+
+impl Quantized {
+    /// Archive symbols (code + 2^(bits-1), or 0/1 for binary), the alphabet, and the symbol
+    /// that means zero when there is one.
+    fn symbols(&self) -> (Vec<u32>, u32, Option<u32>) {
+        if self.bits == 1 {
+            let s = self.codes.iter().map(|&c| u32::from(c > 0)).collect();
+            return (s, 2, None);
+        }
+        let off = 1i32 << (self.bits - 1);
+        let s = self
+            .codes
+            .iter()
+            .map(|&c| (i32::from(c) + off) as u32)
+            .collect();
+        let zero = match self.scheme {
+            Scheme::Symmetric => Some(off as u32),
+            Scheme::Affine => {
+                let first = self.zero_points.first().copied().unwrap_or(0);
+                self.zero_points
+                    .iter()
+                    .all(|&z| z == first)
+                    .then_some((i32::from(first) + off) as u32)
+            }
+        };
+        (s, 1 << self.bits, zero)
+    }
+}
+
+impl Form for Quantized {
+    fn decode(&self, shape: &[usize]) -> Vec<f32> {
+        dequantize(self, shape)
+    }
+    fn rezero(&mut self, values: &[f32], shape: &[usize]) -> Result<(), String> {
+        if self.bits == 1 {
+            return Err("binary (it has no zero)".into());
+        }
+        let layout = ChannelLayout::new(shape, self.axis);
+        for (j, v) in values.iter().enumerate() {
+            if *v == 0.0 {
+                self.codes[j] = self
+                    .zero_points
+                    .get(layout.channel_of(j))
+                    .copied()
+                    .unwrap_or(0);
+            }
+        }
+        Ok(())
+    }
+    fn factorized(&self) -> bool {
+        false
+    }
+    fn store(&self, t: &Tensor, parts: &mut Parts) -> Stored {
+        let scale_name = parts.name("scale");
+        let zp_name = parts.name("zero_point");
+        let nscales = self.scales.len();
+        let (data, storage, stored_shape) = if self.bits == 8 {
+            (
+                self.codes.iter().map(|c| *c as u8).collect::<Vec<u8>>(),
+                "int8",
+                t.shape.clone(),
+            )
+        } else {
+            let (symbols, _, _) = self.symbols();
+            let packed = pack::pack(&symbols, self.bits);
+            let len = packed.len();
+            (packed, "packed", vec![len])
+        };
+        let dtype = if self.bits == 8 { DType::I8 } else { DType::U8 };
+        let mut bytes = parts.push(t.name.clone(), dtype, stored_shape, data);
+        bytes += parts.push(
+            scale_name.clone(),
+            DType::F32,
+            vec![nscales],
+            f32_bytes(&self.scales),
+        );
+        if !self.zero_points.is_empty() {
+            bytes += parts.push(
+                zp_name.clone(),
+                DType::I8,
+                vec![nscales],
+                self.zero_points.iter().map(|z| *z as u8).collect(),
+            );
+        }
+        let decode = if self.bits == 8 {
+            "w = (q - zero_point) * scale, scale broadcast along axis"
+        } else if self.bits == 1 {
+            "unpack 1-bit symbols s (LSB first); q = 2s - 1; w = q * scale along axis"
+        } else {
+            "unpack bits-wide symbols s (LSB first); q = s - 2^(bits-1); w = (q - zero_point) * scale along axis"
+        };
+        Stored {
+            bytes,
+            axis: self.axis,
+            description: json!({
+                "encoding": "linear_quantized",
+                "bits": self.bits,
+                "storage": storage,
+                "shape": t.shape,
+                "scheme": self.scheme,
+                "granularity": if self.group_size.is_some() { "group" } else if self.axis.is_some() { "channel" } else { "tensor" },
+                "axis": self.axis,
+                "group_size": self.group_size,
+                "scale": scale_name,
+                "zero_point": if self.zero_points.is_empty() { Value::Null } else { Value::String(zp_name) },
+                "original_dtype": t.dtype.name(),
+                "decode": decode,
+            }),
+        }
+    }
+    fn payload(
+        &self,
+        values: &[f32],
+        huffman: bool,
+        pruned: bool,
+    ) -> (Payload, Option<CodingStats>, StageBytes) {
+        let (syms, alphabet, zero) = self.symbols();
+        let mut tables = vec![("scales".to_string(), f32_bytes(&self.scales))];
+        if !self.zero_points.is_empty() {
+            tables.push((
+                "zero_points".into(),
+                self.zero_points.iter().map(|&z| z as u8).collect(),
+            ));
+        }
+        coding::index_stream(
+            &syms,
+            alphabet,
+            zero,
+            tables,
+            values,
+            huffman,
+            pruned,
+            |stream| Repr::Linear {
+                bits: self.bits,
+                scheme: self.scheme,
+                axis: self.axis,
+                stream,
+                group_size: self.group_size,
+            },
+        )
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -9,7 +266,7 @@ pub enum Scheme {
     Affine,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Granularity {
     Tensor,

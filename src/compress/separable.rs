@@ -7,10 +7,216 @@
 //!
 //! Reconstruction loops have a fixed summation order, so an archive rebuilds `restored` bit
 //! for bit on any machine.
+//!
+//! The `separable` and `tucker2` methods, and their forms.
 
-use super::lowrank::{choose_rank, singular_values, thin_svd, RankRule};
+use super::coding::{self, f32_bytes, CodingStats, Payload, Repr, StageBytes};
+use super::form::{Encoding, Form, Parts, Stored};
+use super::lowrank::{choose_rank, rank_rule, singular_values, thin_svd, RankRule};
+use super::method::{params, Applied, Kind, Method, Registration, Working};
+use super::{is_conv, CompressError};
+use crate::model::Tensor;
 use faer::Mat;
 use serde::Serialize;
+use serde_json::{json, Map, Value};
+
+pub const SEPARABLE: Registration = Registration {
+    name: "separable",
+    about: "conv kernels as a kh×1 then a 1×kw convolution per filter (Jaderberg et al.)",
+    file: "src/compress/separable.rs",
+    parse: parse_separable,
+};
+
+pub const TUCKER2: Registration = Registration {
+    name: "tucker2",
+    about: "conv kernels as 1×1, core and 1×1 convolutions by HOSVD (Kim et al.)",
+    file: "src/compress/separable.rs",
+    parse: parse_tucker2,
+};
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Params {
+    rank: Option<u64>,
+    energy: Option<f64>,
+    ratio: Option<f64>,
+}
+
+fn parse_separable(
+    obj: &Map<String, Value>,
+    at: &dyn Fn(&str) -> String,
+) -> Result<Box<dyn Method>, CompressError> {
+    let p: Params = params(obj, SEPARABLE.name, at)?;
+    Ok(Box::new(SeparableStep {
+        rule: rank_rule(p.rank, p.energy, p.ratio, at)?,
+    }))
+}
+
+fn parse_tucker2(
+    obj: &Map<String, Value>,
+    at: &dyn Fn(&str) -> String,
+) -> Result<Box<dyn Method>, CompressError> {
+    let p: Params = params(obj, TUCKER2.name, at)?;
+    Ok(Box::new(Tucker2Step {
+        rule: rank_rule(p.rank, p.energy, p.ratio, at)?,
+    }))
+}
+
+/// The `separable` step.
+#[derive(Debug, Clone)]
+pub struct SeparableStep {
+    pub rule: RankRule,
+}
+
+/// The `tucker2` step.
+#[derive(Debug, Clone)]
+pub struct Tucker2Step {
+    pub rule: RankRule,
+}
+
+impl Method for SeparableStep {
+    fn label(&self) -> String {
+        format!("separable({})", self.rule.label())
+    }
+    fn kind(&self) -> Kind {
+        Kind::Factorize
+    }
+    fn estimate(&self, _t: &Tensor, _pruned_first: bool) -> Option<u64> {
+        None
+    }
+    fn apply(&self, t: &Tensor, w: &mut Working) -> Result<Applied, CompressError> {
+        if !is_conv(t) {
+            return Ok(Applied::Skipped("not a convolution kernel".into()));
+        }
+        match separate(&w.values, &t.shape, self.rule) {
+            Ok(s) => {
+                w.values = s.reconstruct();
+                w.details.insert(
+                    "separable".into(),
+                    json!({"rank": s.rank, "cost": s.cost()}),
+                );
+                w.encoding = Some(Encoding::Separable(s));
+                Ok(Applied::Ran)
+            }
+            Err(why) => Ok(Applied::Skipped(why)),
+        }
+    }
+}
+
+impl Method for Tucker2Step {
+    fn label(&self) -> String {
+        format!("tucker2({})", self.rule.label())
+    }
+    fn kind(&self) -> Kind {
+        Kind::Factorize
+    }
+    fn estimate(&self, _t: &Tensor, _pruned_first: bool) -> Option<u64> {
+        None
+    }
+    fn apply(&self, t: &Tensor, w: &mut Working) -> Result<Applied, CompressError> {
+        if !is_conv(t) {
+            return Ok(Applied::Skipped("not a convolution kernel".into()));
+        }
+        match tucker2(&w.values, &t.shape, self.rule) {
+            Ok(k) => {
+                w.values = k.reconstruct();
+                w.details.insert(
+                    "tucker2".into(),
+                    json!({"rank_out": k.rank_out, "rank_in": k.rank_in, "cost": k.cost()}),
+                );
+                w.encoding = Some(Encoding::Tucker(k));
+                Ok(Applied::Ran)
+            }
+            Err(why) => Ok(Applied::Skipped(why)),
+        }
+    }
+}
+
+impl Form for Separable {
+    fn decode(&self, _shape: &[usize]) -> Vec<f32> {
+        self.reconstruct()
+    }
+    fn rezero(&mut self, _values: &[f32], _shape: &[usize]) -> Result<(), String> {
+        Err("a factorization; prune first".into())
+    }
+    fn factorized(&self) -> bool {
+        true
+    }
+    fn store(&self, t: &Tensor, parts: &mut Parts) -> Stored {
+        let [o, c, kh, kw] = self.shape;
+        let (v, nv) = parts.push_f32("v", vec![o, c, kh, self.rank], &self.v);
+        let (h, nh) = parts.push_f32("h", vec![o, c, self.rank, kw], &self.h);
+        Stored {
+            bytes: nv + nh,
+            axis: None,
+            description: json!({
+                "encoding": "separable", "v": v, "h": h, "shape": t.shape,
+                "original_dtype": t.dtype.name(),
+                "decode": "w[o,c] = v[o,c] @ h[o,c] (a kh×1 then a 1×kw convolution)",
+            }),
+        }
+    }
+    fn payload(
+        &self,
+        _values: &[f32],
+        _huffman: bool,
+        _pruned: bool,
+    ) -> (Payload, Option<CodingStats>, StageBytes) {
+        coding::plain(
+            Repr::Separable { rank: self.rank },
+            vec![
+                ("v".into(), f32_bytes(&self.v)),
+                ("h".into(), f32_bytes(&self.h)),
+            ],
+        )
+    }
+}
+
+impl Form for Tucker2 {
+    fn decode(&self, _shape: &[usize]) -> Vec<f32> {
+        self.reconstruct()
+    }
+    fn rezero(&mut self, _values: &[f32], _shape: &[usize]) -> Result<(), String> {
+        Err("a factorization; prune first".into())
+    }
+    fn factorized(&self) -> bool {
+        true
+    }
+    fn store(&self, t: &Tensor, parts: &mut Parts) -> Stored {
+        let (uo, n1) = parts.push_f32("u_out", vec![self.out_channels, self.rank_out], &self.u_out);
+        let mut core_shape = vec![self.rank_out, self.rank_in];
+        core_shape.extend_from_slice(&t.shape[2..]);
+        let (core, n2) = parts.push_f32("core", core_shape, &self.core);
+        let (ui, n3) = parts.push_f32("u_in", vec![self.in_channels, self.rank_in], &self.u_in);
+        Stored {
+            bytes: n1 + n2 + n3,
+            axis: None,
+            description: json!({
+                "encoding": "tucker2", "u_out": uo, "core": core, "u_in": ui, "shape": t.shape,
+                "original_dtype": t.dtype.name(),
+                "decode": "w = einsum('oa,ab...,cb->oc...', u_out, core, u_in): a 1×1 conv C→R_in, the core conv, a 1×1 conv R_out→O",
+            }),
+        }
+    }
+    fn payload(
+        &self,
+        _values: &[f32],
+        _huffman: bool,
+        _pruned: bool,
+    ) -> (Payload, Option<CodingStats>, StageBytes) {
+        coding::plain(
+            Repr::Tucker2 {
+                rank_out: self.rank_out,
+                rank_in: self.rank_in,
+            },
+            vec![
+                ("u_out".into(), f32_bytes(&self.u_out)),
+                ("core".into(), f32_bytes(&self.core)),
+                ("u_in".into(), f32_bytes(&self.u_in)),
+            ],
+        )
+    }
+}
 
 /// Parameters and multiply-adds per output position, before and after.
 #[derive(Debug, Clone, Serialize, PartialEq)]

@@ -2,17 +2,103 @@
 //! N:M semi-structured pruning (N kept in every M consecutive weights along the input
 //! dimension, as NVIDIA's 2:4 sparse tensor cores want).
 
+use super::method::{Applied, Kind, Method, Working};
 use super::quantize::ChannelLayout;
+use super::CompressError;
+use crate::model::Tensor;
 use serde::Serialize;
+use serde_json::json;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+/// The `prune` step with `structure`: whole output filters or input channels.
+#[derive(Debug, Clone)]
+pub struct PruneStructured {
+    pub ratio: f32,
+    pub dim: Dim,
+    pub norm: Norm,
+}
+
+/// The `prune` step with `pattern`: N kept in every M consecutive inputs.
+#[derive(Debug, Clone)]
+pub struct PruneNm {
+    pub n: usize,
+    pub m: usize,
+}
+
+impl Method for PruneStructured {
+    fn label(&self) -> String {
+        format!(
+            "prune({},{},{})",
+            if self.dim == Dim::Output {
+                "output"
+            } else {
+                "input"
+            },
+            self.ratio,
+            if self.norm == Norm::L1 { "l1" } else { "l2" }
+        )
+    }
+    fn kind(&self) -> Kind {
+        Kind::Prune
+    }
+    fn estimate(&self, _t: &Tensor, _pruned_first: bool) -> Option<u64> {
+        None
+    }
+    fn apply(&self, t: &Tensor, w: &mut Working) -> Result<Applied, CompressError> {
+        let kept = prune_units(
+            &mut w.values,
+            &t.shape,
+            t.channel_axis(),
+            self.dim,
+            self.norm,
+            self.ratio,
+        );
+        w.details.insert(
+            "structure".into(),
+            json!({
+                "kind": if self.dim == Dim::Output { "output_channels" } else { "input_channels" },
+                "units": kept.units,
+                "kept": kept.kept,
+            }),
+        );
+        w.rezero(t, &self.label())?;
+        Ok(Applied::Ran)
+    }
+}
+
+impl Method for PruneNm {
+    fn label(&self) -> String {
+        format!("prune({}:{})", self.n, self.m)
+    }
+    fn kind(&self) -> Kind {
+        Kind::Prune
+    }
+    fn estimate(&self, _t: &Tensor, _pruned_first: bool) -> Option<u64> {
+        None
+    }
+    fn apply(&self, t: &Tensor, w: &mut Working) -> Result<Applied, CompressError> {
+        prune_n_m(&mut w.values, &t.shape, t.channel_axis(), self.n, self.m);
+        let view = InputView::new(&t.shape, t.channel_axis());
+        w.details.insert(
+            "structure".into(),
+            json!({
+                "kind": format!("{}:{}", self.n, self.m),
+                "along": "input",
+                "groups_per_line": view.len.div_ceil(self.m),
+            }),
+        );
+        w.rezero(t, &self.label())?;
+        Ok(Applied::Ran)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Norm {
     L1,
     L2,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Dim {
     /// Output filters/channels (the tensor's output axis).

@@ -3,7 +3,127 @@
 //! Δ = 0.7 · mean |w|, scale α = mean |w| over the weights above Δ, per channel).
 //! Both produce [`Quantized`] codes (binary: ±1 with 1 bit; ternary: -1/0/+1 with 2 bits).
 
-use super::quantize::{ChannelLayout, Quantized, Scheme};
+use super::form::Encoding;
+use super::method::{params, spec_err, Applied, Kind, Method, Registration, Working};
+use super::quantize::{dequantize, ChannelLayout, Granularity, Quantized, Scheme};
+use super::CompressError;
+use crate::model::Tensor;
+use serde_json::{Map, Value};
+
+pub const BINARY: Registration = Registration {
+    name: "binary",
+    about: "1-bit weights: sign × mean |w| per channel (XNOR-Net, BinaryConnect)",
+    file: "src/compress/ternary.rs",
+    parse: parse_binary,
+};
+
+pub const TERNARY: Registration = Registration {
+    name: "ternary",
+    about: "-1/0/+1 × a scale per channel (TWN)",
+    file: "src/compress/ternary.rs",
+    parse: parse_ternary,
+};
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BinaryParams {
+    granularity: Option<Granularity>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TernaryParams {
+    granularity: Option<Granularity>,
+    threshold: Option<f64>,
+}
+
+fn parse_binary(
+    obj: &Map<String, Value>,
+    at: &dyn Fn(&str) -> String,
+) -> Result<Box<dyn Method>, CompressError> {
+    let p: BinaryParams = params(obj, BINARY.name, at)?;
+    Ok(Box::new(Binary {
+        granularity: p.granularity.unwrap_or(Granularity::Channel),
+    }))
+}
+
+fn parse_ternary(
+    obj: &Map<String, Value>,
+    at: &dyn Fn(&str) -> String,
+) -> Result<Box<dyn Method>, CompressError> {
+    let p: TernaryParams = params(obj, TERNARY.name, at)?;
+    let threshold = match p.threshold {
+        None => TWN_THRESHOLD,
+        Some(t) if t > 0.0 && t < 10.0 => t as f32,
+        Some(_) => return Err(spec_err(&at("threshold"), "must be a number in (0, 10)")),
+    };
+    Ok(Box::new(Ternary {
+        granularity: p.granularity.unwrap_or(Granularity::Channel),
+        threshold,
+    }))
+}
+
+/// The `binary` step.
+#[derive(Debug, Clone)]
+pub struct Binary {
+    pub granularity: Granularity,
+}
+
+/// The `ternary` step.
+#[derive(Debug, Clone)]
+pub struct Ternary {
+    pub granularity: Granularity,
+    /// Δ = threshold · mean |w|.
+    pub threshold: f32,
+}
+
+fn packed_with_scales(t: &Tensor, bits: u64, g: Granularity) -> u64 {
+    (t.len() as u64 * bits).div_ceil(8) + 4 * g.channels(t)
+}
+
+impl Method for Binary {
+    fn label(&self) -> String {
+        format!("binary({})", self.granularity.name())
+    }
+    fn kind(&self) -> Kind {
+        Kind::Encode
+    }
+    fn estimate(&self, t: &Tensor, _pruned_first: bool) -> Option<u64> {
+        Some(packed_with_scales(t, 1, self.granularity))
+    }
+    fn has_zero(&self) -> bool {
+        false
+    }
+    fn apply(&self, t: &Tensor, w: &mut Working) -> Result<Applied, CompressError> {
+        let q = binarize(&w.values, &t.shape, self.granularity.axis(t));
+        w.values = dequantize(&q, &t.shape);
+        w.encoding = Some(Encoding::Quantized(q));
+        Ok(Applied::Ran)
+    }
+}
+
+impl Method for Ternary {
+    fn label(&self) -> String {
+        format!("ternary({},{})", self.threshold, self.granularity.name())
+    }
+    fn kind(&self) -> Kind {
+        Kind::Encode
+    }
+    fn estimate(&self, t: &Tensor, _pruned_first: bool) -> Option<u64> {
+        Some(packed_with_scales(t, 2, self.granularity))
+    }
+    fn apply(&self, t: &Tensor, w: &mut Working) -> Result<Applied, CompressError> {
+        let q = ternarize(
+            &w.values,
+            &t.shape,
+            self.granularity.axis(t),
+            self.threshold,
+        );
+        w.values = dequantize(&q, &t.shape);
+        w.encoding = Some(Encoding::Quantized(q));
+        Ok(Applied::Ran)
+    }
+}
 
 /// TWN's threshold factor: Δ = 0.7 · E|w| approximates the optimum for Gaussian weights.
 pub const TWN_THRESHOLD: f32 = 0.7;

@@ -19,7 +19,7 @@
 
 use super::TensorForm;
 use crate::compress::{
-    cast::CastType, kmeans::Clustered, lowrank::Factors, pack, quantize::GroupLayout,
+    cast::CastType, cast::Halves, kmeans::Clustered, lowrank::Factors, pack, quantize::GroupLayout,
     quantize::Quantized, separable::Separable, separable::Tucker2, DeployStyle, Encoding,
 };
 use crate::formats::onnx::{self as onnx_format, OnnxContainer};
@@ -768,10 +768,10 @@ fn refusal(t: &Tensor, enc: &Encoding, opset: i64) -> Option<String> {
             "the model's opset {opset} is below {MIN_OPSET}, the first with the ops the compact form needs"
         ));
     }
-    if let Encoding::Cast {
+    if let Encoding::Cast(Halves {
         dtype: CastType::Bfloat16,
         ..
-    } = enc
+    }) = enc
     {
         if opset < 13 {
             return Some(format!(
@@ -859,7 +859,7 @@ pub fn write(
                 form
             }
             Encoding::Quantized(q) => quantized(&mut e, q, &t.shape),
-            Encoding::Cast { dtype, bits } => cast(&mut e, *dtype, bits, &t.shape),
+            Encoding::Cast(h) => cast(&mut e, h.dtype, &h.bits, &t.shape),
             Encoding::Clustered(k) => clustered(&mut e, k, &t.shape),
             Encoding::LowRank(f) => {
                 let split = match (slot, c.model.graph.as_ref()) {

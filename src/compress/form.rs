@@ -1,0 +1,121 @@
+//! The form a method leaves a tensor in. A [`Form`] knows how to decode itself, how to stay
+//! exact when a later step prunes, and how it is stored: its parts in `model.<ext>` (with the
+//! description a loader reads) and its payload in `model.mpz`. Each form is implemented in
+//! the file of the method that makes it; [`Encoding`] is the closed list, matched in one
+//! place here (and in `deploy::onnx` for the graph forms), so a new form is a compile error
+//! everywhere it needs handling.
+
+use super::cast::Halves;
+use super::coding::{CodingStats, Payload, StageBytes};
+use super::kmeans::Clustered;
+use super::lowrank::Factors;
+use super::quantize::Quantized;
+use super::separable::{Separable, Tucker2};
+use crate::model::{DType, Role, Tensor};
+use serde_json::Value;
+
+/// How a compressed tensor is stored. Invariant: decoding gives exactly the working values.
+#[derive(Debug, Clone)]
+pub enum Encoding {
+    Quantized(Quantized),
+    Cast(Halves),
+    Clustered(Clustered),
+    LowRank(Factors),
+    Separable(Separable),
+    Tucker(Tucker2),
+}
+
+impl Encoding {
+    pub fn form(&self) -> &dyn Form {
+        match self {
+            Encoding::Quantized(f) => f,
+            Encoding::Cast(f) => f,
+            Encoding::Clustered(f) => f,
+            Encoding::LowRank(f) => f,
+            Encoding::Separable(f) => f,
+            Encoding::Tucker(f) => f,
+        }
+    }
+    pub fn form_mut(&mut self) -> &mut dyn Form {
+        match self {
+            Encoding::Quantized(f) => f,
+            Encoding::Cast(f) => f,
+            Encoding::Clustered(f) => f,
+            Encoding::LowRank(f) => f,
+            Encoding::Separable(f) => f,
+            Encoding::Tucker(f) => f,
+        }
+    }
+    pub fn decode(&self, shape: &[usize]) -> Vec<f32> {
+        self.form().decode(shape)
+    }
+    pub fn factorized(&self) -> bool {
+        self.form().factorized()
+    }
+}
+
+/// A tensor's stored form in `model.<ext>`.
+pub struct Stored {
+    /// Bytes of every part.
+    pub bytes: u64,
+    /// The quantization axis, for the report.
+    pub axis: Option<usize>,
+    /// What a loader needs to rebuild the dense weight (`__metadata__` / the archive comment).
+    pub description: Value,
+}
+
+pub trait Form {
+    /// The dense values, bit for bit the working values of the run.
+    fn decode(&self, shape: &[usize]) -> Vec<f32>;
+    /// A later pruning step zeroed some of `values`: make the form agree, or say why it
+    /// cannot hold them.
+    fn rezero(&mut self, values: &[f32], shape: &[usize]) -> Result<(), String>;
+    /// Float32 factors: nothing but another factorization replaces them.
+    fn factorized(&self) -> bool;
+    /// Appends the form's parts for `model.<ext>`.
+    fn store(&self, t: &Tensor, parts: &mut Parts) -> Stored;
+    /// The form's payload in `model.mpz`; `huffman` allows entropy coding, `pruned` says a
+    /// pruning step ran (for the Deep Compression stage sizes).
+    fn payload(
+        &self,
+        values: &[f32],
+        huffman: bool,
+        pruned: bool,
+    ) -> (Payload, Option<CodingStats>, StageBytes);
+}
+
+/// The tensors of `model.<ext>` being written; parts of tensor `base` are named
+/// `base.__suffix`.
+pub struct Parts<'a> {
+    pub tensors: &'a mut Vec<Tensor>,
+    pub base: &'a str,
+}
+
+impl Parts<'_> {
+    pub fn name(&self, suffix: &str) -> String {
+        format!("{}.__{suffix}", self.base)
+    }
+    /// Appends a part; returns its bytes.
+    pub fn push(&mut self, name: String, dtype: DType, shape: Vec<usize>, data: Vec<u8>) -> u64 {
+        let n = data.len() as u64;
+        self.tensors.push(Tensor {
+            name,
+            dtype,
+            shape,
+            data,
+            role: Role::Other,
+            output_axis: None,
+        });
+        n
+    }
+    /// Appends float32 values as part `base.__suffix`; returns its name and bytes.
+    pub fn push_f32(&mut self, suffix: &str, shape: Vec<usize>, v: &[f32]) -> (String, u64) {
+        let name = self.name(suffix);
+        let n = self.push(name.clone(), DType::F32, shape, f32_le(v));
+        (name, n)
+    }
+}
+
+pub fn f32_le(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
