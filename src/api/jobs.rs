@@ -5,7 +5,11 @@ use super::models::store_model;
 use super::{page_params, parse_id, rfc3339};
 use crate::compress;
 use crate::error::{ApiError, ErrorCode};
-use crate::queue::{ArtifactRecord, Enqueued, JobFilter, JobRecord, JobState, NewJob, QueueError};
+use crate::formats::TensorInfo;
+use crate::model::{DType, Role, TensorFacts};
+use crate::queue::{
+    ArtifactRecord, Enqueued, JobFilter, JobRecord, JobState, ModelRecord, NewJob, QueueError,
+};
 use crate::state::{AppState, DEFAULT_TENANT};
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -76,6 +80,22 @@ fn invalid_spec(e: compress::CompressError) -> ApiError {
     ApiError::new(ErrorCode::InvalidSpec, e.to_string())
 }
 
+/// Refuses, at submit time, an ordering that some tensor of the model cannot take (e.g.
+/// quantizing float32 factors, pruning binary weights): checked on the stored inventory.
+fn check_orderings(model: &ModelRecord, spec: &Value) -> Result<(), compress::CompressError> {
+    let plan = compress::parse_spec(spec)?;
+    let inventory: Vec<TensorInfo> = serde_json::from_str(&model.tensors_json).unwrap_or_default();
+    let facts = inventory.iter().filter_map(|t| {
+        Some(TensorFacts {
+            name: &t.name,
+            dtype: DType::parse(&t.dtype)?,
+            shape: &t.shape,
+            role: Role::parse(&t.role)?,
+        })
+    });
+    compress::check(facts, &plan)
+}
+
 pub async fn create(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -107,6 +127,12 @@ pub async fn create(
             }
         }
         let model = store_model(&state, file, up.file_name).await?;
+        check_orderings(&model, &spec).map_err(|e| {
+            ApiError::new(
+                ErrorCode::InvalidSpec,
+                format!("{e} (the model was stored as {})", model.id),
+            )
+        })?;
         (model.id, spec, fingerprint)
     } else {
         let body = extract::small_body(req.into_body(), extract::MAX_SPEC_BYTES).await?;
@@ -124,6 +150,17 @@ pub async fn create(
             )
         })?;
         compress::parse_spec(&spec).map_err(invalid_spec)?;
+        let model = state
+            .models
+            .get_model(DEFAULT_TENANT, model_id)
+            .await?
+            .ok_or_else(|| {
+                ApiError::new(
+                    ErrorCode::ModelNotFound,
+                    format!("no model with id {model_id}"),
+                )
+            })?;
+        check_orderings(&model, &spec).map_err(invalid_spec)?;
         let mut spec = spec;
         if let Some(o) = spec.as_object_mut() {
             o.remove("model_id");

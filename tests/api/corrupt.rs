@@ -333,3 +333,77 @@ async fn bad_requests_get_stable_codes() {
     );
     app.stop().await;
 }
+
+/// A pipeline that no tensor can run (quantizing float32 factors, pruning binary weights) is a
+/// 422 at submit time that names the step, not a job that fails later; a parameter of the
+/// wrong type names its field. Both for JSON bodies and for an upload with its spec.
+#[tokio::test]
+async fn impossible_orderings_and_mistyped_parameters_are_refused_at_submit() {
+    let app = spawn_app().await;
+    let m = app.upload(case_file("mnist8/mnist-8.onnx"), "m.onnx").await;
+    let id = m["id"].as_str().unwrap();
+    let cases: Vec<(Value, &str)> = vec![
+        (
+            json!({"model_id": id, "pipeline": [{"method": "lowrank", "rank": 2}, {"method": "quantize", "bits": 8}]}),
+            "pipeline[1]: quantize(int8,symmetric,channel) cannot follow pipeline[0] lowrank(rank=2)",
+        ),
+        (
+            json!({"model_id": id, "pipeline": [{"method": "binary"}, {"method": "prune", "sparsity": 0.5}]}),
+            "pipeline[1]: prune(0.5,tensor) cannot follow pipeline[0] binary(channel) (it has no zero)",
+        ),
+        (
+            json!({"model_id": id, "pipeline": [{"method": "tucker2", "rank": 2}, {"method": "prune", "structure": "output", "ratio": 0.25}]}),
+            "prune first",
+        ),
+        (
+            json!({"model_id": id, "pipeline": [{"method": "quantize", "bits": "eight"}]}),
+            "pipeline[0].bits: invalid type",
+        ),
+        (
+            json!({"model_id": id, "pipeline": [{"method": "quantize", "scheme": "skewed"}]}),
+            "pipeline[0].scheme: unknown variant",
+        ),
+        (
+            json!({"model_id": id, "pipeline": [{"method": "huffman", "bits": 3}]}),
+            "pipeline[0].bits: unknown field for method \"huffman\"",
+        ),
+    ];
+    for (body, message) in cases {
+        let r = app.submit(body.clone()).await;
+        let s = r.status().as_u16();
+        let v: Value = r.json().await.unwrap();
+        assert_eq!((s, error_code(&v)), (422, "invalid_spec"), "{body}: {v}");
+        let got = v["error"]["message"].as_str().unwrap();
+        assert!(got.contains(message), "{body}: {got}");
+    }
+    // The same orderings are fine where the selections do not overlap.
+    let r = app
+        .submit(json!({"model_id": id, "pipeline": [
+            {"method": "lowrank", "rank": 2, "include": "Parameter193"},
+            {"method": "quantize", "bits": 8, "exclude": "Parameter193"}]}))
+        .await;
+    assert_eq!(r.status(), 202);
+    // An upload with its spec: refused after the file is stored, and the message says where.
+    let spec = json!({"pipeline": [{"method": "binary"}, {"method": "prune", "sparsity": 0.5}]});
+    let form = reqwest::multipart::Form::new()
+        .part(
+            "file",
+            reqwest::multipart::Part::bytes(case_file("mnist8/mnist-8.onnx")).file_name("m.onnx"),
+        )
+        .text("spec", spec.to_string());
+    let r = app
+        .client
+        .post(app.url("/v1/jobs"))
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 422);
+    let v: Value = r.json().await.unwrap();
+    let got = v["error"]["message"].as_str().unwrap();
+    assert!(
+        got.contains("cannot follow") && got.contains("the model was stored as"),
+        "{got}"
+    );
+    app.stop().await;
+}
