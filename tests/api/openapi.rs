@@ -2,6 +2,7 @@
 
 use crate::helpers::*;
 use modelpress::api::ROUTES;
+use modelpress::compress::method::METHODS;
 use std::collections::BTreeSet;
 
 /// (METHOD, path) pairs under `paths:` in openapi.yaml.
@@ -93,10 +94,55 @@ fn openapi_parses_and_lists_every_preset() {
         r#"
 import json, sys, yaml
 doc = yaml.safe_load(open(sys.argv[1]))
-print(json.dumps(doc["components"]["schemas"]["JobSpec"]["properties"]["preset"]["enum"]))
+s = doc["components"]["schemas"]
+print(json.dumps([s["JobSpec"]["properties"]["preset"]["enum"], s["Step"]["properties"]["method"]["enum"]]))
 "#,
         &[concat!(env!("CARGO_MANIFEST_DIR"), "/openapi.yaml")],
     );
-    let presets: Vec<String> = serde_json::from_str(out.trim()).unwrap();
+    let (presets, methods): (Vec<String>, Vec<String>) = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(presets, modelpress::compress::PRESET_NAMES);
+    let registered: Vec<&str> = METHODS.iter().map(|m| m.name).collect();
+    assert_eq!(
+        methods, registered,
+        "openapi.yaml's Step.method and METHODS differ"
+    );
+}
+
+/// README's step table names every registered method with the file that holds it, and its
+/// preset table every preset.
+#[test]
+fn readme_tables_list_every_method_with_its_file_and_every_preset() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    for m in METHODS {
+        let rows: Vec<&str> = readme
+            .lines()
+            .filter(|l| {
+                l.starts_with("| `")
+                    && l.split(" | ")
+                        .next()
+                        .unwrap()
+                        .contains(&format!("`{}`", m.name))
+            })
+            .collect();
+        assert!(!rows.is_empty(), "README has no row for method {}", m.name);
+        let row = rows.join("\n");
+        for file in m.file.split(", ") {
+            assert!(
+                row.contains(&format!("({file})")),
+                "README's row for {} does not link {file}: {row}",
+                m.name
+            );
+            assert!(std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join(file)
+                .exists());
+        }
+    }
+    for p in modelpress::compress::PRESET_NAMES {
+        assert!(
+            readme.lines().any(|l| l.starts_with("| `")
+                && l.split(" | ").next().unwrap().contains(&format!("`{p}`"))),
+            "README's preset table has no row for {p}"
+        );
+    }
 }
