@@ -153,14 +153,26 @@ impl Form for Quantized {
         if self.bits == 1 {
             return Err("binary (it has no zero)".into());
         }
-        let layout = ChannelLayout::new(shape, self.axis);
+        if self.zero_points.is_empty() {
+            for (c, v) in self.codes.iter_mut().zip(values) {
+                if *v == 0.0 {
+                    *c = 0;
+                }
+            }
+            return Ok(());
+        }
+        // A zero decodes from the zero point of its own scale: per group when group-wise.
+        let groups = self
+            .group_size
+            .map(|g| GroupLayout::new(shape, self.axis, g));
+        let channels = ChannelLayout::new(shape, self.axis);
         for (j, v) in values.iter().enumerate() {
             if *v == 0.0 {
-                self.codes[j] = self
-                    .zero_points
-                    .get(layout.channel_of(j))
-                    .copied()
-                    .unwrap_or(0);
+                let k = match &groups {
+                    Some(g) => g.group_of(j),
+                    None => channels.channel_of(j),
+                };
+                self.codes[j] = self.zero_points.get(k).copied().unwrap_or(0);
             }
         }
         Ok(())
@@ -679,6 +691,28 @@ mod tests {
     use super::*;
     use crate::compress::testing::Tolerance;
     use proptest::prelude::*;
+
+    /// Pruning after affine quantization: every zeroed weight decodes to exactly zero, also
+    /// group-wise, where the zero point is per group and not per channel.
+    #[test]
+    fn rezero_after_affine_quantization_decodes_zeros() {
+        let shape = [4usize, 64];
+        let values: Vec<f32> = (0..256)
+            .map(|i| ((i * 37 % 101) as f32 - 20.0) / 17.0 + (i / 32) as f32)
+            .collect();
+        for group_size in [None, Some(16), Some(32)] {
+            let mut q = match group_size {
+                Some(g) => quantize_grouped(&values, &shape, 4, Scheme::Affine, Some(0), g),
+                None => quantize(&values, &shape, 4, Scheme::Affine, Some(0)),
+            };
+            let mut pruned = dequantize(&q, &shape);
+            for v in pruned.iter_mut().step_by(3) {
+                *v = 0.0;
+            }
+            q.rezero(&pruned, &shape).unwrap();
+            assert_eq!(dequantize(&q, &shape), pruned, "group_size {group_size:?}");
+        }
+    }
 
     /// A random tensor with a random shape, channel axis and scheme.
     #[derive(Debug, Clone)]
