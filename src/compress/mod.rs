@@ -350,6 +350,8 @@ fn assemble(tensors: &[Tensor], plan: &Plan, work: Vec<Option<Working>>) -> Outc
     let mut totals = Totals::default();
     let mut stages = StageTotals::default();
     let (mut float_bits, mut float_params) = (0f64, 0u64);
+    // Tensors whose weights say the model is likely broken.
+    let mut broken: Vec<String> = Vec::new();
     for (i, (t, w)) in tensors.iter().zip(work).enumerate() {
         let params = t.len() as u64;
         let bytes_before = t.data.len() as u64;
@@ -386,6 +388,25 @@ fn assemble(tensors: &[Tensor], plan: &Plan, work: Vec<Option<Working>>) -> Outc
             Some(w) => {
                 let original = t.to_f32().unwrap_or_default();
                 let stats = report::error_stats(&original, &w.values);
+                // Pruning removes weights on purpose: its error is the user's choice, and
+                // whole zero channels are what structured pruning makes.
+                let collapsed = if w.pruned || t.shape.len() < 2 {
+                    0
+                } else {
+                    report::collapsed_channels(&original, &w.values, &t.shape, t.channel_axis())
+                };
+                if collapsed > 0 {
+                    broken.push(format!(
+                        "{:?}: {collapsed} of {} output channels became all zeros",
+                        t.name,
+                        t.shape[t.channel_axis()]
+                    ));
+                } else if let Some(db) = stats
+                    .sqnr_db
+                    .filter(|db| !w.pruned && *db < report::WEIGHT_SQNR_FLOOR_DB)
+                {
+                    broken.push(format!("{:?}: SQNR {db:.1} dB", t.name));
+                }
                 restored[i].set_f32(&w.values);
                 let nonzero = w.values.iter().filter(|v| **v != 0.0).count() as u64;
                 let (bytes_after, axis) = match &w.encoding {
@@ -499,6 +520,20 @@ fn assemble(tensors: &[Tensor], plan: &Plan, work: Vec<Option<Working>>) -> Outc
                  the artifacts hold the model unchanged",
                 tensors.len(),
                 totals.parameters
+            ),
+        ));
+    }
+    if !broken.is_empty() {
+        let shown = broken.len().min(8);
+        warnings.push(report::Warning::new(
+            "weight_error_high",
+            format!(
+                "the compressed weights are far from the original in {} tensor(s), so the model is likely broken: {}{}; \
+                 evaluate it before deploying, or use a milder setting for these tensors (exclude them, more bits, \
+                 granularity \"channel\", a smaller group_size)",
+                broken.len(),
+                broken[..shown].join("; "),
+                if broken.len() > shown { "; …" } else { "" }
             ),
         ));
     }

@@ -652,3 +652,48 @@ async fn a_dead_attempts_stored_artifacts_are_removed_when_a_later_attempt_succe
     );
     app.stop().await;
 }
+
+/// Without a dataset the weights still tell when a model is likely broken: one int8 scale per
+/// tensor zeroes whole output channels of silero_vad's `encoder.3.weight` (the model then
+/// agrees with the original on 23 % of decisions), per-channel int8 does not.
+#[tokio::test]
+async fn weights_that_collapse_warn_weight_error_high() {
+    let app = spawn_app().await;
+    let m = app
+        .upload(
+            case_file("silero_vad/silero_vad_16k_sequence.onnx"),
+            "vad.onnx",
+        )
+        .await;
+    let id = m["id"].as_str().unwrap();
+    let mut codes = Vec::new();
+    for preset in ["int8-tensor", "int8"] {
+        let job = app
+            .submit_json(json!({"model_id": id, "preset": preset, "latency": false}))
+            .await;
+        assert_eq!(app.drain().await, vec![Outcome::Succeeded]);
+        let job = app.job(job["id"].as_str().unwrap()).await;
+        let warnings = job["warnings"].as_array().unwrap().clone();
+        let report: Value =
+            serde_json::from_slice(&app.download(&job, "report.json").await).unwrap();
+        let in_report = report["report"]["warnings"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!(in_report, warnings, "{preset}");
+        codes.push(
+            warnings
+                .iter()
+                .filter(|w| w["code"] == "weight_error_high")
+                .map(|w| w["message"].as_str().unwrap().to_string())
+                .collect::<Vec<_>>(),
+        );
+    }
+    assert_eq!(codes[0].len(), 1, "{codes:?}");
+    assert!(
+        codes[0][0].contains("encoder.3.weight")
+            && codes[0][0].contains("output channels became all zeros")
+    );
+    assert!(codes[1].is_empty(), "{codes:?}");
+    app.stop().await;
+}
