@@ -1,7 +1,7 @@
 //! `modelpress compress`, `inspect` and `decompress`: the same pipeline as a job, no server.
 
 use crate::compress::{self, Control};
-use crate::config::{CompressArgs, DecompressArgs, InspectArgs};
+use crate::config::{CompressArgs, DecompressArgs, EvaluateArgs, InspectArgs};
 use crate::formats;
 use crate::runner;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -230,4 +230,53 @@ pub fn decompress(args: DecompressArgs) -> i32 {
         runner::sha256_hex(&out)
     );
     0
+}
+
+/// `modelpress evaluate`: runs both models on the dataset and prints the scores as JSON.
+pub fn evaluate(args: EvaluateArgs) -> i32 {
+    use crate::eval::{metrics, run};
+    let Some(metric) = metrics::Metric::parse(&args.metric) else {
+        eprintln!(
+            "error: --metric must be top1, agreement, relative_error, decision_agreement or cosine"
+        );
+        return 2;
+    };
+    let Some(feed) = run::Feed::parse(&args.feed) else {
+        eprintln!("error: --feed must be batched, per_sample or whole");
+        return 2;
+    };
+    let read = |p: &std::path::Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
+    let result = (|| -> Result<serde_json::Value, String> {
+        let data = run::Dataset::from_npz(&read(&args.data)?)?;
+        if metric == metrics::Metric::Top1 && data.labels.is_none() {
+            return Err("top1 needs `labels` in the dataset".into());
+        }
+        let original = read(&args.original)?;
+        let candidate = read(&args.candidate)?;
+        let o = run::run(&original, &data, feed, args.output.as_deref())
+            .map_err(|e| format!("original: {e}"))?;
+        let c = run::run(&candidate, &data, feed, Some(&o.name))
+            .map_err(|e| format!("candidate: {e}"))?;
+        let labels = data.labels.as_deref().filter(|l| l.len() == o.rows);
+        let scores = metrics::score(metric, &o.values, &c.values, o.rows, labels, args.threshold)
+            .map_err(|e| e.to_string())?;
+        let mut doc = serde_json::to_value(&scores).map_err(|e| e.to_string())?;
+        doc["metric"] = serde_json::json!(metric);
+        doc["value"] = serde_json::json!(scores.value(metric));
+        doc["output"] = serde_json::json!(o.name);
+        doc["engine"] = serde_json::json!("tract, in-process");
+        doc["original_bytes"] = serde_json::json!(original.len());
+        doc["candidate_bytes"] = serde_json::json!(candidate.len());
+        Ok(doc)
+    })();
+    match result {
+        Ok(doc) => {
+            say!("{doc}");
+            0
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            2
+        }
+    }
 }

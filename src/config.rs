@@ -28,6 +28,8 @@ pub enum Command {
     Inspect(InspectArgs),
     /// Rebuild the dense model from a `model.mpz` archive, in its original format.
     Decompress(DecompressArgs),
+    /// Score a compressed ONNX model against the original on a dataset (tract, in-process).
+    Evaluate(EvaluateArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -99,8 +101,8 @@ impl ServeConfig {
 pub struct CompressArgs {
     /// Model file (ONNX, safetensors, .npy, .npz; detected from content).
     pub input: PathBuf,
-    /// A built-in preset: int8, int8-tensor, int4, kmeans4, ternary, binary, prune50,
-    /// prune50-int8, fp16, bf16, lowrank-90, separable, deep-compression.
+    /// A built-in preset: int8, int8-tensor, int4, int4-g32, int4-g128, kmeans4, ternary,
+    /// binary, prune50, prune50-int8, fp16, bf16, lowrank-90, separable, deep-compression.
     #[arg(long, conflicts_with = "spec", required_unless_present = "spec")]
     pub preset: Option<String>,
     /// A JSON spec file: {"pipeline": [...], "outputs": [...]} or {"preset": "..."}.
@@ -124,6 +126,29 @@ pub struct InspectArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct EvaluateArgs {
+    /// The original ONNX model.
+    pub original: PathBuf,
+    /// The candidate ONNX model (e.g. a job's model.onnx).
+    pub candidate: PathBuf,
+    /// An .npz with one array per graph input (samples on axis 0) and optional int64 `labels`.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// top1, agreement, relative_error, decision_agreement or cosine.
+    #[arg(long, default_value = "agreement")]
+    pub metric: String,
+    /// batched (64 rows a run), per_sample (models with batch 1) or whole (one run).
+    #[arg(long, default_value = "batched")]
+    pub feed: String,
+    /// The output to score (default: the first).
+    #[arg(long)]
+    pub output: Option<String>,
+    /// decision_agreement: a score above this is a positive.
+    #[arg(long, default_value_t = 0.5)]
+    pub threshold: f64,
 }
 
 #[derive(Debug, Args)]

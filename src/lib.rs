@@ -11,6 +11,7 @@ pub mod compress;
 pub mod config;
 pub mod deploy;
 pub mod error;
+pub mod eval;
 pub mod formats;
 pub mod model;
 pub mod queue;

@@ -8,6 +8,7 @@ fn main() -> anyhow::Result<()> {
         Some(Command::Compress(args)) => std::process::exit(modelpress::cli::compress(args)),
         Some(Command::Inspect(args)) => std::process::exit(modelpress::cli::inspect(args)),
         Some(Command::Decompress(args)) => std::process::exit(modelpress::cli::decompress(args)),
+        Some(Command::Evaluate(args)) => std::process::exit(modelpress::cli::evaluate(args)),
         Some(Command::Serve(cfg)) => serve(cfg),
         None => serve(cli.serve),
     }

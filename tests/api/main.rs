@@ -5,6 +5,7 @@ mod cli;
 mod corrupt;
 mod crash;
 mod deploy;
+mod eval;
 mod formats;
 mod fuzz;
 mod helpers;

@@ -1,0 +1,264 @@
+//! Runs an ONNX model in-process with tract on a dataset in the shared cases' convention
+//! (`.npz`, arrays named after the graph inputs, samples on axis 0, optional `labels`) and
+//! collects one output over every row.
+
+use crate::model::{DType, Tensor as ModelTensor};
+use std::collections::HashMap;
+use tract_onnx::prelude::*;
+
+type TractTensor = Tensor;
+
+/// How rows are fed (`case.json` → `eval.feed`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Feed {
+    /// Slices of this many rows (the model's batch axis is dynamic).
+    Batched(usize),
+    /// One row at a time (the model fixes its batch to 1).
+    PerSample,
+    /// The arrays as stored, in one run (stateful models fed a whole sequence).
+    Whole,
+}
+
+impl Feed {
+    pub fn parse(s: &str) -> Option<Feed> {
+        Some(match s {
+            "batched" => Feed::Batched(64),
+            "per_sample" => Feed::PerSample,
+            "whole" => Feed::Whole,
+            _ => return None,
+        })
+    }
+}
+
+/// Model inputs by name, and the labels when the file has them.
+pub struct Dataset {
+    pub arrays: Vec<ModelTensor>,
+    pub labels: Option<Vec<i64>>,
+}
+
+impl Dataset {
+    /// Reads an `.npz` in the convention; `labels` must be int64 [N].
+    pub fn from_npz(bytes: &[u8]) -> Result<Dataset, String> {
+        let set = crate::formats::npz::read_npz(bytes).map_err(|e| e.to_string())?;
+        let mut arrays = Vec::new();
+        let mut labels = None;
+        for t in set.tensors {
+            if t.name == "labels" {
+                if t.dtype != DType::I64 || t.shape.len() != 1 {
+                    return Err(format!(
+                        "labels must be int64 [N], not {} {:?}",
+                        t.dtype.name(),
+                        t.shape
+                    ));
+                }
+                labels = Some(
+                    t.data
+                        .chunks_exact(8)
+                        .map(|c| {
+                            i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])
+                        })
+                        .collect(),
+                );
+            } else {
+                arrays.push(t);
+            }
+        }
+        Ok(Dataset { arrays, labels })
+    }
+}
+
+/// One output over every row, as float32.
+pub struct Outputs {
+    pub name: String,
+    pub values: Vec<f32>,
+    /// Rows (axis 0) of the collected output.
+    pub rows: usize,
+}
+
+fn datum(d: DType) -> Option<DatumType> {
+    Some(match d {
+        DType::F32 => DatumType::F32,
+        DType::F64 => DatumType::F64,
+        DType::F16 => DatumType::F16,
+        DType::I8 => DatumType::I8,
+        DType::U8 => DatumType::U8,
+        DType::I16 => DatumType::I16,
+        DType::U16 => DatumType::U16,
+        DType::I32 => DatumType::I32,
+        DType::U32 => DatumType::U32,
+        DType::I64 => DatumType::I64,
+        DType::U64 => DatumType::U64,
+        DType::Bool => DatumType::Bool,
+        DType::BF16 => return None,
+    })
+}
+
+/// Rows `lo..hi` of an array as a tract tensor (the whole array when `rows` is None).
+fn slice(t: &ModelTensor, rows: Option<(usize, usize)>) -> Result<TractTensor, String> {
+    let dt =
+        datum(t.dtype).ok_or_else(|| format!("{}: bfloat16 inputs are not supported", t.name))?;
+    let (shape, bytes) = match rows {
+        None => (t.shape.clone(), &t.data[..]),
+        Some((lo, hi)) => {
+            let n = *t
+                .shape
+                .first()
+                .ok_or_else(|| format!("{} has no sample axis", t.name))?;
+            let row = t.data.len() / n.max(1);
+            let mut shape = t.shape.clone();
+            shape[0] = hi - lo;
+            (shape, &t.data[lo * row..hi * row])
+        }
+    };
+    macro_rules! typed {
+        ($t:ty, $n:expr) => {{
+            let v: Vec<$t> = bytes
+                .chunks_exact($n)
+                .map(|c| <$t>::from_le_bytes(c.try_into().unwrap_or([0; $n])))
+                .collect();
+            TractTensor::from_shape(&shape, &v)
+        }};
+    }
+    match dt {
+        DatumType::F32 => typed!(f32, 4),
+        DatumType::F64 => typed!(f64, 8),
+        DatumType::F16 => {
+            let v: Vec<f16> = bytes
+                .chunks_exact(2)
+                .map(|c| f16::from_le_bytes([c[0], c[1]]))
+                .collect();
+            TractTensor::from_shape(&shape, &v)
+        }
+        DatumType::I8 => typed!(i8, 1),
+        DatumType::U8 => typed!(u8, 1),
+        DatumType::I16 => typed!(i16, 2),
+        DatumType::U16 => typed!(u16, 2),
+        DatumType::I32 => typed!(i32, 4),
+        DatumType::U32 => typed!(u32, 4),
+        DatumType::I64 => typed!(i64, 8),
+        DatumType::U64 => typed!(u64, 8),
+        _ => {
+            let v: Vec<bool> = bytes.iter().map(|b| *b != 0).collect();
+            TractTensor::from_shape(&shape, &v)
+        }
+    }
+    .map_err(|e| e.to_string())
+}
+
+/// Runs `model` (ONNX bytes) on `data`; `output` names the output to collect (default: the
+/// first). Inputs are matched to arrays by name.
+pub fn run(
+    model: &[u8],
+    data: &Dataset,
+    feed: Feed,
+    output: Option<&str>,
+) -> Result<Outputs, String> {
+    let base = tract_onnx::onnx()
+        .model_for_read(&mut std::io::Cursor::new(model))
+        .map_err(|e| format!("tract cannot load the model: {e}"))?;
+    let input_names: Vec<String> = base
+        .input_outlets()
+        .map_err(|e| e.to_string())?
+        .iter()
+        .map(|o| base.node(o.node).name.clone())
+        .collect();
+    let output_names: Vec<String> = base
+        .output_outlets()
+        .map_err(|e| e.to_string())?
+        .iter()
+        .map(|o| {
+            base.outlet_label(*o)
+                .map(str::to_string)
+                .unwrap_or_else(|| base.node(o.node).name.clone())
+        })
+        .collect();
+    let out_index = match output {
+        None => 0,
+        Some(name) => output_names.iter().position(|n| n == name).ok_or_else(|| {
+            format!("the model has no output {name:?} (outputs: {output_names:?})")
+        })?,
+    };
+    let mut arrays = Vec::with_capacity(input_names.len());
+    for name in &input_names {
+        arrays.push(
+            data.arrays
+                .iter()
+                .find(|t| &t.name == name)
+                .ok_or_else(|| format!("the dataset has no array for the graph input {name:?}"))?,
+        );
+    }
+    let count = match feed {
+        Feed::Whole => 1,
+        _ => {
+            let n = arrays
+                .first()
+                .and_then(|t| t.shape.first())
+                .copied()
+                .unwrap_or(0);
+            if let Some(t) = arrays.iter().find(|t| t.shape.first() != Some(&n)) {
+                return Err(format!(
+                    "array {:?} has {:?} rows; the others {n}",
+                    t.name,
+                    t.shape.first()
+                ));
+            }
+            n
+        }
+    };
+    let step = match feed {
+        Feed::Batched(b) => b.max(1),
+        Feed::PerSample => 1,
+        Feed::Whole => 1,
+    };
+    // One plan per distinct feed shape (a full batch and the last, shorter one).
+    type Plan = std::sync::Arc<TypedRunnableModel>;
+    let mut plans: HashMap<Vec<Vec<usize>>, Plan> = HashMap::new();
+    let mut values = Vec::new();
+    let mut rows = 0usize;
+    let mut lo = 0;
+    while lo < count {
+        let hi = (lo + step).min(count);
+        let range = (feed != Feed::Whole).then_some((lo, hi));
+        let inputs: Vec<TractTensor> = arrays
+            .iter()
+            .map(|t| slice(t, range))
+            .collect::<Result<_, _>>()?;
+        let key: Vec<Vec<usize>> = inputs.iter().map(|t| t.shape().to_vec()).collect();
+        if !plans.contains_key(&key) {
+            let mut m = base.clone();
+            for (i, t) in inputs.iter().enumerate() {
+                m.set_input_fact(i, InferenceFact::dt_shape(t.datum_type(), t.shape()))
+                    .map_err(|e| e.to_string())?;
+            }
+            let plan = m
+                .into_optimized()
+                .and_then(|m| m.into_runnable())
+                .map_err(|e| format!("tract cannot plan the model: {e}"))?;
+            plans.insert(key.clone(), plan);
+        }
+        let plan = &plans[&key];
+        let feed_values: TVec<TValue> = inputs.into_iter().map(TValue::from).collect();
+        let out = plan
+            .run(feed_values)
+            .map_err(|e| format!("tract cannot run the model: {e}"))?;
+        let t = out
+            .get(out_index)
+            .ok_or_else(|| "the model gave fewer outputs than it declares".to_string())?;
+        let t = t
+            .cast_to::<f32>()
+            .map_err(|e| format!("output {:?} is not numeric: {e}", output_names[out_index]))?;
+        rows += t.shape().first().copied().unwrap_or(1);
+        values.extend(
+            t.to_plain_array_view::<f32>()
+                .map_err(|e| e.to_string())?
+                .iter()
+                .copied(),
+        );
+        lo = hi;
+    }
+    Ok(Outputs {
+        name: output_names[out_index].clone(),
+        values,
+        rows,
+    })
+}
