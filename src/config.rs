@@ -143,7 +143,7 @@ pub struct EvaluateArgs {
     /// batched (64 rows a run), per_sample (models with batch 1) or whole (one run).
     #[arg(long, default_value = "batched")]
     pub feed: String,
-    /// The output to score (default: the first).
+    /// The output to score (default: the first float output).
     #[arg(long)]
     pub output: Option<String>,
     /// decision_agreement: a score above this is a positive.

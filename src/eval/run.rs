@@ -145,8 +145,31 @@ fn slice(t: &ModelTensor, rows: Option<(usize, usize)>) -> Result<TractTensor, S
     .map_err(|e| e.to_string())
 }
 
+/// The first output the graph declares as a float tensor (models often pass their int64
+/// inputs through as the first output: paraphrase-MiniLM-L3's `output` is its token ids).
+fn first_float_output(model: &[u8], names: &[String]) -> usize {
+    use prost::Message;
+    let Ok(proto) = tract_onnx::pb::ModelProto::decode(model) else {
+        return 0;
+    };
+    let float = |v: &tract_onnx::pb::ValueInfoProto| {
+        matches!(
+            v.r#type.as_ref().and_then(|t| t.value.as_ref()),
+            Some(tract_onnx::pb::type_proto::Value::TensorType(t))
+                if [1, 10, 11, 16].contains(&t.elem_type)
+        )
+    };
+    proto
+        .graph
+        .iter()
+        .flat_map(|g| g.output.iter())
+        .find(|v| float(v))
+        .and_then(|v| names.iter().position(|n| *n == v.name))
+        .unwrap_or(0)
+}
+
 /// Runs `model` (ONNX bytes) on `data`; `output` names the output to collect (default: the
-/// first). Inputs are matched to arrays by name.
+/// first float output). Inputs are matched to arrays by name.
 pub fn run(
     model: &[u8],
     data: &Dataset,
@@ -173,7 +196,7 @@ pub fn run(
         })
         .collect();
     let out_index = match output {
-        None => 0,
+        None => first_float_output(model, &output_names),
         Some(name) => output_names.iter().position(|n| n == name).ok_or_else(|| {
             format!("the model has no output {name:?} (outputs: {output_names:?})")
         })?,
