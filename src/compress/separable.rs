@@ -74,6 +74,30 @@ pub struct Tucker2Step {
     pub rule: RankRule,
 }
 
+/// What a kernel factorization gives: the rebuilt values, its report entry, its form.
+type Factored = (Vec<f32>, (&'static str, Value), Encoding);
+
+/// Runs a factorization of a convolution kernel; anything else, or a factorization that does
+/// not pay, leaves the tensor alone with the reason.
+fn factor_kernel(
+    t: &Tensor,
+    w: &mut Working,
+    factor: impl FnOnce(&[f32]) -> Result<Factored, String>,
+) -> Result<Applied, CompressError> {
+    if !is_conv(t) {
+        return Ok(Applied::Skipped("not a convolution kernel".into()));
+    }
+    match factor(&w.values) {
+        Ok((values, (key, details), encoding)) => {
+            w.values = values;
+            w.details.insert(key.into(), details);
+            w.encoding = Some(encoding);
+            Ok(Applied::Ran)
+        }
+        Err(why) => Ok(Applied::Skipped(why)),
+    }
+}
+
 impl Method for SeparableStep {
     fn label(&self) -> String {
         format!("separable({})", self.rule.label())
@@ -85,21 +109,15 @@ impl Method for SeparableStep {
         None
     }
     fn apply(&self, t: &Tensor, w: &mut Working) -> Result<Applied, CompressError> {
-        if !is_conv(t) {
-            return Ok(Applied::Skipped("not a convolution kernel".into()));
-        }
-        match separate(&w.values, &t.shape, self.rule) {
-            Ok(s) => {
-                w.values = s.reconstruct();
-                w.details.insert(
-                    "separable".into(),
-                    json!({"rank": s.rank, "cost": s.cost()}),
-                );
-                w.encoding = Some(Encoding::Separable(s));
-                Ok(Applied::Ran)
-            }
-            Err(why) => Ok(Applied::Skipped(why)),
-        }
+        factor_kernel(t, w, |v| {
+            let s = separate(v, &t.shape, self.rule)?;
+            let details = json!({"rank": s.rank, "cost": s.cost()});
+            Ok((
+                s.reconstruct(),
+                ("separable", details),
+                Encoding::Separable(s),
+            ))
+        })
     }
 }
 
@@ -114,21 +132,11 @@ impl Method for Tucker2Step {
         None
     }
     fn apply(&self, t: &Tensor, w: &mut Working) -> Result<Applied, CompressError> {
-        if !is_conv(t) {
-            return Ok(Applied::Skipped("not a convolution kernel".into()));
-        }
-        match tucker2(&w.values, &t.shape, self.rule) {
-            Ok(k) => {
-                w.values = k.reconstruct();
-                w.details.insert(
-                    "tucker2".into(),
-                    json!({"rank_out": k.rank_out, "rank_in": k.rank_in, "cost": k.cost()}),
-                );
-                w.encoding = Some(Encoding::Tucker(k));
-                Ok(Applied::Ran)
-            }
-            Err(why) => Ok(Applied::Skipped(why)),
-        }
+        factor_kernel(t, w, |v| {
+            let k = tucker2(v, &t.shape, self.rule)?;
+            let details = json!({"rank_out": k.rank_out, "rank_in": k.rank_in, "cost": k.cost()});
+            Ok((k.reconstruct(), ("tucker2", details), Encoding::Tucker(k)))
+        })
     }
 }
 

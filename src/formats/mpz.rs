@@ -88,26 +88,6 @@ fn inflate(bytes: &[u8], expected: u64, what: &str) -> Result<Vec<u8>, FormatErr
     Ok(out)
 }
 
-fn dtype_from_name(name: &str) -> Option<DType> {
-    [
-        DType::F32,
-        DType::F16,
-        DType::BF16,
-        DType::F64,
-        DType::I8,
-        DType::U8,
-        DType::I16,
-        DType::U16,
-        DType::I32,
-        DType::U32,
-        DType::I64,
-        DType::U64,
-        DType::Bool,
-    ]
-    .into_iter()
-    .find(|d| d.name() == name)
-}
-
 /// Writes the archive for a run: `restored` are the dense restored tensors (a `Raw` payload
 /// without sections stores the restored tensor's bytes), `payloads` one per tensor.
 pub fn write(
@@ -245,7 +225,7 @@ pub fn read(bytes: &[u8]) -> Result<TensorSet, FormatError> {
     };
     let mut tensors = Vec::with_capacity(header.tensors.len());
     for e in &header.tensors {
-        let dtype = dtype_from_name(&e.dtype)
+        let dtype = DType::parse(&e.dtype)
             .ok_or_else(|| FormatError::invalid(format!("tensor {:?}: unknown dtype", e.name)))?;
         if e.shape.len() > limits::MAX_RANK {
             return Err(FormatError::invalid(format!(
