@@ -14,6 +14,8 @@ pub enum ErrorCode {
     InvalidModel,
     /// 422: the compression spec is wrong; the message names the field.
     InvalidSpec,
+    /// 422: the dataset is not an .npz in the convention (arrays, int64 `labels` [N]).
+    InvalidDataset,
     /// 413: the upload is larger than `MODELPRESS_MAX_UPLOAD_BYTES`.
     PayloadTooLarge,
     /// 415: the request body has a content type this route does not take.
@@ -22,6 +24,8 @@ pub enum ErrorCode {
     ModelNotFound,
     /// 404
     JobNotFound,
+    /// 404
+    DatasetNotFound,
     /// 404
     ArtifactNotFound,
     /// 404: no such route.
@@ -48,10 +52,12 @@ impl ErrorCode {
             ErrorCode::InvalidRequest => "invalid_request",
             ErrorCode::InvalidModel => "invalid_model",
             ErrorCode::InvalidSpec => "invalid_spec",
+            ErrorCode::InvalidDataset => "invalid_dataset",
             ErrorCode::PayloadTooLarge => "payload_too_large",
             ErrorCode::UnsupportedMediaType => "unsupported_media_type",
             ErrorCode::ModelNotFound => "model_not_found",
             ErrorCode::JobNotFound => "job_not_found",
+            ErrorCode::DatasetNotFound => "dataset_not_found",
             ErrorCode::ArtifactNotFound => "artifact_not_found",
             ErrorCode::NotFound => "not_found",
             ErrorCode::MethodNotAllowed => "method_not_allowed",
@@ -67,11 +73,14 @@ impl ErrorCode {
     pub fn status(self) -> StatusCode {
         match self {
             ErrorCode::InvalidRequest => StatusCode::BAD_REQUEST,
-            ErrorCode::InvalidModel | ErrorCode::InvalidSpec => StatusCode::UNPROCESSABLE_ENTITY,
+            ErrorCode::InvalidModel | ErrorCode::InvalidSpec | ErrorCode::InvalidDataset => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
             ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorCode::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ErrorCode::ModelNotFound
             | ErrorCode::JobNotFound
+            | ErrorCode::DatasetNotFound
             | ErrorCode::ArtifactNotFound
             | ErrorCode::NotFound => StatusCode::NOT_FOUND,
             ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,

@@ -1,6 +1,7 @@
 //! HTTP routes, one module per resource.
 
 pub mod artifacts;
+pub mod datasets;
 pub mod extract;
 pub mod health;
 pub mod jobs;
@@ -27,6 +28,10 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/models/{id}"),
     ("DELETE", "/v1/models/{id}"),
     ("GET", "/v1/models/{id}/tensors"),
+    ("POST", "/v1/datasets"),
+    ("GET", "/v1/datasets"),
+    ("GET", "/v1/datasets/{id}"),
+    ("DELETE", "/v1/datasets/{id}"),
     ("POST", "/v1/jobs"),
     ("GET", "/v1/jobs"),
     ("GET", "/v1/jobs/{id}"),
@@ -46,6 +51,11 @@ pub fn router(state: AppState) -> Router {
             get(models::get_one).delete(models::delete),
         )
         .route("/v1/models/{id}/tensors", get(models::tensors))
+        .route("/v1/datasets", post(datasets::upload).get(datasets::list))
+        .route(
+            "/v1/datasets/{id}",
+            get(datasets::get_one).delete(datasets::delete),
+        )
         .route("/v1/jobs", post(jobs::create).get(jobs::list))
         .route("/v1/jobs/{id}", get(jobs::get_one))
         .route("/v1/jobs/{id}/cancel", post(jobs::cancel))

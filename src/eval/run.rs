@@ -67,6 +67,48 @@ impl Dataset {
     }
 }
 
+/// What an uploaded dataset holds, for its catalog row.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ArrayInfo {
+    pub name: String,
+    pub dtype: String,
+    pub shape: Vec<usize>,
+}
+
+impl Dataset {
+    /// The arrays (labels left out), their common row count when they share axis 0, and
+    /// whether labels exist. Refuses a dataset with no array, or labels that do not match
+    /// the rows.
+    pub fn describe(&self) -> Result<(Vec<ArrayInfo>, Option<u64>), String> {
+        if self.arrays.is_empty() {
+            return Err("the .npz holds no input array (only `labels`, or nothing)".into());
+        }
+        let infos: Vec<ArrayInfo> = self
+            .arrays
+            .iter()
+            .map(|t| ArrayInfo {
+                name: t.name.clone(),
+                dtype: t.dtype.name().into(),
+                shape: t.shape.clone(),
+            })
+            .collect();
+        let first = self.arrays[0].shape.first().copied();
+        let rows = first
+            .filter(|n| self.arrays.iter().all(|t| t.shape.first() == Some(n)))
+            .map(|n| n as u64);
+        if let Some(l) = &self.labels {
+            if rows != Some(l.len() as u64) {
+                return Err(format!(
+                    "{} labels, but the arrays do not all have {} rows on axis 0",
+                    l.len(),
+                    l.len()
+                ));
+            }
+        }
+        Ok((infos, rows))
+    }
+}
+
 /// One output over every row, as float32.
 pub struct Outputs {
     pub name: String,

@@ -77,6 +77,22 @@ pub struct ModelRecord {
 }
 
 #[derive(Debug, Clone)]
+pub struct DatasetRecord {
+    pub id: Uuid,
+    pub tenant_id: String,
+    pub name: String,
+    pub size_bytes: u64,
+    pub sha256: String,
+    /// The arrays' common axis-0 length; None when they differ (a dataset fed whole).
+    pub rows: Option<u64>,
+    pub has_labels: bool,
+    /// `[{name, dtype, shape}]` of every array but `labels`.
+    pub arrays_json: String,
+    pub blob_key: String,
+    pub created_at: i64,
+}
+
+#[derive(Debug, Clone)]
 pub struct JobRecord {
     pub id: Uuid,
     pub tenant_id: String,
@@ -158,6 +174,20 @@ pub trait ModelCatalog: Send + Sync + 'static {
     ) -> Result<Vec<ModelRecord>, QueueError>;
     /// Deletes the model with its finished jobs; returns what to remove from the blob store.
     async fn delete_model(&self, tenant: &str, id: Uuid) -> Result<DeletedModel, QueueError>;
+    async fn insert_dataset(&self, d: &DatasetRecord) -> Result<(), QueueError>;
+    async fn get_dataset(
+        &self,
+        tenant: &str,
+        id: Uuid,
+    ) -> Result<Option<DatasetRecord>, QueueError>;
+    async fn list_datasets(
+        &self,
+        tenant: &str,
+        limit: u32,
+        before: Option<Uuid>,
+    ) -> Result<Vec<DatasetRecord>, QueueError>;
+    /// Deletes the dataset's row; returns its blob key to remove.
+    async fn delete_dataset(&self, tenant: &str, id: Uuid) -> Result<String, QueueError>;
     async fn ping(&self) -> bool;
 }
 

@@ -71,6 +71,24 @@ fn model_from_row(row: &SqliteRow) -> Result<ModelRecord, QueueError> {
     })
 }
 
+const DATASET_COLUMNS: &str =
+    "id, tenant_id, name, size_bytes, sha256, rows, has_labels, arrays_json, blob_key, created_at";
+
+fn dataset_from_row(row: &SqliteRow) -> Result<DatasetRecord, QueueError> {
+    Ok(DatasetRecord {
+        id: uuid_col(row, "id")?,
+        tenant_id: row.try_get("tenant_id")?,
+        name: row.try_get("name")?,
+        size_bytes: row.try_get::<i64, _>("size_bytes")? as u64,
+        sha256: row.try_get("sha256")?,
+        rows: row.try_get::<Option<i64>, _>("rows")?.map(|r| r as u64),
+        has_labels: row.try_get::<i64, _>("has_labels")? != 0,
+        arrays_json: row.try_get("arrays_json")?,
+        blob_key: row.try_get("blob_key")?,
+        created_at: row.try_get("created_at")?,
+    })
+}
+
 impl SqliteStore {
     /// Opens (creating if needed) the database and runs the migrations.
     pub async fn open(url: &str) -> Result<SqliteStore, QueueError> {
@@ -191,6 +209,69 @@ impl ModelCatalog for SqliteStore {
             blob_key: model_key,
             job_ids,
         })
+    }
+
+    async fn insert_dataset(&self, d: &DatasetRecord) -> Result<(), QueueError> {
+        sqlx::query(
+            "INSERT INTO datasets (id, tenant_id, name, size_bytes, sha256, rows, has_labels, arrays_json, blob_key, created_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(d.id.to_string())
+        .bind(&d.tenant_id)
+        .bind(&d.name)
+        .bind(d.size_bytes as i64)
+        .bind(&d.sha256)
+        .bind(d.rows.map(|r| r as i64))
+        .bind(i64::from(d.has_labels))
+        .bind(&d.arrays_json)
+        .bind(&d.blob_key)
+        .bind(d.created_at)
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
+    async fn get_dataset(
+        &self,
+        tenant: &str,
+        id: Uuid,
+    ) -> Result<Option<DatasetRecord>, QueueError> {
+        let row = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {DATASET_COLUMNS} FROM datasets WHERE id = ? AND tenant_id = ?"
+        )))
+        .bind(id.to_string())
+        .bind(tenant)
+        .fetch_optional(&self.reader)
+        .await?;
+        row.as_ref().map(dataset_from_row).transpose()
+    }
+
+    async fn list_datasets(
+        &self,
+        tenant: &str,
+        limit: u32,
+        before: Option<Uuid>,
+    ) -> Result<Vec<DatasetRecord>, QueueError> {
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {DATASET_COLUMNS} FROM datasets WHERE tenant_id = ?1 AND (?2 IS NULL OR id < ?2) ORDER BY id DESC LIMIT ?3"
+        )))
+        .bind(tenant)
+        .bind(before.map(|b| b.to_string()))
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter().map(dataset_from_row).collect()
+    }
+
+    async fn delete_dataset(&self, tenant: &str, id: Uuid) -> Result<String, QueueError> {
+        let key: Option<String> = sqlx::query_scalar(
+            "DELETE FROM datasets WHERE id = ? AND tenant_id = ? RETURNING blob_key",
+        )
+        .bind(id.to_string())
+        .bind(tenant)
+        .fetch_optional(&self.writer)
+        .await?;
+        key.ok_or(QueueError::NotFound)
     }
 
     async fn ping(&self) -> bool {

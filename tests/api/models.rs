@@ -169,3 +169,77 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// Datasets: an .npz in the cases' convention is stored with its arrays, rows and labels;
+/// anything else is a 422 `invalid_dataset` that stores nothing; delete removes it.
+#[tokio::test]
+async fn datasets_are_uploaded_listed_inspected_and_deleted() {
+    let app = spawn_app().await;
+    let post = |body: Vec<u8>, name: &'static str| {
+        app.client
+            .post(app.url(&format!("/v1/datasets?name={name}")))
+            .body(body)
+            .send()
+    };
+    let r = post(case_file("mnist8/eval.npz"), "mnist-eval.npz")
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let d: Value = r.json().await.unwrap();
+    assert_eq!(d["name"], "mnist-eval.npz");
+    assert_eq!(d["rows"], 2000);
+    assert_eq!(d["has_labels"], true);
+    assert_eq!(
+        d["arrays"],
+        json!([{"name": "Input3", "dtype": "float32", "shape": [2000, 1, 28, 28]}])
+    );
+    // silero's eval data is fed whole: its arrays do not share axis 0.
+    let r = post(case_file("silero_vad/eval.npz"), "vad.npz")
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let vad: Value = r.json().await.unwrap();
+    assert_eq!(
+        (vad["rows"].clone(), vad["has_labels"].clone()),
+        (Value::Null, json!(false))
+    );
+    // Not an .npz, labels that are not int64, labels without matching rows: refused.
+    let bad_labels = python(
+        "import io,sys,numpy as np\nb=io.BytesIO();np.savez(b,X=np.zeros((4,2),np.float32),labels=np.zeros(4,np.float32));sys.stdout.write(b.getvalue().hex())",
+        &[],
+    );
+    let short_labels = python(
+        "import io,sys,numpy as np\nb=io.BytesIO();np.savez(b,X=np.zeros((4,2),np.float32),labels=np.zeros(3,np.int64));sys.stdout.write(b.getvalue().hex())",
+        &[],
+    );
+    for (body, says) in [
+        (case_file("mnist8/mnist-8.onnx"), ""),
+        (
+            hex::decode(bad_labels.trim()).unwrap(),
+            "labels must be int64",
+        ),
+        (hex::decode(short_labels.trim()).unwrap(), "3 labels"),
+    ] {
+        let r = post(body, "bad.npz").await.unwrap();
+        assert_eq!(r.status(), 422);
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(error_code(&v), "invalid_dataset", "{v}");
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains(says),
+            "{v}"
+        );
+    }
+    let (s, page) = app.get_json("/v1/datasets").await;
+    assert_eq!(s, 200);
+    assert_eq!(page["items"].as_array().unwrap().len(), 2);
+    let url = format!("/v1/datasets/{}", d["id"].as_str().unwrap());
+    let (s, one) = app.get_json(&url).await;
+    assert_eq!((s, &one["sha256"]), (200, &d["sha256"]));
+    let r = app.client.delete(app.url(&url)).send().await.unwrap();
+    assert_eq!(r.status(), 204);
+    let (s, v) = app.get_json(&url).await;
+    assert_eq!((s, error_code(&v)), (404, "dataset_not_found"));
+    let (_, page) = app.get_json("/v1/datasets").await;
+    assert_eq!(page["items"].as_array().unwrap().len(), 1);
+    app.stop().await;
+}
