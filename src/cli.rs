@@ -74,7 +74,7 @@ pub fn compress(args: CompressArgs) -> i32 {
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let ctl = BarControl(bar);
-    let result = runner::execute(&args.input, &plan, output, &ctl);
+    let result = runner::execute(&args.input, &plan, output, &ctl, None);
     ctl.0.finish_and_clear();
     match result {
         Ok(out) => {

@@ -34,6 +34,8 @@ pub enum ErrorCode {
     MethodNotAllowed,
     /// 409: a queued or running job uses the model.
     ModelInUse,
+    /// 409: a queued or running job evaluates on the dataset.
+    DatasetInUse,
     /// 409: the Idempotency-Key was used with a different request.
     IdempotencyConflict,
     /// 409: the job already finished.
@@ -62,6 +64,7 @@ impl ErrorCode {
             ErrorCode::NotFound => "not_found",
             ErrorCode::MethodNotAllowed => "method_not_allowed",
             ErrorCode::ModelInUse => "model_in_use",
+            ErrorCode::DatasetInUse => "dataset_in_use",
             ErrorCode::IdempotencyConflict => "idempotency_conflict",
             ErrorCode::JobNotCancellable => "job_not_cancellable",
             ErrorCode::RangeNotSatisfiable => "range_not_satisfiable",
@@ -85,6 +88,7 @@ impl ErrorCode {
             | ErrorCode::NotFound => StatusCode::NOT_FOUND,
             ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ErrorCode::ModelInUse
+            | ErrorCode::DatasetInUse
             | ErrorCode::IdempotencyConflict
             | ErrorCode::JobNotCancellable => StatusCode::CONFLICT,
             ErrorCode::RangeNotSatisfiable => StatusCode::RANGE_NOT_SATISFIABLE,
@@ -127,6 +131,10 @@ impl From<crate::queue::QueueError> for ApiError {
             Q::ModelInUse => ApiError::new(
                 ErrorCode::ModelInUse,
                 "a queued or running job uses this model",
+            ),
+            Q::DatasetInUse => ApiError::new(
+                ErrorCode::DatasetInUse,
+                "a queued or running job evaluates on this dataset",
             ),
             Q::NotCancellable(state) => ApiError::new(
                 ErrorCode::JobNotCancellable,

@@ -33,6 +33,15 @@ pub struct Summary {
     /// The original and model.onnx timed in-process (ONNX jobs with a compact model.onnx).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latency: Option<deploy::latency::Latency>,
+    /// The original and model.onnx scored on the job's dataset (`eval` in the spec).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evaluation: Option<crate::eval::Evaluation>,
+}
+
+/// A job's `eval` block with the dataset file it names.
+pub struct EvalInput<'a> {
+    pub spec: &'a crate::eval::EvalSpec,
+    pub dataset: &'a Path,
 }
 
 #[derive(Debug, Clone)]
@@ -101,6 +110,7 @@ pub fn execute(
     plan: &Plan,
     out_dir: &Path,
     ctl: &dyn Control,
+    eval: Option<EvalInput>,
 ) -> Result<RunOutput, RunError> {
     ctl.progress(0.0, "reading model");
     let original_bytes = std::fs::metadata(input)
@@ -221,6 +231,41 @@ pub fn execute(
             ),
         ));
     }
+    let evaluation = eval.map(|e| {
+        if input_format != formats::Format::Onnx {
+            return crate::eval::Evaluation::skipped(
+                e.spec,
+                "a weight-only file cannot be run; the report gives weight-space figures only",
+            );
+        }
+        ctl.progress(
+            0.96,
+            "evaluating the original and model.onnx on the dataset",
+        );
+        let loaded = std::fs::read(input)
+            .map_err(|e| e.to_string())
+            .and_then(|original| {
+                let data = std::fs::read(e.dataset).map_err(|e| e.to_string())?;
+                let data = crate::eval::run::Dataset::from_npz(&data)?;
+                Ok((original, data))
+            });
+        match loaded {
+            Err(why) => crate::eval::Evaluation::skipped(e.spec, why),
+            Ok((original, data)) => {
+                let candidate = model
+                    .as_ref()
+                    .and_then(|(b, _)| b.as_deref())
+                    .unwrap_or(&restored_bytes[..]);
+                crate::eval::evaluate(&original, candidate, &data, e.spec)
+            }
+        }
+    });
+    if let Some(why) = evaluation.as_ref().and_then(|e| e.skipped.as_ref()) {
+        warnings.push(Warning::new(
+            "evaluation_skipped",
+            format!("the job asked for an evaluation that could not run: {why}"),
+        ));
+    }
     let totals = &outcome.report.totals;
     let summary = Summary {
         original_bytes,
@@ -234,6 +279,7 @@ pub fn execute(
         archive_ratio: archive.as_ref().map(|a| ratio_of(a.len() as u64)),
         warnings: warnings.clone(),
         latency,
+        evaluation,
     };
     let mut artifacts = Vec::new();
     if wants("model") {

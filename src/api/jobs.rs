@@ -80,6 +80,35 @@ fn invalid_spec(e: compress::CompressError) -> ApiError {
     ApiError::new(ErrorCode::InvalidSpec, e.to_string())
 }
 
+/// The spec's `eval` block: well formed, its dataset stored, labels there for top1.
+async fn check_eval(state: &AppState, spec: &Value) -> Result<(), ApiError> {
+    let Some(e) =
+        crate::eval::EvalSpec::parse(spec).map_err(|m| ApiError::new(ErrorCode::InvalidSpec, m))?
+    else {
+        return Ok(());
+    };
+    let d = state
+        .models
+        .get_dataset(DEFAULT_TENANT, e.dataset_id)
+        .await?
+        .ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::DatasetNotFound,
+                format!("eval.dataset_id: no dataset with id {}", e.dataset_id),
+            )
+        })?;
+    if e.metric == crate::eval::metrics::Metric::Top1 && !d.has_labels {
+        return Err(ApiError::new(
+            ErrorCode::InvalidSpec,
+            format!(
+                "eval.metric: top1 needs `labels` in the dataset; {} has none (agreement compares with the original instead)",
+                d.id
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Refuses, at submit time, an ordering that some tensor of the model cannot take (e.g.
 /// quantizing float32 factors, pruning binary weights): checked on the stored inventory.
 fn check_orderings(model: &ModelRecord, spec: &Value) -> Result<(), compress::CompressError> {
@@ -115,6 +144,7 @@ pub async fn create(
             ));
         }
         compress::parse_spec(&spec).map_err(invalid_spec)?;
+        check_eval(&state, &spec).await?;
         let file = up.file.ok_or_else(|| {
             ApiError::new(ErrorCode::InvalidRequest, "the form has no `file` field")
         })?;
@@ -150,6 +180,7 @@ pub async fn create(
             )
         })?;
         compress::parse_spec(&spec).map_err(invalid_spec)?;
+        check_eval(&state, &spec).await?;
         let model = state
             .models
             .get_model(DEFAULT_TENANT, model_id)

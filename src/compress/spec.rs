@@ -255,13 +255,13 @@ pub fn parse_spec(spec: &Value) -> Result<Plan, CompressError> {
         .ok_or_else(|| spec_err("spec", "must be a JSON object"))?;
     for key in obj.keys() {
         if ![
-            "model_id", "preset", "pipeline", "outputs", "options", "latency", "deploy",
+            "model_id", "preset", "pipeline", "outputs", "options", "latency", "deploy", "eval",
         ]
         .contains(&key.as_str())
         {
             return Err(spec_err(
                 key,
-                "unknown field (expected preset, options, pipeline, outputs, latency, deploy)",
+                "unknown field (expected preset, options, pipeline, outputs, latency, deploy, eval)",
             ));
         }
     }

@@ -41,7 +41,7 @@ impl Metric {
 }
 
 /// Every figure of the metric's family; absent ones do not apply.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Scores {
     pub samples: usize,
     pub max_abs_diff: f64,

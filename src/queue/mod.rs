@@ -15,6 +15,8 @@ pub enum QueueError {
     IdempotencyConflict,
     #[error("model is used by a queued or running job")]
     ModelInUse,
+    #[error("dataset is used by a queued or running job")]
+    DatasetInUse,
     #[error("job is already {0}")]
     NotCancellable(String),
     #[error("database: {0}")]

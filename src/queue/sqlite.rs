@@ -264,14 +264,35 @@ impl ModelCatalog for SqliteStore {
     }
 
     async fn delete_dataset(&self, tenant: &str, id: Uuid) -> Result<String, QueueError> {
-        let key: Option<String> = sqlx::query_scalar(
-            "DELETE FROM datasets WHERE id = ? AND tenant_id = ? RETURNING blob_key",
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+        // A job names its dataset only in its spec: the id is a uuid, so a substring match
+        // on the stored JSON finds exactly the jobs that name it.
+        let active: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM jobs WHERE tenant_id = ? AND state IN ('queued', 'running') \
+             AND instr(spec_json, ?) > 0",
         )
-        .bind(id.to_string())
         .bind(tenant)
-        .fetch_optional(&self.writer)
+        .bind(id.to_string())
+        .fetch_one(&mut *tx)
         .await?;
-        key.ok_or(QueueError::NotFound)
+        let key: Option<String> =
+            sqlx::query_scalar("SELECT blob_key FROM datasets WHERE id = ? AND tenant_id = ?")
+                .bind(id.to_string())
+                .bind(tenant)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let Some(key) = key else {
+            return Err(QueueError::NotFound);
+        };
+        if active > 0 {
+            return Err(QueueError::DatasetInUse);
+        }
+        sqlx::query("DELETE FROM datasets WHERE id = ?")
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(key)
     }
 
     async fn ping(&self) -> bool {

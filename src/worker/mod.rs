@@ -156,6 +156,36 @@ async fn run_claimed(state: &AppState, worker: &str, job: JobRecord) -> anyhow::
         }
     };
     let input = state.blobs.local_path(&model.blob_key).await?;
+    // The dataset an `eval` block names (checked at submit; it may have gone since).
+    let eval_spec = match crate::eval::EvalSpec::parse(&job.spec) {
+        Ok(e) => e,
+        Err(e) => {
+            state.queue.fail(job.id, worker, "invalid_spec", &e).await?;
+            return Ok(Outcome::Failed);
+        }
+    };
+    let dataset_path = match &eval_spec {
+        None => None,
+        Some(e) => match state
+            .models
+            .get_dataset(&job.tenant_id, e.dataset_id)
+            .await?
+        {
+            Some(d) => Some(state.blobs.local_path(&d.blob_key).await?),
+            None => {
+                state
+                    .queue
+                    .fail(
+                        job.id,
+                        worker,
+                        "dataset_not_found",
+                        "the dataset the job's eval names no longer exists",
+                    )
+                    .await?;
+                return Ok(Outcome::Failed);
+            }
+        },
+    };
     let out_dir = tempfile::Builder::new()
         .prefix("job-")
         .tempdir_in(state.blobs.staging_dir())?;
@@ -207,7 +237,11 @@ async fn run_claimed(state: &AppState, worker: &str, job: JobRecord) -> anyhow::
     let (plan2, out_path, ctl2) = (plan.clone(), out_dir.path().to_path_buf(), ctl.clone());
     let result = tokio::task::spawn_blocking(move || {
         let _g = span.enter();
-        runner::execute(&input, &plan2, &out_path, ctl2.as_ref())
+        let eval = eval_spec
+            .as_ref()
+            .zip(dataset_path.as_deref())
+            .map(|(spec, dataset)| runner::EvalInput { spec, dataset });
+        runner::execute(&input, &plan2, &out_path, ctl2.as_ref(), eval)
     })
     .await;
     hb.abort();

@@ -56,6 +56,11 @@ async fn readme_walkthrough_runs() {
         "walkthrough failed:\n{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // Step 6 printed the job's evaluation on the uploaded dataset.
+    assert!(
+        stdout.contains("'metric': 'top1'") && stdout.contains("'original': 0.984"),
+        "{stdout}"
+    );
     let restored = work.path().join("restored.onnx");
     assert!(
         restored.exists(),
