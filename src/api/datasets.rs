@@ -64,18 +64,9 @@ pub async fn upload(
     let (arrays, rows, has_labels): (Vec<ArrayInfo>, Option<u64>, bool) =
         described.map_err(invalid)?;
     let id = Uuid::now_v7();
-    let name = q
-        .get("name")
-        .cloned()
-        .or(up.file_name)
-        .map(|n| {
-            n.chars()
-                .filter(|c| !c.is_control())
-                .take(255)
-                .collect::<String>()
-        })
-        .filter(|n| !n.is_empty())
-        .unwrap_or_else(|| "dataset.npz".into());
+    let name = extract::display_name(q.get("name").cloned().or(up.file_name), || {
+        "dataset.npz".into()
+    });
     let record = DatasetRecord {
         id,
         tenant_id: DEFAULT_TENANT.into(),

@@ -28,6 +28,19 @@ pub struct Upload {
 /// Largest JSON spec accepted.
 pub const MAX_SPEC_BYTES: usize = 1 << 20;
 
+/// A display name for an upload: control characters dropped, at most 255 characters, or
+/// `default` when nothing is left.
+pub fn display_name(name: Option<String>, default: impl FnOnce() -> String) -> String {
+    name.map(|n| {
+        n.chars()
+            .filter(|c| !c.is_control())
+            .take(255)
+            .collect::<String>()
+    })
+    .filter(|n| !n.is_empty())
+    .unwrap_or_else(default)
+}
+
 pub fn is_multipart(req: &Request) -> bool {
     req.headers()
         .get(CONTENT_TYPE)

@@ -51,16 +51,7 @@ pub async fn store_model(
         Err(e) => return Err(ApiError::internal(e)),
     };
     let id = Uuid::now_v7();
-    let default_name = format!("model.{}", format.extension());
-    let name = name
-        .map(|n| {
-            n.chars()
-                .filter(|c| !c.is_control())
-                .take(255)
-                .collect::<String>()
-        })
-        .filter(|n| !n.is_empty())
-        .unwrap_or(default_name);
+    let name = extract::display_name(name, || format!("model.{}", format.extension()));
     let record = ModelRecord {
         id,
         tenant_id: DEFAULT_TENANT.into(),
