@@ -111,8 +111,10 @@ async fn check_eval(state: &AppState, spec: &Value) -> Result<(), ApiError> {
 
 /// Refuses, at submit time, an ordering that some tensor of the model cannot take (e.g.
 /// quantizing float32 factors, pruning binary weights): checked on the stored inventory.
-fn check_orderings(model: &ModelRecord, spec: &Value) -> Result<(), compress::CompressError> {
-    let plan = compress::parse_spec(spec)?;
+fn check_orderings(
+    model: &ModelRecord,
+    plan: &compress::Plan,
+) -> Result<(), compress::CompressError> {
     let inventory: Vec<TensorInfo> = serde_json::from_str(&model.tensors_json).unwrap_or_default();
     let facts = inventory.iter().filter_map(|t| {
         Some(TensorFacts {
@@ -122,7 +124,7 @@ fn check_orderings(model: &ModelRecord, spec: &Value) -> Result<(), compress::Co
             role: Role::parse(&t.role)?,
         })
     });
-    compress::check(facts, &plan)
+    compress::check(facts, plan)
 }
 
 pub async fn create(
@@ -143,7 +145,7 @@ pub async fn create(
                 "model_id: not allowed when the form carries the model file",
             ));
         }
-        compress::parse_spec(&spec).map_err(invalid_spec)?;
+        let plan = compress::parse_spec(&spec).map_err(invalid_spec)?;
         check_eval(&state, &spec).await?;
         let file = up.file.ok_or_else(|| {
             ApiError::new(ErrorCode::InvalidRequest, "the form has no `file` field")
@@ -157,7 +159,7 @@ pub async fn create(
             }
         }
         let model = store_model(&state, file, up.file_name).await?;
-        check_orderings(&model, &spec).map_err(|e| {
+        check_orderings(&model, &plan).map_err(|e| {
             ApiError::new(
                 ErrorCode::InvalidSpec,
                 format!("{e} (the model was stored as {})", model.id),
@@ -179,7 +181,7 @@ pub async fn create(
                 format!("no model with id {raw_id:?}"),
             )
         })?;
-        compress::parse_spec(&spec).map_err(invalid_spec)?;
+        let plan = compress::parse_spec(&spec).map_err(invalid_spec)?;
         check_eval(&state, &spec).await?;
         let model = state
             .models
@@ -191,7 +193,7 @@ pub async fn create(
                     format!("no model with id {model_id}"),
                 )
             })?;
-        check_orderings(&model, &spec).map_err(invalid_spec)?;
+        check_orderings(&model, &plan).map_err(invalid_spec)?;
         let mut spec = spec;
         if let Some(o) = spec.as_object_mut() {
             o.remove("model_id");
