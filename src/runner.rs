@@ -205,13 +205,20 @@ pub fn execute(
             0.0
         }
     };
-    let latency = match (&model, input_format) {
-        (Some((Some(bytes), "onnx")), formats::Format::Onnx) if plan.latency => {
+    let timed = plan.latency && matches!(&model, Some((Some(_), "onnx")));
+    let evaluated = eval.is_some() && input_format == formats::Format::Onnx;
+    // The original ONNX bytes, for timing and evaluation: read again rather than kept from
+    // parsing, since holding the file through the whole compression would add its size to
+    // the peak for every job; read once for both.
+    let original = if timed || evaluated {
+        Some(std::fs::read(input).map_err(|e| RunError::Internal(e.to_string()))?)
+    } else {
+        None
+    };
+    let latency = match (&model, &original) {
+        (Some((Some(bytes), "onnx")), Some(original)) if timed => {
             ctl.progress(0.95, "timing the original and model.onnx");
-            // Read again rather than kept from parsing: holding the file through the whole
-            // compression would add its size to the peak for every job.
-            let original = std::fs::read(input).map_err(|e| RunError::Internal(e.to_string()))?;
-            Some(deploy::latency::compare(&original, bytes))
+            Some(deploy::latency::compare(original, bytes))
         }
         _ => None,
     };
@@ -232,31 +239,27 @@ pub fn execute(
         ));
     }
     let evaluation = eval.map(|e| {
-        if input_format != formats::Format::Onnx {
+        let Some(original) = original.as_deref().filter(|_| evaluated) else {
             return crate::eval::Evaluation::skipped(
                 e.spec,
                 "a weight-only file cannot be run; the report gives weight-space figures only",
             );
-        }
+        };
         ctl.progress(
             0.96,
             "evaluating the original and model.onnx on the dataset",
         );
-        let loaded = std::fs::read(input)
+        let data = std::fs::read(e.dataset)
             .map_err(|e| e.to_string())
-            .and_then(|original| {
-                let data = std::fs::read(e.dataset).map_err(|e| e.to_string())?;
-                let data = crate::eval::run::Dataset::from_npz(&data)?;
-                Ok((original, data))
-            });
-        match loaded {
+            .and_then(|d| crate::eval::run::Dataset::from_npz(&d));
+        match data {
             Err(why) => crate::eval::Evaluation::skipped(e.spec, why),
-            Ok((original, data)) => {
+            Ok(data) => {
                 let candidate = model
                     .as_ref()
                     .and_then(|(b, _)| b.as_deref())
                     .unwrap_or(&restored_bytes[..]);
-                crate::eval::evaluate(&original, candidate, &data, e.spec)
+                crate::eval::evaluate(original, candidate, &data, e.spec)
             }
         }
     });
