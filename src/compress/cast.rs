@@ -77,9 +77,6 @@ impl Form for Halves {
         self.bits = cast_bits(values, self.dtype);
         Ok(())
     }
-    fn factorized(&self) -> bool {
-        false
-    }
     fn store(&self, t: &Tensor, parts: &mut Parts) -> Stored {
         let dt = match self.dtype {
             CastType::Float16 => DType::F16,

@@ -49,9 +49,6 @@ impl Encoding {
     pub fn decode(&self, shape: &[usize]) -> Vec<f32> {
         self.form().decode(shape)
     }
-    pub fn factorized(&self) -> bool {
-        self.form().factorized()
-    }
 }
 
 /// A tensor's stored form in `model.<ext>`.
@@ -70,8 +67,6 @@ pub trait Form {
     /// A later pruning step zeroed some of `values`: make the form agree, or say why it
     /// cannot hold them.
     fn rezero(&mut self, values: &[f32], shape: &[usize]) -> Result<(), String>;
-    /// Float32 factors: nothing but another factorization replaces them.
-    fn factorized(&self) -> bool;
     /// Appends the form's parts for `model.<ext>`.
     fn store(&self, t: &Tensor, parts: &mut Parts) -> Stored;
     /// The form's payload in `model.mpz`; `huffman` allows entropy coding, `pruned` says a

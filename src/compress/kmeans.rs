@@ -155,9 +155,6 @@ impl Form for Clustered {
         }
         Ok(())
     }
-    fn factorized(&self) -> bool {
-        false
-    }
     fn store(&self, t: &Tensor, parts: &mut Parts) -> Stored {
         let width = pack::width_for(self.symbols());
         let symbols: Vec<u32> = self.indices.iter().map(|&i| u32::from(i)).collect();

@@ -126,9 +126,6 @@ impl Form for Factors {
     fn rezero(&mut self, _values: &[f32], _shape: &[usize]) -> Result<(), String> {
         Err("a factorization; prune first".into())
     }
-    fn factorized(&self) -> bool {
-        true
-    }
     fn store(&self, t: &Tensor, parts: &mut Parts) -> Stored {
         let (a, na) = parts.push_f32("a", vec![self.rows, self.rank], &self.a);
         let (b, nb) = parts.push_f32("b", vec![self.rank, self.cols], &self.b);

@@ -311,15 +311,7 @@ pub fn run(tensors: &[Tensor], plan: &Plan, ctl: &dyn Control) -> Result<Outcome
             }
             let t = &tensors[i];
             let Some(w) = work[i].as_mut() else { continue };
-            if step.method.kind() == Kind::Encode
-                && w.encoding.as_ref().is_some_and(Encoding::factorized)
-            {
-                return Err(method::refused_in_run(
-                    t,
-                    &label,
-                    "a factorization (factors stay float32)",
-                ));
-            }
+            // `check` refused every step that cannot follow this tensor's form.
             match step.method.apply(t, w)? {
                 Applied::Ran => {
                     w.pruned |= step.method.kind() == Kind::Prune;

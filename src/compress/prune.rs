@@ -4,9 +4,7 @@
 //! The `prune` method: per tensor, global, or global with per-layer sparsities from a
 //! sensitivity pass. Its `structure` and `pattern` forms are in `structured.rs`.
 
-use super::method::{
-    fraction, params, refused_in_run, spec_err, Applied, Kind, Method, Registration, Working,
-};
+use super::method::{fraction, params, spec_err, Applied, Kind, Method, Registration, Working};
 use super::quantize::ChannelLayout;
 use super::structured::{Dim, Norm, PruneNm, PruneStructured};
 use super::CompressError;
@@ -140,15 +138,6 @@ impl Method for Prune {
     ) -> Result<(), CompressError> {
         if self.scope == PruneScope::Tensor {
             return Ok(());
-        }
-        for (t, w) in tensors.iter().zip(work.iter()) {
-            if w.encoding.as_ref().is_some_and(|e| e.factorized()) {
-                return Err(refused_in_run(
-                    t,
-                    &self.label(),
-                    "a factorization; prune first",
-                ));
-            }
         }
         if self.scope == PruneScope::Global {
             let total: usize = work.iter().map(|w| w.values.len()).sum();

@@ -177,9 +177,6 @@ impl Form for Quantized {
         }
         Ok(())
     }
-    fn factorized(&self) -> bool {
-        false
-    }
     fn store(&self, t: &Tensor, parts: &mut Parts) -> Stored {
         let scale_name = parts.name("scale");
         let zp_name = parts.name("zero_point");

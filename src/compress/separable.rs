@@ -147,9 +147,6 @@ impl Form for Separable {
     fn rezero(&mut self, _values: &[f32], _shape: &[usize]) -> Result<(), String> {
         Err("a factorization; prune first".into())
     }
-    fn factorized(&self) -> bool {
-        true
-    }
     fn store(&self, t: &Tensor, parts: &mut Parts) -> Stored {
         let [o, c, kh, kw] = self.shape;
         let (v, nv) = parts.push_f32("v", vec![o, c, kh, self.rank], &self.v);
@@ -186,9 +183,6 @@ impl Form for Tucker2 {
     }
     fn rezero(&mut self, _values: &[f32], _shape: &[usize]) -> Result<(), String> {
         Err("a factorization; prune first".into())
-    }
-    fn factorized(&self) -> bool {
-        true
     }
     fn store(&self, t: &Tensor, parts: &mut Parts) -> Stored {
         let (uo, n1) = parts.push_f32("u_out", vec![self.out_channels, self.rank_out], &self.u_out);
