@@ -253,9 +253,15 @@ pub fn evaluate(args: EvaluateArgs) -> i32 {
         }
         let original = read(&args.original)?;
         let candidate = read(&args.candidate)?;
-        let o = run::run(&original, &data, feed, args.output.as_deref())
-            .map_err(|e| format!("original: {e}"))?;
-        let c = run::run(&candidate, &data, feed, Some(&o.name))
+        let o = run::run(
+            &original,
+            &data,
+            feed,
+            args.output.as_deref(),
+            &mut |_, _| true,
+        )
+        .map_err(|e| format!("original: {e}"))?;
+        let c = run::run(&candidate, &data, feed, Some(&o.name), &mut |_, _| true)
             .map_err(|e| format!("candidate: {e}"))?;
         let labels = data.labels.as_deref().filter(|l| l.len() == o.rows);
         let scores = metrics::score(metric, &o.values, &c.values, o.rows, labels, args.threshold)

@@ -16,6 +16,8 @@ pub enum ErrorCode {
     InvalidSpec,
     /// 422: the dataset is not an .npz in the convention (arrays, int64 `labels` [N]).
     InvalidDataset,
+    /// 422: the job's dataset does not fit the model's graph inputs (names, dtypes, shapes).
+    DatasetMismatch,
     /// 413: the upload is larger than `MODELPRESS_MAX_UPLOAD_BYTES`.
     PayloadTooLarge,
     /// 415: the request body has a content type this route does not take.
@@ -55,6 +57,7 @@ impl ErrorCode {
             ErrorCode::InvalidModel => "invalid_model",
             ErrorCode::InvalidSpec => "invalid_spec",
             ErrorCode::InvalidDataset => "invalid_dataset",
+            ErrorCode::DatasetMismatch => "dataset_mismatch",
             ErrorCode::PayloadTooLarge => "payload_too_large",
             ErrorCode::UnsupportedMediaType => "unsupported_media_type",
             ErrorCode::ModelNotFound => "model_not_found",
@@ -76,9 +79,10 @@ impl ErrorCode {
     pub fn status(self) -> StatusCode {
         match self {
             ErrorCode::InvalidRequest => StatusCode::BAD_REQUEST,
-            ErrorCode::InvalidModel | ErrorCode::InvalidSpec | ErrorCode::InvalidDataset => {
-                StatusCode::UNPROCESSABLE_ENTITY
-            }
+            ErrorCode::InvalidModel
+            | ErrorCode::InvalidSpec
+            | ErrorCode::InvalidDataset
+            | ErrorCode::DatasetMismatch => StatusCode::UNPROCESSABLE_ENTITY,
             ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorCode::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ErrorCode::ModelNotFound

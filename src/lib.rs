@@ -16,6 +16,7 @@ pub mod formats;
 pub mod model;
 pub mod queue;
 pub mod runner;
+pub mod search;
 pub mod startup;
 pub mod state;
 pub mod store;

@@ -36,6 +36,12 @@ pub struct Summary {
     /// The original and model.onnx scored on the job's dataset (`eval` in the spec).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub evaluation: Option<crate::eval::Evaluation>,
+    /// The gate's verdict when the spec has one: passed_gate, failed_gate or not_evaluated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quality: Option<crate::eval::Quality>,
+    /// The search's verdict, goal, trials and chosen candidate (`constraints` / preset auto).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub search: Option<serde_json::Value>,
 }
 
 /// A job's `eval` block with the dataset file it names.
@@ -104,6 +110,89 @@ fn write_artifact(dir: &Path, name: String, bytes: &[u8]) -> Result<ArtifactFile
     })
 }
 
+/// The share of a searching job's progress the search takes; the chosen pipeline's run the
+/// rest.
+const SEARCH_SHARE: f64 = 0.8;
+
+/// Progress of an inner stage mapped onto `[lo, hi]` of the job.
+struct Span<'a> {
+    inner: &'a dyn Control,
+    lo: f64,
+    hi: f64,
+}
+
+impl<'a> Span<'a> {
+    fn new(inner: &'a dyn Control, lo: f64, hi: f64) -> Self {
+        Span { inner, lo, hi }
+    }
+}
+
+impl Control for Span<'_> {
+    fn progress(&self, fraction: f64, stage: &str) {
+        self.inner
+            .progress(self.lo + (self.hi - self.lo) * fraction, stage);
+    }
+    fn cancelled(&self) -> bool {
+        self.inner.cancelled()
+    }
+    fn tensor_done(&self) {
+        self.inner.tensor_done()
+    }
+}
+
+/// Runs the job's search and returns the plan it chose (the job's outputs and options kept).
+fn search(
+    input: &Path,
+    set: &formats::TensorSet,
+    plan: &Plan,
+    spec: &crate::search::SearchSpec,
+    eval: Option<&EvalInput>,
+    ctl: &dyn Control,
+) -> Result<(Plan, crate::search::SearchOutcome), RunError> {
+    let eval = eval.ok_or_else(|| {
+        RunError::InvalidSpec(
+            "constraints: a search needs an `eval` block (dataset and metric)".into(),
+        )
+    })?;
+    let formats::Container::Onnx(container) = &set.container else {
+        return Err(RunError::InvalidSpec(
+            "constraints: a search runs the model, so it needs an ONNX model".into(),
+        ));
+    };
+    let original = std::fs::read(input).map_err(|e| RunError::Internal(e.to_string()))?;
+    let data = std::fs::read(eval.dataset)
+        .map_err(|e| RunError::Internal(e.to_string()))
+        .and_then(|d| crate::eval::run::Dataset::from_npz(&d).map_err(RunError::InvalidSpec))?;
+    let found = crate::search::search(
+        &set.tensors,
+        container,
+        &original,
+        &data,
+        eval.spec,
+        spec,
+        ctl,
+        (0.0, SEARCH_SHARE),
+    )
+    .map_err(|e| match e {
+        crate::search::SearchError::Cancelled => RunError::Cancelled,
+        crate::search::SearchError::Unrunnable(m) => RunError::InvalidModel(format!(
+            "the search cannot run the original on the dataset: {m}"
+        )),
+    })?;
+    if found.pipeline.is_empty() {
+        return Err(RunError::InvalidModel(format!(
+            "the search found no candidate to return: no layer of at least {} parameters could be compressed and scored",
+            spec.min_params
+        )));
+    }
+    let mut chosen = compress::parse_spec(&serde_json::json!({"pipeline": found.pipeline}))?;
+    chosen.outputs = plan.outputs.clone();
+    chosen.outputs_explicit = plan.outputs_explicit;
+    chosen.latency = plan.latency;
+    chosen.deploy = plan.deploy;
+    Ok((chosen, found))
+}
+
 /// Compresses `input` by `plan` and writes the requested artifacts into `out_dir`.
 pub fn execute(
     input: &Path,
@@ -117,6 +206,19 @@ pub fn execute(
         .map_err(|e| RunError::Internal(e.to_string()))?
         .len();
     let set = formats::read_path(input)?;
+    // A search chooses the pipeline first; the job then runs it as if it had been sent.
+    let searched = match &plan.search {
+        None => None,
+        Some(s) => Some(search(input, &set, plan, s, eval.as_ref(), ctl)?),
+    };
+    let span;
+    let (plan, ctl): (&Plan, &dyn Control) = match &searched {
+        None => (plan, ctl),
+        Some((p, _)) => {
+            span = Span::new(ctl, SEARCH_SHARE, 1.0);
+            (p, &span)
+        }
+    };
     let mut outcome = compress::run(&set.tensors, plan, ctl)?;
     outcome.report.format = set.format.as_str().into();
     let restored = set.with_tensors(std::mem::take(&mut outcome.restored));
@@ -238,35 +340,61 @@ pub fn execute(
             ),
         ));
     }
-    let evaluation = eval.map(|e| {
-        let Some(original) = original.as_deref().filter(|_| evaluated) else {
-            return crate::eval::Evaluation::skipped(
+    let evaluation = match eval {
+        None => None,
+        Some(e) => Some(match original.as_deref().filter(|_| evaluated) {
+            None => crate::eval::Evaluation::skipped(
                 e.spec,
                 "a weight-only file cannot be run; the report gives weight-space figures only",
-            );
-        };
-        ctl.progress(
-            0.96,
-            "evaluating the original and model.onnx on the dataset",
-        );
-        let data = std::fs::read(e.dataset)
-            .map_err(|e| e.to_string())
-            .and_then(|d| crate::eval::run::Dataset::from_npz(&d));
-        match data {
-            Err(why) => crate::eval::Evaluation::skipped(e.spec, why),
-            Ok(data) => {
+            ),
+            Some(original) => {
+                ctl.progress(
+                    0.96,
+                    "evaluating the original and model.onnx on the dataset",
+                );
+                let data = std::fs::read(e.dataset)
+                    .map_err(|e| e.to_string())
+                    .and_then(|d| crate::eval::run::Dataset::from_npz(&d));
                 let candidate = model
                     .as_ref()
                     .and_then(|(b, _)| b.as_deref())
                     .unwrap_or(&restored_bytes[..]);
-                crate::eval::evaluate(original, candidate, &data, e.spec)
+                match data.map(|data| {
+                    crate::eval::evaluate(original, candidate, &data, e.spec, ctl, (0.96, 0.99))
+                }) {
+                    Err(why) => crate::eval::Evaluation::skipped(e.spec, why),
+                    Ok(Ok(ev)) => ev,
+                    Ok(Err(crate::eval::EvalFailure::Cancelled)) => {
+                        return Err(RunError::Cancelled)
+                    }
+                    Ok(Err(crate::eval::EvalFailure::Skipped(why))) => {
+                        crate::eval::Evaluation::skipped(e.spec, why)
+                    }
+                }
             }
-        }
-    });
+        }),
+    };
     if let Some(why) = evaluation.as_ref().and_then(|e| e.skipped.as_ref()) {
         warnings.push(Warning::new(
             "evaluation_skipped",
             format!("the job asked for an evaluation that could not run: {why}"),
+        ));
+    }
+    let quality = evaluation
+        .as_ref()
+        .and_then(|e| e.gate.as_ref())
+        .map(|g| g.quality);
+    if let (Some(crate::eval::Quality::FailedGate), Some(e)) = (quality, &evaluation) {
+        warnings.push(Warning::new(
+            "failed_gate",
+            format!(
+                "{} dropped by {:.6} ({:.6} -> {:.6}), beyond the gate's max_metric_drop {}",
+                e.metric.name(),
+                e.drop.unwrap_or(f64::NAN),
+                e.original.unwrap_or(f64::NAN),
+                e.compressed.unwrap_or(f64::NAN),
+                e.gate.as_ref().map_or(0.0, |g| g.max_metric_drop)
+            ),
         ));
     }
     let totals = &outcome.report.totals;
@@ -283,6 +411,8 @@ pub fn execute(
         warnings: warnings.clone(),
         latency,
         evaluation,
+        quality,
+        search: searched.as_ref().map(|(_, f)| f.summary.clone()),
     };
     let mut artifacts = Vec::new();
     if wants("model") {
@@ -293,6 +423,16 @@ pub fn execute(
     }
     if let Some(bytes) = &archive {
         artifacts.push(write_artifact(out_dir, "model.mpz".into(), bytes)?);
+    }
+    if let Some((_, found)) = &searched {
+        for (name, doc) in [
+            ("search.json", &found.doc),
+            ("sensitivity.json", &found.sensitivity),
+        ] {
+            let bytes =
+                serde_json::to_vec_pretty(doc).map_err(|e| RunError::Internal(e.to_string()))?;
+            artifacts.push(write_artifact(out_dir, name.into(), &bytes)?);
+        }
     }
     if wants("restored") {
         artifacts.push(write_artifact(

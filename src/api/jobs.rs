@@ -5,10 +5,13 @@ use super::models::store_model;
 use super::{page_params, parse_id, rfc3339};
 use crate::compress;
 use crate::error::{ApiError, ErrorCode};
-use crate::formats::TensorInfo;
+use crate::eval::run::ArrayInfo;
+use crate::eval::EvalSpec;
+use crate::formats::{GraphInput, TensorInfo};
 use crate::model::{DType, Role, TensorFacts};
 use crate::queue::{
-    ArtifactRecord, Enqueued, JobFilter, JobRecord, JobState, ModelRecord, NewJob, QueueError,
+    ArtifactRecord, DatasetRecord, Enqueued, JobFilter, JobRecord, JobState, ModelRecord, NewJob,
+    QueueError,
 };
 use crate::state::{AppState, DEFAULT_TENANT};
 use axum::extract::{Path, Query, Request, State};
@@ -38,6 +41,7 @@ pub fn job_view(j: &JobRecord, artifacts: &[ArtifactRecord]) -> Value {
         "finished_at": j.finished_at.map(rfc3339),
         "error": error,
         "summary": j.summary,
+        "quality": j.summary.as_ref().and_then(|s| s.get("quality")).cloned().unwrap_or(Value::Null),
         "warnings": j.summary.as_ref().and_then(|s| s.get("warnings")).cloned().unwrap_or_else(|| json!([])),
         "artifacts": artifacts.iter().map(|a| json!({
             "name": a.name,
@@ -81,11 +85,13 @@ fn invalid_spec(e: compress::CompressError) -> ApiError {
 }
 
 /// The spec's `eval` block: well formed, its dataset stored, labels there for top1.
-async fn check_eval(state: &AppState, spec: &Value) -> Result<(), ApiError> {
-    let Some(e) =
-        crate::eval::EvalSpec::parse(spec).map_err(|m| ApiError::new(ErrorCode::InvalidSpec, m))?
+async fn check_eval(
+    state: &AppState,
+    spec: &Value,
+) -> Result<Option<(EvalSpec, DatasetRecord)>, ApiError> {
+    let Some(e) = EvalSpec::parse(spec).map_err(|m| ApiError::new(ErrorCode::InvalidSpec, m))?
     else {
-        return Ok(());
+        return Ok(None);
     };
     let d = state
         .models
@@ -103,6 +109,51 @@ async fn check_eval(state: &AppState, spec: &Value) -> Result<(), ApiError> {
             format!(
                 "eval.metric: top1 needs `labels` in the dataset; {} has none (agreement compares with the original instead)",
                 d.id
+            ),
+        ));
+    }
+    Ok(Some((e, d)))
+}
+
+/// The eval dataset against the model's graph inputs (recorded at upload; a weight-only model
+/// is not run, so any dataset goes: its report says so).
+fn check_fits(model: &ModelRecord, eval: &Option<(EvalSpec, DatasetRecord)>) -> Result<(), String> {
+    let (Some((e, d)), Some(inputs)) = (eval, model.inputs_json.as_deref()) else {
+        return Ok(());
+    };
+    let inputs: Vec<GraphInput> = serde_json::from_str(inputs).unwrap_or_default();
+    let arrays: Vec<ArrayInfo> = serde_json::from_str(&d.arrays_json).unwrap_or_default();
+    crate::eval::check::fits(&inputs, &arrays, d.rows, e.feed).map_err(|diffs| {
+        format!(
+            "eval.dataset_id: dataset {} does not fit model {}: {}",
+            d.id,
+            model.id,
+            diffs.join("; ")
+        )
+    })
+}
+
+/// A search runs the model on the dataset: it needs both.
+fn check_search(
+    model: &ModelRecord,
+    plan: &compress::Plan,
+    eval: &Option<(EvalSpec, DatasetRecord)>,
+) -> Result<(), ApiError> {
+    if plan.search.is_none() {
+        return Ok(());
+    }
+    if eval.is_none() {
+        return Err(ApiError::new(
+            ErrorCode::InvalidSpec,
+            "constraints: a search needs an `eval` block (the dataset and metric it is judged on)",
+        ));
+    }
+    if model.format != "onnx" {
+        return Err(ApiError::new(
+            ErrorCode::InvalidSpec,
+            format!(
+                "constraints: a search runs the model; model {} is {}, which cannot be run (ONNX can)",
+                model.id, model.format
             ),
         ));
     }
@@ -146,7 +197,7 @@ pub async fn create(
             ));
         }
         let plan = compress::parse_spec(&spec).map_err(invalid_spec)?;
-        check_eval(&state, &spec).await?;
+        let eval = check_eval(&state, &spec).await?;
         let file = up.file.ok_or_else(|| {
             ApiError::new(ErrorCode::InvalidRequest, "the form has no `file` field")
         })?;
@@ -165,6 +216,13 @@ pub async fn create(
                 format!("{e} (the model was stored as {})", model.id),
             )
         })?;
+        check_fits(&model, &eval).map_err(|m| {
+            ApiError::new(
+                ErrorCode::DatasetMismatch,
+                format!("{m} (the model was stored as {})", model.id),
+            )
+        })?;
+        check_search(&model, &plan, &eval)?;
         (model.id, spec, fingerprint)
     } else {
         let body = extract::small_body(req.into_body(), extract::MAX_SPEC_BYTES).await?;
@@ -182,7 +240,7 @@ pub async fn create(
             )
         })?;
         let plan = compress::parse_spec(&spec).map_err(invalid_spec)?;
-        check_eval(&state, &spec).await?;
+        let eval = check_eval(&state, &spec).await?;
         let model = state
             .models
             .get_model(DEFAULT_TENANT, model_id)
@@ -194,6 +252,8 @@ pub async fn create(
                 )
             })?;
         check_orderings(&model, &plan).map_err(invalid_spec)?;
+        check_fits(&model, &eval).map_err(|m| ApiError::new(ErrorCode::DatasetMismatch, m))?;
+        check_search(&model, &plan, &eval)?;
         let mut spec = spec;
         if let Some(o) = spec.as_object_mut() {
             o.remove("model_id");

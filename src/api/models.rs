@@ -43,7 +43,12 @@ pub async fn store_model(
     let parsed = tokio::task::spawn_blocking(move || formats::inspect_path(&path))
         .await
         .map_err(ApiError::internal)?;
-    let (format, inventory, parameters) = match parsed {
+    let formats::Inspection {
+        format,
+        inventory,
+        parameters,
+        inputs,
+    } = match parsed {
         Ok(v) => v,
         Err(e) if e.is_user_error() => {
             return Err(ApiError::new(ErrorCode::InvalidModel, e.to_string()))
@@ -63,6 +68,10 @@ pub async fn store_model(
         parameter_count: parameters,
         blob_key: format!("models/{id}"),
         tensors_json: serde_json::to_string(&inventory).map_err(ApiError::internal)?,
+        inputs_json: inputs
+            .map(|i| serde_json::to_string(&i))
+            .transpose()
+            .map_err(ApiError::internal)?,
         created_at: crate::queue::now_ms(),
     };
     state.blobs.put_file(&record.blob_key, &file.temp).await?;

@@ -29,7 +29,7 @@ use form::{Parts, Stored};
 pub use method::{Applied, Kind, Method, Working};
 use report::{Report, StageTotals, TensorReport, Totals};
 use serde_json::{Map, Value};
-pub use spec::{parse_spec, preset, OUTPUT_NAMES, PRESET_NAMES};
+pub use spec::{parse_spec, preset, AUTO_PRESET, OUTPUT_NAMES, PRESET_NAMES};
 use std::sync::Arc;
 
 /// Errors of the core: bad specs, bad values in a model, or a cancelled run.
@@ -108,6 +108,8 @@ pub struct Plan {
     pub latency: bool,
     /// Which ONNX forms `model.onnx` uses where there is a choice.
     pub deploy: DeployStyle,
+    /// `constraints` / preset `auto`: the runner searches for the pipeline (steps is empty).
+    pub search: Option<crate::search::SearchSpec>,
 }
 
 /// ONNX forms where there is a choice: weights rebuilt by plain ops that a runtime folds once

@@ -10,6 +10,11 @@ use std::sync::Arc;
 /// The artifacts a job can produce.
 pub const OUTPUT_NAMES: &[&str] = &["model", "restored", "report", "archive"];
 
+/// The preset that searches for the smallest model within a metric drop of 0.01 on the job's
+/// dataset (see [`crate::search`]).
+pub const AUTO_PRESET: &str = "auto";
+
+/// The presets that expand to a fixed pipeline (every name a job takes but `auto`).
 pub const PRESET_NAMES: &[&str] = &[
     "int8",
     "int8-tensor",
@@ -255,13 +260,23 @@ pub fn parse_spec(spec: &Value) -> Result<Plan, CompressError> {
         .ok_or_else(|| spec_err("spec", "must be a JSON object"))?;
     for key in obj.keys() {
         if ![
-            "model_id", "preset", "pipeline", "outputs", "options", "latency", "deploy", "eval",
+            "model_id",
+            "preset",
+            "pipeline",
+            "outputs",
+            "options",
+            "latency",
+            "deploy",
+            "eval",
+            "gate",
+            "constraints",
+            "max_seconds",
         ]
         .contains(&key.as_str())
         {
             return Err(spec_err(
                 key,
-                "unknown field (expected preset, options, pipeline, outputs, latency, deploy, eval)",
+                "unknown field (expected preset, options, pipeline, outputs, latency, deploy, eval, gate, constraints, max_seconds)",
             ));
         }
     }
@@ -271,7 +286,29 @@ pub fn parse_spec(spec: &Value) -> Result<Plan, CompressError> {
         Some(Value::Object(o)) => o,
         Some(_) => return Err(spec_err("options", "must be an object")),
     };
+    let auto = obj.get("preset").and_then(Value::as_str) == Some(AUTO_PRESET);
+    let search =
+        crate::search::SearchSpec::parse(obj.get("constraints"), obj.get("max_seconds"), auto)
+            .map_err(|(field, m)| spec_err(&field, m))?;
+    if search.is_none() && obj.contains_key("max_seconds") {
+        return Err(spec_err(
+            "max_seconds",
+            "bounds a search: give `constraints` or preset \"auto\"",
+        ));
+    }
     let steps_json = match (obj.get("preset"), obj.get("pipeline")) {
+        _ if search.is_some() => {
+            if obj.contains_key("pipeline") || (obj.contains_key("preset") && !auto) {
+                return Err(spec_err(
+                    "constraints",
+                    "a search chooses the pipeline: give constraints (or preset \"auto\") without a pipeline or another preset",
+                ));
+            }
+            if obj.contains_key("options") {
+                return Err(spec_err("options", "a search takes no options"));
+            }
+            Vec::new()
+        }
         (Some(_), Some(_)) => {
             return Err(spec_err(
                 "preset",
@@ -366,5 +403,6 @@ pub fn parse_spec(spec: &Value) -> Result<Plan, CompressError> {
         outputs_explicit,
         latency,
         deploy,
+        search,
     })
 }

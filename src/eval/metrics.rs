@@ -34,6 +34,15 @@ impl Metric {
             _ => return None,
         })
     }
+    pub fn name(self) -> &'static str {
+        match self {
+            Metric::Top1 => "top1",
+            Metric::Agreement => "agreement",
+            Metric::RelativeError => "relative_error",
+            Metric::DecisionAgreement => "decision_agreement",
+            Metric::Cosine => "cosine",
+        }
+    }
     /// True when a larger value is better.
     pub fn higher_is_better(self) -> bool {
         self != Metric::RelativeError
@@ -401,5 +410,24 @@ mod tests {
             score(Metric::Top1, &[1.0, 2.0], &[1.0, 2.0], 2, Some(&[0]), 0.5),
             Err(MetricError::LabelCount { labels: 1, rows: 2 })
         );
+    }
+}
+
+#[cfg(test)]
+mod name_tests {
+    use super::Metric;
+
+    #[test]
+    fn names_parse_back() {
+        for m in [
+            Metric::Top1,
+            Metric::Agreement,
+            Metric::RelativeError,
+            Metric::DecisionAgreement,
+            Metric::Cosine,
+        ] {
+            assert_eq!(Metric::parse(m.name()), Some(m));
+            assert_eq!(serde_json::to_value(m).unwrap(), m.name());
+        }
     }
 }

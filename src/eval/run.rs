@@ -115,6 +115,31 @@ pub struct Outputs {
     pub values: Vec<f32>,
     /// Rows (axis 0) of the collected output.
     pub rows: usize,
+    /// Seconds spent running the plans (loading and planning left out).
+    pub run_seconds: f64,
+}
+
+/// Why a run produced no outputs.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RunFailure {
+    /// `tick` asked to stop (the job was cancelled).
+    Stopped,
+    Failed(String),
+}
+
+impl std::fmt::Display for RunFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RunFailure::Stopped => f.write_str("stopped"),
+            RunFailure::Failed(m) => f.write_str(m),
+        }
+    }
+}
+
+impl From<String> for RunFailure {
+    fn from(m: String) -> Self {
+        RunFailure::Failed(m)
+    }
 }
 
 fn datum(d: DType) -> Option<DatumType> {
@@ -211,13 +236,15 @@ fn first_float_output(model: &[u8], names: &[String]) -> usize {
 }
 
 /// Runs `model` (ONNX bytes) on `data`; `output` names the output to collect (default: the
-/// first float output). Inputs are matched to arrays by name.
+/// first float output). Inputs are matched to arrays by name. `tick(done, total)` is called
+/// before each slice of rows; it returns false to stop.
 pub fn run(
     model: &[u8],
     data: &Dataset,
     feed: Feed,
     output: Option<&str>,
-) -> Result<Outputs, String> {
+    tick: &mut dyn FnMut(usize, usize) -> bool,
+) -> Result<Outputs, RunFailure> {
     let base = tract_onnx::onnx()
         .model_for_read(&mut std::io::Cursor::new(model))
         .map_err(|e| format!("tract cannot load the model: {e}"))?;
@@ -261,11 +288,11 @@ pub fn run(
                 .copied()
                 .unwrap_or(0);
             if let Some(t) = arrays.iter().find(|t| t.shape.first() != Some(&n)) {
-                return Err(format!(
+                return Err(RunFailure::Failed(format!(
                     "array {:?} has {:?} rows; the others {n}",
                     t.name,
                     t.shape.first()
-                ));
+                )));
             }
             n
         }
@@ -280,8 +307,12 @@ pub fn run(
     let mut plans: HashMap<Vec<Vec<usize>>, Plan> = HashMap::new();
     let mut values = Vec::new();
     let mut rows = 0usize;
+    let mut run_seconds = 0.0;
     let mut lo = 0;
     while lo < count {
+        if !tick(lo, count) {
+            return Err(RunFailure::Stopped);
+        }
         let hi = (lo + step).min(count);
         let range = (feed != Feed::Whole).then_some((lo, hi));
         let inputs: Vec<TractTensor> = arrays
@@ -303,9 +334,11 @@ pub fn run(
         }
         let plan = &plans[&key];
         let feed_values: TVec<TValue> = inputs.into_iter().map(TValue::from).collect();
+        let started = std::time::Instant::now();
         let out = plan
             .run(feed_values)
             .map_err(|e| format!("tract cannot run the model: {e}"))?;
+        run_seconds += started.elapsed().as_secs_f64();
         let t = out
             .get(out_index)
             .ok_or_else(|| "the model gave fewer outputs than it declares".to_string())?;
@@ -325,5 +358,6 @@ pub fn run(
         name: output_names[out_index].clone(),
         values,
         rows,
+        run_seconds,
     })
 }

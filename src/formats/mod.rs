@@ -139,7 +139,27 @@ pub fn read_path(path: &Path) -> Result<TensorSet, FormatError> {
 
 /// Validates a model file and lists its tensors. An .npy is checked from its header and
 /// length alone (constant memory); other formats are parsed whole.
-pub fn inspect_path(path: &Path) -> Result<(Format, Vec<TensorInfo>, u64), FormatError> {
+/// What an upload holds: its format, the tensor inventory, the parameter count and, for a
+/// graph (ONNX), the inputs a dataset must feed.
+pub struct Inspection {
+    pub format: Format,
+    pub inventory: Vec<TensorInfo>,
+    pub parameters: u64,
+    pub inputs: Option<Vec<GraphInput>>,
+}
+
+/// One input of a graph that is not an initializer: what a dataset array must match.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct GraphInput {
+    pub name: String,
+    /// None when the graph does not declare a tensor type this program reads.
+    pub dtype: Option<String>,
+    /// None when the graph declares no shape; an axis is None when it is symbolic
+    /// (`batch`, `sequence_length`) or unset.
+    pub shape: Option<Vec<Option<u64>>>,
+}
+
+pub fn inspect_path(path: &Path) -> Result<Inspection, FormatError> {
     use std::io::Read;
     let mut head = Vec::with_capacity(16);
     std::fs::File::open(path)?.take(16).read_to_end(&mut head)?;
@@ -153,10 +173,24 @@ pub fn inspect_path(path: &Path) -> Result<(Format, Vec<TensorInfo>, u64), Forma
             role: inventory_role(role_from_name("array", &shape, dtype)),
             shape,
         };
-        return Ok((Format::Npy, vec![info], parameters));
+        return Ok(Inspection {
+            format: Format::Npy,
+            inventory: vec![info],
+            parameters,
+            inputs: None,
+        });
     }
     let set = read_path(path)?;
-    Ok((set.format, inventory(&set), set.parameter_count()))
+    let inputs = match &set.container {
+        Container::Onnx(c) => Some(onnx::graph_inputs(&c.model)),
+        _ => None,
+    };
+    Ok(Inspection {
+        format: set.format,
+        inventory: inventory(&set),
+        parameters: set.parameter_count(),
+        inputs,
+    })
 }
 
 /// Parses and validates a model held in memory.

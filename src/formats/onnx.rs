@@ -373,6 +373,39 @@ fn usage(
     None
 }
 
+/// The graph's inputs that no initializer feeds, with their declared types and shapes.
+pub fn graph_inputs(model: &ModelProto) -> Vec<super::GraphInput> {
+    use tract_onnx::pb::{tensor_shape_proto::dimension::Value as Dim, type_proto::Value};
+    let Some(g) = model.graph.as_ref() else {
+        return Vec::new();
+    };
+    g.input
+        .iter()
+        .filter(|i| !g.initializer.iter().any(|t| t.name == i.name))
+        .map(|i| {
+            let tensor = match i.r#type.as_ref().and_then(|t| t.value.as_ref()) {
+                Some(Value::TensorType(t)) => Some(t),
+                _ => None,
+            };
+            super::GraphInput {
+                name: i.name.clone(),
+                dtype: tensor
+                    .and_then(|t| dtype_from(t.elem_type).ok())
+                    .map(|d| d.name().to_string()),
+                shape: tensor.and_then(|t| t.shape.as_ref()).map(|s| {
+                    s.dim
+                        .iter()
+                        .map(|d| match d.value {
+                            Some(Dim::DimValue(v)) if v >= 0 => Some(v as u64),
+                            _ => None,
+                        })
+                        .collect()
+                }),
+            }
+        })
+        .collect()
+}
+
 pub fn read(bytes: &[u8]) -> Result<TensorSet, FormatError> {
     let model = ModelProto::decode(bytes)
         .map_err(|e| FormatError::invalid(format!("not a valid ONNX model: {e}")))?;

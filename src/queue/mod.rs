@@ -75,6 +75,9 @@ pub struct ModelRecord {
     pub parameter_count: u64,
     pub blob_key: String,
     pub tensors_json: String,
+    /// `[{name, dtype, shape}]` of a graph's inputs (ONNX); None for weight-only formats
+    /// and for models stored before inputs were recorded.
+    pub inputs_json: Option<String>,
     pub created_at: i64,
 }
 

@@ -20,7 +20,7 @@ const JOB_COLUMNS: &str = "id, tenant_id, model_id, state, spec_json, progress, 
      cancel_requested, error_code, error_message, summary_json, created_at, started_at, finished_at";
 
 const MODEL_COLUMNS: &str =
-    "id, tenant_id, name, format, size_bytes, sha256, tensor_count, parameter_count, blob_key, tensors_json, created_at";
+    "id, tenant_id, name, format, size_bytes, sha256, tensor_count, parameter_count, blob_key, tensors_json, inputs_json, created_at";
 
 fn uuid_col(row: &SqliteRow, col: &str) -> Result<Uuid, QueueError> {
     let s: String = row.try_get(col)?;
@@ -67,6 +67,7 @@ fn model_from_row(row: &SqliteRow) -> Result<ModelRecord, QueueError> {
         parameter_count: row.try_get::<i64, _>("parameter_count")? as u64,
         blob_key: row.try_get("blob_key")?,
         tensors_json: row.try_get("tensors_json")?,
+        inputs_json: row.try_get("inputs_json")?,
         created_at: row.try_get("created_at")?,
     })
 }
@@ -125,8 +126,8 @@ impl SqliteStore {
 impl ModelCatalog for SqliteStore {
     async fn insert_model(&self, m: &ModelRecord) -> Result<(), QueueError> {
         sqlx::query(
-            "INSERT INTO models (id, tenant_id, name, format, size_bytes, sha256, tensor_count, parameter_count, blob_key, tensors_json, created_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO models (id, tenant_id, name, format, size_bytes, sha256, tensor_count, parameter_count, blob_key, tensors_json, inputs_json, created_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(m.id.to_string())
         .bind(&m.tenant_id)
@@ -138,6 +139,7 @@ impl ModelCatalog for SqliteStore {
         .bind(m.parameter_count as i64)
         .bind(&m.blob_key)
         .bind(&m.tensors_json)
+        .bind(&m.inputs_json)
         .bind(m.created_at)
         .execute(&self.writer)
         .await?;

@@ -207,6 +207,26 @@ async fn jobs_evaluate_model_onnx_on_an_uploaded_dataset() {
             "invalid_spec",
             "eval.batch: unknown field",
         ),
+        // Another model's data: no array named after the graph input.
+        (
+            json!({"model_id": mnist["id"], "preset": "int8", "eval": {"dataset_id": vad_eval["id"], "metric": "agreement"}}),
+            422,
+            "dataset_mismatch",
+            "no array \"Input3\" for the model's input \"Input3\" (float32 [1, 1, 28, 28])",
+        ),
+        // silero's state fed in rows would split h and c.
+        (
+            json!({"model_id": vad["id"], "preset": "int8", "eval": {"dataset_id": vad_eval["id"], "metric": "agreement", "feed": "per_sample"}}),
+            422,
+            "dataset_mismatch",
+            "do not share a row count",
+        ),
+        (
+            json!({"model_id": mnist["id"], "preset": "int8", "gate": {"max_metric_drop": 0.01}}),
+            422,
+            "invalid_spec",
+            "gate: needs an `eval` block",
+        ),
     ] {
         let r = app.submit(body.clone()).await;
         let s = r.status().as_u16();
@@ -220,9 +240,10 @@ async fn jobs_evaluate_model_onnx_on_an_uploaded_dataset() {
 
     let jobs = [
         app.submit_json(json!({"model_id": mnist["id"], "preset": "int8", "latency": false,
-            "eval": {"dataset_id": mnist_eval["id"], "metric": "top1"}})).await,
+            "eval": {"dataset_id": mnist_eval["id"], "metric": "top1"}, "gate": {"max_metric_drop": 0.01}})).await,
         app.submit_json(json!({"model_id": vad["id"], "preset": "int8-tensor", "latency": false,
-            "eval": {"dataset_id": vad_eval["id"], "metric": "decision_agreement", "output": "speech_probs", "threshold": threshold}})).await,
+            "eval": {"dataset_id": vad_eval["id"], "metric": "decision_agreement", "output": "speech_probs", "threshold": threshold},
+            "gate": {"max_metric_drop": 0.01}})).await,
     ];
     // Queued jobs hold their dataset.
     let r = app
@@ -269,7 +290,8 @@ async fn jobs_evaluate_model_onnx_on_an_uploaded_dataset() {
             serde_json::from_slice(&app.download(&job, "report.json").await).unwrap();
         assert_eq!(report["summary"]["evaluation"], *e, "{case}");
     }
-    // The figures say what the weight warning only suspected: int8-tensor breaks silero.
+    // The figures say what the weight warning only suspected: int8-tensor breaks silero,
+    // and the gate marks it (the job still succeeds, with its artifacts).
     let vad_job = app.job(jobs[1]["id"].as_str().unwrap()).await;
     assert!(
         vad_job["summary"]["evaluation"]["compressed"]
@@ -277,11 +299,32 @@ async fn jobs_evaluate_model_onnx_on_an_uploaded_dataset() {
             .unwrap()
             < 0.5
     );
+    assert_eq!(vad_job["quality"], "failed_gate");
+    assert_eq!(vad_job["summary"]["quality"], "failed_gate");
+    let warned: Vec<&str> = vad_job["warnings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["code"].as_str().unwrap())
+        .collect();
+    assert!(warned.contains(&"failed_gate"), "{warned:?}");
     let mnist_job = app.job(jobs[0]["id"].as_str().unwrap()).await;
     assert_eq!(
         mnist_job["summary"]["evaluation"]["original"].as_f64(),
         Some(0.984)
     );
+    assert_eq!(mnist_job["quality"], "passed_gate");
+    assert_eq!(
+        mnist_job["summary"]["evaluation"]["gate"],
+        json!({"max_metric_drop": 0.01, "quality": "passed_gate"})
+    );
+    // Both models timed per row on the dataset.
+    for job in [&vad_job, &mnist_job] {
+        let l = &job["summary"]["evaluation"]["latency"];
+        assert!(l["original_ms_per_row"].as_f64().unwrap() > 0.0, "{l}");
+        assert!(l["compressed_ms_per_row"].as_f64().unwrap() > 0.0, "{l}");
+    }
+    assert_eq!(mnist_job["summary"]["evaluation"]["latency"]["rows"], 2000);
     let r = app
         .client
         .delete(app.url(&format!(
@@ -292,5 +335,110 @@ async fn jobs_evaluate_model_onnx_on_an_uploaded_dataset() {
         .await
         .unwrap();
     assert_eq!(r.status(), 204);
+    app.stop().await;
+}
+
+/// Preset `auto` on mnist-8 with its eval set: a search that keeps top-1 within 0.01 of the
+/// original, verified by evaluate.py on the downloaded model.onnx; search.json lists every
+/// candidate with the frontier, sensitivity.json the per-layer table, and the chosen
+/// pipeline resubmitted unchanged gives the same model.onnx.
+#[tokio::test]
+async fn preset_auto_searches_within_the_metric_drop() {
+    let app = spawn_app().await;
+    let mnist = app.upload(case_file("mnist8/mnist-8.onnx"), "m.onnx").await;
+    let data = upload_dataset(&app, "mnist8/eval.npz").await;
+    let eval = json!({"dataset_id": data["id"], "metric": "top1"});
+    for (body, says) in [
+        (
+            json!({"model_id": mnist["id"], "preset": "auto"}),
+            "constraints: a search needs an `eval` block",
+        ),
+        (
+            json!({"model_id": mnist["id"], "pipeline": [{"method": "quantize", "bits": 8}], "constraints": {"max_metric_drop": 0.01}, "eval": eval}),
+            "constraints: a search chooses the pipeline",
+        ),
+        (
+            json!({"model_id": mnist["id"], "preset": "int8", "max_seconds": 5}),
+            "max_seconds: bounds a search",
+        ),
+        (
+            json!({"model_id": mnist["id"], "constraints": {"max_metric_drop": 0.01, "min_ratio": 2}, "eval": eval}),
+            "not both",
+        ),
+    ] {
+        let r = app.submit(body.clone()).await;
+        let s = r.status().as_u16();
+        let v: Value = r.json().await.unwrap();
+        assert_eq!((s, error_code(&v)), (422, "invalid_spec"), "{body}: {v}");
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains(says),
+            "{body}: {v}"
+        );
+    }
+    let job = app
+        .submit_json(
+            json!({"model_id": mnist["id"], "preset": "auto", "eval": eval, "latency": false}),
+        )
+        .await;
+    assert_eq!(app.drain().await, vec![Outcome::Succeeded]);
+    let job = app.job(job["id"].as_str().unwrap()).await;
+    let s = &job["summary"]["search"];
+    assert_eq!(s["verdict"], "met", "{s}");
+    let e = &job["summary"]["evaluation"];
+    assert!(e["drop"].as_f64().unwrap() <= 0.01, "{e}");
+    let model = app.download_to(&job, "model.onnx").await;
+    let theirs = evaluate("mnist8", &model);
+    assert!(
+        theirs["top1_accuracy"].as_f64().unwrap() >= 0.984 - 0.01,
+        "{theirs}"
+    );
+    assert_eq!(e["compressed"].as_f64(), theirs["top1_accuracy"].as_f64());
+    let size = std::fs::metadata(&model).unwrap().len();
+    assert_eq!(s["chosen"]["bytes"].as_u64(), Some(size), "{s}");
+    assert!(
+        job["summary"]["ratio"].as_f64().unwrap() > 2.0,
+        "{}",
+        job["summary"]
+    );
+
+    let doc: Value = serde_json::from_slice(&app.download(&job, "search.json").await).unwrap();
+    let cands = doc["candidates"].as_array().unwrap();
+    assert!(cands.len() >= 3, "{doc}");
+    assert!(cands.iter().any(|c| c["frontier"] == true));
+    assert!(cands
+        .iter()
+        .any(|c| c["name"] == "int8 per tensor, every layer"));
+    // The chosen one is the smallest that meets the goal.
+    let chosen = &cands[doc["chosen"].as_u64().unwrap() as usize];
+    assert_eq!(chosen["meets"], true);
+    for c in cands.iter().filter(|c| c["meets"] == true) {
+        assert!(c["bytes"].as_u64() >= chosen["bytes"].as_u64(), "{c}");
+    }
+    let sens: Value =
+        serde_json::from_slice(&app.download(&job, "sensitivity.json").await).unwrap();
+    let layers = sens["layers"].as_array().unwrap();
+    let names: Vec<&str> = layers.iter().map(|l| l["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["Parameter193", "Parameter87"], "{sens}");
+    for l in layers {
+        assert_eq!(l["settings"].as_array().unwrap().len(), 4, "{l}");
+    }
+    // The chosen pipeline resubmits unchanged, to the same bytes.
+    let again = app
+        .submit_json(
+            json!({"model_id": mnist["id"], "pipeline": doc["pipeline"], "latency": false}),
+        )
+        .await;
+    assert_eq!(app.drain().await, vec![Outcome::Succeeded]);
+    let again = app.job(again["id"].as_str().unwrap()).await;
+    let sha = |j: &Value| {
+        j["artifacts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["name"] == "model.onnx")
+            .unwrap()["sha256"]
+            .clone()
+    };
+    assert_eq!(sha(&again), sha(&job));
     app.stop().await;
 }

@@ -100,7 +100,9 @@ print(json.dumps([s["JobSpec"]["properties"]["preset"]["enum"], s["Step"]["prope
         &[concat!(env!("CARGO_MANIFEST_DIR"), "/openapi.yaml")],
     );
     let (presets, methods): (Vec<String>, Vec<String>) = serde_json::from_str(out.trim()).unwrap();
-    assert_eq!(presets, modelpress::compress::PRESET_NAMES);
+    let mut known = modelpress::compress::PRESET_NAMES.to_vec();
+    known.push(modelpress::compress::AUTO_PRESET);
+    assert_eq!(presets, known);
     let registered: Vec<&str> = METHODS.iter().map(|m| m.name).collect();
     assert_eq!(
         methods, registered,
@@ -138,7 +140,8 @@ fn readme_tables_list_every_method_with_its_file_and_every_preset() {
                 .exists());
         }
     }
-    for p in modelpress::compress::PRESET_NAMES {
+    let auto = [modelpress::compress::AUTO_PRESET];
+    for p in modelpress::compress::PRESET_NAMES.iter().chain(&auto) {
         assert!(
             readme.lines().any(|l| l.starts_with("| `")
                 && l.split(" | ").next().unwrap().contains(&format!("`{p}`"))),

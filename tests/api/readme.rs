@@ -72,5 +72,10 @@ async fn readme_walkthrough_runs() {
     let rebuilt = work.path().join("rebuilt.onnx");
     let score = evaluate("mnist8", &rebuilt);
     assert!(score["top1_accuracy"].as_f64().unwrap() >= 0.981);
+    // Step 7's search met its goal and left its candidates.
+    assert!(stdout.contains("'verdict': 'met'"), "{stdout}");
+    let search: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(work.path().join("search.json")).unwrap()).unwrap();
+    assert!(search["candidates"].as_array().unwrap().len() >= 3);
     app.stop().await;
 }
