@@ -440,5 +440,23 @@ async fn preset_auto_searches_within_the_metric_drop() {
             .clone()
     };
     assert_eq!(sha(&again), sha(&job));
+
+    // max_seconds is honoured: out of time after the baselines, the best so far is returned
+    // and the search says it is incomplete.
+    let hurried = app
+        .submit_json(json!({"model_id": mnist["id"], "constraints": {"min_ratio": 2.5, "objective": "best_metric"},
+            "max_seconds": 0.001, "eval": eval, "latency": false}))
+        .await;
+    assert_eq!(app.drain().await, vec![Outcome::Succeeded]);
+    let hurried = app.job(hurried["id"].as_str().unwrap()).await;
+    let s = &hurried["summary"]["search"];
+    assert_eq!(s["complete"], false, "{s}");
+    assert_eq!(s["candidates"], 2, "{s}");
+    assert_eq!(
+        s["goal"],
+        json!({"objective": "best_metric", "min_ratio": 2.5})
+    );
+    // int8 on both layers is 2.7x: the goal is met by a baseline.
+    assert_eq!(s["verdict"], "met", "{s}");
     app.stop().await;
 }
