@@ -16,3 +16,4 @@ python3 benches/kmeans_vs_sklearn.py "$KMEANS_BIN" "$OUT" "$OUT/paraphrase-MiniL
 python3 benches/kmeans_every_weight.py "$KMEANS_BIN" "$OUT/paraphrase-MiniLM-L3-v2.onnx" | tee "$OUT/kmeans-every-weight.txt"
 python3 benches/e2e.py target/release/modelpress "$OUT"
 python3 benches/deploy.py target/release/modelpress "$OUT" "$OUT/paraphrase-MiniLM-L3-v2.onnx" | tee "$OUT/deploy.md"
+MINILM="$OUT/paraphrase-MiniLM-L3-v2.onnx" python3 benches/search.py target/release/modelpress "$OUT/search" | tee "$OUT/search.jsonl"
