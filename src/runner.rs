@@ -42,6 +42,9 @@ pub struct Summary {
     /// The search's verdict, goal, trials and chosen candidate (`constraints` / preset auto).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub search: Option<serde_json::Value>,
+    /// `"analyze": true`: how many layers and strengths `sensitivity.json` measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sensitivity: Option<serde_json::Value>,
 }
 
 /// A job's `eval` block with the dataset file it names.
@@ -140,6 +143,69 @@ impl Control for Span<'_> {
     }
 }
 
+/// What running the model needs: an eval block with its dataset, and an ONNX model.
+fn model_and_data<'a, 'e>(
+    input: &Path,
+    set: &'a formats::TensorSet,
+    eval: Option<&'e EvalInput<'e>>,
+    what: &str,
+) -> Result<
+    (
+        &'a formats::onnx::OnnxContainer,
+        Vec<u8>,
+        crate::eval::run::Dataset,
+        &'e crate::eval::EvalSpec,
+    ),
+    RunError,
+> {
+    let eval = eval.ok_or_else(|| {
+        RunError::InvalidSpec(format!("{what} needs an `eval` block (dataset and metric)"))
+    })?;
+    let formats::Container::Onnx(container) = &set.container else {
+        return Err(RunError::InvalidSpec(format!(
+            "{what} runs the model, so it needs an ONNX model"
+        )));
+    };
+    let original = std::fs::read(input).map_err(|e| RunError::Internal(e.to_string()))?;
+    let data = std::fs::read(eval.dataset)
+        .map_err(|e| RunError::Internal(e.to_string()))
+        .and_then(|d| crate::eval::run::Dataset::from_npz(&d).map_err(RunError::InvalidSpec))?;
+    Ok((container, original, data, eval.spec))
+}
+
+fn search_error(e: crate::search::SearchError) -> RunError {
+    match e {
+        crate::search::SearchError::Cancelled => RunError::Cancelled,
+        crate::search::SearchError::Unrunnable(m) => {
+            RunError::InvalidModel(format!("cannot run the original on the dataset: {m}"))
+        }
+    }
+}
+
+/// `"analyze": true`: the sensitivity table (`sensitivity.json`).
+fn analyze(
+    input: &Path,
+    set: &formats::TensorSet,
+    max_seconds: f64,
+    eval: Option<&EvalInput>,
+    ctl: &dyn Control,
+) -> Result<serde_json::Value, RunError> {
+    let (container, original, data, spec) =
+        model_and_data(input, set, eval, "analyze: the sensitivity analysis")?;
+    crate::search::analyze(
+        &set.tensors,
+        container,
+        &original,
+        &data,
+        spec,
+        compress::DEFAULT_MIN_PARAMS,
+        max_seconds,
+        ctl,
+        (0.0, SEARCH_SHARE),
+    )
+    .map_err(search_error)
+}
+
 /// Runs the job's search and returns the plan it chose (the job's outputs and options kept).
 fn search(
     input: &Path,
@@ -149,36 +215,19 @@ fn search(
     eval: Option<&EvalInput>,
     ctl: &dyn Control,
 ) -> Result<(Plan, crate::search::SearchOutcome), RunError> {
-    let eval = eval.ok_or_else(|| {
-        RunError::InvalidSpec(
-            "constraints: a search needs an `eval` block (dataset and metric)".into(),
-        )
-    })?;
-    let formats::Container::Onnx(container) = &set.container else {
-        return Err(RunError::InvalidSpec(
-            "constraints: a search runs the model, so it needs an ONNX model".into(),
-        ));
-    };
-    let original = std::fs::read(input).map_err(|e| RunError::Internal(e.to_string()))?;
-    let data = std::fs::read(eval.dataset)
-        .map_err(|e| RunError::Internal(e.to_string()))
-        .and_then(|d| crate::eval::run::Dataset::from_npz(&d).map_err(RunError::InvalidSpec))?;
+    let (container, original, data, eval_spec) =
+        model_and_data(input, set, eval, "constraints: a search")?;
     let found = crate::search::search(
         &set.tensors,
         container,
         &original,
         &data,
-        eval.spec,
+        eval_spec,
         spec,
         ctl,
         (0.0, SEARCH_SHARE),
     )
-    .map_err(|e| match e {
-        crate::search::SearchError::Cancelled => RunError::Cancelled,
-        crate::search::SearchError::Unrunnable(m) => RunError::InvalidModel(format!(
-            "the search cannot run the original on the dataset: {m}"
-        )),
-    })?;
+    .map_err(search_error)?;
     if found.pipeline.is_empty() {
         return Err(RunError::InvalidModel(format!(
             "the search found no candidate to return: no layer of at least {} parameters could be compressed and scored",
@@ -211,9 +260,18 @@ pub fn execute(
         None => None,
         Some(s) => Some(search(input, &set, plan, s, eval.as_ref(), ctl)?),
     };
+    // An analysis (with a search, the search's own table stands in for it).
+    let analysis = match (plan.analyze, &searched) {
+        (Some(max_seconds), None) => Some(analyze(input, &set, max_seconds, eval.as_ref(), ctl)?),
+        _ => None,
+    };
     let span;
     let (plan, ctl): (&Plan, &dyn Control) = match &searched {
-        None => (plan, ctl),
+        None if analysis.is_none() => (plan, ctl),
+        None => {
+            span = Span::new(ctl, SEARCH_SHARE, 1.0);
+            (plan, &span)
+        }
         Some((p, _)) => {
             span = Span::new(ctl, SEARCH_SHARE, 1.0);
             (p, &span)
@@ -413,6 +471,14 @@ pub fn execute(
         evaluation,
         quality,
         search: searched.as_ref().map(|(_, f)| f.summary.clone()),
+        sensitivity: analysis.as_ref().map(|a| {
+            serde_json::json!({
+                "layers": a["layers"].as_array().map_or(0, Vec::len),
+                "settings": a["settings"].as_array().map_or(0, Vec::len),
+                "complete": a["complete"],
+                "seconds": a["seconds"],
+            })
+        }),
     };
     let mut artifacts = Vec::new();
     if wants("model") {
@@ -424,11 +490,16 @@ pub fn execute(
     if let Some(bytes) = &archive {
         artifacts.push(write_artifact(out_dir, "model.mpz".into(), bytes)?);
     }
-    if let Some((_, found)) = &searched {
-        for (name, doc) in [
+    let docs: Vec<(&str, &serde_json::Value)> = match (&searched, &analysis) {
+        (Some((_, found)), _) => vec![
             ("search.json", &found.doc),
             ("sensitivity.json", &found.sensitivity),
-        ] {
+        ],
+        (None, Some(a)) => vec![("sensitivity.json", a)],
+        (None, None) => Vec::new(),
+    };
+    {
+        for (name, doc) in docs {
             let bytes =
                 serde_json::to_vec_pretty(doc).map_err(|e| RunError::Internal(e.to_string()))?;
             artifacts.push(write_artifact(out_dir, name.into(), &bytes)?);

@@ -133,26 +133,30 @@ fn check_fits(model: &ModelRecord, eval: &Option<(EvalSpec, DatasetRecord)>) -> 
     })
 }
 
-/// A search runs the model on the dataset: it needs both.
+/// A search or an analysis runs the model on the dataset: it needs both.
 fn check_search(
     model: &ModelRecord,
     plan: &compress::Plan,
     eval: &Option<(EvalSpec, DatasetRecord)>,
 ) -> Result<(), ApiError> {
-    if plan.search.is_none() {
+    let what = if plan.search.is_some() {
+        "constraints: a search"
+    } else if plan.analyze.is_some() {
+        "analyze: a sensitivity analysis"
+    } else {
         return Ok(());
-    }
+    };
     if eval.is_none() {
         return Err(ApiError::new(
             ErrorCode::InvalidSpec,
-            "constraints: a search needs an `eval` block (the dataset and metric it is judged on)",
+            format!("{what} needs an `eval` block (the dataset and metric it is judged on)"),
         ));
     }
     if model.format != "onnx" {
         return Err(ApiError::new(
             ErrorCode::InvalidSpec,
             format!(
-                "constraints: a search runs the model; model {} is {}, which cannot be run (ONNX can)",
+                "{what} runs the model; model {} is {}, which cannot be run (ONNX can)",
                 model.id, model.format
             ),
         ));

@@ -110,6 +110,8 @@ pub struct Plan {
     pub deploy: DeployStyle,
     /// `constraints` / preset `auto`: the runner searches for the pipeline (steps is empty).
     pub search: Option<crate::search::SearchSpec>,
+    /// `"analyze": true`: the per-layer sensitivity table, within this many seconds.
+    pub analyze: Option<f64>,
 }
 
 /// ONNX forms where there is a choice: weights rebuilt by plain ops that a runtime folds once

@@ -271,12 +271,13 @@ pub fn parse_spec(spec: &Value) -> Result<Plan, CompressError> {
             "gate",
             "constraints",
             "max_seconds",
+            "analyze",
         ]
         .contains(&key.as_str())
         {
             return Err(spec_err(
                 key,
-                "unknown field (expected preset, options, pipeline, outputs, latency, deploy, eval, gate, constraints, max_seconds)",
+                "unknown field (expected preset, options, pipeline, outputs, latency, deploy, eval, gate, constraints, max_seconds, analyze)",
             ));
         }
     }
@@ -290,10 +291,29 @@ pub fn parse_spec(spec: &Value) -> Result<Plan, CompressError> {
     let search =
         crate::search::SearchSpec::parse(obj.get("constraints"), obj.get("max_seconds"), auto)
             .map_err(|(field, m)| spec_err(&field, m))?;
-    if search.is_none() && obj.contains_key("max_seconds") {
+    let analyze = match obj.get("analyze") {
+        None | Some(Value::Bool(false)) => None,
+        Some(Value::Bool(true)) => Some(
+            search
+                .as_ref()
+                .map_or(crate::search::DEFAULT_MAX_SECONDS, |s| s.max_seconds),
+        ),
+        Some(_) => return Err(spec_err("analyze", "must be true or false")),
+    };
+    let analyze = match (analyze, obj.get("max_seconds")) {
+        (Some(_), Some(v)) if search.is_none() => Some(
+            v.as_f64()
+                .filter(|s| s.is_finite() && *s > 0.0 && *s <= 86_400.0)
+                .ok_or_else(|| {
+                    spec_err("max_seconds", "must be a number of seconds in (0, 86400]")
+                })?,
+        ),
+        (a, _) => a,
+    };
+    if search.is_none() && analyze.is_none() && obj.contains_key("max_seconds") {
         return Err(spec_err(
             "max_seconds",
-            "bounds a search: give `constraints` or preset \"auto\"",
+            "bounds a search or an analysis: give `constraints`, preset \"auto\" or \"analyze\": true",
         ));
     }
     let steps_json = match (obj.get("preset"), obj.get("pipeline")) {
@@ -404,5 +424,6 @@ pub fn parse_spec(spec: &Value) -> Result<Plan, CompressError> {
         latency,
         deploy,
         search,
+        analyze,
     })
 }

@@ -158,6 +158,54 @@ pub const LADDER: &[(&str, &str)] = &[
     ),
 ];
 
+/// The strengths `"analyze": true` measures each layer at (NNI's SensitivityAnalysis and
+/// Distiller's, as a job): bits, unstructured sparsity, low-rank energy.
+pub const ANALYSIS: &[(&str, &str)] = &[
+    (
+        "int8",
+        r#"{"method": "quantize", "bits": 8, "scheme": "symmetric", "granularity": "channel"}"#,
+    ),
+    (
+        "int6",
+        r#"{"method": "quantize", "bits": 6, "scheme": "symmetric", "granularity": "channel"}"#,
+    ),
+    (
+        "int4",
+        r#"{"method": "quantize", "bits": 4, "scheme": "symmetric", "granularity": "channel"}"#,
+    ),
+    (
+        "int4-g32",
+        r#"{"method": "quantize", "bits": 4, "scheme": "affine", "granularity": "channel", "group_size": 32}"#,
+    ),
+    (
+        "int3",
+        r#"{"method": "quantize", "bits": 3, "scheme": "symmetric", "granularity": "channel"}"#,
+    ),
+    (
+        "int2",
+        r#"{"method": "quantize", "bits": 2, "scheme": "symmetric", "granularity": "channel"}"#,
+    ),
+    (
+        "sparsity-0.3",
+        r#"{"method": "prune", "sparsity": 0.3, "scope": "tensor"}"#,
+    ),
+    (
+        "sparsity-0.5",
+        r#"{"method": "prune", "sparsity": 0.5, "scope": "tensor"}"#,
+    ),
+    (
+        "sparsity-0.7",
+        r#"{"method": "prune", "sparsity": 0.7, "scope": "tensor"}"#,
+    ),
+    (
+        "sparsity-0.9",
+        r#"{"method": "prune", "sparsity": 0.9, "scope": "tensor"}"#,
+    ),
+    ("energy-0.99", r#"{"method": "lowrank", "energy": 0.99}"#),
+    ("energy-0.95", r#"{"method": "lowrank", "energy": 0.95}"#),
+    ("energy-0.9", r#"{"method": "lowrank", "energy": 0.9}"#),
+];
+
 /// The uniform candidates verified first.
 const BASELINES: &[(&str, &str)] = &[
     (
@@ -266,7 +314,96 @@ impl Control for Quiet<'_> {
     }
 }
 
-impl Ctx<'_> {
+/// The layers a search or an analysis varies: float weights and embeddings of rank ≥ 2 with
+/// at least `min_params` values.
+fn layers_of(tensors: &[Tensor], min_params: usize) -> Vec<&Tensor> {
+    tensors
+        .iter()
+        .filter(|t| {
+            t.dtype.is_float()
+                && t.shape.len() >= 2
+                && matches!(t.role, Role::Weight | Role::Embedding)
+                && t.len() >= min_params.max(1)
+        })
+        .collect()
+}
+
+impl<'a> Ctx<'a> {
+    /// Runs the original on the dataset once, for every trial to be scored against.
+    fn new(
+        tensors: &'a [Tensor],
+        container: &'a OnnxContainer,
+        original: &[u8],
+        data: &'a Dataset,
+        eval: &'a EvalSpec,
+        ctl: &'a dyn Control,
+        at: f64,
+    ) -> Result<Ctx<'a>, SearchError> {
+        let reference =
+            Reference::compute(original, data, eval, ctl, (at, at)).map_err(|e| match e {
+                EvalFailure::Cancelled => SearchError::Cancelled,
+                EvalFailure::Skipped(m) => SearchError::Unrunnable(m),
+            })?;
+        Ok(Ctx {
+            tensors,
+            container,
+            original_bytes: original.len() as u64,
+            data,
+            eval,
+            reference,
+            ctl,
+        })
+    }
+
+    /// Each layer alone at each setting: bytes saved in `model.onnx` and metric drop, until
+    /// `out_of_time` (then the rest stay unmeasured and the profile is incomplete).
+    fn profile(
+        &self,
+        layers: &[&Tensor],
+        settings: &[(&str, &str)],
+        out_of_time: &dyn Fn() -> bool,
+        done: &mut dyn FnMut(),
+    ) -> Result<(Profile, Vec<LayerSensitivity>, bool), SearchError> {
+        let mut profile: Profile = Vec::with_capacity(layers.len());
+        let mut table = Vec::with_capacity(layers.len());
+        let mut complete = true;
+        for t in layers {
+            let mut row = Vec::with_capacity(settings.len());
+            let mut cells = Vec::new();
+            for (label, _) in settings {
+                if out_of_time() {
+                    complete = false;
+                    row.push(None);
+                    continue;
+                }
+                let pipeline = pipeline_of(&[(t.name.clone(), label.to_string())], settings);
+                let m = match self.trial(&pipeline) {
+                    Ok((bytes, metric, Some(drop))) => {
+                        let saved = self.original_bytes as i64 - bytes as i64;
+                        cells.push(json!({"setting": label, "bytes_saved": saved, "metric": metric, "drop": drop}));
+                        Some(Measured { saved, drop })
+                    }
+                    Ok((_, _, None)) => None,
+                    Err(TrialError::Cancelled) => return Err(SearchError::Cancelled),
+                    Err(TrialError::Failed(why)) => {
+                        cells.push(json!({"setting": label, "failed": why}));
+                        None
+                    }
+                };
+                row.push(m);
+                done();
+            }
+            profile.push(row);
+            table.push(LayerSensitivity {
+                name: t.name.clone(),
+                parameters: t.len() as u64,
+                role: t.role.name(),
+                settings: cells,
+            });
+        }
+        Ok((profile, table, complete))
+    }
+
     /// Builds `model.onnx` for the pipeline and scores it: (bytes, metric, drop).
     fn trial(&self, pipeline: &[Value]) -> Result<(u64, Option<f64>, Option<f64>), TrialError> {
         let spec = json!({"pipeline": pipeline, "outputs": ["model"], "latency": false});
@@ -353,6 +490,56 @@ fn pick(goal: Goal, cands: &[Candidate]) -> Option<usize> {
     })
 }
 
+fn sensitivity_doc(
+    ctx: &Ctx,
+    settings: &[(&str, &str)],
+    table: &[LayerSensitivity],
+    complete: bool,
+    seconds: f64,
+) -> Value {
+    json!({
+        "metric": ctx.eval.metric,
+        "dataset_id": ctx.eval.dataset_id,
+        "original_bytes": ctx.original_bytes,
+        "complete": complete,
+        "seconds": seconds,
+        "settings": settings.iter().map(|(l, s)| json!({"label": l, "step": step_json(s)})).collect::<Vec<_>>(),
+        "layers": table,
+    })
+}
+
+/// `"analyze": true`: every layer of at least `min_params` values alone at each strength of
+/// [`ANALYSIS`], scored on the dataset, within `max_seconds`. Returns `sensitivity.json`.
+#[allow(clippy::too_many_arguments)]
+pub fn analyze(
+    tensors: &[Tensor],
+    container: &OnnxContainer,
+    original: &[u8],
+    data: &Dataset,
+    eval: &EvalSpec,
+    min_params: usize,
+    max_seconds: f64,
+    ctl: &dyn Control,
+    span: (f64, f64),
+) -> Result<Value, SearchError> {
+    let started = Instant::now();
+    ctl.progress(span.0, "sensitivity: running the original on the dataset");
+    let ctx = Ctx::new(tensors, container, original, data, eval, ctl, span.0)?;
+    let layers = layers_of(tensors, min_params);
+    let planned = (layers.len() * ANALYSIS.len()).max(1);
+    let mut trials = 0usize;
+    let out_of_time = || started.elapsed().as_secs_f64() >= max_seconds;
+    let (_, table, complete) = ctx.profile(&layers, ANALYSIS, &out_of_time, &mut || {
+        trials += 1;
+        ctl.progress(
+            span.0 + (span.1 - span.0) * (trials as f64 / planned as f64).min(1.0),
+            &format!("sensitivity: trial {trials} of {planned}"),
+        );
+    })?;
+    let seconds = started.elapsed().as_secs_f64();
+    Ok(sensitivity_doc(&ctx, ANALYSIS, &table, complete, seconds))
+}
+
 /// Runs the search. `span` is the part of the job's progress it may use.
 #[allow(clippy::too_many_arguments)]
 pub fn search(
@@ -368,29 +555,8 @@ pub fn search(
     let started = Instant::now();
     let out_of_time = || started.elapsed().as_secs_f64() >= spec.max_seconds;
     ctl.progress(span.0, "search: running the original on the dataset");
-    let reference =
-        Reference::compute(original, data, eval, ctl, (span.0, span.0)).map_err(|e| match e {
-            EvalFailure::Cancelled => SearchError::Cancelled,
-            EvalFailure::Skipped(m) => SearchError::Unrunnable(m),
-        })?;
-    let ctx = Ctx {
-        tensors,
-        container,
-        original_bytes: original.len() as u64,
-        data,
-        eval,
-        reference,
-        ctl,
-    };
-    let layers: Vec<&Tensor> = tensors
-        .iter()
-        .filter(|t| {
-            t.dtype.is_float()
-                && t.shape.len() >= 2
-                && matches!(t.role, Role::Weight | Role::Embedding)
-                && t.len() >= spec.min_params.max(1)
-        })
-        .collect();
+    let ctx = Ctx::new(tensors, container, original, data, eval, ctl, span.0)?;
+    let layers = layers_of(tensors, spec.min_params);
     let planned = BASELINES.len() + layers.len() * LADDER.len() + 6;
     let mut trials = 0usize;
     let mut cands: Vec<Candidate> = Vec::new();
@@ -445,44 +611,11 @@ pub fn search(
         report(trials, &cands);
     }
     // 2. Sensitivity, each layer alone.
-    let mut profile: Profile = Vec::with_capacity(layers.len());
-    let mut table = Vec::with_capacity(layers.len());
-    let mut complete = true;
-    for t in &layers {
-        let mut row = Vec::with_capacity(LADDER.len());
-        let mut cells = Vec::new();
-        for (label, _) in LADDER {
-            if out_of_time() {
-                complete = false;
-                row.push(None);
-                continue;
-            }
-            let pipeline = pipeline_of(&[(t.name.clone(), label.to_string())], LADDER);
-            let m = match ctx.trial(&pipeline) {
-                Ok((bytes, metric, Some(drop))) => {
-                    let saved = ctx.original_bytes as i64 - bytes as i64;
-                    cells.push(json!({"setting": label, "bytes_saved": saved, "metric": metric, "drop": drop}));
-                    Some(Measured { saved, drop })
-                }
-                Ok((_, _, None)) => None,
-                Err(TrialError::Cancelled) => return Err(SearchError::Cancelled),
-                Err(TrialError::Failed(why)) => {
-                    cells.push(json!({"setting": label, "failed": why}));
-                    None
-                }
-            };
-            row.push(m);
-            trials += 1;
-            report(trials, &cands);
-        }
-        profile.push(row);
-        table.push(LayerSensitivity {
-            name: t.name.clone(),
-            parameters: t.len() as u64,
-            role: t.role.name(),
-            settings: cells,
-        });
-    }
+    let (profile, table, complete) = ctx.profile(&layers, LADDER, &out_of_time, &mut || {
+        trials += 1;
+        report(trials, &cands);
+    })?;
+    let mut complete = complete;
     // 3. Choose from the profile and verify; adjust the budget on the outcome.
     let mut scale = 1.0f64;
     let mut seen: Vec<Vec<Option<usize>>> = Vec::new();
@@ -564,13 +697,7 @@ pub fn search(
         "seconds": seconds,
         "chosen": chosen_view,
     });
-    let sensitivity = json!({
-        "metric": eval.metric,
-        "dataset_id": eval.dataset_id,
-        "original_bytes": ctx.original_bytes,
-        "settings": LADDER.iter().map(|(l, s)| json!({"label": l, "step": step_json(s)})).collect::<Vec<_>>(),
-        "layers": table,
-    });
+    let sensitivity = sensitivity_doc(&ctx, LADDER, &table, complete, seconds);
     let doc = json!({
         "verdict": verdict,
         "goal": goal,

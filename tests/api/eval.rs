@@ -458,5 +458,52 @@ async fn preset_auto_searches_within_the_metric_drop() {
     );
     // int8 on both layers is 2.7x: the goal is met by a baseline.
     assert_eq!(s["verdict"], "met", "{s}");
+
+    // "analyze": true beside a preset: each layer alone at every strength, then the preset.
+    let r = app
+        .submit(json!({"model_id": mnist["id"], "preset": "int8", "analyze": true}))
+        .await;
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(error_code(&v), "invalid_spec", "{v}");
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .starts_with("analyze: a sensitivity analysis needs an `eval` block"));
+    let analyzed = app
+        .submit_json(json!({"model_id": mnist["id"], "preset": "int8", "analyze": true, "eval": eval, "latency": false}))
+        .await;
+    assert_eq!(app.drain().await, vec![Outcome::Succeeded]);
+    let analyzed = app.job(analyzed["id"].as_str().unwrap()).await;
+    assert_eq!(
+        analyzed["summary"]["sensitivity"]["layers"], 2,
+        "{}",
+        analyzed["summary"]
+    );
+    let sens: Value =
+        serde_json::from_slice(&app.download(&analyzed, "sensitivity.json").await).unwrap();
+    assert_eq!(sens["complete"], true);
+    let labels: Vec<&str> = sens["settings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["label"].as_str().unwrap())
+        .collect();
+    assert_eq!(labels.len(), 13, "{labels:?}");
+    for l in sens["layers"].as_array().unwrap() {
+        let drop = |label: &str| {
+            l["settings"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|c| c["setting"] == label)
+                .and_then(|c| c["drop"].as_f64())
+                .unwrap_or_else(|| panic!("{label}: {l}"))
+        };
+        // Two bits hurt more than eight, 90 % sparsity more than 30 %.
+        assert!(drop("int2") > drop("int8"), "{l}");
+        assert!(drop("sparsity-0.9") > drop("sparsity-0.3"), "{l}");
+    }
+    // The preset still ran: model.onnx is its int8 file.
+    assert!(analyzed["summary"]["ratio"].as_f64().unwrap() > 2.5);
     app.stop().await;
 }
