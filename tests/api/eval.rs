@@ -507,3 +507,44 @@ async fn preset_auto_searches_within_the_metric_drop() {
     assert!(analyzed["summary"]["ratio"].as_f64().unwrap() > 2.5);
     app.stop().await;
 }
+
+/// A search stops between trials when its job is cancelled: no artifact is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_search_stops_on_cancel() {
+    let app = spawn_app_with(|c| c.lease_ms = 600).await;
+    let mnist = app.upload(case_file("mnist8/mnist-8.onnx"), "m.onnx").await;
+    let data = upload_dataset(&app, "mnist8/eval.npz").await;
+    let j = app
+        .submit_json(
+            json!({"model_id": mnist["id"], "preset": "auto", "latency": false,
+            "eval": {"dataset_id": data["id"], "metric": "top1"}}),
+        )
+        .await;
+    let id = j["id"].as_str().unwrap().to_string();
+    let state = app.state.clone();
+    let runner =
+        tokio::spawn(async move { modelpress::worker::try_execute_one(&state).await.unwrap() });
+    // Wait until the search reports its trials, then cancel.
+    loop {
+        let job = app.job(&id).await;
+        if job["stage"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("search: trial"))
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let r = app
+        .client
+        .post(app.url(&format!("/v1/jobs/{id}/cancel")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    assert_eq!(runner.await.unwrap(), Outcome::Cancelled);
+    let job = app.job(&id).await;
+    assert_eq!(job["state"], "cancelled");
+    assert!(job["artifacts"].as_array().unwrap().is_empty());
+    app.stop().await;
+}
