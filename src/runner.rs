@@ -51,6 +51,8 @@ pub struct Summary {
 pub struct EvalInput<'a> {
     pub spec: &'a crate::eval::EvalSpec,
     pub dataset: &'a Path,
+    /// A search's `sensitivity.json` from an earlier job on the same model and dataset.
+    pub cached_sensitivity: Option<&'a serde_json::Value>,
 }
 
 #[derive(Debug, Clone)]
@@ -224,6 +226,7 @@ fn search(
         &data,
         eval_spec,
         spec,
+        eval.and_then(|e| e.cached_sensitivity),
         ctl,
         (0.0, SEARCH_SHARE),
     )

@@ -193,6 +193,22 @@ pub trait ModelCatalog: Send + Sync + 'static {
     ) -> Result<Vec<DatasetRecord>, QueueError>;
     /// Deletes the dataset's row; returns its blob key to remove.
     async fn delete_dataset(&self, tenant: &str, id: Uuid) -> Result<String, QueueError>;
+    /// A search's sensitivity table measured on this model and dataset under `key`.
+    async fn get_sensitivity(
+        &self,
+        tenant: &str,
+        model: Uuid,
+        dataset: Uuid,
+        key: &str,
+    ) -> Result<Option<String>, QueueError>;
+    async fn put_sensitivity(
+        &self,
+        tenant: &str,
+        model: Uuid,
+        dataset: Uuid,
+        key: &str,
+        doc: &str,
+    ) -> Result<(), QueueError>;
     async fn ping(&self) -> bool;
 }
 

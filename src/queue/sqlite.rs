@@ -265,6 +265,51 @@ impl ModelCatalog for SqliteStore {
         rows.iter().map(dataset_from_row).collect()
     }
 
+    async fn get_sensitivity(
+        &self,
+        tenant: &str,
+        model: Uuid,
+        dataset: Uuid,
+        key: &str,
+    ) -> Result<Option<String>, QueueError> {
+        Ok(sqlx::query_scalar(
+            "SELECT doc FROM sensitivity_cache WHERE tenant_id = ? AND model_id = ? AND dataset_id = ? AND key = ?",
+        )
+        .bind(tenant)
+        .bind(model.to_string())
+        .bind(dataset.to_string())
+        .bind(key)
+        .fetch_optional(&self.reader)
+        .await?)
+    }
+
+    async fn put_sensitivity(
+        &self,
+        tenant: &str,
+        model: Uuid,
+        dataset: Uuid,
+        key: &str,
+        doc: &str,
+    ) -> Result<(), QueueError> {
+        // The model or dataset may have been deleted while the job ran: then nothing is kept.
+        sqlx::query(
+            "INSERT OR REPLACE INTO sensitivity_cache (model_id, dataset_id, tenant_id, key, doc, created_at) \
+             SELECT ?, ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM models WHERE id = ?) \
+             AND EXISTS (SELECT 1 FROM datasets WHERE id = ?)",
+        )
+        .bind(model.to_string())
+        .bind(dataset.to_string())
+        .bind(tenant)
+        .bind(key)
+        .bind(doc)
+        .bind(super::now_ms())
+        .bind(model.to_string())
+        .bind(dataset.to_string())
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
     async fn delete_dataset(&self, tenant: &str, id: Uuid) -> Result<String, QueueError> {
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         // A job names its dataset only in its spec: the id is a uuid, so a substring match

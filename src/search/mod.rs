@@ -540,7 +540,65 @@ pub fn analyze(
     Ok(sensitivity_doc(&ctx, ANALYSIS, &table, complete, seconds))
 }
 
-/// Runs the search. `span` is the part of the job's progress it may use.
+/// What a search's sensitivity table depends on besides the model and the dataset: the key
+/// it is cached under.
+pub fn cache_key(eval: &EvalSpec, min_params: usize) -> String {
+    let what = json!({
+        "metric": eval.metric,
+        "output": eval.output,
+        "threshold": eval.threshold,
+        "feed": eval.feed.map(|f| format!("{f:?}")),
+        "min_params": min_params,
+        "settings": LADDER,
+    });
+    crate::runner::sha256_hex(what.to_string().as_bytes())
+}
+
+/// A cached table's profile, when it was measured on these layers with [`LADDER`].
+fn profile_from(doc: &Value, layers: &[&Tensor]) -> Option<(Profile, Vec<LayerSensitivity>)> {
+    let labels: Vec<&str> = doc["settings"]
+        .as_array()?
+        .iter()
+        .filter_map(|s| s["label"].as_str())
+        .collect();
+    let rows = doc["layers"].as_array()?;
+    if doc["complete"] != true
+        || labels != LADDER.iter().map(|(l, _)| *l).collect::<Vec<_>>()
+        || rows.len() != layers.len()
+    {
+        return None;
+    }
+    let mut profile = Vec::with_capacity(rows.len());
+    let mut table = Vec::with_capacity(rows.len());
+    for (row, t) in rows.iter().zip(layers) {
+        if row["name"].as_str() != Some(t.name.as_str()) {
+            return None;
+        }
+        let cells = row["settings"].as_array()?;
+        profile.push(
+            LADDER
+                .iter()
+                .map(|(label, _)| {
+                    let c = cells.iter().find(|c| c["setting"] == *label)?;
+                    Some(Measured {
+                        saved: c["bytes_saved"].as_i64()?,
+                        drop: c["drop"].as_f64()?,
+                    })
+                })
+                .collect(),
+        );
+        table.push(LayerSensitivity {
+            name: t.name.clone(),
+            parameters: t.len() as u64,
+            role: t.role.name(),
+            settings: cells.clone(),
+        });
+    }
+    Some((profile, table))
+}
+
+/// Runs the search. `span` is the part of the job's progress it may use; `cached` is a
+/// `sensitivity.json` an earlier search measured on the same model, dataset and key.
 #[allow(clippy::too_many_arguments)]
 pub fn search(
     tensors: &[Tensor],
@@ -549,6 +607,7 @@ pub fn search(
     data: &Dataset,
     eval: &EvalSpec,
     spec: &SearchSpec,
+    cached: Option<&Value>,
     ctl: &dyn Control,
     span: (f64, f64),
 ) -> Result<SearchOutcome, SearchError> {
@@ -557,7 +616,14 @@ pub fn search(
     ctl.progress(span.0, "search: running the original on the dataset");
     let ctx = Ctx::new(tensors, container, original, data, eval, ctl, span.0)?;
     let layers = layers_of(tensors, spec.min_params);
-    let planned = BASELINES.len() + layers.len() * LADDER.len() + 6;
+    let reused = cached.and_then(|doc| profile_from(doc, &layers));
+    let from_cache = reused.is_some();
+    let measured = if from_cache {
+        0
+    } else {
+        layers.len() * LADDER.len()
+    };
+    let planned = BASELINES.len() + measured + 6;
     let mut trials = 0usize;
     let mut cands: Vec<Candidate> = Vec::new();
     let report = |trials: usize, cands: &[Candidate]| {
@@ -610,11 +676,14 @@ pub fn search(
         trials += 1;
         report(trials, &cands);
     }
-    // 2. Sensitivity, each layer alone.
-    let (profile, table, complete) = ctx.profile(&layers, LADDER, &out_of_time, &mut || {
-        trials += 1;
-        report(trials, &cands);
-    })?;
+    // 2. Sensitivity, each layer alone (or as an earlier search measured it).
+    let (profile, table, complete) = match reused {
+        Some((profile, table)) => (profile, table, true),
+        None => ctx.profile(&layers, LADDER, &out_of_time, &mut || {
+            trials += 1;
+            report(trials, &cands);
+        })?,
+    };
     let mut complete = complete;
     // 3. Choose from the profile and verify; adjust the budget on the outcome.
     let mut scale = 1.0f64;
@@ -695,6 +764,7 @@ pub fn search(
         "candidates": cands.len(),
         "complete": complete,
         "seconds": seconds,
+        "sensitivity_cached": from_cache,
         "chosen": chosen_view,
     });
     let sensitivity = sensitivity_doc(&ctx, LADDER, &table, complete, seconds);

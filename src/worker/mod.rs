@@ -186,6 +186,22 @@ async fn run_claimed(state: &AppState, worker: &str, job: JobRecord) -> anyhow::
             }
         },
     };
+    // A search reuses the sensitivity table an earlier search measured on this model and
+    // dataset with the same metric and settings.
+    let cache_key = match (&plan.search, &eval_spec) {
+        (Some(search), Some(e)) => {
+            Some((e.dataset_id, crate::search::cache_key(e, search.min_params)))
+        }
+        _ => None,
+    };
+    let cached_sensitivity: Option<serde_json::Value> = match &cache_key {
+        None => None,
+        Some((dataset, key)) => state
+            .models
+            .get_sensitivity(&job.tenant_id, job.model_id, *dataset, key)
+            .await?
+            .and_then(|doc| serde_json::from_str(&doc).ok()),
+    };
     let out_dir = tempfile::Builder::new()
         .prefix("job-")
         .tempdir_in(state.blobs.staging_dir())?;
@@ -240,7 +256,11 @@ async fn run_claimed(state: &AppState, worker: &str, job: JobRecord) -> anyhow::
         let eval = eval_spec
             .as_ref()
             .zip(dataset_path.as_deref())
-            .map(|(spec, dataset)| runner::EvalInput { spec, dataset });
+            .map(|(spec, dataset)| runner::EvalInput {
+                spec,
+                dataset,
+                cached_sensitivity: cached_sensitivity.as_ref(),
+            });
         runner::execute(&input, &plan2, &out_path, ctl2.as_ref(), eval)
     })
     .await;
@@ -289,6 +309,33 @@ async fn run_claimed(state: &AppState, worker: &str, job: JobRecord) -> anyhow::
             return Ok(Outcome::Failed);
         }
     };
+    // A fresh, complete table is kept for the next search on this model and dataset.
+    if let Some((dataset, key)) = &cache_key {
+        let fresh = out
+            .summary
+            .search
+            .as_ref()
+            .is_some_and(|s| s["sensitivity_cached"] == false);
+        let table = out.artifacts.iter().find(|a| a.name == "sensitivity.json");
+        if let (true, Some(a)) = (fresh, table) {
+            match std::fs::read_to_string(&a.path) {
+                Ok(doc)
+                    if serde_json::from_str::<serde_json::Value>(&doc)
+                        .is_ok_and(|v| v["complete"] == true) =>
+                {
+                    if let Err(e) = state
+                        .models
+                        .put_sensitivity(&job.tenant_id, job.model_id, *dataset, key, &doc)
+                        .await
+                    {
+                        tracing::warn!(error = %e, "could not cache the sensitivity table");
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "could not read sensitivity.json"),
+            }
+        }
+    }
     let mut records = Vec::with_capacity(out.artifacts.len());
     for a in &out.artifacts {
         // One key per attempt: a crashed attempt's files never collide with these.

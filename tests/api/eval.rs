@@ -384,6 +384,7 @@ async fn preset_auto_searches_within_the_metric_drop() {
     let job = app.job(job["id"].as_str().unwrap()).await;
     let s = &job["summary"]["search"];
     assert_eq!(s["verdict"], "met", "{s}");
+    assert_eq!(s["sensitivity_cached"], false, "{s}");
     let e = &job["summary"]["evaluation"];
     assert!(e["drop"].as_f64().unwrap() <= 0.01, "{e}");
     let model = app.download_to(&job, "model.onnx").await;
@@ -442,7 +443,7 @@ async fn preset_auto_searches_within_the_metric_drop() {
     assert_eq!(sha(&again), sha(&job));
 
     // max_seconds is honoured: out of time after the baselines, the best so far is returned
-    // and the search says it is incomplete.
+    // and the search says it is incomplete. (Its sensitivity table comes from the cache.)
     let hurried = app
         .submit_json(json!({"model_id": mnist["id"], "constraints": {"min_ratio": 2.5, "objective": "best_metric"},
             "max_seconds": 0.001, "eval": eval, "latency": false}))
@@ -452,6 +453,9 @@ async fn preset_auto_searches_within_the_metric_drop() {
     let s = &hurried["summary"]["search"];
     assert_eq!(s["complete"], false, "{s}");
     assert_eq!(s["candidates"], 2, "{s}");
+    // The first search's table was kept for this model and dataset: no layer was re-measured.
+    assert_eq!(s["sensitivity_cached"], true, "{s}");
+    assert_eq!(s["trials"], 2, "{s}");
     assert_eq!(
         s["goal"],
         json!({"objective": "best_metric", "min_ratio": 2.5})
