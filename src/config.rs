@@ -59,6 +59,18 @@ pub struct ServeConfig {
     /// On SIGINT/SIGTERM, how long running jobs may take to finish before being requeued.
     #[arg(long, env = "MODELPRESS_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
     pub shutdown_grace_secs: u64,
+    /// An upload (or a JSON spec) that sends nothing for this long is refused with 408 and its
+    /// partial file removed.
+    #[arg(long, env = "MODELPRESS_BODY_IDLE_SECS", default_value_t = 30)]
+    pub body_idle_secs: u64,
+    /// After the first `body_idle_secs`, an upload slower than this on average is refused
+    /// with 408 (a trickle would otherwise hold a connection and a staging file for hours).
+    #[arg(
+        long,
+        env = "MODELPRESS_MIN_UPLOAD_BYTES_PER_SEC",
+        default_value_t = 1024
+    )]
+    pub min_upload_bytes_per_sec: u64,
     /// Log format: `text` or `json`.
     #[arg(long, env = "MODELPRESS_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
@@ -91,6 +103,8 @@ impl ServeConfig {
             lease_ms: 30_000,
             max_attempts: 3,
             shutdown_grace_secs: 30,
+            body_idle_secs: 30,
+            min_upload_bytes_per_sec: 1024,
             log_format: "text".into(),
             failpoint: None,
         }

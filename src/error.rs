@@ -22,6 +22,8 @@ pub enum ErrorCode {
     PayloadTooLarge,
     /// 415: the request body has a content type this route does not take.
     UnsupportedMediaType,
+    /// 408: the body stopped arriving (`MODELPRESS_BODY_IDLE_SECS`) or came too slowly.
+    RequestTimeout,
     /// 404
     ModelNotFound,
     /// 404
@@ -60,6 +62,7 @@ impl ErrorCode {
             ErrorCode::DatasetMismatch => "dataset_mismatch",
             ErrorCode::PayloadTooLarge => "payload_too_large",
             ErrorCode::UnsupportedMediaType => "unsupported_media_type",
+            ErrorCode::RequestTimeout => "request_timeout",
             ErrorCode::ModelNotFound => "model_not_found",
             ErrorCode::JobNotFound => "job_not_found",
             ErrorCode::DatasetNotFound => "dataset_not_found",
@@ -85,6 +88,7 @@ impl ErrorCode {
             | ErrorCode::DatasetMismatch => StatusCode::UNPROCESSABLE_ENTITY,
             ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorCode::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ErrorCode::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ErrorCode::ModelNotFound
             | ErrorCode::JobNotFound
             | ErrorCode::DatasetNotFound

@@ -48,11 +48,37 @@ pub fn is_multipart(req: &Request) -> bool {
         .is_some_and(|v| v.to_ascii_lowercase().starts_with("multipart/form-data"))
 }
 
+fn idle(state: &AppState) -> std::time::Duration {
+    std::time::Duration::from_secs(state.config.body_idle_secs.max(1))
+}
+
+fn timed_out(state: &AppState) -> ApiError {
+    ApiError::new(
+        ErrorCode::RequestTimeout,
+        format!(
+            "no data for {} s; the upload was abandoned (MODELPRESS_BODY_IDLE_SECS)",
+            state.config.body_idle_secs.max(1)
+        ),
+    )
+}
+
+/// The next item of a body, or 408 when none comes within the idle limit.
+async fn next_within<S: Stream + Unpin>(
+    state: &AppState,
+    stream: &mut S,
+) -> Result<Option<S::Item>, ApiError> {
+    tokio::time::timeout(idle(state), stream.next())
+        .await
+        .map_err(|_| timed_out(state))
+}
+
 async fn to_temp<S, E>(state: &AppState, mut stream: S) -> Result<Received, ApiError>
 where
     S: Stream<Item = Result<Bytes, E>> + Unpin,
     E: std::fmt::Display,
 {
+    let started = std::time::Instant::now();
+    let min_rate = state.config.min_upload_bytes_per_sec;
     let limit = state.config.max_upload_bytes;
     let temp = tempfile::Builder::new()
         .prefix("upload-")
@@ -62,7 +88,7 @@ where
     let mut file = tokio::io::BufWriter::with_capacity(1 << 20, tokio::fs::File::from_std(file));
     let mut hasher = Sha256::new();
     let mut size = 0u64;
-    while let Some(chunk) = stream.next().await {
+    while let Some(chunk) = next_within(state, &mut stream).await? {
         let chunk = chunk.map_err(|e| {
             ApiError::new(
                 ErrorCode::InvalidRequest,
@@ -75,6 +101,16 @@ where
             return Err(ApiError::new(
                 ErrorCode::PayloadTooLarge,
                 format!("upload exceeds the limit of {limit} bytes (MODELPRESS_MAX_UPLOAD_BYTES)"),
+            ));
+        }
+        let elapsed = started.elapsed();
+        if elapsed > idle(state) && (size as f64) < min_rate as f64 * elapsed.as_secs_f64() {
+            return Err(ApiError::new(
+                ErrorCode::RequestTimeout,
+                format!(
+                    "{size} bytes in {:.0} s is slower than {min_rate} B/s; the upload was abandoned (MODELPRESS_MIN_UPLOAD_BYTES_PER_SEC)",
+                    elapsed.as_secs_f64()
+                ),
             ));
         }
         hasher.update(&chunk);
@@ -112,7 +148,10 @@ pub async fn receive(state: &AppState, req: Request) -> Result<Upload, ApiError>
         spec: None,
     };
     loop {
-        let field = form.next_field().await.map_err(|e| {
+        let field = tokio::time::timeout(idle(state), form.next_field())
+            .await
+            .map_err(|_| timed_out(state))?;
+        let field = field.map_err(|e| {
             ApiError::new(
                 ErrorCode::InvalidRequest,
                 format!("bad multipart form: {e}"),
@@ -133,12 +172,16 @@ pub async fn receive(state: &AppState, req: Request) -> Result<Upload, ApiError>
             Some("spec") => {
                 let mut buf = Vec::new();
                 let mut field = field;
-                while let Some(chunk) = field.chunk().await.map_err(|e| {
-                    ApiError::new(
-                        ErrorCode::InvalidRequest,
-                        format!("bad multipart form: {e}"),
-                    )
-                })? {
+                while let Some(chunk) = tokio::time::timeout(idle(state), field.chunk())
+                    .await
+                    .map_err(|_| timed_out(state))?
+                    .map_err(|e| {
+                        ApiError::new(
+                            ErrorCode::InvalidRequest,
+                            format!("bad multipart form: {e}"),
+                        )
+                    })?
+                {
                     if buf.len() + chunk.len() > MAX_SPEC_BYTES {
                         return Err(ApiError::new(
                             ErrorCode::PayloadTooLarge,
@@ -163,12 +206,27 @@ pub async fn receive(state: &AppState, req: Request) -> Result<Upload, ApiError>
     Ok(upload)
 }
 
-/// Reads a small body whole (JSON specs), refusing anything over `limit`.
-pub async fn small_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
-    axum::body::to_bytes(body, limit).await.map_err(|_| {
-        ApiError::new(
-            ErrorCode::PayloadTooLarge,
-            format!("the request body is larger than {limit} bytes"),
-        )
-    })
+/// Reads a small body whole (JSON specs), refusing anything over `limit` or slower than the
+/// idle limit.
+pub async fn small_body(state: &AppState, body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    tokio::time::timeout(idle(state), axum::body::to_bytes(body, limit))
+        .await
+        .map_err(|_| timed_out(state))?
+        .map_err(|_| {
+            ApiError::new(
+                ErrorCode::PayloadTooLarge,
+                format!("the request body is larger than {limit} bytes"),
+            )
+        })
+}
+
+/// At most 64 characters of something the client sent, for an error message.
+pub fn clip(raw: &str) -> String {
+    const MAX: usize = 64;
+    if raw.chars().count() <= MAX {
+        format!("{raw:?}")
+    } else {
+        let head: String = raw.chars().take(MAX).collect();
+        format!("{head:?}… ({} bytes)", raw.len())
+    }
 }

@@ -229,7 +229,21 @@ pub async fn create(
         check_search(&model, &plan, &eval)?;
         (model.id, spec, fingerprint)
     } else {
-        let body = extract::small_body(req.into_body(), extract::MAX_SPEC_BYTES).await?;
+        // A JSON spec; a body in another type (a form, a file) is refused before it is read.
+        if let Some(ct) = req.headers().get(header::CONTENT_TYPE) {
+            let ct = ct.to_str().unwrap_or("").to_ascii_lowercase();
+            let essence = ct.split(';').next().unwrap_or("").trim();
+            if essence != "application/json" && !essence.ends_with("+json") {
+                return Err(ApiError::new(
+                    ErrorCode::UnsupportedMediaType,
+                    format!(
+                        "POST /v1/jobs takes application/json (a spec) or multipart/form-data (file and spec), not {}",
+                        extract::clip(essence)
+                    ),
+                ));
+            }
+        }
+        let body = extract::small_body(&state, req.into_body(), extract::MAX_SPEC_BYTES).await?;
         let spec = parse_json(&body)?;
         let raw_id = spec
             .get("model_id")
@@ -240,7 +254,7 @@ pub async fn create(
         let model_id = Uuid::parse_str(raw_id).map_err(|_| {
             ApiError::new(
                 ErrorCode::ModelNotFound,
-                format!("no model with id {raw_id:?}"),
+                format!("no model with id {}", extract::clip(raw_id)),
             )
         })?;
         let plan = compress::parse_spec(&spec).map_err(invalid_spec)?;

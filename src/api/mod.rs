@@ -112,7 +112,7 @@ pub fn rfc3339(ms: i64) -> String {
 /// Parses an id from the path; a malformed id is simply not found.
 pub fn parse_id(raw: &str, code: ErrorCode, what: &str) -> Result<uuid::Uuid, ApiError> {
     uuid::Uuid::parse_str(raw)
-        .map_err(|_| ApiError::new(code, format!("no {what} with id {raw:?}")))
+        .map_err(|_| ApiError::new(code, format!("no {what} with id {}", extract::clip(raw))))
 }
 
 /// `limit` and `cursor` query parameters shared by the list routes.

@@ -407,3 +407,105 @@ async fn impossible_orderings_and_mistyped_parameters_are_refused_at_submit() {
     );
     app.stop().await;
 }
+
+/// Sends raw bytes on a fresh connection and returns the status line and body the server
+/// answers with (None: it did not answer within `wait`).
+async fn raw_request(
+    base: &str,
+    head: &str,
+    chunks: &[&[u8]],
+    gap: std::time::Duration,
+    wait: std::time::Duration,
+) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = base.trim_start_matches("http://");
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(head.as_bytes()).await.unwrap();
+    for c in chunks {
+        if s.write_all(c).await.is_err() {
+            break;
+        }
+        tokio::time::sleep(gap).await;
+    }
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(wait, async {
+        let mut chunk = [0u8; 4096];
+        loop {
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    buf.extend_from_slice(&chunk[..n]);
+                    if buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.ends_with(b"}") {
+                        break;
+                    }
+                }
+            }
+        }
+    })
+    .await;
+    read.ok()?;
+    Some(String::from_utf8_lossy(&buf).into_owned())
+}
+
+/// A client that sends headers and a few bytes then goes silent, or trickles its body, gets
+/// 408 request_timeout and leaves no staging file; a non-JSON spec body is 415; a 20 kB id
+/// does not come back whole in the 404.
+#[tokio::test]
+async fn stalled_and_trickled_uploads_time_out_and_odd_requests_get_clear_errors() {
+    let app = spawn_app_with(|c| {
+        c.body_idle_secs = 1;
+        c.min_upload_bytes_per_sec = 1024;
+    })
+    .await;
+    let staging = app.state.blobs.staging_dir();
+    let head = "POST /v1/models HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n";
+    let stalled = raw_request(
+        &app.base,
+        head,
+        &[b"abc"],
+        std::time::Duration::ZERO,
+        std::time::Duration::from_secs(10),
+    )
+    .await
+    .expect("the server answers a stalled upload");
+    assert!(stalled.starts_with("HTTP/1.1 408"), "{stalled}");
+    assert!(stalled.contains("\"request_timeout\""), "{stalled}");
+    // 10 bytes every 200 ms: alive, but far below 1 KiB/s.
+    let drip: Vec<&[u8]> = vec![b"0123456789"; 20];
+    let trickled = raw_request(
+        &app.base,
+        head,
+        &drip,
+        std::time::Duration::from_millis(200),
+        std::time::Duration::from_secs(10),
+    )
+    .await
+    .expect("the server answers a trickled upload");
+    assert!(trickled.starts_with("HTTP/1.1 408"), "{trickled}");
+    assert!(trickled.contains("slower than 1024 B/s"), "{trickled}");
+    let left: Vec<_> = std::fs::read_dir(&staging)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "staging files left: {left:?}");
+
+    let r = app
+        .client
+        .post(app.url("/v1/jobs"))
+        .header("content-type", "text/plain")
+        .body("{\"preset\": \"int8\"}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 415);
+    assert_eq!(
+        error_code(&r.json::<Value>().await.unwrap()),
+        "unsupported_media_type"
+    );
+
+    let long = "x".repeat(20_000);
+    let (status, v) = app.get_json(&format!("/v1/models/{long}")).await;
+    assert_eq!(status, 404);
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(msg.len() < 200 && msg.contains("20000 bytes"), "{msg}");
+    app.stop().await;
+}
