@@ -71,6 +71,12 @@ pub struct ServeConfig {
         default_value_t = 1024
     )]
     pub min_upload_bytes_per_sec: u64,
+    /// What an uploaded .npz (model or dataset) may inflate to, all members together.
+    #[arg(long, env = "MODELPRESS_MAX_INFLATED_BYTES", default_value_t = 8 << 30)]
+    pub max_inflated_bytes: u64,
+    /// How many times its own size an uploaded .npz may inflate to.
+    #[arg(long, env = "MODELPRESS_MAX_INFLATION_RATIO", default_value_t = 200)]
+    pub max_inflation_ratio: u64,
     /// Log format: `text` or `json`.
     #[arg(long, env = "MODELPRESS_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
@@ -84,6 +90,13 @@ impl ServeConfig {
         self.database_url.clone().unwrap_or_else(|| {
             format!("sqlite://{}", self.data_dir.join("modelpress.db").display())
         })
+    }
+    /// The inflation caps for uploads.
+    pub fn inflation(&self) -> crate::formats::limits::Inflation {
+        crate::formats::limits::Inflation {
+            max_bytes: self.max_inflated_bytes,
+            max_ratio: self.max_inflation_ratio.max(1),
+        }
     }
     pub fn worker_count(&self) -> usize {
         self.workers.unwrap_or_else(|| {
@@ -105,6 +118,8 @@ impl ServeConfig {
             shutdown_grace_secs: 30,
             body_idle_secs: 30,
             min_upload_bytes_per_sec: 1024,
+            max_inflated_bytes: 8 << 30,
+            max_inflation_ratio: 200,
             log_format: "text".into(),
             failpoint: None,
         }

@@ -22,6 +22,9 @@ pub enum ErrorCode {
     PayloadTooLarge,
     /// 415: the request body has a content type this route does not take.
     UnsupportedMediaType,
+    /// 413: a compressed upload (.npz) would inflate beyond `MODELPRESS_MAX_INFLATED_BYTES` or
+    /// `MODELPRESS_MAX_INFLATION_RATIO` times its size.
+    InflationLimit,
     /// 408: the body stopped arriving (`MODELPRESS_BODY_IDLE_SECS`) or came too slowly.
     RequestTimeout,
     /// 404
@@ -63,6 +66,7 @@ impl ErrorCode {
             ErrorCode::PayloadTooLarge => "payload_too_large",
             ErrorCode::UnsupportedMediaType => "unsupported_media_type",
             ErrorCode::RequestTimeout => "request_timeout",
+            ErrorCode::InflationLimit => "inflation_limit",
             ErrorCode::ModelNotFound => "model_not_found",
             ErrorCode::JobNotFound => "job_not_found",
             ErrorCode::DatasetNotFound => "dataset_not_found",
@@ -89,6 +93,7 @@ impl ErrorCode {
             ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorCode::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ErrorCode::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            ErrorCode::InflationLimit => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorCode::ModelNotFound
             | ErrorCode::JobNotFound
             | ErrorCode::DatasetNotFound

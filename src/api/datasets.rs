@@ -53,16 +53,19 @@ pub async fn upload(
     }
     // Parsed whole before anything is stored: a bad file leaves no trace.
     let path = file.temp.to_path_buf();
-    let described = tokio::task::spawn_blocking(move || -> Result<_, String> {
-        let bytes = std::fs::read(&path).map_err(|e| format!("cannot read the upload: {e}"))?;
-        let data = Dataset::from_npz(&bytes)?;
-        let (arrays, rows) = data.describe()?;
+    let inflation = state.config.inflation();
+    let described = tokio::task::spawn_blocking(move || -> Result<_, ApiError> {
+        let bytes = std::fs::read(&path).map_err(ApiError::internal)?;
+        let data = Dataset::from_npz_with(&bytes, &inflation).map_err(|e| match e {
+            crate::formats::FormatError::TooLarge(m) => ApiError::new(ErrorCode::InflationLimit, m),
+            e => invalid(e.to_string()),
+        })?;
+        let (arrays, rows) = data.describe().map_err(invalid)?;
         Ok((arrays, rows, data.labels.is_some()))
     })
     .await
     .map_err(ApiError::internal)?;
-    let (arrays, rows, has_labels): (Vec<ArrayInfo>, Option<u64>, bool) =
-        described.map_err(invalid)?;
+    let (arrays, rows, has_labels): (Vec<ArrayInfo>, Option<u64>, bool) = described?;
     let id = Uuid::now_v7();
     let name = extract::display_name(q.get("name").cloned().or(up.file_name), || {
         "dataset.npz".into()

@@ -40,7 +40,8 @@ pub async fn store_model(
         ));
     }
     let path = file.temp.to_path_buf();
-    let parsed = tokio::task::spawn_blocking(move || formats::inspect_path(&path))
+    let inflation = state.config.inflation();
+    let parsed = tokio::task::spawn_blocking(move || formats::inspect_path(&path, &inflation))
         .await
         .map_err(ApiError::internal)?;
     let formats::Inspection {
@@ -50,6 +51,9 @@ pub async fn store_model(
         inputs,
     } = match parsed {
         Ok(v) => v,
+        Err(formats::FormatError::TooLarge(m)) => {
+            return Err(ApiError::new(ErrorCode::InflationLimit, m))
+        }
         Err(e) if e.is_user_error() => {
             return Err(ApiError::new(ErrorCode::InvalidModel, e.to_string()))
         }

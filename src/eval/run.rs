@@ -39,17 +39,26 @@ pub struct Dataset {
 impl Dataset {
     /// Reads an `.npz` in the convention; `labels` must be int64 [N].
     pub fn from_npz(bytes: &[u8]) -> Result<Dataset, String> {
-        let set = crate::formats::npz::read_npz(bytes).map_err(|e| e.to_string())?;
+        Self::from_npz_with(bytes, &Default::default()).map_err(|e| e.to_string())
+    }
+
+    /// [`Dataset::from_npz`] within the upload's inflation caps.
+    pub fn from_npz_with(
+        bytes: &[u8],
+        inflation: &crate::formats::limits::Inflation,
+    ) -> Result<Dataset, crate::formats::FormatError> {
+        use crate::formats::FormatError;
+        let set = crate::formats::npz::read_npz_with(bytes, inflation)?;
         let mut arrays = Vec::new();
         let mut labels = None;
         for t in set.tensors {
             if t.name == "labels" {
                 if t.dtype != DType::I64 || t.shape.len() != 1 {
-                    return Err(format!(
+                    return Err(FormatError::invalid(format!(
                         "labels must be int64 [N], not {} {:?}",
                         t.dtype.name(),
                         t.shape
-                    ));
+                    )));
                 }
                 labels = Some(
                     t.data

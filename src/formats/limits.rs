@@ -11,3 +11,21 @@ pub const MAX_NPZ_MEMBER_BYTES: u64 = 16 << 30;
 /// Largest ratio between an .npz member's declared size and its compressed size: deflate
 /// cannot exceed ~1032:1, so anything above that is a lie.
 pub const MAX_DEFLATE_RATIO: u64 = 1100;
+
+/// What a compressed upload (.npz) may inflate to: all members together, in bytes and as a
+/// ratio to the file's size. The server sets them from its configuration; a decompression
+/// bomb is refused before its members are read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Inflation {
+    pub max_bytes: u64,
+    pub max_ratio: u64,
+}
+
+impl Default for Inflation {
+    fn default() -> Self {
+        Inflation {
+            max_bytes: MAX_NPZ_MEMBER_BYTES,
+            max_ratio: MAX_DEFLATE_RATIO,
+        }
+    }
+}

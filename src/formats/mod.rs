@@ -18,6 +18,9 @@ use std::path::Path;
 pub enum FormatError {
     #[error("{0}")]
     Invalid(String),
+    /// The file would inflate beyond the configured [`limits::Inflation`].
+    #[error("{0}")]
+    TooLarge(String),
     #[error("unsupported: {0}")]
     Unsupported(String),
     #[error("i/o error: {0}")]
@@ -38,7 +41,10 @@ impl FormatError {
     }
     /// True when the input, not this program, is at fault.
     pub fn is_user_error(&self) -> bool {
-        matches!(self, FormatError::Invalid(_) | FormatError::Unsupported(_))
+        matches!(
+            self,
+            FormatError::Invalid(_) | FormatError::Unsupported(_) | FormatError::TooLarge(_)
+        )
     }
 }
 
@@ -137,8 +143,6 @@ pub fn read_path(path: &Path) -> Result<TensorSet, FormatError> {
     read_bytes(&bytes)
 }
 
-/// Validates a model file and lists its tensors. An .npy is checked from its header and
-/// length alone (constant memory); other formats are parsed whole.
 /// What an upload holds: its format, the tensor inventory, the parameter count and, for a
 /// graph (ONNX), the inputs a dataset must feed.
 pub struct Inspection {
@@ -159,7 +163,10 @@ pub struct GraphInput {
     pub shape: Option<Vec<Option<u64>>>,
 }
 
-pub fn inspect_path(path: &Path) -> Result<Inspection, FormatError> {
+/// Validates a model file and lists its tensors. An .npy is checked from its header and
+/// length alone (constant memory); other formats are parsed whole, an .npz within
+/// `inflation`.
+pub fn inspect_path(path: &Path, inflation: &limits::Inflation) -> Result<Inspection, FormatError> {
     use std::io::Read;
     let mut head = Vec::with_capacity(16);
     std::fs::File::open(path)?.take(16).read_to_end(&mut head)?;
@@ -180,7 +187,13 @@ pub fn inspect_path(path: &Path) -> Result<Inspection, FormatError> {
             inputs: None,
         });
     }
-    let set = read_path(path)?;
+    let bytes = std::fs::read(path)?;
+    let set = if sniff(&bytes) == Some(Format::Npz) {
+        npz::read_npz_with(&bytes, inflation)?
+    } else {
+        read_bytes(&bytes)?
+    };
+    drop(bytes);
     let inputs = match &set.container {
         Container::Onnx(c) => Some(onnx::graph_inputs(&c.model)),
         _ => None,

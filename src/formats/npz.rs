@@ -1,7 +1,9 @@
 //! NumPy .npy and .npz. Headers are parsed by `ndarray-npy`; data is kept as raw bytes so any
 //! supported dtype round-trips bit for bit. The ZIP layer (ZIP64 included) is the `zip` crate.
 
-use super::limits::{MAX_DEFLATE_RATIO, MAX_NPY_HEADER_BYTES, MAX_NPZ_MEMBER_BYTES, MAX_TENSORS};
+use super::limits::{
+    Inflation, MAX_DEFLATE_RATIO, MAX_NPY_HEADER_BYTES, MAX_NPZ_MEMBER_BYTES, MAX_TENSORS,
+};
 use super::{element_count, Container, DType, Format, FormatError, Tensor, TensorSet};
 use ndarray_npy::npy::header::{Header, Layout};
 use py_literal::Value as PyValue;
@@ -137,6 +139,28 @@ fn parse_npy(bytes: &[u8], name: &str) -> Result<(DType, Vec<usize>, Vec<u8>, bo
     Ok((h.dtype, h.shape, data, h.fortran))
 }
 
+/// [`parse_npy`] on a buffer it may keep: the data stays where it was read (no second copy of
+/// a large member).
+fn parse_npy_owned(
+    mut buf: Vec<u8>,
+    name: &str,
+) -> Result<(DType, Vec<usize>, Vec<u8>), FormatError> {
+    let h = parse_npy_header(&buf, name)?;
+    if h.fortran && h.shape.len() > 1 {
+        let (dtype, shape, data, _) = parse_npy(&buf, name)?;
+        return Ok((dtype, shape, data));
+    }
+    let have = buf.len().saturating_sub(h.data_start);
+    if buf.len() < h.data_start || have != h.data_len {
+        return Err(FormatError::invalid(format!(
+            "{name}: .npy holds {have} data bytes, its header says {}",
+            h.data_len
+        )));
+    }
+    buf.drain(..h.data_start);
+    Ok((h.dtype, h.shape, buf))
+}
+
 /// Validates an .npy file from its header and length alone, without reading the data:
 /// uploads of huge arrays are checked in constant memory.
 pub fn inspect_npy_path(path: &std::path::Path) -> Result<(DType, Vec<usize>), FormatError> {
@@ -195,6 +219,13 @@ pub fn read_npy_file(bytes: &[u8]) -> Result<TensorSet, FormatError> {
 }
 
 pub fn read_npz(bytes: &[u8]) -> Result<TensorSet, FormatError> {
+    read_npz_with(bytes, &Inflation::default())
+}
+
+/// Reads an .npz whose members together inflate to at most `inflation.max_bytes`, and to at
+/// most `inflation.max_ratio` times the file's size; each member is read once, into the
+/// buffer that becomes its tensor.
+pub fn read_npz_with(bytes: &[u8], inflation: &Inflation) -> Result<TensorSet, FormatError> {
     let mut zip = zip::ZipArchive::new(Cursor::new(bytes))
         .map_err(|e| FormatError::invalid(format!("npz: {e}")))?;
     if zip.len() > MAX_TENSORS {
@@ -202,6 +233,8 @@ pub fn read_npz(bytes: &[u8]) -> Result<TensorSet, FormatError> {
     }
     let mut tensors = Vec::with_capacity(zip.len());
     let mut compressed = false;
+    let mut inflated = 0u64;
+    let ratio_cap = (bytes.len() as u64).saturating_mul(inflation.max_ratio);
     for i in 0..zip.len() {
         let mut member = zip
             .by_index(i)
@@ -229,6 +262,20 @@ pub fn read_npz(bytes: &[u8]) -> Result<TensorSet, FormatError> {
                 "npz member {full:?} is too large ({size} bytes)"
             )));
         }
+        inflated = inflated.saturating_add(size);
+        if inflated > inflation.max_bytes {
+            return Err(FormatError::TooLarge(format!(
+                "the .npz inflates to more than {} bytes (MODELPRESS_MAX_INFLATED_BYTES); refused at member {full:?}",
+                inflation.max_bytes
+            )));
+        }
+        if inflated > ratio_cap.max(1 << 20) {
+            return Err(FormatError::TooLarge(format!(
+                "the .npz ({} bytes) inflates more than {}x (MODELPRESS_MAX_INFLATION_RATIO); refused at member {full:?}",
+                bytes.len(),
+                inflation.max_ratio
+            )));
+        }
         // The declared size is only a hint: grow past 64 MiB as bytes really arrive.
         let mut buf = Vec::with_capacity(size.min(64 << 20) as usize);
         (&mut member)
@@ -240,7 +287,7 @@ pub fn read_npz(bytes: &[u8]) -> Result<TensorSet, FormatError> {
                 "npz member {full:?}: size differs from its directory entry"
             )));
         }
-        let (dtype, shape, data, _) = parse_npy(&buf, name)?;
+        let (dtype, shape, data) = parse_npy_owned(buf, name)?;
         tensors.push(Tensor::new(name.to_string(), dtype, shape, data)?);
     }
     if tensors.is_empty() {

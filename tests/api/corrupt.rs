@@ -509,3 +509,93 @@ async fn stalled_and_trickled_uploads_time_out_and_odd_requests_get_clear_errors
     assert!(msg.len() < 200 && msg.contains("20000 bytes"), "{msg}");
     app.stop().await;
 }
+
+fn npz_of(members: &[(&str, Vec<u8>)], method: zip::CompressionMethod) -> Vec<u8> {
+    use std::io::Write;
+    let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    let opts = zip::write::SimpleFileOptions::default().compression_method(method);
+    for (name, bytes) in members {
+        w.start_file(*name, opts).unwrap();
+        w.write_all(bytes).unwrap();
+    }
+    w.finish().unwrap().into_inner()
+}
+
+/// A decompression bomb (.npz whose member inflates 1000x) is refused as a model and as a
+/// dataset with 413 inflation_limit before its members are read, and so is an .npz larger
+/// than MODELPRESS_MAX_INFLATED_BYTES once inflated; nothing is stored.
+#[tokio::test]
+async fn decompression_bombs_are_refused_by_ratio_and_by_size() {
+    let app = spawn_app_with(|c| c.max_inflated_bytes = 1 << 20).await;
+    let zeros = vec![0u8; 16 << 20];
+    let bomb = npz_of(
+        &[(
+            "w.npy",
+            npy_with_header(
+                "{'descr': '<f4', 'fortran_order': False, 'shape': (4194304,), }",
+                &zeros,
+            ),
+        )],
+        zip::CompressionMethod::Deflated,
+    );
+    assert!(bomb.len() < 100_000, "{}", bomb.len());
+    for route in ["/v1/models", "/v1/datasets"] {
+        let r = app
+            .client
+            .post(app.url(route))
+            .body(bomb.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 413, "{route}");
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(error_code(&v), "inflation_limit", "{route}: {v}");
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains("inflates"),
+            "{v}"
+        );
+    }
+    // Stored, not compressed, but over the configured 1 MiB once read.
+    let big = npz_of(
+        &[(
+            "w.npy",
+            npy_with_header(
+                "{'descr': '<f4', 'fortran_order': False, 'shape': (524288,), }",
+                &vec![0u8; 2 << 20],
+            ),
+        )],
+        zip::CompressionMethod::Stored,
+    );
+    let r = app
+        .client
+        .post(app.url("/v1/models"))
+        .body(big)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    let v: Value = r.json().await.unwrap();
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("MODELPRESS_MAX_INFLATED_BYTES"),
+        "{v}"
+    );
+    // A small legitimate .npz still goes in.
+    let ok = npz_of(
+        &[(
+            "w.npy",
+            npy_with_header(
+                "{'descr': '<f4', 'fortran_order': False, 'shape': (4, 4), }",
+                &[1u8; 64],
+            ),
+        )],
+        zip::CompressionMethod::Deflated,
+    );
+    let m = app.upload(ok, "ok.npz").await;
+    assert_eq!(m["parameter_count"], 16, "{m}");
+    let (_, list) = app.get_json("/v1/models").await;
+    assert_eq!(list["items"].as_array().unwrap().len(), 1, "{list}");
+    app.stop().await;
+}
