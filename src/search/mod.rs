@@ -138,45 +138,33 @@ impl SearchSpec {
     }
 }
 
+const INT8: &str =
+    r#"{"method": "quantize", "bits": 8, "scheme": "symmetric", "granularity": "channel"}"#;
+const INT8_TENSOR: &str =
+    r#"{"method": "quantize", "bits": 8, "scheme": "symmetric", "granularity": "tensor"}"#;
+const INT4: &str =
+    r#"{"method": "quantize", "bits": 4, "scheme": "symmetric", "granularity": "channel"}"#;
+const INT4_G32: &str = r#"{"method": "quantize", "bits": 4, "scheme": "affine", "granularity": "channel", "group_size": 32}"#;
+const INT4_G128: &str = r#"{"method": "quantize", "bits": 4, "scheme": "affine", "granularity": "channel", "group_size": 128}"#;
+
 /// Settings a layer can take in the search, as pipeline steps (without their selection).
 pub const LADDER: &[(&str, &str)] = &[
-    (
-        "int8",
-        r#"{"method": "quantize", "bits": 8, "scheme": "symmetric", "granularity": "channel"}"#,
-    ),
-    (
-        "int4",
-        r#"{"method": "quantize", "bits": 4, "scheme": "symmetric", "granularity": "channel"}"#,
-    ),
-    (
-        "int4-g32",
-        r#"{"method": "quantize", "bits": 4, "scheme": "affine", "granularity": "channel", "group_size": 32}"#,
-    ),
-    (
-        "int4-g128",
-        r#"{"method": "quantize", "bits": 4, "scheme": "affine", "granularity": "channel", "group_size": 128}"#,
-    ),
+    ("int8", INT8),
+    ("int4", INT4),
+    ("int4-g32", INT4_G32),
+    ("int4-g128", INT4_G128),
 ];
 
 /// The strengths `"analyze": true` measures each layer at (NNI's SensitivityAnalysis and
 /// Distiller's, as a job): bits, unstructured sparsity, low-rank energy.
 pub const ANALYSIS: &[(&str, &str)] = &[
-    (
-        "int8",
-        r#"{"method": "quantize", "bits": 8, "scheme": "symmetric", "granularity": "channel"}"#,
-    ),
+    ("int8", INT8),
     (
         "int6",
         r#"{"method": "quantize", "bits": 6, "scheme": "symmetric", "granularity": "channel"}"#,
     ),
-    (
-        "int4",
-        r#"{"method": "quantize", "bits": 4, "scheme": "symmetric", "granularity": "channel"}"#,
-    ),
-    (
-        "int4-g32",
-        r#"{"method": "quantize", "bits": 4, "scheme": "affine", "granularity": "channel", "group_size": 32}"#,
-    ),
+    ("int4", INT4),
+    ("int4-g32", INT4_G32),
     (
         "int3",
         r#"{"method": "quantize", "bits": 3, "scheme": "symmetric", "granularity": "channel"}"#,
@@ -208,14 +196,8 @@ pub const ANALYSIS: &[(&str, &str)] = &[
 
 /// The uniform candidates verified first.
 const BASELINES: &[(&str, &str)] = &[
-    (
-        "int8 per channel, every layer",
-        r#"{"method": "quantize", "bits": 8, "scheme": "symmetric", "granularity": "channel"}"#,
-    ),
-    (
-        "int8 per tensor, every layer",
-        r#"{"method": "quantize", "bits": 8, "scheme": "symmetric", "granularity": "tensor"}"#,
-    ),
+    ("int8 per channel, every layer", INT8),
+    ("int8 per tensor, every layer", INT8_TENSOR),
 ];
 
 fn step_json(text: &str) -> Map<String, Value> {

@@ -525,28 +525,13 @@ async fn a_running_search_stops_on_cancel() {
         )
         .await;
     let id = j["id"].as_str().unwrap().to_string();
-    let state = app.state.clone();
-    let runner =
-        tokio::spawn(async move { modelpress::worker::try_execute_one(&state).await.unwrap() });
-    // Wait until the search reports its trials, then cancel.
-    loop {
-        let job = app.job(&id).await;
-        if job["stage"]
+    // Cancel once the search reports its trials.
+    let ready = |j: &Value| {
+        j["stage"]
             .as_str()
             .is_some_and(|s| s.starts_with("search: trial"))
-        {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    let r = app
-        .client
-        .post(app.url(&format!("/v1/jobs/{id}/cancel")))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 202);
-    assert_eq!(runner.await.unwrap(), Outcome::Cancelled);
+    };
+    assert_eq!(cancel_when(&app, &id, ready).await, Outcome::Cancelled);
     let job = app.job(&id).await;
     assert_eq!(job["state"], "cancelled");
     assert!(job["artifacts"].as_array().unwrap().is_empty());

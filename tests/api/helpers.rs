@@ -207,3 +207,26 @@ pub fn evaluate(case: &str, onnx: &Path) -> Value {
     );
     serde_json::from_slice(&out.stdout).expect("evaluate.py prints JSON")
 }
+
+/// Runs the next queued job (`id`) on a worker task, cancels it once `ready` holds for its
+/// view, and returns the worker's outcome.
+pub async fn cancel_when(
+    app: &TestApp,
+    id: &str,
+    ready: impl Fn(&Value) -> bool,
+) -> modelpress::worker::Outcome {
+    let state = app.state.clone();
+    let runner =
+        tokio::spawn(async move { modelpress::worker::try_execute_one(&state).await.unwrap() });
+    while !ready(&app.job(id).await) {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let r = app
+        .client
+        .post(app.url(&format!("/v1/jobs/{id}/cancel")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    runner.await.unwrap()
+}

@@ -437,23 +437,10 @@ async fn cancel_a_running_job_at_a_tensor_boundary() {
         .submit_json(json!({"model_id": m["id"], "preset": "int8"}))
         .await;
     let id = j["id"].as_str().unwrap().to_string();
-    let state = app.state.clone();
-    let runner =
-        tokio::spawn(async move { modelpress::worker::try_execute_one(&state).await.unwrap() });
-    loop {
-        if app.job(&id).await["state"] == "running" {
-            break;
-        }
-        tokio::task::yield_now().await;
-    }
-    let r = app
-        .client
-        .post(app.url(&format!("/v1/jobs/{id}/cancel")))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 202);
-    assert_eq!(runner.await.unwrap(), Outcome::Cancelled);
+    assert_eq!(
+        cancel_when(&app, &id, |j| j["state"] == "running").await,
+        Outcome::Cancelled
+    );
     let job = app.job(&id).await;
     assert_eq!(job["state"], "cancelled");
     assert!(job["artifacts"].as_array().unwrap().is_empty());
