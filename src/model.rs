@@ -249,6 +249,34 @@ impl Tensor {
     }
 }
 
+/// How many values of a float dtype's little-endian bytes are NaN or infinite (0 for other
+/// dtypes). A trailing partial value is ignored, so a file can be scanned in chunks whose
+/// length is a multiple of the dtype's size.
+pub fn non_finite(dtype: DType, bytes: &[u8]) -> u64 {
+    let count = |it: &mut dyn Iterator<Item = bool>| it.filter(|finite| !finite).count() as u64;
+    match dtype {
+        DType::F32 => count(
+            &mut bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]).is_finite()),
+        ),
+        DType::F64 => count(&mut bytes.chunks_exact(8).map(|c| {
+            f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]).is_finite()
+        })),
+        DType::F16 => count(
+            &mut bytes
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).is_finite()),
+        ),
+        DType::BF16 => count(
+            &mut bytes
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).is_finite()),
+        ),
+        _ => 0,
+    }
+}
+
 /// Encodes f32 values as little-endian bytes of a float dtype.
 pub fn f32_to_bytes(values: &[f32], dtype: DType) -> Vec<u8> {
     let mut out = Vec::with_capacity(values.len() * dtype.size());

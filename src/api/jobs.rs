@@ -80,8 +80,14 @@ fn parse_json(bytes: &[u8]) -> Result<Value, ApiError> {
     })
 }
 
+/// A refused spec is invalid_spec; a model the spec cannot run on (NaN weights it would
+/// compress) invalid_model.
 fn invalid_spec(e: compress::CompressError) -> ApiError {
-    ApiError::new(ErrorCode::InvalidSpec, e.to_string())
+    let code = match e {
+        compress::CompressError::InvalidModel(_) => ErrorCode::InvalidModel,
+        _ => ErrorCode::InvalidSpec,
+    };
+    ApiError::new(code, e.to_string())
 }
 
 /// The spec's `eval` block: well formed, its dataset stored, labels there for top1.
@@ -179,7 +185,30 @@ fn check_orderings(
             role: Role::parse(&t.role)?,
         })
     });
-    compress::check(facts, plan)
+    compress::check(facts, plan)?;
+    // NaN/Inf weights fail the job when a step touches them: say so now.
+    for t in inventory.iter().filter(|t| t.non_finite > 0) {
+        let (Some(dtype), Some(role)) = (DType::parse(&t.dtype), Role::parse(&t.role)) else {
+            continue;
+        };
+        let facts = TensorFacts {
+            name: &t.name,
+            dtype,
+            shape: &t.shape,
+            role,
+        };
+        if let Some(i) = plan
+            .steps
+            .iter()
+            .position(|s| s.select.selects_facts(&facts))
+        {
+            return Err(compress::CompressError::InvalidModel(format!(
+                "tensor {:?} holds {} NaN or infinite value(s) and pipeline[{i}] would compress it; fix the weights or exclude the tensor",
+                t.name, t.non_finite
+            )));
+        }
+    }
+    Ok(())
 }
 
 pub async fn create(
@@ -215,9 +244,10 @@ pub async fn create(
         }
         let model = store_model(&state, file, up.file_name).await?;
         check_orderings(&model, &plan).map_err(|e| {
+            let refused = invalid_spec(e);
             ApiError::new(
-                ErrorCode::InvalidSpec,
-                format!("{e} (the model was stored as {})", model.id),
+                refused.code,
+                format!("{} (the model was stored as {})", refused.message, model.id),
             )
         })?;
         check_fits(&model, &eval).map_err(|m| {

@@ -171,7 +171,7 @@ pub fn inspect_path(path: &Path, inflation: &limits::Inflation) -> Result<Inspec
     let mut head = Vec::with_capacity(16);
     std::fs::File::open(path)?.take(16).read_to_end(&mut head)?;
     if sniff(&head) == Some(Format::Npy) {
-        let (dtype, shape) = npz::inspect_npy_path(path)?;
+        let (dtype, shape, non_finite) = npz::inspect_npy_path(path)?;
         let parameters = element_count(&shape).unwrap_or(0) as u64;
         let info = TensorInfo {
             name: "array".into(),
@@ -179,6 +179,7 @@ pub fn inspect_path(path: &Path, inflation: &limits::Inflation) -> Result<Inspec
             parameters,
             role: inventory_role(role_from_name("array", &shape, dtype)),
             shape,
+            non_finite,
         };
         return Ok(Inspection {
             format: Format::Npy,
@@ -248,6 +249,13 @@ pub struct TensorInfo {
     pub dtype: String,
     pub parameters: u64,
     pub role: String,
+    /// NaN and infinite values: a job that would compress this tensor is refused at submit.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub non_finite: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 pub fn inventory(set: &TensorSet) -> Vec<TensorInfo> {
@@ -259,6 +267,7 @@ pub fn inventory(set: &TensorSet) -> Vec<TensorInfo> {
             dtype: t.dtype.name().to_string(),
             parameters: t.len() as u64,
             role: inventory_role(t.role),
+            non_finite: crate::model::non_finite(t.dtype, &t.data),
         })
         .collect()
 }

@@ -163,7 +163,7 @@ fn parse_npy_owned(
 
 /// Validates an .npy file from its header and length alone, without reading the data:
 /// uploads of huge arrays are checked in constant memory.
-pub fn inspect_npy_path(path: &std::path::Path) -> Result<(DType, Vec<usize>), FormatError> {
+pub fn inspect_npy_path(path: &std::path::Path) -> Result<(DType, Vec<usize>, u64), FormatError> {
     let mut file = std::fs::File::open(path)?;
     let len = file.metadata()?.len();
     let mut head = Vec::new();
@@ -171,6 +171,13 @@ pub fn inspect_npy_path(path: &std::path::Path) -> Result<(DType, Vec<usize>), F
         .take((MAX_NPY_HEADER_BYTES + 16) as u64)
         .read_to_end(&mut head)?;
     let h = parse_npy_header(&head, "array")?;
+    if h.shape.len() > crate::model::MAX_RANK {
+        return Err(FormatError::invalid(format!(
+            "array: rank {} is more than {}",
+            h.shape.len(),
+            crate::model::MAX_RANK
+        )));
+    }
     if len != (h.data_start + h.data_len) as u64 {
         return Err(FormatError::invalid(format!(
             "array: .npy holds {} data bytes, its header says {}",
@@ -178,7 +185,29 @@ pub fn inspect_npy_path(path: &std::path::Path) -> Result<(DType, Vec<usize>), F
             h.data_len
         )));
     }
-    Ok((h.dtype, h.shape))
+    // Count NaN/Inf in 1 MiB slices (constant memory, whatever the file's size).
+    let mut non_finite = 0u64;
+    if h.dtype.is_float() {
+        use std::io::{Seek, SeekFrom};
+        file.seek(SeekFrom::Start(h.data_start as u64))?;
+        let slice = (1 << 20) / h.dtype.size() * h.dtype.size();
+        let mut buf = vec![0u8; slice];
+        loop {
+            let mut filled = 0;
+            while filled < slice {
+                let n = file.read(&mut buf[filled..])?;
+                if n == 0 {
+                    break;
+                }
+                filled += n;
+            }
+            non_finite += crate::model::non_finite(h.dtype, &buf[..filled]);
+            if filled < slice {
+                break;
+            }
+        }
+    }
+    Ok((h.dtype, h.shape, non_finite))
 }
 
 /// Reorders Fortran-order elements into C order.

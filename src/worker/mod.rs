@@ -155,7 +155,23 @@ async fn run_claimed(state: &AppState, worker: &str, job: JobRecord) -> anyhow::
             return Ok(Outcome::Failed);
         }
     };
-    let input = state.blobs.local_path(&model.blob_key).await?;
+    // A model whose file is gone fails now (retrying cannot bring it back).
+    let input = match state.blobs.local_path(&model.blob_key).await {
+        Ok(p) => p,
+        Err(crate::store::StoreError::NotFound(_)) => {
+            state
+                .queue
+                .fail(
+                    job.id,
+                    worker,
+                    "model_not_found",
+                    "the job's model file is missing from the blob store",
+                )
+                .await?;
+            return Ok(Outcome::Failed);
+        }
+        Err(e) => return Err(e.into()),
+    };
     // The dataset an `eval` block names (checked at submit; it may have gone since).
     let eval_spec = match crate::eval::EvalSpec::parse(&job.spec) {
         Ok(e) => e,
@@ -171,7 +187,22 @@ async fn run_claimed(state: &AppState, worker: &str, job: JobRecord) -> anyhow::
             .get_dataset(&job.tenant_id, e.dataset_id)
             .await?
         {
-            Some(d) => Some(state.blobs.local_path(&d.blob_key).await?),
+            Some(d) => match state.blobs.local_path(&d.blob_key).await {
+                Ok(p) => Some(p),
+                Err(crate::store::StoreError::NotFound(_)) => {
+                    state
+                        .queue
+                        .fail(
+                            job.id,
+                            worker,
+                            "dataset_not_found",
+                            "the dataset file the job's eval names is missing from the blob store",
+                        )
+                        .await?;
+                    return Ok(Outcome::Failed);
+                }
+                Err(e) => return Err(e.into()),
+            },
             None => {
                 state
                     .queue

@@ -170,6 +170,8 @@ async fn corrupt_files_get_invalid_model_and_nothing_is_lost() {
     app.stop().await;
 }
 
+/// NaN weights are counted at upload; a job that would compress them is refused at submit
+/// with invalid_model naming the tensor (it would fail the same way when it ran).
 #[tokio::test]
 async fn nan_weights_fail_the_job_with_invalid_model() {
     let app = spawn_app().await;
@@ -184,12 +186,10 @@ async fn nan_weights_fail_the_job_with_invalid_model() {
     let r = app
         .submit(json!({"model_id": m["id"], "preset": "int8"}))
         .await;
-    let job: Value = r.json().await.unwrap();
-    app.drain().await;
-    let job = app.job(job["id"].as_str().unwrap()).await;
-    assert_eq!(job["state"], "failed");
-    assert_eq!(job["error"]["code"], "invalid_model");
-    assert!(job["error"]["message"]
+    assert_eq!(r.status(), 422);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(error_code(&v), "invalid_model", "{v}");
+    assert!(v["error"]["message"]
         .as_str()
         .unwrap()
         .contains("fc.weight"));
@@ -597,5 +597,73 @@ async fn decompression_bombs_are_refused_by_ratio_and_by_size() {
     assert_eq!(m["parameter_count"], 16, "{m}");
     let (_, list) = app.get_json("/v1/models").await;
     assert_eq!(list["items"].as_array().unwrap().len(), 1, "{list}");
+    app.stop().await;
+}
+
+/// What can be checked at upload is: an .npy of rank 40 is refused there; NaN weights are
+/// counted in the inventory and a job that would compress them is refused at submit (422
+/// invalid_model naming the tensor), not when it runs. A job whose model file vanished
+/// fails at once with model_not_found instead of waiting out a lease per attempt.
+#[tokio::test]
+async fn upload_time_checks_and_a_missing_model_file() {
+    let app = spawn_app().await;
+    let shape = vec!["1"; 40].join(", ");
+    let deep = npy_with_header(
+        &format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({shape},), }}"),
+        &[0u8; 4],
+    );
+    let r = app
+        .client
+        .post(app.url("/v1/models"))
+        .body(deep)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 422);
+    let v: Value = r.json().await.unwrap();
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("rank 40"),
+        "{v}"
+    );
+
+    let mut values = vec![0.5f32; 64 * 64];
+    values[7] = f32::NAN;
+    values[9] = f32::INFINITY;
+    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let nan = npy_with_header(
+        "{'descr': '<f4', 'fortran_order': False, 'shape': (64, 64), }",
+        &bytes,
+    );
+    let m = app.upload(nan, "nan.npy").await;
+    let (_, inv) = app
+        .get_json(&format!("/v1/models/{}/tensors", m["id"].as_str().unwrap()))
+        .await;
+    assert_eq!(inv["items"][0]["non_finite"], 2, "{inv}");
+    let r = app
+        .submit(json!({"model_id": m["id"], "preset": "int8"}))
+        .await;
+    assert_eq!(r.status(), 422);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(error_code(&v), "invalid_model", "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("holds 2 NaN or infinite"),
+        "{v}"
+    );
+
+    let good = app.upload(case_file("mnist8/mnist-8.onnx"), "m.onnx").await;
+    let job = app
+        .submit_json(json!({"model_id": good["id"], "preset": "int8"}))
+        .await;
+    let key = format!("models/{}", good["id"].as_str().unwrap());
+    let path = app.state.blobs.local_path(&key).await.unwrap();
+    std::fs::remove_file(path).unwrap();
+    assert_eq!(app.drain().await, vec![modelpress::worker::Outcome::Failed]);
+    let job = app.job(job["id"].as_str().unwrap()).await;
+    assert_eq!(job["state"], "failed");
+    assert_eq!(job["error"]["code"], "model_not_found", "{job}");
+    assert_eq!(job["attempts"], 1, "{job}");
     app.stop().await;
 }
