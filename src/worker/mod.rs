@@ -130,55 +130,32 @@ async fn try_execute_one_as(state: &AppState, worker: &str) -> anyhow::Result<Ou
 async fn run_claimed(state: &AppState, worker: &str, job: JobRecord) -> anyhow::Result<Outcome> {
     tracing::info!("job claimed");
     let lease_ms = state.config.lease_ms as i64;
+    // A job that cannot run ends here, failed with a code and a message.
+    let fail = |code: &'static str, message: String| async move {
+        state.queue.fail(job.id, worker, code, &message).await?;
+        anyhow::Ok(Outcome::Failed)
+    };
     let plan = match compress::parse_spec(&job.spec) {
         Ok(p) => p,
-        Err(e) => {
-            state
-                .queue
-                .fail(job.id, worker, "invalid_spec", &e.to_string())
-                .await?;
-            return Ok(Outcome::Failed);
-        }
+        Err(e) => return fail("invalid_spec", e.to_string()).await,
     };
     let model = match state.models.get_model(&job.tenant_id, job.model_id).await? {
         Some(m) => m,
-        None => {
-            state
-                .queue
-                .fail(
-                    job.id,
-                    worker,
-                    "model_not_found",
-                    "the job's model no longer exists",
-                )
-                .await?;
-            return Ok(Outcome::Failed);
-        }
+        None => return fail("model_not_found", "the job's model no longer exists".into()).await,
     };
     // A model whose file is gone fails now (retrying cannot bring it back).
     let input = match state.blobs.local_path(&model.blob_key).await {
         Ok(p) => p,
         Err(crate::store::StoreError::NotFound(_)) => {
-            state
-                .queue
-                .fail(
-                    job.id,
-                    worker,
-                    "model_not_found",
-                    "the job's model file is missing from the blob store",
-                )
-                .await?;
-            return Ok(Outcome::Failed);
+            let why = "the job's model file is missing from the blob store";
+            return fail("model_not_found", why.into()).await;
         }
         Err(e) => return Err(e.into()),
     };
     // The dataset an `eval` block names (checked at submit; it may have gone since).
     let eval_spec = match crate::eval::EvalSpec::parse(&job.spec) {
         Ok(e) => e,
-        Err(e) => {
-            state.queue.fail(job.id, worker, "invalid_spec", &e).await?;
-            return Ok(Outcome::Failed);
-        }
+        Err(e) => return fail("invalid_spec", e).await,
     };
     let dataset_path = match &eval_spec {
         None => None,
@@ -190,30 +167,15 @@ async fn run_claimed(state: &AppState, worker: &str, job: JobRecord) -> anyhow::
             Some(d) => match state.blobs.local_path(&d.blob_key).await {
                 Ok(p) => Some(p),
                 Err(crate::store::StoreError::NotFound(_)) => {
-                    state
-                        .queue
-                        .fail(
-                            job.id,
-                            worker,
-                            "dataset_not_found",
-                            "the dataset file the job's eval names is missing from the blob store",
-                        )
-                        .await?;
-                    return Ok(Outcome::Failed);
+                    let why =
+                        "the dataset file the job's eval names is missing from the blob store";
+                    return fail("dataset_not_found", why.into()).await;
                 }
                 Err(e) => return Err(e.into()),
             },
             None => {
-                state
-                    .queue
-                    .fail(
-                        job.id,
-                        worker,
-                        "dataset_not_found",
-                        "the dataset the job's eval names no longer exists",
-                    )
-                    .await?;
-                return Ok(Outcome::Failed);
+                let why = "the dataset the job's eval names no longer exists";
+                return fail("dataset_not_found", why.into()).await;
             }
         },
     };
