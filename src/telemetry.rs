@@ -31,7 +31,60 @@ pub fn metrics_handle() -> PrometheusHandle {
                 )
                 .expect("static buckets are valid")
                 .install_recorder()
+                .inspect(|_| describe_metrics())
                 .expect("the metrics recorder is installed once")
         })
         .clone()
+}
+
+/// Help text for every metric family, so `/metrics` passes `promtool check metrics`.
+fn describe_metrics() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(
+        "modelpress_http_requests_total",
+        "HTTP requests answered, by method, route and status"
+    );
+    describe_histogram!(
+        "modelpress_http_request_duration_seconds",
+        Unit::Seconds,
+        "HTTP request handling time, by method and route"
+    );
+    describe_counter!(
+        "modelpress_jobs_submitted_total",
+        "Compression jobs accepted by POST /v1/jobs"
+    );
+    describe_counter!(
+        "modelpress_jobs_finished_total",
+        "Job attempts that ended, by outcome"
+    );
+    describe_histogram!(
+        "modelpress_job_duration_seconds",
+        Unit::Seconds,
+        "Wall time of a job attempt on a worker"
+    );
+    describe_counter!(
+        "modelpress_upload_bytes_total",
+        Unit::Bytes,
+        "Bytes received in uploads (models and datasets)"
+    );
+    describe_counter!(
+        "modelpress_download_bytes_total",
+        Unit::Bytes,
+        "Bytes of artifacts served"
+    );
+    describe_counter!(
+        "modelpress_artifact_bytes_written_total",
+        Unit::Bytes,
+        "Bytes of artifacts stored by workers"
+    );
+    describe_gauge!("modelpress_jobs", "Jobs in the database, by state");
+    describe_gauge!(
+        "modelpress_queue_depth",
+        "Jobs queued and waiting for a worker"
+    );
+    describe_gauge!("modelpress_workers", "Worker tasks in this process");
+    describe_gauge!(
+        "modelpress_busy_workers",
+        "Worker tasks running a job in this process"
+    );
 }

@@ -152,7 +152,12 @@ async fn kill_9_during_a_job_then_restart_completes_it_exactly_once() {
         1,
         "the job was neither lost nor duplicated"
     );
-    // The dead attempt's staging files were swept at start-up.
+    // The dead attempt's staging files were swept at start-up, and the finished attempt
+    // left none.
+    let staged: Vec<_> = std::fs::read_dir(data.join("tmp"))
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(staged.is_empty(), "staging files left: {staged:?}");
     server.child.kill().unwrap();
     server.child.wait().unwrap();
 }

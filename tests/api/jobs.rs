@@ -516,8 +516,23 @@ async fn background_workers_pick_up_jobs_and_metrics_count_them() {
         "modelpress_http_requests_total{method=\"POST\",route=\"/v1/jobs\",status=\"202\"}",
         "route=\"/v1/jobs/{id}\"",
         "modelpress_busy_workers",
+        // Every family has help text (promtool check metrics).
+        "# HELP modelpress_jobs Jobs in the database, by state",
+        "# HELP modelpress_http_requests_total HTTP requests answered",
+        "# HELP modelpress_job_duration_seconds Wall time of a job attempt",
     ] {
         assert!(text.contains(needle), "metrics lack {needle}:\n{text}");
+    }
+    let families: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split(' ').next())
+        .collect();
+    for f in &families {
+        assert!(
+            text.contains(&format!("# HELP {f} ")),
+            "{f} has no help text"
+        );
     }
     assert!(
         !text.contains(&format!("route=\"/v1/jobs/{id}\"")),
