@@ -66,6 +66,9 @@ pub struct ArtifactFile {
 pub struct RunOutput {
     pub summary: Summary,
     pub artifacts: Vec<ArtifactFile>,
+    /// A sensitivity table this job's search measured in full (`sensitivity.json`), for the
+    /// next search on the same model and dataset.
+    pub measured_sensitivity: Option<serde_json::Value>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -530,5 +533,12 @@ pub fn execute(
         artifacts.push(write_artifact(out_dir, "report.json".into(), &bytes)?);
     }
     ctl.progress(1.0, "done");
-    Ok(RunOutput { summary, artifacts })
+    let measured_sensitivity = searched
+        .filter(|(_, f)| f.cacheable)
+        .map(|(_, f)| f.sensitivity);
+    Ok(RunOutput {
+        summary,
+        artifacts,
+        measured_sensitivity,
+    })
 }

@@ -245,6 +245,8 @@ pub struct SearchOutcome {
     pub sensitivity: Value,
     /// The short form for the job's summary.
     pub summary: Value,
+    /// The table was measured by this search, on every layer: worth keeping for the next.
+    pub cacheable: bool,
 }
 
 /// Why a search ended without a result.
@@ -666,6 +668,7 @@ pub fn search(
             report(trials, &cands);
         })?,
     };
+    let table_complete = complete;
     let mut complete = complete;
     // 3. Choose from the profile and verify; adjust the budget on the outcome.
     let mut scale = 1.0f64;
@@ -749,7 +752,7 @@ pub fn search(
         "sensitivity_cached": from_cache,
         "chosen": chosen_view,
     });
-    let sensitivity = sensitivity_doc(&ctx, LADDER, &table, complete, seconds);
+    let sensitivity = sensitivity_doc(&ctx, LADDER, &table, table_complete, seconds);
     let doc = json!({
         "verdict": verdict,
         "goal": goal,
@@ -767,6 +770,7 @@ pub fn search(
         doc,
         sensitivity,
         summary,
+        cacheable: table_complete && !from_cache,
     })
 }
 

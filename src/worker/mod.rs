@@ -302,31 +302,16 @@ async fn run_claimed(state: &AppState, worker: &str, job: JobRecord) -> anyhow::
             return Ok(Outcome::Failed);
         }
     };
-    // A fresh, complete table is kept for the next search on this model and dataset.
-    if let Some((dataset, key)) = &cache_key {
-        let fresh = out
-            .summary
-            .search
-            .as_ref()
-            .is_some_and(|s| s["sensitivity_cached"] == false);
-        let table = out.artifacts.iter().find(|a| a.name == "sensitivity.json");
-        if let (true, Some(a)) = (fresh, table) {
-            match std::fs::read_to_string(&a.path) {
-                Ok(doc)
-                    if serde_json::from_str::<serde_json::Value>(&doc)
-                        .is_ok_and(|v| v["complete"] == true) =>
-                {
-                    if let Err(e) = state
-                        .models
-                        .put_sensitivity(&job.tenant_id, job.model_id, *dataset, key, &doc)
-                        .await
-                    {
-                        tracing::warn!(error = %e, "could not cache the sensitivity table");
-                    }
-                }
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "could not read sensitivity.json"),
-            }
+    // A table this search measured in full is kept for the next search on this model and
+    // dataset.
+    if let (Some((dataset, key)), Some(table)) = (&cache_key, &out.measured_sensitivity) {
+        let doc = table.to_string();
+        if let Err(e) = state
+            .models
+            .put_sensitivity(&job.tenant_id, job.model_id, *dataset, key, &doc)
+            .await
+        {
+            tracing::warn!(error = %e, "could not cache the sensitivity table");
         }
     }
     let mut records = Vec::with_capacity(out.artifacts.len());
