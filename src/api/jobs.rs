@@ -170,6 +170,19 @@ fn check_search(
     Ok(())
 }
 
+/// Everything a spec needs of the stored model: orderings its tensors can take, finite
+/// weights where steps touch them, a dataset that fits its inputs, and a runnable model for
+/// a search or an analysis.
+fn check_against_model(
+    model: &ModelRecord,
+    plan: &compress::Plan,
+    eval: &Option<(EvalSpec, DatasetRecord)>,
+) -> Result<(), ApiError> {
+    check_orderings(model, plan).map_err(invalid_spec)?;
+    check_fits(model, eval).map_err(|m| ApiError::new(ErrorCode::DatasetMismatch, m))?;
+    check_search(model, plan, eval)
+}
+
 /// Refuses, at submit time, an ordering that some tensor of the model cannot take (e.g.
 /// quantizing float32 factors, pruning binary weights): checked on the stored inventory.
 fn check_orderings(
@@ -177,34 +190,25 @@ fn check_orderings(
     plan: &compress::Plan,
 ) -> Result<(), compress::CompressError> {
     let inventory: Vec<TensorInfo> = serde_json::from_str(&model.tensors_json).unwrap_or_default();
-    let facts = inventory.iter().filter_map(|t| {
-        Some(TensorFacts {
-            name: &t.name,
-            dtype: DType::parse(&t.dtype)?,
-            shape: &t.shape,
-            role: Role::parse(&t.role)?,
+    let facts: Vec<(TensorFacts, u64)> = inventory
+        .iter()
+        .filter_map(|t| {
+            let facts = TensorFacts {
+                name: &t.name,
+                dtype: DType::parse(&t.dtype)?,
+                shape: &t.shape,
+                role: Role::parse(&t.role)?,
+            };
+            Some((facts, t.non_finite))
         })
-    });
-    compress::check(facts, plan)?;
+        .collect();
+    compress::check(facts.iter().map(|(f, _)| *f), plan)?;
     // NaN/Inf weights fail the job when a step touches them: say so now.
-    for t in inventory.iter().filter(|t| t.non_finite > 0) {
-        let (Some(dtype), Some(role)) = (DType::parse(&t.dtype), Role::parse(&t.role)) else {
-            continue;
-        };
-        let facts = TensorFacts {
-            name: &t.name,
-            dtype,
-            shape: &t.shape,
-            role,
-        };
-        if let Some(i) = plan
-            .steps
-            .iter()
-            .position(|s| s.select.selects_facts(&facts))
-        {
+    for (t, non_finite) in facts.iter().filter(|(_, n)| *n > 0) {
+        if let Some(i) = plan.steps.iter().position(|s| s.select.selects_facts(t)) {
             return Err(compress::CompressError::InvalidModel(format!(
-                "tensor {:?} holds {} NaN or infinite value(s) and pipeline[{i}] would compress it; fix the weights or exclude the tensor",
-                t.name, t.non_finite
+                "tensor {:?} holds {non_finite} NaN or infinite value(s) and pipeline[{i}] would compress it; fix the weights or exclude the tensor",
+                t.name
             )));
         }
     }
@@ -243,20 +247,12 @@ pub async fn create(
             }
         }
         let model = store_model(&state, file, up.file_name).await?;
-        check_orderings(&model, &plan).map_err(|e| {
-            let refused = invalid_spec(e);
+        check_against_model(&model, &plan, &eval).map_err(|e| {
             ApiError::new(
-                refused.code,
-                format!("{} (the model was stored as {})", refused.message, model.id),
+                e.code,
+                format!("{} (the model was stored as {})", e.message, model.id),
             )
         })?;
-        check_fits(&model, &eval).map_err(|m| {
-            ApiError::new(
-                ErrorCode::DatasetMismatch,
-                format!("{m} (the model was stored as {})", model.id),
-            )
-        })?;
-        check_search(&model, &plan, &eval)?;
         (model.id, spec, fingerprint)
     } else {
         // A JSON spec; a body in another type (a form, a file) is refused before it is read.
@@ -299,9 +295,7 @@ pub async fn create(
                     format!("no model with id {model_id}"),
                 )
             })?;
-        check_orderings(&model, &plan).map_err(invalid_spec)?;
-        check_fits(&model, &eval).map_err(|m| ApiError::new(ErrorCode::DatasetMismatch, m))?;
-        check_search(&model, &plan, &eval)?;
+        check_against_model(&model, &plan, &eval)?;
         let mut spec = spec;
         if let Some(o) = spec.as_object_mut() {
             o.remove("model_id");
