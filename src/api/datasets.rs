@@ -101,12 +101,7 @@ pub async fn list(
         .models
         .list_datasets(DEFAULT_TENANT, limit, cursor)
         .await?;
-    let next = (items.len() == limit as usize)
-        .then(|| items.last().map(|d| d.id))
-        .flatten();
-    Ok(Json(
-        json!({"items": items.iter().map(dataset_view).collect::<Vec<_>>(), "next_cursor": next}),
-    ))
+    Ok(Json(super::page(&items, limit, |d| d.id, dataset_view)))
 }
 
 pub async fn get_one(

@@ -383,14 +383,11 @@ pub async fn list(
         before: cursor,
     };
     let jobs = state.queue.list_jobs(DEFAULT_TENANT, &filter).await?;
-    let mut items = Vec::with_capacity(jobs.len());
+    let mut views = Vec::with_capacity(jobs.len());
     for j in &jobs {
-        items.push(job_view(j, &state.queue.artifacts(j.id).await?));
+        views.push((j.id, job_view(j, &state.queue.artifacts(j.id).await?)));
     }
-    let next = (jobs.len() == limit as usize)
-        .then(|| jobs.last().map(|j| j.id))
-        .flatten();
-    Ok(Json(json!({"items": items, "next_cursor": next})))
+    Ok(Json(super::page(&views, limit, |v| v.0, |v| v.1.clone())))
 }
 
 pub async fn find(state: &AppState, raw: &str) -> Result<JobRecord, ApiError> {

@@ -115,6 +115,20 @@ pub fn parse_id(raw: &str, code: ErrorCode, what: &str) -> Result<uuid::Uuid, Ap
         .map_err(|_| ApiError::new(code, format!("no {what} with id {}", extract::clip(raw))))
 }
 
+/// A list route's page: the items as viewed, and the cursor of the next page when this one
+/// is full (the last item's id).
+pub fn page<T>(
+    items: &[T],
+    limit: u32,
+    id: impl Fn(&T) -> uuid::Uuid,
+    view: impl Fn(&T) -> serde_json::Value,
+) -> serde_json::Value {
+    let next = (items.len() == limit as usize)
+        .then(|| items.last().map(&id))
+        .flatten();
+    serde_json::json!({"items": items.iter().map(view).collect::<Vec<_>>(), "next_cursor": next})
+}
+
 /// `limit` and `cursor` query parameters shared by the list routes.
 pub fn page_params(
     q: &std::collections::HashMap<String, String>,

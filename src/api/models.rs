@@ -118,12 +118,7 @@ pub async fn list(
         .models
         .list_models(DEFAULT_TENANT, limit, cursor)
         .await?;
-    let next = (items.len() == limit as usize)
-        .then(|| items.last().map(|m| m.id))
-        .flatten();
-    Ok(Json(
-        json!({"items": items.iter().map(model_view).collect::<Vec<_>>(), "next_cursor": next}),
-    ))
+    Ok(Json(super::page(&items, limit, |m| m.id, model_view)))
 }
 
 async fn find(state: &AppState, raw: &str) -> Result<ModelRecord, ApiError> {
