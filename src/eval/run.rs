@@ -244,17 +244,38 @@ fn first_float_output(model: &[u8], names: &[String]) -> usize {
         .unwrap_or(0)
 }
 
-/// Runs `model` (ONNX bytes) on `data`; `output` names the output to collect (default: the
-/// first float output). Inputs are matched to arrays by name. `tick(done, total)` is called
+/// Which values a run hands over for each slice of rows.
+#[derive(Debug, Clone, Copy)]
+pub enum Select<'a> {
+    /// One declared output by name (default: the first float output).
+    Output(Option<&'a str>),
+    /// Values of the graph by their ONNX names: intermediate values and graph inputs too (a
+    /// calibration reads what each weight's consumer sees).
+    Values(&'a [String]),
+}
+
+/// What a run of slices did: the names of the values handed over and the seconds spent in
+/// the plans (loading and planning left out).
+pub struct Ran {
+    pub names: Vec<String>,
+    pub run_seconds: f64,
+}
+
+/// Receives each slice's selected values with their names.
+pub type Sink<'a> = dyn FnMut(&[String], &[TValue]) -> Result<(), String> + 'a;
+
+/// Runs `model` (ONNX bytes) on `data` slice by slice and hands the selected values of each
+/// slice to `sink`, with their names. Inputs are matched to arrays by name. `tick(done, total)` is called
 /// before each slice of rows; it returns false to stop.
-pub fn run(
+pub fn run_slices(
     model: &[u8],
     data: &Dataset,
     feed: Feed,
-    output: Option<&str>,
+    select: Select,
     tick: &mut dyn FnMut(usize, usize) -> bool,
-) -> Result<Outputs, RunFailure> {
-    let base = tract_onnx::onnx()
+    sink: &mut Sink,
+) -> Result<Ran, RunFailure> {
+    let mut base = tract_onnx::onnx()
         .model_for_read(&mut std::io::Cursor::new(model))
         .map_err(|e| format!("tract cannot load the model: {e}"))?;
     let input_names: Vec<String> = base
@@ -263,21 +284,42 @@ pub fn run(
         .iter()
         .map(|o| base.node(o.node).name.clone())
         .collect();
-    let output_names: Vec<String> = base
-        .output_outlets()
-        .map_err(|e| e.to_string())?
-        .iter()
-        .map(|o| {
-            base.outlet_label(*o)
-                .map(str::to_string)
-                .unwrap_or_else(|| base.node(o.node).name.clone())
-        })
-        .collect();
-    let out_index = match output {
-        None => first_float_output(model, &output_names),
-        Some(name) => output_names.iter().position(|n| n == name).ok_or_else(|| {
-            format!("the model has no output {name:?} (outputs: {output_names:?})")
-        })?,
+    let names = match select {
+        Select::Output(output) => {
+            let output_names: Vec<String> = base
+                .output_outlets()
+                .map_err(|e| e.to_string())?
+                .iter()
+                .map(|o| {
+                    base.outlet_label(*o)
+                        .map(str::to_string)
+                        .unwrap_or_else(|| base.node(o.node).name.clone())
+                })
+                .collect();
+            let out_index = match output {
+                None => first_float_output(model, &output_names),
+                Some(name) => output_names.iter().position(|n| n == name).ok_or_else(|| {
+                    format!("the model has no output {name:?} (outputs: {output_names:?})")
+                })?,
+            };
+            let outlet = base.output_outlets().map_err(|e| e.to_string())?[out_index];
+            base.select_output_outlets(&[outlet])
+                .map_err(|e| e.to_string())?;
+            vec![output_names[out_index].clone()]
+        }
+        Select::Values(values) => {
+            let mut outlets = Vec::with_capacity(values.len());
+            for v in values {
+                let outlet = base
+                    .find_outlet_label(v)
+                    .or_else(|| base.node_by_name(v).ok().map(|n| OutletId::new(n.id, 0)))
+                    .ok_or_else(|| format!("the model has no value {v:?}"))?;
+                outlets.push(outlet);
+            }
+            base.select_output_outlets(&outlets)
+                .map_err(|e| e.to_string())?;
+            values.to_vec()
+        }
     };
     let mut arrays = Vec::with_capacity(input_names.len());
     for name in &input_names {
@@ -314,8 +356,6 @@ pub fn run(
     // One plan per distinct feed shape (a full batch and the last, shorter one).
     type Plan = std::sync::Arc<TypedRunnableModel>;
     let mut plans: HashMap<Vec<Vec<usize>>, Plan> = HashMap::new();
-    let mut values = Vec::new();
-    let mut rows = 0usize;
     let mut run_seconds = 0.0;
     let mut lo = 0;
     while lo < count {
@@ -348,25 +388,53 @@ pub fn run(
             .run(feed_values)
             .map_err(|e| format!("tract cannot run the model: {e}"))?;
         run_seconds += started.elapsed().as_secs_f64();
-        let t = out
-            .get(out_index)
-            .ok_or_else(|| "the model gave fewer outputs than it declares".to_string())?;
-        let t = t
-            .cast_to::<f32>()
-            .map_err(|e| format!("output {:?} is not numeric: {e}", output_names[out_index]))?;
-        rows += t.shape().first().copied().unwrap_or(1);
-        values.extend(
-            t.to_plain_array_view::<f32>()
-                .map_err(|e| e.to_string())?
-                .iter()
-                .copied(),
-        );
+        if out.len() < names.len() {
+            return Err(RunFailure::Failed(
+                "the model gave fewer outputs than it declares".into(),
+            ));
+        }
+        sink(&names, &out)?;
         lo = hi;
     }
+    Ok(Ran { names, run_seconds })
+}
+
+/// Runs `model` (ONNX bytes) on `data`; `output` names the output to collect (default: the
+/// first float output). Inputs are matched to arrays by name. `tick(done, total)` is called
+/// before each slice of rows; it returns false to stop.
+pub fn run(
+    model: &[u8],
+    data: &Dataset,
+    feed: Feed,
+    output: Option<&str>,
+    tick: &mut dyn FnMut(usize, usize) -> bool,
+) -> Result<Outputs, RunFailure> {
+    let mut values = Vec::new();
+    let mut rows = 0usize;
+    let ran = run_slices(
+        model,
+        data,
+        feed,
+        Select::Output(output),
+        tick,
+        &mut |names, out| {
+            let t = out[0]
+                .cast_to::<f32>()
+                .map_err(|e| format!("output {:?} is not numeric: {e}", names[0]))?;
+            rows += t.shape().first().copied().unwrap_or(1);
+            values.extend(
+                t.to_plain_array_view::<f32>()
+                    .map_err(|e| e.to_string())?
+                    .iter()
+                    .copied(),
+            );
+            Ok(())
+        },
+    )?;
     Ok(Outputs {
-        name: output_names[out_index].clone(),
+        name: ran.names[0].clone(),
         values,
         rows,
-        run_seconds,
+        run_seconds: ran.run_seconds,
     })
 }
