@@ -46,6 +46,26 @@ pub fn compress(args: CompressArgs) -> i32 {
             return 2;
         }
     };
+    // --calibration-data stands for the spec's calibration block (a job names a stored dataset).
+    let mut spec = spec;
+    let calibration_spec = match (&args.calibration_data, spec.as_object_mut()) {
+        (Some(_), Some(obj)) => {
+            let block = obj
+                .entry("calibration")
+                .or_insert_with(|| serde_json::json!({}));
+            if let Some(b) = block.as_object_mut() {
+                b.insert("dataset_id".into(), uuid::Uuid::nil().to_string().into());
+            }
+            match crate::calibrate::CalibrationSpec::parse(&spec) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("error: invalid spec: {e}");
+                    return 2;
+                }
+            }
+        }
+        _ => None,
+    };
     let plan = match compress::parse_spec(&spec) {
         Ok(p) => p,
         Err(e) => {
@@ -74,7 +94,11 @@ pub fn compress(args: CompressArgs) -> i32 {
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let ctl = BarControl(bar);
-    let result = runner::execute(&args.input, &plan, output, &ctl, None);
+    let calibration = calibration_spec
+        .as_ref()
+        .zip(args.calibration_data.as_deref())
+        .map(|(spec, dataset)| runner::CalibrationInput { spec, dataset });
+    let result = runner::execute(&args.input, &plan, output, &ctl, None, calibration);
     ctl.0.finish_and_clear();
     match result {
         Ok(out) => {

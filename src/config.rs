@@ -130,8 +130,9 @@ impl ServeConfig {
 pub struct CompressArgs {
     /// Model file (ONNX, safetensors, .npy, .npz; detected from content).
     pub input: PathBuf,
-    /// A built-in preset: int8, int8-tensor, int4, int4-g32, int4-g128, kmeans4, ternary,
-    /// binary, prune50, prune50-int8, fp16, bf16, lowrank-90, separable, deep-compression.
+    /// A built-in preset: int8, int8-tensor, int4, int4-g32, int4-g128, int4-g32-gptq,
+    /// int4-g128-gptq, int8-static, kmeans4, ternary, binary, prune50, prune50-int8, fp16,
+    /// bf16, lowrank-90, separable, deep-compression.
     #[arg(long, conflicts_with = "spec", required_unless_present = "spec")]
     pub preset: Option<String>,
     /// A JSON spec file: {"pipeline": [...], "outputs": [...]} or {"preset": "..."}.
@@ -146,6 +147,11 @@ pub struct CompressArgs {
     /// Print what would be done to each tensor and the estimated sizes; write nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// An .npz to calibrate on (graph inputs, samples on axis 0) for calibrated or static
+    /// quantize steps (presets int4-g32-gptq, int4-g128-gptq, int8-static); it stands for
+    /// the spec's `calibration` block.
+    #[arg(long)]
+    pub calibration_data: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

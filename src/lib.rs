@@ -6,6 +6,7 @@
 //! `store` (artifacts) → `api` (status, download).
 
 pub mod api;
+pub mod calibrate;
 pub mod cli;
 pub mod compress;
 pub mod config;

@@ -45,6 +45,16 @@ pub struct Summary {
     /// `"analyze": true`: how many layers and strengths `sensitivity.json` measured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sensitivity: Option<serde_json::Value>,
+    /// What calibration measured on the `calibration` dataset: rows, feed, seconds, and the
+    /// tensors GPTQ and static int8 served.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calibration: Option<serde_json::Value>,
+}
+
+/// A job's `calibration` block with the dataset file it names.
+pub struct CalibrationInput<'a> {
+    pub spec: &'a crate::calibrate::CalibrationSpec,
+    pub dataset: &'a Path,
 }
 
 /// A job's `eval` block with the dataset file it names.
@@ -248,6 +258,84 @@ fn search(
     Ok((chosen, found))
 }
 
+/// The share of a calibrating job's progress that calibration takes.
+const CALIBRATION_SHARE: f64 = 0.3;
+
+/// Runs the original on the calibration dataset for the steps that need it.
+fn calibrate(
+    input: &Path,
+    set: &formats::TensorSet,
+    plan: &Plan,
+    calibration: Option<&CalibrationInput>,
+    ctl: &dyn Control,
+) -> Result<crate::calibrate::Measured, RunError> {
+    let formats::Container::Onnx(container) = &set.container else {
+        return Err(RunError::InvalidSpec(
+            "calibration runs the model, so it needs an ONNX model".into(),
+        ));
+    };
+    let c = calibration.ok_or_else(|| {
+        RunError::InvalidSpec(
+            "a calibrated or static quantize step needs a `calibration` block (the dataset to calibrate on)".into(),
+        )
+    })?;
+    let original = std::fs::read(input).map_err(|e| RunError::Internal(e.to_string()))?;
+    let data = std::fs::read(c.dataset)
+        .map_err(|e| RunError::Internal(e.to_string()))
+        .and_then(|d| crate::eval::run::Dataset::from_npz(&d).map_err(RunError::InvalidSpec))?;
+    let targets = compress::calibration_targets(&set.tensors, plan);
+    crate::calibrate::measure(
+        &original,
+        &container.model,
+        &set.tensors,
+        &targets,
+        &data,
+        c.spec,
+        ctl,
+        (0.0, CALIBRATION_SHARE),
+    )
+    .map_err(|e| match e {
+        crate::calibrate::CalibrationFailure::Cancelled => RunError::Cancelled,
+        crate::calibrate::CalibrationFailure::Unrunnable(m) => RunError::InvalidModel(format!(
+            "cannot run the original on the calibration dataset: {m}"
+        )),
+    })
+}
+
+/// Static int8: the weights whose consumers calibration found, the uint8 parameters of the
+/// activations around those consumers, and why the other static weights have none.
+fn static_plan(
+    asked: &[Option<compress::activations::ActivationSpec>],
+    m: &crate::calibrate::Measured,
+) -> (deploy::onnx::Statics, Vec<String>) {
+    use compress::activations::{range, uint8_params};
+    let mut statics = deploy::onnx::Statics::default();
+    let mut unserved = Vec::new();
+    for (i, spec) in asked.iter().enumerate() {
+        let Some(spec) = spec else { continue };
+        let Some(consumers) = m.consumers.get(&i) else {
+            if let Some(why) = m.unquantized.get(&i) {
+                unserved.push(why.clone());
+            }
+            continue;
+        };
+        statics.weights.insert(i);
+        for c in consumers {
+            for v in c.quantized_values() {
+                if statics.values.iter().any(|(name, _, _)| name == v) {
+                    continue;
+                }
+                if let Some(seen) = m.observed.get(v) {
+                    let (lo, hi) = range(seen, spec);
+                    let (scale, zero) = uint8_params(lo, hi);
+                    statics.values.push((v.clone(), scale, zero));
+                }
+            }
+        }
+    }
+    (statics, unserved)
+}
+
 /// Compresses `input` by `plan` and writes the requested artifacts into `out_dir`.
 pub fn execute(
     input: &Path,
@@ -255,6 +343,7 @@ pub fn execute(
     out_dir: &Path,
     ctl: &dyn Control,
     eval: Option<EvalInput>,
+    calibration: Option<CalibrationInput>,
 ) -> Result<RunOutput, RunError> {
     ctl.progress(0.0, "reading model");
     let original_bytes = std::fs::metadata(input)
@@ -283,7 +372,19 @@ pub fn execute(
             (p, &span)
         }
     };
-    let mut outcome = compress::run(&set.tensors, plan, ctl)?;
+    let measured = if plan.needs() == compress::method::Needs::default() {
+        None
+    } else {
+        Some(calibrate(input, &set, plan, calibration.as_ref(), ctl)?)
+    };
+    let calibrated_span;
+    let mut outcome = match &measured {
+        None => compress::run(&set.tensors, plan, ctl)?,
+        Some(m) => {
+            calibrated_span = Span::new(ctl, CALIBRATION_SHARE, 1.0);
+            compress::run_calibrated(&set.tensors, plan, &calibrated_span, &m.core)?
+        }
+    };
     outcome.report.format = set.format.as_str().into();
     let restored = set.with_tensors(std::mem::take(&mut outcome.restored));
     ctl.progress(0.92, "writing artifacts");
@@ -291,20 +392,43 @@ pub fn execute(
     let restored_bytes = formats::write_bytes(&restored)?;
     let mut notes = outcome.report.notes.clone();
     let mut warnings = outcome.report.warnings.clone();
+    if let (Some(c), Some(e)) = (&calibration, &eval) {
+        if measured.is_some() && c.spec.dataset_id == e.spec.dataset_id {
+            warnings.push(Warning::new(
+                "calibrated_on_eval_data",
+                format!(
+                    "calibration and evaluation use the same dataset ({}): the evaluation scores rows the calibration learned from, so it flatters the model; upload a separate calibration set",
+                    c.spec.dataset_id
+                ),
+            ));
+        }
+    }
+    // Static int8: the ranges of the activations around each static weight's consumers.
+    let (statics, unserved) = match &measured {
+        Some(m) => static_plan(&outcome.activations, m),
+        None => Default::default(),
+    };
+    let mut statics_written = None;
     // The deployable file: bytes (None: the same bytes as restored) and extension.
     let mut forms: Vec<TensorForm> = Vec::new();
     let mut deploy_doc = serde_json::Value::Null;
     let model = match (&outcome.encoded, &set.container) {
         (None, _) => None,
         (Some(_), formats::Container::Onnx(c)) => {
-            let deployed =
-                deploy::onnx::write(c, &restored.tensors, &outcome.encodings, plan.deploy)?;
+            let deployed = deploy::onnx::write(
+                c,
+                &restored.tensors,
+                &outcome.encodings,
+                plan.deploy,
+                &statics,
+            )?;
             forms = deployed.tensors;
             deploy_doc = serde_json::json!({
                 "file": "model.onnx",
                 "opset": deployed.opset,
                 "tensors": forms,
             });
+            statics_written = Some(deployed.statics);
             Some((Some(deployed.bytes), "onnx"))
         }
         (Some(enc), _) => {
@@ -312,6 +436,21 @@ pub fn execute(
             Some((Some(bytes), mext))
         }
     };
+    let mut not_static: Vec<String> = unserved;
+    if let Some(why) = statics_written.as_ref().and_then(|w| w.refused.clone()) {
+        not_static.insert(0, why);
+    }
+    if !not_static.is_empty() {
+        let shown = not_static.len().min(6);
+        warnings.push(Warning::new(
+            "static_not_applied",
+            format!(
+                "activations were not quantized where a step asked for static int8 (those weights stay weight-only int8): {}{}",
+                not_static[..shown].join("; "),
+                if not_static.len() > shown { "; …" } else { "" }
+            ),
+        ));
+    }
     let dense: Vec<&TensorForm> = forms.iter().filter(|f| f.form == "dense").collect();
     if !dense.is_empty() {
         warnings.push(Warning::new(
@@ -477,6 +616,27 @@ pub fn execute(
         evaluation,
         quality,
         search: searched.as_ref().map(|(_, f)| f.summary.clone()),
+        calibration: measured.as_ref().map(|m| {
+            let gptq = outcome
+                .report
+                .tensors
+                .iter()
+                .filter(|t| {
+                    t.details
+                        .get("calibration")
+                        .is_some_and(|c| c.get("method").is_some())
+                })
+                .count();
+            serde_json::json!({
+                "dataset_id": calibration.as_ref().map(|c| c.spec.dataset_id),
+                "rows": m.rows,
+                "feed": m.feed.map(crate::calibrate::feed_name),
+                "seconds": m.seconds,
+                "gptq_tensors": gptq,
+                "static_tensors": statics.weights.len(),
+                "static_activations": statics_written.as_ref().map_or(0, |w| w.activations),
+            })
+        }),
         sensitivity: analysis.as_ref().map(|a| {
             serde_json::json!({
                 "layers": a["layers"].as_array().map_or(0, Vec::len),

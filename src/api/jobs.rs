@@ -3,6 +3,7 @@
 use super::extract;
 use super::models::store_model;
 use super::{page_params, parse_id, rfc3339};
+use crate::calibrate::CalibrationSpec;
 use crate::compress;
 use crate::error::{ApiError, ErrorCode};
 use crate::eval::run::ArrayInfo;
@@ -121,6 +122,68 @@ async fn check_eval(
     Ok(Some((e, d)))
 }
 
+/// The spec's `calibration` block: well formed and its dataset stored.
+async fn check_calibration(
+    state: &AppState,
+    spec: &Value,
+) -> Result<Option<(CalibrationSpec, DatasetRecord)>, ApiError> {
+    let Some(c) =
+        CalibrationSpec::parse(spec).map_err(|m| ApiError::new(ErrorCode::InvalidSpec, m))?
+    else {
+        return Ok(None);
+    };
+    let d = state
+        .models
+        .get_dataset(DEFAULT_TENANT, c.dataset_id)
+        .await?
+        .ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::DatasetNotFound,
+                format!(
+                    "calibration.dataset_id: no dataset with id {}",
+                    c.dataset_id
+                ),
+            )
+        })?;
+    Ok(Some((c, d)))
+}
+
+/// The calibration dataset against the model: calibration runs the model, so it must be an
+/// ONNX model whose graph inputs the dataset fits.
+fn check_calibration_fits(
+    model: &ModelRecord,
+    calibration: &Option<(CalibrationSpec, DatasetRecord)>,
+) -> Result<(), ApiError> {
+    let Some((c, d)) = calibration else {
+        return Ok(());
+    };
+    if model.format != "onnx" {
+        return Err(ApiError::new(
+            ErrorCode::InvalidSpec,
+            format!(
+                "calibration runs the model; model {} is {}, which cannot be run (ONNX can)",
+                model.id, model.format
+            ),
+        ));
+    }
+    let Some(inputs) = model.inputs_json.as_deref() else {
+        return Ok(());
+    };
+    let inputs: Vec<GraphInput> = serde_json::from_str(inputs).unwrap_or_default();
+    let arrays: Vec<ArrayInfo> = serde_json::from_str(&d.arrays_json).unwrap_or_default();
+    crate::eval::check::fits(&inputs, &arrays, d.rows, c.feed).map_err(|diffs| {
+        ApiError::new(
+            ErrorCode::DatasetMismatch,
+            format!(
+                "calibration.dataset_id: dataset {} does not fit model {}: {}",
+                d.id,
+                model.id,
+                diffs.join("; ")
+            ),
+        )
+    })
+}
+
 /// The eval dataset against the model's graph inputs (recorded at upload; a weight-only model
 /// is not run, so any dataset goes: its report says so).
 fn check_fits(model: &ModelRecord, eval: &Option<(EvalSpec, DatasetRecord)>) -> Result<(), String> {
@@ -177,9 +240,11 @@ fn check_against_model(
     model: &ModelRecord,
     plan: &compress::Plan,
     eval: &Option<(EvalSpec, DatasetRecord)>,
+    calibration: &Option<(CalibrationSpec, DatasetRecord)>,
 ) -> Result<(), ApiError> {
     check_orderings(model, plan).map_err(invalid_spec)?;
     check_fits(model, eval).map_err(|m| ApiError::new(ErrorCode::DatasetMismatch, m))?;
+    check_calibration_fits(model, calibration)?;
     check_search(model, plan, eval)
 }
 
@@ -235,6 +300,7 @@ pub async fn create(
         }
         let plan = compress::parse_spec(&spec).map_err(invalid_spec)?;
         let eval = check_eval(&state, &spec).await?;
+        let calibration = check_calibration(&state, &spec).await?;
         let file = up.file.ok_or_else(|| {
             ApiError::new(ErrorCode::InvalidRequest, "the form has no `file` field")
         })?;
@@ -247,7 +313,7 @@ pub async fn create(
             }
         }
         let model = store_model(&state, file, up.file_name).await?;
-        check_against_model(&model, &plan, &eval).map_err(|e| {
+        check_against_model(&model, &plan, &eval, &calibration).map_err(|e| {
             ApiError::new(
                 e.code,
                 format!("{} (the model was stored as {})", e.message, model.id),
@@ -285,6 +351,7 @@ pub async fn create(
         })?;
         let plan = compress::parse_spec(&spec).map_err(invalid_spec)?;
         let eval = check_eval(&state, &spec).await?;
+        let calibration = check_calibration(&state, &spec).await?;
         let model = state
             .models
             .get_model(DEFAULT_TENANT, model_id)
@@ -295,7 +362,7 @@ pub async fn create(
                     format!("no model with id {model_id}"),
                 )
             })?;
-        check_against_model(&model, &plan, &eval)?;
+        check_against_model(&model, &plan, &eval, &calibration)?;
         let mut spec = spec;
         if let Some(o) = spec.as_object_mut() {
             o.remove("model_id");

@@ -6,11 +6,14 @@
 //! decodes and is stored) is a [`super::form::Form`] in the same file. [`METHODS`] is the one
 //! list the spec parser, the OpenAPI enum and the README table follow.
 
+use super::activations::ActivationSpec;
 use super::form::Encoding;
+use super::gptq::Hessian;
 use super::CompressError;
 use crate::model::Tensor;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
+use std::sync::Arc;
 
 /// What a step does to a tensor's stored form, which decides the orderings it allows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,6 +41,13 @@ pub struct Working {
     /// Steps that left the tensor alone, with the reason.
     pub skipped: Vec<String>,
     pub details: Map<String, Value>,
+    /// What calibration measured of the tensor's inputs, or why nothing was.
+    pub calibration: Result<Arc<Hessian>, String>,
+    /// Static int8: the last encoding step asked for activation ranges by this spec.
+    pub activations: Option<ActivationSpec>,
+    /// A calibrated step rounded to nearest instead, and why (a `calibration_missing`
+    /// warning).
+    pub calibration_missed: Option<String>,
 }
 
 impl Working {
@@ -50,7 +60,19 @@ impl Working {
             pruned: false,
             skipped: Vec::new(),
             details: Map::new(),
+            calibration: Err(NO_CALIBRATION.into()),
+            activations: None,
+            calibration_missed: None,
         }
+    }
+
+    /// A calibrated step found no statistics for `t`: it rounds to nearest, and says so.
+    pub fn calibration_missed(&mut self, t: &Tensor, why: &str) {
+        self.details.insert(
+            "calibration".into(),
+            Value::String(format!("round to nearest: {why}")),
+        );
+        self.calibration_missed = Some(format!("{:?}: {why}", t.name));
     }
 
     /// After a pruning step: make the encoding agree with the new zeros.
@@ -62,6 +84,18 @@ impl Working {
         }
         Ok(())
     }
+}
+
+/// Why a tensor has no calibration statistics when the run had no calibration data.
+pub const NO_CALIBRATION: &str = "the job has no calibration data";
+
+/// What a step needs measured on calibration data before it runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Needs {
+    /// The second moment of each selected weight's inputs (GPTQ).
+    pub hessian: bool,
+    /// Ranges of the activations around each selected weight's consumers (static int8).
+    pub activations: Option<ActivationSpec>,
 }
 
 /// What a step did to one tensor.
@@ -76,6 +110,10 @@ pub trait Method: std::fmt::Debug + Send + Sync {
     /// The step as the report names it, e.g. `quantize(int8,symmetric,channel)`.
     fn label(&self) -> String;
     fn kind(&self) -> Kind;
+    /// What the step needs measured on calibration data (nothing, for most).
+    fn needs(&self) -> Needs {
+        Needs::default()
+    }
     /// Bytes of the tensor's stored form in `model.<ext>` when this is the last step that
     /// sets its form; `pruned_first` when a pruning step runs on it before. None: known only
     /// after running (the plan then gives the bytes before, an upper bound).

@@ -4,9 +4,11 @@
 //! [`check`] refuses impossible orderings, and [`run`] applies it to a model's tensors.
 //! No HTTP, SQL or file paths here.
 
+pub mod activations;
 pub mod cast;
 pub mod coding;
 pub mod form;
+pub mod gptq;
 pub mod huffman;
 pub mod kmeans;
 pub mod lowrank;
@@ -29,7 +31,10 @@ use form::{Parts, Stored};
 pub use method::{Applied, Kind, Method, Working};
 use report::{Report, StageTotals, TensorReport, Totals};
 use serde_json::{Map, Value};
-pub use spec::{parse_spec, preset, AUTO_PRESET, OUTPUT_NAMES, PRESET_NAMES};
+pub use spec::{
+    parse_spec, preset, preset_needs_calibration, AUTO_PRESET, OUTPUT_NAMES, PRESET_NAMES,
+};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 /// Errors of the core: bad specs, bad values in a model, or a cancelled run.
@@ -165,6 +170,8 @@ pub struct Outcome {
     /// Each tensor's encoding, in order (None: stored as its restored values), for the
     /// deployable forms.
     pub encodings: Vec<Option<Encoding>>,
+    /// Static int8: for each tensor, in order, the activation ranges its consumers want.
+    pub activations: Vec<Option<activations::ActivationSpec>>,
     pub report: Report,
 }
 
@@ -273,8 +280,63 @@ pub fn check<'a>(
     Ok(())
 }
 
+/// What the runner measured on calibration data for the core, by tensor name.
+#[derive(Debug, Default, Clone)]
+pub struct Calibration {
+    pub hessians: HashMap<String, Arc<gptq::Hessian>>,
+    /// Why a selected tensor has no statistics (e.g. its consumer is not a MatMul, Gemm or
+    /// Conv).
+    pub missing: HashMap<String, String>,
+}
+
+impl Plan {
+    /// What the plan's steps need measured, over all of them.
+    pub fn needs(&self) -> method::Needs {
+        self.steps.iter().fold(method::Needs::default(), |acc, s| {
+            union(acc, s.method.needs())
+        })
+    }
+}
+
+fn union(a: method::Needs, b: method::Needs) -> method::Needs {
+    method::Needs {
+        hessian: a.hessian || b.hessian,
+        activations: a.activations.or(b.activations),
+    }
+}
+
+/// For each tensor some step with needs selects: its index and what it needs measured.
+pub fn calibration_targets(tensors: &[Tensor], plan: &Plan) -> Vec<(usize, method::Needs)> {
+    let selections = select(tensors, plan);
+    let mut out: Vec<(usize, method::Needs)> = Vec::new();
+    for (step, sel) in plan.steps.iter().zip(&selections) {
+        let needs = step.method.needs();
+        if needs == method::Needs::default() {
+            continue;
+        }
+        for &i in sel {
+            match out.iter_mut().find(|(j, _)| *j == i) {
+                Some((_, n)) => *n = union(*n, needs),
+                None => out.push((i, needs)),
+            }
+        }
+    }
+    out.sort_by_key(|(i, _)| *i);
+    out
+}
+
 /// Applies the plan. Tensors no step selects pass through bit for bit.
 pub fn run(tensors: &[Tensor], plan: &Plan, ctl: &dyn Control) -> Result<Outcome, CompressError> {
+    run_calibrated(tensors, plan, ctl, &Calibration::default())
+}
+
+/// [`run`] with what calibration measured (GPTQ statistics) for the steps that use it.
+pub fn run_calibrated(
+    tensors: &[Tensor],
+    plan: &Plan,
+    ctl: &dyn Control,
+    calibration: &Calibration,
+) -> Result<Outcome, CompressError> {
     check(tensors.iter().map(Tensor::facts), plan)?;
     let n = tensors.len();
     let mut work: Vec<Option<Working>> = (0..n).map(|_| None).collect();
@@ -289,7 +351,13 @@ pub fn run(tensors: &[Tensor], plan: &Plan, ctl: &dyn Control) -> Result<Outcome
                 let t = &tensors[i];
                 let values = t.to_f32().unwrap_or_default();
                 check_finite(t, &values)?;
-                work[i] = Some(Working::new(values));
+                let mut w = Working::new(values);
+                if let Some(h) = calibration.hessians.get(&t.name) {
+                    w.calibration = Ok(h.clone());
+                } else if let Some(why) = calibration.missing.get(&t.name) {
+                    w.calibration = Err(why.clone());
+                }
+                work[i] = Some(w);
             }
         }
         if ctl.cancelled() {
@@ -315,13 +383,22 @@ pub fn run(tensors: &[Tensor], plan: &Plan, ctl: &dyn Control) -> Result<Outcome
             }
             let t = &tensors[i];
             let Some(w) = work[i].as_mut() else { continue };
+            // A step that sets the form decides whether activations are quantized with it.
+            let sets_form = matches!(step.method.kind(), Kind::Encode | Kind::Factorize);
+            let activations = w.activations;
+            if sets_form {
+                w.activations = None;
+            }
             // `check` refused every step that cannot follow this tensor's form.
             match step.method.apply(t, w)? {
                 Applied::Ran => {
                     w.pruned |= step.method.kind() == Kind::Prune;
                     w.methods.push(label.clone());
                 }
-                Applied::Skipped(why) => w.skipped.push(format!("{label}: {why}")),
+                Applied::Skipped(why) => {
+                    w.activations = activations;
+                    w.skipped.push(format!("{label}: {why}"));
+                }
             }
             debug_assert!(w
                 .encoding
@@ -343,6 +420,8 @@ fn assemble(tensors: &[Tensor], plan: &Plan, work: Vec<Option<Working>>) -> Outc
     let mut reports = Vec::with_capacity(tensors.len());
     let mut archive = Vec::with_capacity(tensors.len());
     let mut encodings = Vec::with_capacity(tensors.len());
+    let mut statics = Vec::with_capacity(tensors.len());
+    let mut missed: Vec<String> = Vec::new();
     let mut totals = Totals::default();
     let mut stages = StageTotals::default();
     let (mut float_bits, mut float_params) = (0f64, 0u64);
@@ -454,10 +533,13 @@ fn assemble(tensors: &[Tensor], plan: &Plan, work: Vec<Option<Working>>) -> Outc
         let (methods, skipped, details) = match w {
             Some(w) => {
                 encodings.push(w.encoding);
+                statics.push(w.activations);
+                missed.extend(w.calibration_missed);
                 (w.methods, w.skipped, w.details)
             }
             None => {
                 encodings.push(None);
+                statics.push(None);
                 (Vec::new(), Vec::new(), Map::new())
             }
         };
@@ -533,6 +615,18 @@ fn assemble(tensors: &[Tensor], plan: &Plan, work: Vec<Option<Working>>) -> Outc
             ),
         ));
     }
+    if !missed.is_empty() {
+        let shown = missed.len().min(8);
+        warnings.push(report::Warning::new(
+            "calibration_missing",
+            format!(
+                "{} tensor(s) asked for calibrated quantization were rounded to nearest instead: {}{}",
+                missed.len(),
+                missed[..shown].join("; "),
+                if missed.len() > shown { "; …" } else { "" }
+            ),
+        ));
+    }
     let report = Report {
         format: String::new(),
         steps: plan.steps_json.clone(),
@@ -550,6 +644,7 @@ fn assemble(tensors: &[Tensor], plan: &Plan, work: Vec<Option<Working>>) -> Outc
         }),
         archive,
         encodings,
+        activations: statics,
         report,
     }
 }

@@ -2,9 +2,11 @@
 //! inputs within each channel. The `quantize` method, and the [`Quantized`] form that
 //! `binary` and `ternary` leave too.
 
+use super::activations::{ActivationSpec, RangeMethod, DEFAULT_PERCENTILE};
 use super::coding::{self, f32_bytes, CodingStats, Payload, Repr, StageBytes};
 use super::form::{Form, Parts, Stored};
-use super::method::{self, int_in, spec_err, Applied, Kind, Method, Registration, Working};
+use super::gptq::{gptq, Grid, DEFAULT_DAMP};
+use super::method::{self, int_in, spec_err, Applied, Kind, Method, Needs, Registration, Working};
 use super::{pack, CompressError};
 use crate::model::{DType, Tensor};
 use serde::Serialize;
@@ -24,6 +26,14 @@ struct Params {
     scheme: Option<Scheme>,
     granularity: Option<Granularity>,
     group_size: Option<u64>,
+    /// GPTQ on the job's calibration data instead of rounding to nearest.
+    calibrated: Option<bool>,
+    /// GPTQ's dampening, a fraction of the inputs' mean second moment.
+    damp: Option<f64>,
+    /// Static int8: the activations feeding (and leaving) each consumer of the weight are
+    /// quantized too, with ranges from the calibration data.
+    activations: Option<RangeMethod>,
+    percentile: Option<f64>,
 }
 
 fn parse(
@@ -40,11 +50,43 @@ fn parse(
             "groups split each output channel: it goes with granularity \"channel\"",
         ));
     }
+    let calibrated = p.calibrated.unwrap_or(false);
+    let damp = match p.damp {
+        None => DEFAULT_DAMP,
+        Some(_) if !calibrated => {
+            return Err(spec_err(&at("damp"), "goes with \"calibrated\": true"));
+        }
+        Some(d) if d > 0.0 && d <= 1.0 => d,
+        Some(_) => return Err(spec_err(&at("damp"), "must be a number in (0, 1]")),
+    };
+    if p.activations.is_some() && (bits != 8 || group_size.is_some()) {
+        return Err(spec_err(
+            &at("activations"),
+            "static activation quantization goes with int8 weights per channel or per tensor (bits 8, no group_size)",
+        ));
+    }
+    let percentile = match (p.percentile, p.activations) {
+        (None, _) => DEFAULT_PERCENTILE,
+        (Some(x), Some(RangeMethod::Percentile)) if x > 50.0 && x < 100.0 => x,
+        (Some(_), Some(RangeMethod::Percentile)) => {
+            return Err(spec_err(&at("percentile"), "must be a number in (50, 100)"));
+        }
+        (Some(_), _) => {
+            return Err(spec_err(
+                &at("percentile"),
+                "goes with \"activations\": \"percentile\"",
+            ));
+        }
+    };
     Ok(Box::new(Quantize {
         bits,
         scheme: p.scheme.unwrap_or(Scheme::Symmetric),
         granularity,
         group_size: group_size.map(|g| g as usize),
+        calibrated: calibrated.then_some(damp),
+        activations: p
+            .activations
+            .map(|method| ActivationSpec { method, percentile }),
     }))
 }
 
@@ -56,6 +98,10 @@ pub struct Quantize {
     pub granularity: Granularity,
     /// Group-wise: inputs per scale within each output channel.
     pub group_size: Option<usize>,
+    /// GPTQ with this dampening, where the runner measured the weight's inputs.
+    pub calibrated: Option<f64>,
+    /// Static int8: activation ranges by this method.
+    pub activations: Option<ActivationSpec>,
 }
 
 impl Granularity {
@@ -80,8 +126,16 @@ impl Granularity {
 
 impl Method for Quantize {
     fn label(&self) -> String {
+        let mut extra = String::new();
+        if self.calibrated.is_some() {
+            extra.push_str(",gptq");
+        }
+        if let Some(a) = self.activations {
+            extra.push_str(",static ");
+            extra.push_str(a.method.name());
+        }
         format!(
-            "quantize(int{},{},{})",
+            "quantize(int{},{},{}{extra})",
             self.bits,
             if self.scheme == Scheme::Affine {
                 "affine"
@@ -93,6 +147,12 @@ impl Method for Quantize {
                 None => self.granularity.name().to_string(),
             }
         )
+    }
+    fn needs(&self) -> Needs {
+        Needs {
+            hessian: self.calibrated.is_some(),
+            activations: self.activations,
+        }
     }
     fn kind(&self) -> Kind {
         Kind::Encode
@@ -107,12 +167,51 @@ impl Method for Quantize {
     }
     fn apply(&self, t: &Tensor, w: &mut Working) -> Result<Applied, CompressError> {
         let axis = self.granularity.axis(t);
-        let q = match self.group_size {
-            Some(g) => quantize_grouped(&w.values, &t.shape, self.bits, self.scheme, axis, g),
-            None => quantize(&w.values, &t.shape, self.bits, self.scheme, axis),
+        let calibrated = match (self.calibrated, &w.calibration) {
+            (None, _) => None,
+            (Some(damp), Ok(h)) => {
+                let grid = Grid {
+                    bits: self.bits,
+                    scheme: self.scheme,
+                    axis: t.channel_axis(),
+                    per_tensor: axis.is_none(),
+                    group_size: self.group_size,
+                };
+                let fixed: Vec<bool> = if w.pruned {
+                    w.values.iter().map(|v| *v == 0.0).collect()
+                } else {
+                    Vec::new()
+                };
+                match gptq(&w.values, &t.shape, grid, h, damp, &fixed) {
+                    Ok(q) => {
+                        w.details.insert(
+                            "calibration".into(),
+                            json!({"method": "gptq", "damp": damp, "samples": h.samples}),
+                        );
+                        Some(q)
+                    }
+                    Err(e) => {
+                        w.calibration_missed(t, &e.to_string());
+                        None
+                    }
+                }
+            }
+            (Some(_), Err(why)) => {
+                let why = why.clone();
+                w.calibration_missed(t, &why);
+                None
+            }
+        };
+        let q = match (calibrated, self.group_size) {
+            (Some(q), _) => q,
+            (None, Some(g)) => {
+                quantize_grouped(&w.values, &t.shape, self.bits, self.scheme, axis, g)
+            }
+            (None, None) => quantize(&w.values, &t.shape, self.bits, self.scheme, axis),
         };
         w.values = dequantize(&q, &t.shape);
         w.encoding = Some(super::form::Encoding::Quantized(q));
+        w.activations = self.activations;
         Ok(Applied::Ran)
     }
 }
@@ -470,7 +569,7 @@ fn reference_by(
     quantized(bits, scheme, axis, scales, zps, codes)
 }
 
-fn code_range(bits: u8, scheme: Scheme) -> (f32, f32) {
+pub(super) fn code_range(bits: u8, scheme: Scheme) -> (f32, f32) {
     let half = (1i32 << (bits - 1)) as f32;
     match scheme {
         // Symmetric leaves out -2^(b-1) so that +max and -max are both representable.
@@ -480,7 +579,7 @@ fn code_range(bits: u8, scheme: Scheme) -> (f32, f32) {
 }
 
 /// Scale and zero point from a channel's min and max.
-fn params(lo: f32, hi: f32, bits: u8, scheme: Scheme) -> (f32, i8) {
+pub(super) fn params(lo: f32, hi: f32, bits: u8, scheme: Scheme) -> (f32, i8) {
     let (qmin, qmax) = code_range(bits, scheme);
     match scheme {
         Scheme::Symmetric => {
@@ -511,7 +610,7 @@ fn params_all(lo: &[f32], hi: &[f32], bits: u8, scheme: Scheme) -> (Vec<f32>, Ve
 }
 
 /// The codes and their parameters; the symmetric scheme keeps no zero points.
-fn quantized(
+pub(super) fn quantized(
     bits: u8,
     scheme: Scheme,
     axis: Option<usize>,

@@ -4,6 +4,7 @@
 
 pub mod latency;
 pub mod onnx;
+pub mod opset;
 
 use serde::Serialize;
 

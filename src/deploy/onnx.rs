@@ -12,7 +12,11 @@
 //!   `Div`/`Floor`/`Sub` (and a `MatMul` by powers of two when a symbol spans bytes), then
 //!   `Sub`/`Mul` by offsets and scales, or `Gather` from the codebook;
 //! - float16/bfloat16: `Cast`;
-//! - low-rank, separable and Tucker-2 factors: `MatMul` of the factors and `Reshape`.
+//! - low-rank, separable and Tucker-2 factors: `MatMul` of the factors and `Reshape`;
+//! - static int8 ([`Statics`]): `DequantizeLinear` weights, and a `QuantizeLinear` →
+//!   `DequantizeLinear` pair (uint8, ranges from calibration) after each activation the
+//!   weights' consumers read, the model raised to opset 13 where its ops allow; onnxruntime
+//!   fuses the pattern into QLinearConv / MatMulIntegerToFloat.
 //!
 //! Every op used exists from opset 7 with numpy broadcasting; a model below that keeps dense
 //! weights, and the report says so.
@@ -42,7 +46,31 @@ pub struct Deployed {
     pub tensors: Vec<TensorForm>,
     /// The default-domain opset of the written model.
     pub opset: i64,
+    /// Static int8: activations quantized, and why they are not when asked for.
+    pub statics: StaticsWritten,
 }
+
+/// Static int8 (weights and activations): the activations to quantize, with their uint8
+/// scale and zero point, and the weights whose consumers read them (written as
+/// `DequantizeLinear`, so that a runtime fuses `DequantizeLinear → Conv/MatMul →
+/// QuantizeLinear` into an integer kernel: onnxruntime's QLinearConv and QLinearMatMul).
+#[derive(Debug, Clone, Default)]
+pub struct Statics {
+    pub values: Vec<(String, f32, u8)>,
+    /// Indices (into `restored`) of the weights whose consumers are quantized.
+    pub weights: HashSet<usize>,
+}
+
+/// What the writer did with [`Statics`].
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StaticsWritten {
+    pub activations: usize,
+    /// Why static quantization was not written (the weights stay weight-only int8).
+    pub refused: Option<String>,
+}
+
+/// Per-axis `QuantizeLinear`/`DequantizeLinear` (per-channel weights).
+pub const STATIC_OPSET: i64 = 13;
 
 /// The default ONNX domain's opset version (0 when the model imports none).
 pub fn default_opset(model: &ModelProto) -> i64 {
@@ -131,6 +159,9 @@ struct Edit<'a> {
     weight: String,
     /// Compact parts as `Constant` nodes (the weight was one) instead of initializers.
     as_constants: bool,
+    /// Static int8: the weight must be a `DequantizeLinear` (runtimes fuse it with its
+    /// consumer and the activations' quantization into an integer kernel).
+    as_operator: bool,
     inits: Vec<TensorProto>,
     nodes: Vec<NodeProto>,
     bytes: u64,
@@ -306,7 +337,9 @@ fn quantized(e: &mut Edit, q: &Quantized, shape: &[usize]) -> String {
         let codes = q.codes.iter().map(|&c| c as u8).collect();
         let codes = e.init("quantized", DataType::Int8, shape, codes);
         let per_axis = q.axis.is_some() && q.scales.len() > 1;
-        if e.style == DeployStyle::Operators && (e.opset >= 13 || (!per_axis && e.opset >= 10)) {
+        if (e.style == DeployStyle::Operators || e.as_operator)
+            && (e.opset >= 13 || (!per_axis && e.opset >= 10))
+        {
             let vec_dims: Vec<usize> = if per_axis {
                 vec![q.scales.len()]
             } else {
@@ -808,8 +841,27 @@ pub fn write(
     restored: &[Tensor],
     encodings: &[Option<Encoding>],
     style: DeployStyle,
+    statics: &Statics,
 ) -> Result<Deployed, FormatError> {
-    let opset = default_opset(&c.model);
+    let original_opset = default_opset(&c.model);
+    let mut written = StaticsWritten::default();
+    // Static int8 needs per-axis (De)QuantizeLinear: the model is raised to opset 13 when
+    // its ops allow it.
+    let statics_ok = !statics.values.is_empty()
+        && match super::opset::can_raise(&c.model, original_opset, STATIC_OPSET) {
+            Ok(()) => true,
+            Err(why) => {
+                written.refused = Some(format!(
+                    "per-channel QuantizeLinear/DequantizeLinear need opset {STATIC_OPSET}, and the model (opset {original_opset}) cannot be raised to it: {why}"
+                ));
+                false
+            }
+        };
+    let opset = if statics_ok {
+        original_opset.max(STATIC_OPSET)
+    } else {
+        original_opset
+    };
     let mut names = Names::of(&c.model);
     let mut leave_out = vec![false; restored.len()];
     let mut forms = Vec::new();
@@ -837,6 +889,7 @@ pub fn write(
             style,
             weight: slot.map_or_else(|| t.name.clone(), |s| s.output.clone()),
             as_constants: slot.is_some(),
+            as_operator: statics_ok && statics.weights.contains(&i),
             inits: Vec::new(),
             nodes: Vec::new(),
             bytes: 0,
@@ -987,11 +1040,80 @@ pub fn write(
     // The new nodes read only initializers: placed first, the graph stays topologically sorted.
     nodes.append(&mut graph.node);
     graph.node = nodes;
+    if statics_ok {
+        written.activations = quantize_activations(graph, &mut names, &statics.values);
+        super::opset::raise(&mut model, opset);
+    }
     Ok(Deployed {
         bytes: model.encode_to_vec(),
         tensors: forms,
         opset,
+        statics: written,
     })
+}
+
+/// `QuantizeLinear → DequantizeLinear` (uint8, per tensor) right after each value's
+/// producer; every reader in the main graph then reads the dequantized value, so a runtime
+/// sees each weighted op between quantized activations. A graph output keeps its float
+/// value (its readers inside the graph read the quantized one). Returns how many values
+/// were quantized.
+fn quantize_activations(
+    graph: &mut GraphProto,
+    names: &mut Names,
+    values: &[(String, f32, u8)],
+) -> usize {
+    let mut done = 0;
+    for (value, scale, zero) in values {
+        let producer = graph
+            .node
+            .iter()
+            .position(|n| n.output.iter().any(|o| o == value));
+        let is_input = graph.input.iter().any(|i| &i.name == value);
+        if producer.is_none() && !is_input {
+            continue;
+        }
+        let s = names.fresh(value, "act_scale");
+        let z = names.fresh(value, "act_zero_point");
+        graph.initializer.push(TensorProto {
+            name: s.clone(),
+            data_type: DataType::Float as i32,
+            raw_data: scale.to_le_bytes().to_vec(),
+            ..Default::default()
+        });
+        graph.initializer.push(TensorProto {
+            name: z.clone(),
+            data_type: DataType::Uint8 as i32,
+            raw_data: vec![*zero],
+            ..Default::default()
+        });
+        let q = names.fresh(value, "act_quantized");
+        let dq = names.fresh(value, "act_dequantized");
+        for n in &mut graph.node {
+            for i in n.input.iter_mut().filter(|i| *i == value) {
+                i.clone_from(&dq);
+            }
+        }
+        let pair = [
+            NodeProto {
+                input: vec![value.clone(), s.clone(), z.clone()],
+                output: vec![q.clone()],
+                name: names.fresh(value, "QuantizeLinear_node"),
+                op_type: "QuantizeLinear".into(),
+                ..Default::default()
+            },
+            NodeProto {
+                input: vec![q, s, z],
+                output: vec![dq],
+                name: names.fresh(value, "DequantizeLinear_node"),
+                op_type: "DequantizeLinear".into(),
+                ..Default::default()
+            },
+        ];
+        let at = producer.map_or(0, |p| p + 1);
+        graph.node.splice(at..at, pair);
+        done += 1;
+    }
+    done
 }
 
 fn value_info(t: &TensorProto) -> ValueInfoProto {

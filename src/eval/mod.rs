@@ -45,6 +45,29 @@ struct EvalParams {
     feed: Option<String>,
 }
 
+/// A spec block's parameters; a refusal names the field (`eval.metric: …`).
+pub fn block<T: serde::de::DeserializeOwned>(v: &Value, name: &str) -> Result<T, String> {
+    serde_path_to_error::deserialize(v.clone()).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner().to_string();
+        if path == "." {
+            format!("{name}: {inner}")
+        } else {
+            format!("{name}.{path}: {inner}")
+        }
+    })
+}
+
+impl Feed {
+    /// A block's optional `feed` field.
+    pub fn parse_field(v: Option<&str>, field: &str) -> Result<Option<Feed>, String> {
+        v.map(|f| {
+            Feed::parse(f).ok_or_else(|| format!("{field}: must be batched, per_sample or whole"))
+        })
+        .transpose()
+    }
+}
+
 impl EvalSpec {
     /// The spec's `eval` block (and `gate`, which needs one), if any; an error names the
     /// field (`eval.metric: …`).
@@ -70,28 +93,14 @@ impl EvalSpec {
             }
             return Ok(None);
         };
-        let p: EvalParams = serde_path_to_error::deserialize(v.clone()).map_err(|e| {
-            let path = e.path().to_string();
-            let inner = e.into_inner().to_string();
-            if path == "." {
-                format!("eval: {inner}")
-            } else {
-                format!("eval.{path}: {inner}")
-            }
-        })?;
+        let p: EvalParams = block(v, "eval")?;
         let dataset_id = Uuid::parse_str(&p.dataset_id)
             .map_err(|_| format!("eval.dataset_id: {:?} is not a dataset id", p.dataset_id))?;
         let metric = Metric::parse(&p.metric).ok_or_else(|| {
             "eval.metric: must be top1, agreement, relative_error, decision_agreement or cosine"
                 .to_string()
         })?;
-        let feed = match p.feed.as_deref() {
-            None => None,
-            Some(f) => Some(
-                Feed::parse(f)
-                    .ok_or_else(|| "eval.feed: must be batched, per_sample or whole".to_string())?,
-            ),
-        };
+        let feed = Feed::parse_field(p.feed.as_deref(), "eval.feed")?;
         let threshold = p.threshold.unwrap_or(0.5);
         if !threshold.is_finite() {
             return Err("eval.threshold: must be a finite number".into());
@@ -252,15 +261,7 @@ impl Reference {
         ctl: &dyn Control,
         span: (f64, f64),
     ) -> Result<Reference, EvalFailure> {
-        let rows_shared = data
-            .describe()
-            .map(|(_, rows)| rows.is_some())
-            .unwrap_or(false);
-        let feeds: Vec<Feed> = match spec.feed {
-            Some(f) => vec![f],
-            None if !rows_shared => vec![Feed::Whole],
-            None => vec![Feed::Batched(64), Feed::PerSample],
-        };
+        let feeds = run::feeds_to_try(data, spec.feed, 64);
         let mut last_err = String::new();
         for feed in feeds {
             let mut tick = ticker(ctl, span.0, span.1, "running the original on the dataset");

@@ -30,6 +30,21 @@ impl Feed {
     }
 }
 
+/// The feeds to try in order: the one asked for; else whole when the arrays do not share
+/// axis 0, else slices of `batch` rows and then one row at a time (for models that fix their
+/// batch to 1).
+pub fn feeds_to_try(data: &Dataset, asked: Option<Feed>, batch: usize) -> Vec<Feed> {
+    let rows_shared = data
+        .describe()
+        .map(|(_, rows)| rows.is_some())
+        .unwrap_or(false);
+    match asked {
+        Some(f) => vec![f],
+        None if !rows_shared => vec![Feed::Whole],
+        None => vec![Feed::Batched(batch), Feed::PerSample],
+    }
+}
+
 /// Model inputs by name, and the labels when the file has them.
 pub struct Dataset {
     pub arrays: Vec<ModelTensor>,

@@ -402,6 +402,7 @@ impl<'a> Ctx<'a> {
             &outcome.restored,
             &outcome.encodings,
             plan.deploy,
+            &deploy::onnx::Statics::default(),
         )
         .map_err(|e| TrialError::Failed(e.to_string()))?
         .bytes;

@@ -127,6 +127,28 @@ async fn try_execute_one_as(state: &AppState, worker: &str) -> anyhow::Result<Ou
     outcome
 }
 
+/// The local file of a dataset the job's `what` block names, or why there is none (checked
+/// at submit; it may have gone since).
+async fn dataset_file(
+    state: &AppState,
+    tenant: &str,
+    id: uuid::Uuid,
+    what: &str,
+) -> anyhow::Result<Result<std::path::PathBuf, String>> {
+    let Some(d) = state.models.get_dataset(tenant, id).await? else {
+        return Ok(Err(format!(
+            "the dataset the job's {what} names no longer exists"
+        )));
+    };
+    match state.blobs.local_path(&d.blob_key).await {
+        Ok(p) => Ok(Ok(p)),
+        Err(crate::store::StoreError::NotFound(_)) => Ok(Err(format!(
+            "the dataset file the job's {what} names is missing from the blob store"
+        ))),
+        Err(e) => Err(e.into()),
+    }
+}
+
 async fn run_claimed(state: &AppState, worker: &str, job: JobRecord) -> anyhow::Result<Outcome> {
     tracing::info!("job claimed");
     let lease_ms = state.config.lease_ms as i64;
@@ -159,24 +181,21 @@ async fn run_claimed(state: &AppState, worker: &str, job: JobRecord) -> anyhow::
     };
     let dataset_path = match &eval_spec {
         None => None,
-        Some(e) => match state
-            .models
-            .get_dataset(&job.tenant_id, e.dataset_id)
-            .await?
-        {
-            Some(d) => match state.blobs.local_path(&d.blob_key).await {
-                Ok(p) => Some(p),
-                Err(crate::store::StoreError::NotFound(_)) => {
-                    let why =
-                        "the dataset file the job's eval names is missing from the blob store";
-                    return fail("dataset_not_found", why.into()).await;
-                }
-                Err(e) => return Err(e.into()),
-            },
-            None => {
-                let why = "the dataset the job's eval names no longer exists";
-                return fail("dataset_not_found", why.into()).await;
-            }
+        Some(e) => match dataset_file(state, &job.tenant_id, e.dataset_id, "eval").await? {
+            Ok(p) => Some(p),
+            Err(why) => return fail("dataset_not_found", why).await,
+        },
+    };
+    // The dataset a `calibration` block names, likewise.
+    let calibration_spec = match crate::calibrate::CalibrationSpec::parse(&job.spec) {
+        Ok(c) => c,
+        Err(e) => return fail("invalid_spec", e).await,
+    };
+    let calibration_path = match &calibration_spec {
+        None => None,
+        Some(c) => match dataset_file(state, &job.tenant_id, c.dataset_id, "calibration").await? {
+            Ok(p) => Some(p),
+            Err(why) => return fail("dataset_not_found", why).await,
         },
     };
     // A search reuses the sensitivity table an earlier search measured on this model and
@@ -254,7 +273,11 @@ async fn run_claimed(state: &AppState, worker: &str, job: JobRecord) -> anyhow::
                 dataset,
                 cached_sensitivity: cached_sensitivity.as_ref(),
             });
-        runner::execute(&input, &plan2, &out_path, ctl2.as_ref(), eval)
+        let calibration = calibration_spec
+            .as_ref()
+            .zip(calibration_path.as_deref())
+            .map(|(spec, dataset)| runner::CalibrationInput { spec, dataset });
+        runner::execute(&input, &plan2, &out_path, ctl2.as_ref(), eval, calibration)
     })
     .await;
     hb.abort();

@@ -21,7 +21,7 @@ const CASE_FILES: &[&str] = &[
 
 fn compress_to(input: &std::path::Path, spec: Value, dir: &std::path::Path) -> Value {
     let plan = compress::parse_spec(&spec).expect("spec");
-    runner::execute(input, &plan, dir, &NoControl, None).expect("compress");
+    runner::execute(input, &plan, dir, &NoControl, None, None).expect("compress");
     serde_json::from_slice(&std::fs::read(dir.join("report.json")).unwrap()).unwrap()
 }
 
@@ -47,7 +47,11 @@ fn every_case_and_preset_rebuilds_restored_bit_for_bit() {
         for preset in compress::PRESET_NAMES {
             let dir = tmp.path().join(format!("{checked}"));
             std::fs::create_dir_all(&dir).unwrap();
-            let report = compress_to(input, json!({"preset": preset}), &dir);
+            let Some(report) = compress_case(input, json!({"preset": preset}), &dir) else {
+                // A calibrated preset on a weight-only file: refused (nothing to run).
+                checked += 1;
+                continue;
+            };
             let archive = std::fs::read(dir.join("model.mpz")).unwrap();
             let restored = std::fs::read(dir.join(format!("restored.{ext}"))).unwrap();
             assert!(

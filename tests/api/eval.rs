@@ -149,18 +149,6 @@ print(json.dumps(out))
     }
 }
 
-async fn upload_dataset(app: &TestApp, rel: &str) -> Value {
-    let r = app
-        .client
-        .post(app.url("/v1/datasets"))
-        .body(case_file(rel))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201);
-    r.json().await.unwrap()
-}
-
 /// A job with `eval` scores the original and model.onnx on an uploaded dataset: the figures
 /// are evaluate.py's on the downloaded model.onnx. mnist-8 fixes its batch to 1, so the
 /// default feed falls back to one row at a time; silero's data is fed whole. The dataset
@@ -182,7 +170,7 @@ async fn jobs_evaluate_model_onnx_on_an_uploaded_dataset() {
         .unwrap();
 
     // Refusals at submit time, naming the field.
-    for (body, status, code, says) in [
+    let refusals = vec![
         (
             json!({"model_id": mnist["id"], "preset": "int8", "eval": {"dataset_id": "0190c0de-0000-7000-8000-000000000000", "metric": "top1"}}),
             404,
@@ -227,16 +215,8 @@ async fn jobs_evaluate_model_onnx_on_an_uploaded_dataset() {
             "invalid_spec",
             "gate: needs an `eval` block",
         ),
-    ] {
-        let r = app.submit(body.clone()).await;
-        let s = r.status().as_u16();
-        let v: Value = r.json().await.unwrap();
-        assert_eq!((s, error_code(&v)), (status, code), "{body}: {v}");
-        assert!(
-            v["error"]["message"].as_str().unwrap().contains(says),
-            "{body}: {v}"
-        );
-    }
+    ];
+    assert_refused(&app, refusals).await;
 
     let jobs = [
         app.submit_json(json!({"model_id": mnist["id"], "preset": "int8", "latency": false,

@@ -230,3 +230,74 @@ pub async fn cancel_when(
     assert_eq!(r.status(), 202);
     runner.await.unwrap()
 }
+
+/// A calibration set for a shared case's ONNX model: the case's calib.npz or train.npz (rows
+/// disjoint from eval.npz), else its eval.npz (silero ships no other data).
+pub fn calibration_data(input: &Path) -> Option<PathBuf> {
+    let dir = input.parent()?;
+    ["calib.npz", "train.npz", "eval.npz"]
+        .iter()
+        .map(|f| dir.join(f))
+        .find(|p| p.exists())
+}
+
+/// Runs a spec on a file as the CLI does, and returns report.json; a preset that learns from
+/// data gets the case's calibration set. None when the spec needs calibration and the file
+/// is weight-only (the run refuses it: such a model cannot be run).
+pub fn compress_case(input: &Path, spec: Value, dir: &Path) -> Option<Value> {
+    use modelpress::compress::{self, NoControl};
+    use modelpress::runner;
+    let calibrated = spec["preset"]
+        .as_str()
+        .is_some_and(compress::preset_needs_calibration);
+    let mut spec = spec;
+    if calibrated {
+        spec["calibration"] = serde_json::json!({"dataset_id": uuid::Uuid::nil().to_string()});
+    }
+    let plan = compress::parse_spec(&spec).expect("spec");
+    let weight_only =
+        modelpress::formats::read_path(input).unwrap().format != modelpress::formats::Format::Onnx;
+    let data = calibration_data(input).filter(|_| calibrated && !weight_only);
+    let cspec = modelpress::calibrate::CalibrationSpec::parse(&spec).unwrap();
+    let calibration = cspec
+        .as_ref()
+        .zip(data.as_deref())
+        .map(|(spec, dataset)| runner::CalibrationInput { spec, dataset });
+    match runner::execute(input, &plan, dir, &NoControl, None, calibration) {
+        Ok(_) => {}
+        Err(runner::RunError::InvalidSpec(m)) if calibrated && weight_only => {
+            assert!(m.contains("needs an ONNX model"), "{m}");
+            return None;
+        }
+        Err(e) => panic!("{} {spec}: {e}", input.display()),
+    }
+    Some(serde_json::from_slice(&std::fs::read(dir.join("report.json")).unwrap()).unwrap())
+}
+
+/// Uploads a shared case's .npz as a dataset.
+pub async fn upload_dataset(app: &TestApp, rel: &str) -> Value {
+    let r = app
+        .client
+        .post(app.url("/v1/datasets"))
+        .body(case_file(rel))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    r.json().await.unwrap()
+}
+
+/// Submits each spec and checks it is refused with this status and code, and a message
+/// that holds the fragment (the field it names).
+pub async fn assert_refused(app: &TestApp, cases: Vec<(Value, u16, &str, &str)>) {
+    for (body, status, code, says) in cases {
+        let r = app.submit(body.clone()).await;
+        let s = r.status().as_u16();
+        let v: Value = r.json().await.unwrap();
+        assert_eq!((s, error_code(&v)), (status, code), "{body}: {v}");
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains(says),
+            "{body}: {v}"
+        );
+    }
+}

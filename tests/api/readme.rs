@@ -77,5 +77,12 @@ async fn readme_walkthrough_runs() {
     let search: serde_json::Value =
         serde_json::from_slice(&std::fs::read(work.path().join("search.json")).unwrap()).unwrap();
     assert!(search["candidates"].as_array().unwrap().len() >= 3);
+    // Step 8 calibrated on calib.npz: static int8 that onnxruntime runs and that keeps top-1.
+    assert!(
+        stdout.contains("'rows': 500") && stdout.contains("'static_tensors': 3"),
+        "{stdout}"
+    );
+    let score = evaluate("mnist8", &work.path().join("static.onnx"));
+    assert!(score["top1_accuracy"].as_f64().unwrap() >= 0.983, "{score}");
     app.stop().await;
 }
