@@ -17,4 +17,6 @@ python3 benches/kmeans_every_weight.py "$KMEANS_BIN" "$OUT/paraphrase-MiniLM-L3-
 python3 benches/e2e.py target/release/modelpress "$OUT"
 python3 benches/deploy.py target/release/modelpress "$OUT" "$OUT/paraphrase-MiniLM-L3-v2.onnx" | tee "$OUT/deploy.md"
 MINILM="$OUT/paraphrase-MiniLM-L3-v2.onnx" python3 benches/search.py target/release/modelpress "$OUT/search" | tee "$OUT/search.jsonl"
+MINILM="$OUT/paraphrase-MiniLM-L3-v2.onnx" python3 benches/search.py target/release/modelpress "$OUT/search" \
+  mnist8+gptq minilm_l3-split minilm_l3-split+gptq | tee "$OUT/search-calibrated.jsonl"
 python3 benches/calibrated.py target/release/modelpress "$OUT/calibrated" "$OUT/paraphrase-MiniLM-L3-v2.onnx" | grep "^{" | tee "$OUT/calibrated.jsonl"

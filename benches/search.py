@@ -4,7 +4,10 @@ real server (release build): wall time of the job, the chosen model.onnx's size 
 metric modelpress measured, and ../shared/cases/evaluate.py's figure on the downloaded file
 (onnxruntime), beside onnxruntime's quantize_dynamic file size from the cases' README.
 
-usage: benches/search.py BIN OUT_DIR [CASE...]   (CASE: mnist8 silero_vad minilm_l3)
+usage: benches/search.py BIN OUT_DIR [CASE...]
+  (CASE: mnist8 silero_vad minilm_l3, and with calibration data: mnist8+gptq, and
+  minilm_l3-split / minilm_l3-split+gptq, which search on rows 100-199 of minilm's eval.npz
+  and calibrate on rows 0-99)
 minilm_l3 needs the model downloaded first: bash ../shared/cases/minilm_l3/get.sh /work/minilm
 (or set MINILM=path/to/paraphrase-MiniLM-L3-v2.onnx).
 """
@@ -47,6 +50,25 @@ RUNS = {
 }
 
 
+# The same searches with a calibration block (every quantize setting then GPTQ): (base run,
+# calibration data); minilm's split runs search on rows 100-199 only, with and without.
+SPLIT_EVAL = os.path.join(OUT, "minilm-rows-100-199.npz")
+SPLIT_CALIB = os.path.join(OUT, "minilm-rows-0-99.npz")
+CALIBRATED = {
+    "mnist8+gptq": ("mnist8", os.path.join(CASES, "mnist8", "calib.npz")),
+    "minilm_l3-split": ("minilm_l3", None),
+    "minilm_l3-split+gptq": ("minilm_l3", SPLIT_CALIB),
+}
+
+
+def split_minilm():
+    import numpy as np
+
+    full = np.load(os.path.join(CASES, "minilm_l3", "eval.npz"))
+    np.savez(SPLIT_CALIB, **{k: full[k][:100] for k in full.files})
+    np.savez(SPLIT_EVAL, **{k: full[k][100:] for k in full.files})
+
+
 def free_port():
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
@@ -81,7 +103,11 @@ def main():
                 time.sleep(0.1)
         rows = []
         for case in cases:
-            model, data, metric, constraints = RUNS[case]
+            base_case, calibration = CALIBRATED.get(case, (case, None))
+            model, data, metric, constraints = RUNS[base_case]
+            if case.startswith("minilm_l3-split"):
+                split_minilm()
+                data = SPLIT_EVAL
             m = json.loads(call(base + "/v1/models", open(model, "rb").read()))
             d = json.loads(call(base + "/v1/datasets", open(data, "rb").read()))
             spec = {
@@ -91,6 +117,9 @@ def main():
                 "latency": False,
                 "outputs": ["model", "report"],
             }
+            if calibration:
+                c = json.loads(call(base + "/v1/datasets", open(calibration, "rb").read()))
+                spec["calibration"] = {"dataset_id": c["id"]}
             t0 = time.perf_counter()
             job = json.loads(
                 call(base + "/v1/jobs", json.dumps(spec).encode(), {"content-type": "application/json"})
@@ -109,8 +138,8 @@ def main():
                 with open(os.path.join(d_out, name), "wb") as f:
                     f.write(call(f"{base}/v1/jobs/{job['id']}/artifacts/{name}"))
             ev = subprocess.run(
-                [sys.executable, os.path.join(CASES, "evaluate.py"), os.path.join(CASES, case), os.path.join(d_out, "model.onnx"), "--json"]
-                + ([] if case != "minilm_l3" else ["--original", model]),
+                [sys.executable, os.path.join(CASES, "evaluate.py"), os.path.join(CASES, base_case), os.path.join(d_out, "model.onnx"), "--json"]
+                + ([] if base_case != "minilm_l3" else ["--original", model]),
                 capture_output=True,
                 text=True,
             )
@@ -121,6 +150,7 @@ def main():
             rows.append(
                 {
                     "case": case,
+                    "calibrated": bool(calibration),
                     "constraints": constraints,
                     "wall_s": round(wall, 1),
                     "search_s": round(s["search"]["seconds"], 1),

@@ -221,17 +221,51 @@ fn analyze(
     .map_err(search_error)
 }
 
-/// Runs the job's search and returns the plan it chose (the job's outputs and options kept).
+/// Runs the job's search and returns the plan it chose (the job's outputs and options kept),
+/// with the calibration it measured when the job has a `calibration` block (every quantize
+/// setting is then GPTQ, and the chosen plan reuses the statistics).
 fn search(
     input: &Path,
     set: &formats::TensorSet,
     plan: &Plan,
     spec: &crate::search::SearchSpec,
     eval: Option<&EvalInput>,
+    calibration: Option<&CalibrationInput>,
     ctl: &dyn Control,
-) -> Result<(Plan, crate::search::SearchOutcome), RunError> {
+) -> Result<
+    (
+        Plan,
+        crate::search::SearchOutcome,
+        Option<crate::calibrate::Measured>,
+    ),
+    RunError,
+> {
     let (container, original, data, eval_spec) =
         model_and_data(input, set, eval, "constraints: a search")?;
+    let measured = match calibration {
+        None => None,
+        Some(_) => {
+            let needs = compress::method::Needs {
+                hessian: true,
+                activations: None,
+            };
+            let targets: Vec<(usize, compress::method::Needs)> =
+                crate::search::layer_indices(&set.tensors, spec.min_params)
+                    .into_iter()
+                    .map(|i| (i, needs))
+                    .collect();
+            Some(calibrate_targets(input, set, &targets, calibration, ctl)?)
+        }
+    };
+    let block = calibration.map(|c| serde_json::json!({"dataset_id": c.spec.dataset_id}));
+    let calibrated =
+        measured
+            .as_ref()
+            .zip(block.clone())
+            .map(|(m, block)| crate::search::Calibrated {
+                core: &m.core,
+                block,
+            });
     let found = crate::search::search(
         &set.tensors,
         container,
@@ -240,6 +274,7 @@ fn search(
         eval_spec,
         spec,
         eval.and_then(|e| e.cached_sensitivity),
+        calibrated.as_ref(),
         ctl,
         (0.0, SEARCH_SHARE),
     )
@@ -250,12 +285,16 @@ fn search(
             spec.min_params
         )));
     }
-    let mut chosen = compress::parse_spec(&serde_json::json!({"pipeline": found.pipeline}))?;
+    let mut chosen_spec = serde_json::json!({"pipeline": found.pipeline});
+    if let Some(b) = block {
+        chosen_spec["calibration"] = b;
+    }
+    let mut chosen = compress::parse_spec(&chosen_spec)?;
     chosen.outputs = plan.outputs.clone();
     chosen.outputs_explicit = plan.outputs_explicit;
     chosen.latency = plan.latency;
     chosen.deploy = plan.deploy;
-    Ok((chosen, found))
+    Ok((chosen, found, measured))
 }
 
 /// The share of a calibrating job's progress that calibration takes.
@@ -266,6 +305,18 @@ fn calibrate(
     input: &Path,
     set: &formats::TensorSet,
     plan: &Plan,
+    calibration: Option<&CalibrationInput>,
+    ctl: &dyn Control,
+) -> Result<crate::calibrate::Measured, RunError> {
+    let targets = compress::calibration_targets(&set.tensors, plan);
+    calibrate_targets(input, set, &targets, calibration, ctl)
+}
+
+/// Runs the original on the calibration dataset and measures what `targets` need.
+fn calibrate_targets(
+    input: &Path,
+    set: &formats::TensorSet,
+    targets: &[(usize, compress::method::Needs)],
     calibration: Option<&CalibrationInput>,
     ctl: &dyn Control,
 ) -> Result<crate::calibrate::Measured, RunError> {
@@ -283,12 +334,11 @@ fn calibrate(
     let data = std::fs::read(c.dataset)
         .map_err(|e| RunError::Internal(e.to_string()))
         .and_then(|d| crate::eval::run::Dataset::from_npz(&d).map_err(RunError::InvalidSpec))?;
-    let targets = compress::calibration_targets(&set.tensors, plan);
     crate::calibrate::measure(
         &original,
         &container.model,
         &set.tensors,
-        &targets,
+        targets,
         &data,
         c.spec,
         ctl,
@@ -351,9 +401,22 @@ pub fn execute(
         .len();
     let set = formats::read_path(input)?;
     // A search chooses the pipeline first; the job then runs it as if it had been sent.
+    let mut search_measured = None;
     let searched = match &plan.search {
         None => None,
-        Some(s) => Some(search(input, &set, plan, s, eval.as_ref(), ctl)?),
+        Some(s) => {
+            let (chosen, found, measured) = search(
+                input,
+                &set,
+                plan,
+                s,
+                eval.as_ref(),
+                calibration.as_ref(),
+                ctl,
+            )?;
+            search_measured = measured;
+            Some((chosen, found))
+        }
     };
     // An analysis (with a search, the search's own table stands in for it).
     let analysis = match (plan.analyze, &searched) {
@@ -372,10 +435,14 @@ pub fn execute(
             (p, &span)
         }
     };
-    let measured = if plan.needs() == compress::method::Needs::default() {
-        None
-    } else {
-        Some(calibrate(input, &set, plan, calibration.as_ref(), ctl)?)
+    // A search with calibration measured every layer it varies: its chosen plan reuses that.
+    let measured = match (
+        plan.needs() == compress::method::Needs::default(),
+        search_measured,
+    ) {
+        (true, _) => None,
+        (false, Some(m)) => Some(m),
+        (false, None) => Some(calibrate(input, &set, plan, calibration.as_ref(), ctl)?),
     };
     let calibrated_span;
     let mut outcome = match &measured {

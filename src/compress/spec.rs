@@ -464,10 +464,10 @@ pub fn parse_spec(spec: &Value) -> Result<Plan, CompressError> {
                 "a calibrated or static quantize step needs a `calibration` block (the dataset to calibrate on: {\"dataset_id\": …})",
             ))
         }
-        (None, true) => {
+        (None, true) if search.is_none() => {
             return Err(spec_err(
                 "calibration",
-                "no step uses it: give a quantize step \"calibrated\": true or \"activations\"",
+                "no step uses it: give a quantize step \"calibrated\": true or \"activations\" (or constraints: a search then quantizes by GPTQ)",
             ))
         }
         _ => {}

@@ -286,6 +286,15 @@ struct Ctx<'a> {
     eval: &'a EvalSpec,
     reference: Reference,
     ctl: &'a dyn Control,
+    calibration: Option<&'a Calibrated<'a>>,
+}
+
+/// A search with calibration data: every quantize setting is GPTQ on it.
+pub struct Calibrated<'a> {
+    /// The statistics measured for every layer the search varies.
+    pub core: &'a compress::Calibration,
+    /// The spec's `calibration` block, which the chosen pipeline needs when resubmitted.
+    pub block: Value,
 }
 
 /// A control for the trials' compression runs: cancellation passes through, progress does
@@ -296,6 +305,14 @@ impl Control for Quiet<'_> {
     fn cancelled(&self) -> bool {
         self.0.cancelled()
     }
+}
+
+/// The indices of the layers a search varies (what its calibration measures).
+pub fn layer_indices(tensors: &[Tensor], min_params: usize) -> Vec<usize> {
+    let layers = layers_of(tensors, min_params);
+    (0..tensors.len())
+        .filter(|&i| layers.iter().any(|t| std::ptr::eq(*t, &tensors[i])))
+        .collect()
 }
 
 /// The layers a search or an analysis varies: float weights and embeddings of rank ≥ 2 with
@@ -336,7 +353,21 @@ impl<'a> Ctx<'a> {
             eval,
             reference,
             ctl,
+            calibration: None,
         })
+    }
+
+    /// [`pipeline_of`], with GPTQ in every quantize step when the search has calibration data.
+    fn pipeline(&self, settings: &[(String, String)], steps: &[(&str, &str)]) -> Vec<Value> {
+        let mut pipeline = pipeline_of(settings, steps);
+        if self.calibration.is_some() {
+            for step in &mut pipeline {
+                if step["method"] == "quantize" {
+                    step["calibrated"] = Value::Bool(true);
+                }
+            }
+        }
+        pipeline
     }
 
     /// Each layer alone at each setting: bytes saved in `model.onnx` and metric drop, until
@@ -360,7 +391,7 @@ impl<'a> Ctx<'a> {
                     row.push(None);
                     continue;
                 }
-                let pipeline = pipeline_of(&[(t.name.clone(), label.to_string())], settings);
+                let pipeline = self.pipeline(&[(t.name.clone(), label.to_string())], settings);
                 let m = match self.trial(&pipeline) {
                     Ok((bytes, metric, Some(drop))) => {
                         let saved = self.original_bytes as i64 - bytes as i64;
@@ -390,13 +421,22 @@ impl<'a> Ctx<'a> {
 
     /// Builds `model.onnx` for the pipeline and scores it: (bytes, metric, drop).
     fn trial(&self, pipeline: &[Value]) -> Result<(u64, Option<f64>, Option<f64>), TrialError> {
-        let spec = json!({"pipeline": pipeline, "outputs": ["model"], "latency": false});
+        let mut spec = json!({"pipeline": pipeline, "outputs": ["model"], "latency": false});
+        let none = compress::Calibration::default();
+        let core = match self.calibration {
+            Some(c) => {
+                spec["calibration"] = c.block.clone();
+                c.core
+            }
+            None => &none,
+        };
         let plan = compress::parse_spec(&spec).map_err(|e| TrialError::Failed(e.to_string()))?;
         let quiet = Quiet(self.ctl);
-        let outcome = compress::run(self.tensors, &plan, &quiet).map_err(|e| match e {
-            compress::CompressError::Cancelled => TrialError::Cancelled,
-            e => TrialError::Failed(e.to_string()),
-        })?;
+        let outcome =
+            compress::run_calibrated(self.tensors, &plan, &quiet, core).map_err(|e| match e {
+                compress::CompressError::Cancelled => TrialError::Cancelled,
+                e => TrialError::Failed(e.to_string()),
+            })?;
         let bytes = deploy::onnx::write(
             self.container,
             &outcome.restored,
@@ -527,8 +567,8 @@ pub fn analyze(
 
 /// What a search's sensitivity table depends on besides the model and the dataset: the key
 /// it is cached under.
-pub fn cache_key(eval: &EvalSpec, min_params: usize) -> String {
-    let what = json!({
+pub fn cache_key(eval: &EvalSpec, min_params: usize, calibration: Option<uuid::Uuid>) -> String {
+    let mut what = json!({
         "metric": eval.metric,
         "output": eval.output,
         "threshold": eval.threshold,
@@ -536,6 +576,11 @@ pub fn cache_key(eval: &EvalSpec, min_params: usize) -> String {
         "min_params": min_params,
         "settings": LADDER,
     });
+    // GPTQ settings measure differently; keys of searches without calibration stay as they
+    // were.
+    if let Some(id) = calibration {
+        what["calibration"] = json!(id);
+    }
     crate::runner::sha256_hex(what.to_string().as_bytes())
 }
 
@@ -593,13 +638,15 @@ pub fn search(
     eval: &EvalSpec,
     spec: &SearchSpec,
     cached: Option<&Value>,
+    calibration: Option<&Calibrated>,
     ctl: &dyn Control,
     span: (f64, f64),
 ) -> Result<SearchOutcome, SearchError> {
     let started = Instant::now();
     let out_of_time = || started.elapsed().as_secs_f64() >= spec.max_seconds;
     ctl.progress(span.0, "search: running the original on the dataset");
-    let ctx = Ctx::new(tensors, container, original, data, eval, ctl, span.0)?;
+    let mut ctx = Ctx::new(tensors, container, original, data, eval, ctl, span.0)?;
+    ctx.calibration = calibration;
     let layers = layers_of(tensors, spec.min_params);
     let reused = cached.and_then(|doc| profile_from(doc, &layers));
     let from_cache = reused.is_some();
@@ -630,7 +677,7 @@ pub fn search(
                   steps: &[(&str, &str)],
                   cands: &mut Vec<Candidate>|
      -> Result<(), SearchError> {
-        let pipeline = pipeline_of(&settings, steps);
+        let pipeline = ctx.pipeline(&settings, steps);
         let (bytes, metric, drop, failed) = match ctx.trial(&pipeline) {
             Ok((b, m, d)) => (b, m, d, None),
             Err(TrialError::Cancelled) => return Err(SearchError::Cancelled),
@@ -751,6 +798,7 @@ pub fn search(
         "complete": complete,
         "seconds": seconds,
         "sensitivity_cached": from_cache,
+        "calibrated": calibration.is_some(),
         "chosen": chosen_view,
     });
     let sensitivity = sensitivity_doc(&ctx, LADDER, &table, table_complete, seconds);
@@ -759,6 +807,7 @@ pub fn search(
         "goal": goal,
         "metric": eval.metric,
         "dataset_id": eval.dataset_id,
+        "calibration": calibration.map(|c| c.block.clone()),
         "original_bytes": ctx.original_bytes,
         "seconds": seconds,
         "complete": complete,

@@ -202,7 +202,11 @@ async fn run_claimed(state: &AppState, worker: &str, job: JobRecord) -> anyhow::
     // dataset with the same metric and settings.
     let cache_key = match (&plan.search, &eval_spec) {
         (Some(search), Some(e)) => {
-            Some((e.dataset_id, crate::search::cache_key(e, search.min_params)))
+            let calibrated = calibration_spec.as_ref().map(|c| c.dataset_id);
+            Some((
+                e.dataset_id,
+                crate::search::cache_key(e, search.min_params, calibrated),
+            ))
         }
         _ => None,
     };

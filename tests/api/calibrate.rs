@@ -319,3 +319,69 @@ async fn static_int8_runs_on_integer_kernels_in_onnxruntime() {
     );
     app.stop().await;
 }
+
+/// A search given calibration data quantizes by GPTQ: every quantize step of its candidates
+/// is calibrated, the chosen pipeline (with the same calibration block) resubmits to the same
+/// bytes, and a later search on the same data with calibration does not reuse the table of
+/// one without.
+#[tokio::test]
+async fn a_search_with_calibration_data_quantizes_by_gptq() {
+    let app = spawn_app().await;
+    let mnist = app.upload(case_file("mnist8/mnist-8.onnx"), "m.onnx").await;
+    let calib = upload_dataset(&app, "mnist8/calib.npz").await;
+    let train = upload_dataset(&app, "mnist8/train.npz").await;
+    let eval = json!({"dataset_id": train["id"], "metric": "top1"});
+    let calibration = json!({"dataset_id": calib["id"]});
+    let plain = app
+        .submit_json(
+            json!({"model_id": mnist["id"], "constraints": {"max_metric_drop": 0.005},
+            "eval": eval, "latency": false}),
+        )
+        .await;
+    let job = app
+        .submit_json(
+            json!({"model_id": mnist["id"], "constraints": {"max_metric_drop": 0.005},
+            "eval": eval, "calibration": calibration, "latency": false}),
+        )
+        .await;
+    assert_eq!(app.drain().await, vec![Outcome::Succeeded; 2]);
+    let plain = app.job(plain["id"].as_str().unwrap()).await;
+    let job = app.job(job["id"].as_str().unwrap()).await;
+    let s = &job["summary"]["search"];
+    assert_eq!(s["calibrated"], true, "{s}");
+    assert_eq!(
+        s["sensitivity_cached"], false,
+        "a plain search's table is not GPTQ's: {s}"
+    );
+    assert_eq!(plain["summary"]["search"]["calibrated"], false);
+    let doc: Value = serde_json::from_slice(&app.download(&job, "search.json").await).unwrap();
+    let steps = doc["pipeline"].as_array().unwrap();
+    assert!(!steps.is_empty());
+    for step in steps {
+        assert_eq!(step["calibrated"], true, "{step}");
+    }
+    assert_eq!(doc["calibration"], calibration);
+    assert!(
+        job["summary"]["calibration"]["gptq_tensors"]
+            .as_u64()
+            .unwrap()
+            >= 1
+    );
+    let again = app
+        .submit_json(json!({"model_id": mnist["id"], "pipeline": doc["pipeline"],
+            "calibration": calibration, "latency": false}))
+        .await;
+    assert_eq!(app.drain().await, vec![Outcome::Succeeded]);
+    let again = app.job(again["id"].as_str().unwrap()).await;
+    let sha = |j: &Value| {
+        j["artifacts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["name"] == "model.onnx")
+            .map(|a| a["sha256"].clone())
+            .unwrap()
+    };
+    assert_eq!(sha(&again), sha(&job));
+    app.stop().await;
+}
