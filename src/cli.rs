@@ -98,7 +98,11 @@ pub fn compress(args: CompressArgs) -> i32 {
         .as_ref()
         .zip(args.calibration_data.as_deref())
         .map(|(spec, dataset)| runner::CalibrationInput { spec, dataset });
-    let result = runner::execute(&args.input, &plan, output, &ctl, None, calibration);
+    let data = runner::Data {
+        eval: None,
+        calibration,
+    };
+    let result = runner::execute(&args.input, &plan, output, &ctl, data);
     ctl.0.finish_and_clear();
     match result {
         Ok(out) => {

@@ -57,6 +57,13 @@ pub struct CalibrationInput<'a> {
     pub dataset: &'a Path,
 }
 
+/// The datasets a job's blocks name (`eval`, `calibration`), with their files.
+#[derive(Default)]
+pub struct Data<'a> {
+    pub eval: Option<EvalInput<'a>>,
+    pub calibration: Option<CalibrationInput<'a>>,
+}
+
 /// A job's `eval` block with the dataset file it names.
 pub struct EvalInput<'a> {
     pub spec: &'a crate::eval::EvalSpec,
@@ -392,9 +399,9 @@ pub fn execute(
     plan: &Plan,
     out_dir: &Path,
     ctl: &dyn Control,
-    eval: Option<EvalInput>,
-    calibration: Option<CalibrationInput>,
+    data: Data,
 ) -> Result<RunOutput, RunError> {
+    let Data { eval, calibration } = data;
     ctl.progress(0.0, "reading model");
     let original_bytes = std::fs::metadata(input)
         .map_err(|e| RunError::Internal(e.to_string()))?

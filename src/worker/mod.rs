@@ -281,7 +281,8 @@ async fn run_claimed(state: &AppState, worker: &str, job: JobRecord) -> anyhow::
             .as_ref()
             .zip(calibration_path.as_deref())
             .map(|(spec, dataset)| runner::CalibrationInput { spec, dataset });
-        runner::execute(&input, &plan2, &out_path, ctl2.as_ref(), eval, calibration)
+        let data = runner::Data { eval, calibration };
+        runner::execute(&input, &plan2, &out_path, ctl2.as_ref(), data)
     })
     .await;
     hb.abort();

@@ -21,7 +21,7 @@ const CASE_FILES: &[&str] = &[
 
 fn compress_to(input: &std::path::Path, spec: Value, dir: &std::path::Path) -> Value {
     let plan = compress::parse_spec(&spec).expect("spec");
-    runner::execute(input, &plan, dir, &NoControl, None, None).expect("compress");
+    runner::execute(input, &plan, dir, &NoControl, runner::Data::default()).expect("compress");
     serde_json::from_slice(&std::fs::read(dir.join("report.json")).unwrap()).unwrap()
 }
 

@@ -23,7 +23,7 @@ const ONNX_CASES: &[(&str, &str)] = &[
 
 fn compress_to(input: &Path, spec: Value, dir: &Path) -> Value {
     let plan = compress::parse_spec(&spec).expect("spec");
-    runner::execute(input, &plan, dir, &NoControl, None, None).expect("compress");
+    runner::execute(input, &plan, dir, &NoControl, runner::Data::default()).expect("compress");
     serde_json::from_slice(&std::fs::read(dir.join("report.json")).unwrap()).unwrap()
 }
 

@@ -263,7 +263,11 @@ pub fn compress_case(input: &Path, spec: Value, dir: &Path) -> Option<Value> {
         .as_ref()
         .zip(data.as_deref())
         .map(|(spec, dataset)| runner::CalibrationInput { spec, dataset });
-    match runner::execute(input, &plan, dir, &NoControl, None, calibration) {
+    let data = runner::Data {
+        eval: None,
+        calibration,
+    };
+    match runner::execute(input, &plan, dir, &NoControl, data) {
         Ok(_) => {}
         Err(runner::RunError::InvalidSpec(m)) if calibrated && weight_only => {
             assert!(m.contains("needs an ONNX model"), "{m}");
