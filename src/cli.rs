@@ -66,6 +66,25 @@ pub fn compress(args: CompressArgs) -> i32 {
         }
         _ => None,
     };
+    let finetune_spec = match (&args.finetune_data, spec.as_object_mut()) {
+        (Some(_), Some(obj)) => {
+            let block = obj
+                .entry("finetune")
+                .or_insert_with(|| serde_json::json!({}));
+            if let Some(b) = block.as_object_mut() {
+                b.insert("dataset_id".into(), uuid::Uuid::nil().to_string().into());
+                b.remove("validation_dataset_id");
+            }
+            match crate::train::FinetuneSpec::parse(&spec) {
+                Ok(f) => f,
+                Err(e) => {
+                    eprintln!("error: invalid spec: {e}");
+                    return 2;
+                }
+            }
+        }
+        _ => None,
+    };
     let plan = match compress::parse_spec(&spec) {
         Ok(p) => p,
         Err(e) => {
@@ -98,9 +117,18 @@ pub fn compress(args: CompressArgs) -> i32 {
         .as_ref()
         .zip(args.calibration_data.as_deref())
         .map(|(spec, dataset)| runner::CalibrationInput { spec, dataset });
+    let finetune = finetune_spec
+        .as_ref()
+        .zip(args.finetune_data.as_deref())
+        .map(|(spec, dataset)| runner::FinetuneInput {
+            spec,
+            dataset,
+            validation: None,
+        });
     let data = runner::Data {
         eval: None,
         calibration,
+        finetune,
     };
     let result = runner::execute(&args.input, &plan, output, &ctl, data);
     ctl.0.finish_and_clear();

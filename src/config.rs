@@ -152,6 +152,10 @@ pub struct CompressArgs {
     /// the spec's `calibration` block.
     #[arg(long)]
     pub calibration_data: Option<PathBuf>,
+    /// An .npz to fine-tune on (graph inputs, samples on axis 0); it stands for the spec's
+    /// `finetune` block's dataset (the block's other settings, if the spec has one, apply).
+    #[arg(long)]
+    pub finetune_data: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

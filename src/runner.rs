@@ -49,6 +49,10 @@ pub struct Summary {
     /// tensors GPTQ and static int8 served.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub calibration: Option<serde_json::Value>,
+    /// Fine-tuning: the validation metric before and after, epochs, why it stopped
+    /// (`training.json` has every epoch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finetune: Option<serde_json::Value>,
 }
 
 /// A job's `calibration` block with the dataset file it names.
@@ -57,11 +61,19 @@ pub struct CalibrationInput<'a> {
     pub dataset: &'a Path,
 }
 
-/// The datasets a job's blocks name (`eval`, `calibration`), with their files.
+/// The datasets a job's blocks name (`eval`, `calibration`, `finetune`), with their files.
 #[derive(Default)]
 pub struct Data<'a> {
     pub eval: Option<EvalInput<'a>>,
     pub calibration: Option<CalibrationInput<'a>>,
+    pub finetune: Option<FinetuneInput<'a>>,
+}
+
+/// A job's `finetune` block with the dataset files it names.
+pub struct FinetuneInput<'a> {
+    pub spec: &'a crate::train::FinetuneSpec,
+    pub dataset: &'a Path,
+    pub validation: Option<&'a Path>,
 }
 
 /// A job's `eval` block with the dataset file it names.
@@ -304,6 +316,143 @@ fn search(
     Ok((chosen, found, measured))
 }
 
+/// A fine-tuning job: the share of its progress the first compression takes, and where the
+/// training ends (the compression of the trained weights follows).
+const FIRST_RUN_SHARE: f64 = 0.05;
+const TRAINING_END: f64 = 0.85;
+
+/// Fine-tunes the compressed model on the job's dataset and compresses the trained weights
+/// with the same pipeline; returns that outcome and `training.json`.
+fn retrain(
+    set: &formats::TensorSet,
+    plan: &Plan,
+    outcome: &compress::Outcome,
+    f: &FinetuneInput,
+    ctl: &dyn Control,
+) -> Result<(compress::Outcome, serde_json::Value), RunError> {
+    let formats::Container::Onnx(container) = &set.container else {
+        return Err(RunError::InvalidSpec(
+            "finetune runs the model, so it needs an ONNX model".into(),
+        ));
+    };
+    if let Some(why) = set
+        .tensors
+        .iter()
+        .find_map(|t| compress::untrainable(&t.facts(), plan))
+    {
+        return Err(RunError::InvalidSpec(format!("finetune: {why}")));
+    }
+    let read = |p: &Path| {
+        std::fs::read(p)
+            .map_err(|e| RunError::Internal(e.to_string()))
+            .and_then(|d| crate::eval::run::Dataset::from_npz(&d).map_err(RunError::InvalidSpec))
+    };
+    let data = read(f.dataset)?;
+    let validation = f.validation.map(read).transpose()?;
+    let params: Vec<crate::train::Param> = set
+        .tensors
+        .iter()
+        .zip(&outcome.restored)
+        .map(|(t, restored)| {
+            let kinds: Vec<compress::Kind> = plan
+                .steps
+                .iter()
+                .filter(|s| s.select.selects(t))
+                .map(|s| s.method.kind())
+                .collect();
+            let mask = kinds.contains(&compress::Kind::Prune).then(|| {
+                restored
+                    .to_f32()
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|v| *v == 0.0)
+                    .collect()
+            });
+            type Project = Box<dyn Fn(&[f32]) -> Result<Vec<f32>, String> + Send + Sync>;
+            let project = kinds.contains(&compress::Kind::Encode).then(|| {
+                let (t, plan) = (t.clone(), plan.clone());
+                Box::new(move |v: &[f32]| {
+                    compress::project(&t, &plan, v.to_vec()).map_err(|e| e.to_string())
+                }) as Project
+            });
+            crate::train::Param { mask, project }
+        })
+        .collect();
+    let student = crate::train::Student {
+        model: &container.model,
+        teacher: &set.tensors,
+        params,
+    };
+    // One thread pool of fixed size: the same seed gives the same weights.
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(TRAINING_THREADS)
+        .build()
+        .map_err(|e| RunError::Internal(e.to_string()))?;
+    let trained = pool
+        .install(|| {
+            crate::train::finetune(
+                student,
+                &data,
+                validation.as_ref(),
+                f.spec,
+                ctl,
+                (FIRST_RUN_SHARE, TRAINING_END),
+            )
+        })
+        .map_err(|e| match e {
+            crate::train::TrainError::Cancelled => RunError::Cancelled,
+            crate::train::TrainError::Unsupported(m) => {
+                RunError::InvalidModel(format!("finetune: {m}"))
+            }
+            crate::train::TrainError::Failed(m) => RunError::Internal(format!("finetune: {m}")),
+        })?;
+    let mut tensors = set.tensors.clone();
+    for (i, values) in &trained.values {
+        tensors[*i].set_f32(values);
+    }
+    let span = Span::new(ctl, TRAINING_END, 0.9);
+    let retrained = compress::run(&tensors, plan, &span)?;
+    // Pruning again on the trained weights (whose pruned ones are exact zeros) finds the same
+    // masks; say so, or how many weights moved.
+    let pruned = |t: &formats::Tensor| {
+        plan.steps
+            .iter()
+            .any(|s| s.select.selects(t) && s.method.kind() == compress::Kind::Prune)
+    };
+    let moved: usize = outcome
+        .restored
+        .iter()
+        .zip(&retrained.restored)
+        .filter(|(before, _)| pruned(before))
+        .map(|(before, after)| {
+            let (b, a) = (
+                before.to_f32().unwrap_or_default(),
+                after.to_f32().unwrap_or_default(),
+            );
+            b.iter()
+                .zip(&a)
+                .filter(|(b, a)| (**b == 0.0) != (**a == 0.0))
+                .count()
+        })
+        .sum();
+    let mut log = trained.log;
+    log["zeros_moved"] = serde_json::json!(moved);
+    let mut retrained = retrained;
+    // The trained weights are judged by the validation metric, not by how far they moved
+    // from the original (they are meant to).
+    let r = &mut retrained.report;
+    if r.warnings.iter().any(|w| w.code == "weight_error_high") {
+        r.warnings.retain(|w| w.code != "weight_error_high");
+        r.notes.push(
+            "after fine-tuning, the weights' error figures compare the stored weights with the trained ones; the model is judged by the validation metric (training.json) and the evaluation".into(),
+        );
+    }
+    Ok((retrained, log))
+}
+
+/// Threads a training run uses (candle's kernels run on this pool).
+const TRAINING_THREADS: usize = 2;
+
 /// The share of a calibrating job's progress that calibration takes.
 const CALIBRATION_SHARE: f64 = 0.3;
 
@@ -401,7 +550,11 @@ pub fn execute(
     ctl: &dyn Control,
     data: Data,
 ) -> Result<RunOutput, RunError> {
-    let Data { eval, calibration } = data;
+    let Data {
+        eval,
+        calibration,
+        finetune,
+    } = data;
     ctl.progress(0.0, "reading model");
     let original_bytes = std::fs::metadata(input)
         .map_err(|e| RunError::Internal(e.to_string()))?
@@ -452,11 +605,22 @@ pub fn execute(
         (false, None) => Some(calibrate(input, &set, plan, calibration.as_ref(), ctl)?),
     };
     let calibrated_span;
+    // A fine-tuning job compresses quickly first, trains, then compresses the trained weights.
+    let first_span = Span::new(ctl, 0.0, FIRST_RUN_SHARE);
+    let run_ctl: &dyn Control = if finetune.is_some() { &first_span } else { ctl };
     let mut outcome = match &measured {
-        None => compress::run(&set.tensors, plan, ctl)?,
+        None => compress::run(&set.tensors, plan, run_ctl)?,
         Some(m) => {
             calibrated_span = Span::new(ctl, CALIBRATION_SHARE, 1.0);
             compress::run_calibrated(&set.tensors, plan, &calibrated_span, &m.core)?
+        }
+    };
+    let training = match &finetune {
+        None => None,
+        Some(f) => {
+            let (retrained, log) = retrain(&set, plan, &outcome, f, ctl)?;
+            outcome = retrained;
+            Some(log)
         }
     };
     outcome.report.format = set.format.as_str().into();
@@ -711,6 +875,18 @@ pub fn execute(
                 "static_activations": statics_written.as_ref().map_or(0, |w| w.activations),
             })
         }),
+        finetune: training.as_ref().map(|t| {
+            serde_json::json!({
+                "metric": t["metric"],
+                "validation_before": t["validation_before"],
+                "validation_after": t["best_validation"],
+                "best_epoch": t["best_epoch"],
+                "epochs": t["epochs"].as_array().map_or(0, Vec::len),
+                "stopped": t["stopped"],
+                "seconds": t["seconds"],
+                "rows": t["rows"],
+            })
+        }),
         sensitivity: analysis.as_ref().map(|a| {
             serde_json::json!({
                 "layers": a["layers"].as_array().map_or(0, Vec::len),
@@ -738,6 +914,10 @@ pub fn execute(
         (None, Some(a)) => vec![("sensitivity.json", a)],
         (None, None) => Vec::new(),
     };
+    let docs: Vec<(&str, &serde_json::Value)> = docs
+        .into_iter()
+        .chain(training.as_ref().map(|t| ("training.json", t)))
+        .collect();
     {
         for (name, doc) in docs {
             let bytes =

@@ -15,6 +15,7 @@ use crate::queue::{
     QueueError,
 };
 use crate::state::{AppState, DEFAULT_TENANT};
+use crate::train::FinetuneSpec;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -91,6 +92,24 @@ fn invalid_spec(e: compress::CompressError) -> ApiError {
     ApiError::new(code, e.to_string())
 }
 
+/// The dataset a spec's `block` names (404 dataset_not_found naming the field).
+async fn stored_dataset(
+    state: &AppState,
+    id: Uuid,
+    block: &str,
+) -> Result<DatasetRecord, ApiError> {
+    state
+        .models
+        .get_dataset(DEFAULT_TENANT, id)
+        .await?
+        .ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::DatasetNotFound,
+                format!("{block}.dataset_id: no dataset with id {id}"),
+            )
+        })
+}
+
 /// The spec's `eval` block: well formed, its dataset stored, labels there for top1.
 async fn check_eval(
     state: &AppState,
@@ -100,16 +119,7 @@ async fn check_eval(
     else {
         return Ok(None);
     };
-    let d = state
-        .models
-        .get_dataset(DEFAULT_TENANT, e.dataset_id)
-        .await?
-        .ok_or_else(|| {
-            ApiError::new(
-                ErrorCode::DatasetNotFound,
-                format!("eval.dataset_id: no dataset with id {}", e.dataset_id),
-            )
-        })?;
+    let d = stored_dataset(state, e.dataset_id, "eval").await?;
     if e.metric == crate::eval::metrics::Metric::Top1 && !d.has_labels {
         return Err(ApiError::new(
             ErrorCode::InvalidSpec,
@@ -132,20 +142,80 @@ async fn check_calibration(
     else {
         return Ok(None);
     };
-    let d = state
-        .models
-        .get_dataset(DEFAULT_TENANT, c.dataset_id)
-        .await?
-        .ok_or_else(|| {
-            ApiError::new(
-                ErrorCode::DatasetNotFound,
+    let d = stored_dataset(state, c.dataset_id, "calibration").await?;
+    Ok(Some((c, d)))
+}
+
+/// The spec's `finetune` block: well formed and its datasets stored.
+async fn check_finetune(
+    state: &AppState,
+    spec: &Value,
+) -> Result<Option<(FinetuneSpec, Vec<DatasetRecord>)>, ApiError> {
+    let Some(f) =
+        FinetuneSpec::parse(spec).map_err(|m| ApiError::new(ErrorCode::InvalidSpec, m))?
+    else {
+        return Ok(None);
+    };
+    let mut sets = vec![stored_dataset(state, f.dataset_id, "finetune").await?];
+    if let Some(v) = f.validation_dataset_id {
+        sets.push(stored_dataset(state, v, "finetune.validation").await?);
+    }
+    Ok(Some((f, sets)))
+}
+
+/// The fine-tuning datasets against the model: training runs the model on rows of the data,
+/// so it must be an ONNX model whose graph inputs each dataset fits, batched.
+fn check_finetune_fits(
+    model: &ModelRecord,
+    finetune: &Option<(FinetuneSpec, Vec<DatasetRecord>)>,
+) -> Result<(), ApiError> {
+    let Some((_, sets)) = finetune else {
+        return Ok(());
+    };
+    if model.format != "onnx" {
+        return Err(ApiError::new(
+            ErrorCode::InvalidSpec,
+            format!(
+                "finetune trains the model; model {} is {}, which cannot be run (ONNX can)",
+                model.id, model.format
+            ),
+        ));
+    }
+    let inputs: Vec<GraphInput> = model
+        .inputs_json
+        .as_deref()
+        .and_then(|i| serde_json::from_str(i).ok())
+        .unwrap_or_default();
+    for d in sets {
+        if d.rows.is_none() {
+            return Err(ApiError::new(
+                ErrorCode::DatasetMismatch,
                 format!(
-                    "calibration.dataset_id: no dataset with id {}",
-                    c.dataset_id
+                    "finetune.dataset_id: dataset {} is one whole feed (its arrays do not share axis 0); training takes rows",
+                    d.id
+                ),
+            ));
+        }
+        let arrays: Vec<ArrayInfo> = serde_json::from_str(&d.arrays_json).unwrap_or_default();
+        crate::eval::check::fits(
+            &inputs,
+            &arrays,
+            d.rows,
+            Some(crate::eval::run::Feed::PerSample),
+        )
+        .map_err(|diffs| {
+            ApiError::new(
+                ErrorCode::DatasetMismatch,
+                format!(
+                    "finetune.dataset_id: dataset {} does not fit model {}: {}",
+                    d.id,
+                    model.id,
+                    diffs.join("; ")
                 ),
             )
         })?;
-    Ok(Some((c, d)))
+    }
+    Ok(())
 }
 
 /// The calibration dataset against the model: calibration runs the model, so it must be an
@@ -241,10 +311,12 @@ fn check_against_model(
     plan: &compress::Plan,
     eval: &Option<(EvalSpec, DatasetRecord)>,
     calibration: &Option<(CalibrationSpec, DatasetRecord)>,
+    finetune: &Option<(FinetuneSpec, Vec<DatasetRecord>)>,
 ) -> Result<(), ApiError> {
     check_orderings(model, plan).map_err(invalid_spec)?;
     check_fits(model, eval).map_err(|m| ApiError::new(ErrorCode::DatasetMismatch, m))?;
     check_calibration_fits(model, calibration)?;
+    check_finetune_fits(model, finetune)?;
     check_search(model, plan, eval)
 }
 
@@ -268,6 +340,16 @@ fn check_orderings(
         })
         .collect();
     compress::check(facts.iter().map(|(f, _)| *f), plan)?;
+    if plan.finetune {
+        if let Some(why) = facts
+            .iter()
+            .find_map(|(f, _)| compress::untrainable(f, plan))
+        {
+            return Err(compress::CompressError::InvalidSpec(format!(
+                "finetune: {why}"
+            )));
+        }
+    }
     // NaN/Inf weights fail the job when a step touches them: say so now.
     for (t, non_finite) in facts.iter().filter(|(_, n)| *n > 0) {
         if let Some(i) = plan.steps.iter().position(|s| s.select.selects_facts(t)) {
@@ -301,6 +383,7 @@ pub async fn create(
         let plan = compress::parse_spec(&spec).map_err(invalid_spec)?;
         let eval = check_eval(&state, &spec).await?;
         let calibration = check_calibration(&state, &spec).await?;
+        let finetune = check_finetune(&state, &spec).await?;
         let file = up.file.ok_or_else(|| {
             ApiError::new(ErrorCode::InvalidRequest, "the form has no `file` field")
         })?;
@@ -313,7 +396,7 @@ pub async fn create(
             }
         }
         let model = store_model(&state, file, up.file_name).await?;
-        check_against_model(&model, &plan, &eval, &calibration).map_err(|e| {
+        check_against_model(&model, &plan, &eval, &calibration, &finetune).map_err(|e| {
             ApiError::new(
                 e.code,
                 format!("{} (the model was stored as {})", e.message, model.id),
@@ -352,6 +435,7 @@ pub async fn create(
         let plan = compress::parse_spec(&spec).map_err(invalid_spec)?;
         let eval = check_eval(&state, &spec).await?;
         let calibration = check_calibration(&state, &spec).await?;
+        let finetune = check_finetune(&state, &spec).await?;
         let model = state
             .models
             .get_model(DEFAULT_TENANT, model_id)
@@ -362,7 +446,7 @@ pub async fn create(
                     format!("no model with id {model_id}"),
                 )
             })?;
-        check_against_model(&model, &plan, &eval, &calibration)?;
+        check_against_model(&model, &plan, &eval, &calibration, &finetune)?;
         let mut spec = spec;
         if let Some(o) = spec.as_object_mut() {
             o.remove("model_id");

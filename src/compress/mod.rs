@@ -117,6 +117,8 @@ pub struct Plan {
     pub search: Option<crate::search::SearchSpec>,
     /// `"analyze": true`: the per-layer sensitivity table, within this many seconds.
     pub analyze: Option<f64>,
+    /// The spec has a `finetune` block: the steps' forms must be trainable.
+    pub finetune: bool,
 }
 
 /// ONNX forms where there is a choice: weights rebuilt by plain ops that a runtime folds once
@@ -141,7 +143,7 @@ pub fn is_conv(t: &Tensor) -> bool {
     t.shape.len() >= 3 && t.channel_axis() == 0 && t.role == Role::Weight
 }
 /// Progress reporting and cancellation, checked at every tensor boundary.
-pub trait Control {
+pub trait Control: Sync {
     fn progress(&self, fraction: f64, stage: &str);
     fn cancelled(&self) -> bool;
     /// A hook for crash tests; does nothing in production.
@@ -323,6 +325,61 @@ pub fn calibration_targets(tensors: &[Tensor], plan: &Plan) -> Vec<(usize, metho
     }
     out.sort_by_key(|(i, _)| *i);
     out
+}
+
+/// Why a tensor's form cannot be trained through [`project`].
+pub fn untrainable(t: &TensorFacts, plan: &Plan) -> Option<String> {
+    for step in plan.steps.iter().filter(|s| s.select.selects_facts(t)) {
+        let label = step.method.label();
+        if step.method.kind() == Kind::Factorize {
+            return Some(format!(
+                "{label} on {:?}: factors are not trained yet",
+                t.name
+            ));
+        }
+        if label.starts_with("kmeans") {
+            return Some(format!(
+                "{label} on {:?}: codebooks are not trained yet",
+                t.name
+            ));
+        }
+        if step.method.needs().hessian {
+            return Some(format!(
+                "{label} on {:?}: fine-tuning re-quantizes by rounding to nearest, not GPTQ",
+                t.name
+            ));
+        }
+    }
+    None
+}
+
+/// The values `t` takes when the plan's encoding steps run on `values` (whose pruned
+/// weights the caller has already zeroed): the forward pass of quantization-aware training.
+/// Run on the trained weights, the pipeline gives these values again.
+pub fn project(t: &Tensor, plan: &Plan, values: Vec<f32>) -> Result<Vec<f32>, CompressError> {
+    let mut w = Working::new(values);
+    for step in plan.steps.iter().filter(|s| s.select.selects(t)) {
+        let label = step.method.label();
+        match step.method.kind() {
+            Kind::Encode => {
+                if let Applied::Ran = step.method.apply(t, &mut w)? {
+                    w.methods.push(label);
+                }
+            }
+            // The mask is the caller's; keep the form holding its zeros.
+            Kind::Prune => {
+                w.pruned = true;
+                w.rezero(t, &label)?;
+            }
+            Kind::Factorize => {
+                return Err(CompressError::InvalidSpec(
+                    untrainable(&t.facts(), plan).unwrap_or_default(),
+                ))
+            }
+            Kind::Entropy => {}
+        }
+    }
+    Ok(w.values)
 }
 
 /// Applies the plan. Tensors no step selects pass through bit for bit.

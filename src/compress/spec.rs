@@ -308,12 +308,13 @@ pub fn parse_spec(spec: &Value) -> Result<Plan, CompressError> {
             "max_seconds",
             "analyze",
             "calibration",
+            "finetune",
         ]
         .contains(&key.as_str())
         {
             return Err(spec_err(
                 key,
-                "unknown field (expected preset, options, pipeline, outputs, latency, deploy, eval, gate, calibration, constraints, max_seconds, analyze)",
+                "unknown field (expected preset, options, pipeline, outputs, latency, deploy, eval, gate, calibration, finetune, constraints, max_seconds, analyze)",
             ));
         }
     }
@@ -472,6 +473,12 @@ pub fn parse_spec(spec: &Value) -> Result<Plan, CompressError> {
         }
         _ => {}
     }
+    if obj.contains_key("finetune") && search.is_some() {
+        return Err(spec_err(
+            "finetune",
+            "goes with a preset or pipeline, not with a search",
+        ));
+    }
     Ok(Plan {
         steps,
         steps_json,
@@ -481,5 +488,6 @@ pub fn parse_spec(spec: &Value) -> Result<Plan, CompressError> {
         deploy,
         search,
         analyze,
+        finetune: obj.contains_key("finetune"),
     })
 }

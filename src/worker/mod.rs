@@ -191,6 +191,20 @@ async fn run_claimed(state: &AppState, worker: &str, job: JobRecord) -> anyhow::
         Ok(c) => c,
         Err(e) => return fail("invalid_spec", e).await,
     };
+    // The datasets a `finetune` block names, likewise.
+    let finetune_spec = match crate::train::FinetuneSpec::parse(&job.spec) {
+        Ok(f) => f,
+        Err(e) => return fail("invalid_spec", e).await,
+    };
+    let mut finetune_paths = Vec::new();
+    if let Some(f) = &finetune_spec {
+        for id in std::iter::once(f.dataset_id).chain(f.validation_dataset_id) {
+            match dataset_file(state, &job.tenant_id, id, "finetune").await? {
+                Ok(p) => finetune_paths.push(p),
+                Err(why) => return fail("dataset_not_found", why).await,
+            }
+        }
+    }
     let calibration_path = match &calibration_spec {
         None => None,
         Some(c) => match dataset_file(state, &job.tenant_id, c.dataset_id, "calibration").await? {
@@ -281,7 +295,16 @@ async fn run_claimed(state: &AppState, worker: &str, job: JobRecord) -> anyhow::
             .as_ref()
             .zip(calibration_path.as_deref())
             .map(|(spec, dataset)| runner::CalibrationInput { spec, dataset });
-        let data = runner::Data { eval, calibration };
+        let finetune = finetune_spec.as_ref().map(|spec| runner::FinetuneInput {
+            spec,
+            dataset: &finetune_paths[0],
+            validation: finetune_paths.get(1).map(|p| p.as_path()),
+        });
+        let data = runner::Data {
+            eval,
+            calibration,
+            finetune,
+        };
         runner::execute(&input, &plan2, &out_path, ctl2.as_ref(), data)
     })
     .await;

@@ -266,6 +266,7 @@ pub fn compress_case(input: &Path, spec: Value, dir: &Path) -> Option<Value> {
     let data = runner::Data {
         eval: None,
         calibration,
+        finetune: None,
     };
     match runner::execute(input, &plan, dir, &NoControl, data) {
         Ok(_) => {}

@@ -15,3 +15,4 @@ mod models;
 mod openapi;
 mod readme;
 mod snapshots;
+mod train;
