@@ -163,6 +163,20 @@ async fn check_finetune(
     Ok(Some((f, sets)))
 }
 
+/// A block that runs the model needs an ONNX model (422 invalid_spec saying why).
+fn runnable(model: &ModelRecord, why: &str) -> Result<(), ApiError> {
+    if model.format == "onnx" {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        ErrorCode::InvalidSpec,
+        format!(
+            "{why}; model {} is {}, which cannot be run (ONNX can)",
+            model.id, model.format
+        ),
+    ))
+}
+
 /// The fine-tuning datasets against the model: training runs the model on rows of the data,
 /// so it must be an ONNX model whose graph inputs each dataset fits, batched.
 fn check_finetune_fits(
@@ -172,15 +186,7 @@ fn check_finetune_fits(
     let Some((_, sets)) = finetune else {
         return Ok(());
     };
-    if model.format != "onnx" {
-        return Err(ApiError::new(
-            ErrorCode::InvalidSpec,
-            format!(
-                "finetune trains the model; model {} is {}, which cannot be run (ONNX can)",
-                model.id, model.format
-            ),
-        ));
-    }
+    runnable(model, "finetune trains the model")?;
     let inputs: Vec<GraphInput> = model
         .inputs_json
         .as_deref()
@@ -227,15 +233,7 @@ fn check_calibration_fits(
     let Some((c, d)) = calibration else {
         return Ok(());
     };
-    if model.format != "onnx" {
-        return Err(ApiError::new(
-            ErrorCode::InvalidSpec,
-            format!(
-                "calibration runs the model; model {} is {}, which cannot be run (ONNX can)",
-                model.id, model.format
-            ),
-        ));
-    }
+    runnable(model, "calibration runs the model")?;
     let Some(inputs) = model.inputs_json.as_deref() else {
         return Ok(());
     };
