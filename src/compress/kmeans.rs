@@ -100,6 +100,9 @@ impl Method for Kmeans {
     fn kind(&self) -> Kind {
         Kind::Encode
     }
+    fn untrainable(&self) -> Option<&'static str> {
+        Some("codebooks are not trained yet")
+    }
     fn estimate(&self, t: &Tensor, pruned_first: bool) -> Option<u64> {
         let k = 1u64 << self.bits_for(t);
         // A kept zero needs one more symbol, known only once pruning has run; assume it when

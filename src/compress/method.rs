@@ -118,6 +118,17 @@ pub trait Method: std::fmt::Debug + Send + Sync {
     /// sets its form; `pruned_first` when a pruning step runs on it before. None: known only
     /// after running (the plan then gives the bytes before, an upper bound).
     fn estimate(&self, t: &Tensor, pruned_first: bool) -> Option<u64>;
+    /// Why fine-tuning cannot train through the form this step leaves (None: it can, by
+    /// fake quantization or a fixed mask).
+    fn untrainable(&self) -> Option<&'static str> {
+        if self.kind() == Kind::Factorize {
+            Some("factors are not trained yet")
+        } else if self.needs().hessian {
+            Some("fine-tuning re-quantizes by rounding to nearest, not GPTQ")
+        } else {
+            None
+        }
+    }
     /// Whether the form it leaves can hold an exact zero (binary weights cannot).
     fn has_zero(&self) -> bool {
         true

@@ -327,30 +327,17 @@ pub fn calibration_targets(tensors: &[Tensor], plan: &Plan) -> Vec<(usize, metho
     out
 }
 
-/// Why a tensor's form cannot be trained through [`project`].
+/// Why a tensor's form cannot be trained through [`project`] (the first selected step that
+/// says so).
 pub fn untrainable(t: &TensorFacts, plan: &Plan) -> Option<String> {
-    for step in plan.steps.iter().filter(|s| s.select.selects_facts(t)) {
-        let label = step.method.label();
-        if step.method.kind() == Kind::Factorize {
-            return Some(format!(
-                "{label} on {:?}: factors are not trained yet",
-                t.name
-            ));
-        }
-        if label.starts_with("kmeans") {
-            return Some(format!(
-                "{label} on {:?}: codebooks are not trained yet",
-                t.name
-            ));
-        }
-        if step.method.needs().hessian {
-            return Some(format!(
-                "{label} on {:?}: fine-tuning re-quantizes by rounding to nearest, not GPTQ",
-                t.name
-            ));
-        }
-    }
-    None
+    plan.steps
+        .iter()
+        .filter(|s| s.select.selects_facts(t))
+        .find_map(|s| {
+            s.method
+                .untrainable()
+                .map(|why| format!("{} on {:?}: {why}", s.method.label(), t.name))
+        })
 }
 
 /// The values `t` takes when the plan's encoding steps run on `values` (whose pruned
