@@ -316,17 +316,50 @@ fn search(
     Ok((chosen, found, measured))
 }
 
-/// A fine-tuning job: the share of its progress the first compression takes, and where the
-/// training ends (the compression of the trained weights follows).
-const FIRST_RUN_SHARE: f64 = 0.05;
+/// Where a fine-tuning job's training ends in its progress (the compression of the trained
+/// weights follows).
 const TRAINING_END: f64 = 0.85;
 
-/// Fine-tunes the compressed model on the job's dataset and compresses the trained weights
-/// with the same pipeline; returns that outcome and `training.json`.
+/// For each tensor a pruning step selects, the weights pruning zeroes: the plan up to its last
+/// pruning step, run on `tensors` (zeros that a later quantization rounds to are not pruned:
+/// they go on training).
+fn pruning_masks(
+    tensors: &[formats::Tensor],
+    plan: &Plan,
+) -> Result<Vec<Option<Vec<bool>>>, RunError> {
+    let is_prune = |s: &compress::Step| s.method.kind() == compress::Kind::Prune;
+    let Some(last) = plan.steps.iter().rposition(is_prune) else {
+        return Ok(vec![None; tensors.len()]);
+    };
+    let prefix = Plan {
+        steps: plan.steps[..=last].to_vec(),
+        ..plan.clone()
+    };
+    let pruned = compress::run(tensors, &prefix, &compress::NoControl)?;
+    Ok(tensors
+        .iter()
+        .zip(&pruned.restored)
+        .map(|(t, r)| {
+            plan.steps[..=last]
+                .iter()
+                .any(|s| is_prune(s) && s.select.selects(t))
+                .then(|| {
+                    r.to_f32()
+                        .unwrap_or_default()
+                        .iter()
+                        .map(|v| *v == 0.0)
+                        .collect()
+                })
+        })
+        .collect())
+}
+
+/// Fine-tunes the model on the job's dataset as the pipeline will store it (pruned under the
+/// pipeline's masks, encoded forms by fake quantization), then compresses the trained weights
+/// with the pipeline; returns that outcome and `training.json`.
 fn retrain(
     set: &formats::TensorSet,
     plan: &Plan,
-    outcome: &compress::Outcome,
     f: &FinetuneInput,
     ctl: &dyn Control,
 ) -> Result<(compress::Outcome, serde_json::Value), RunError> {
@@ -349,25 +382,19 @@ fn retrain(
     };
     let data = read(f.dataset)?;
     let validation = f.validation.map(read).transpose()?;
+    let masks = pruning_masks(&set.tensors, plan)?;
     let params: Vec<crate::train::Param> = set
         .tensors
         .iter()
-        .zip(&outcome.restored)
-        .map(|(t, restored)| {
+        .zip(&masks)
+        .map(|(t, mask)| {
             let kinds: Vec<compress::Kind> = plan
                 .steps
                 .iter()
                 .filter(|s| s.select.selects(t))
                 .map(|s| s.method.kind())
                 .collect();
-            let mask = kinds.contains(&compress::Kind::Prune).then(|| {
-                restored
-                    .to_f32()
-                    .unwrap_or_default()
-                    .iter()
-                    .map(|v| *v == 0.0)
-                    .collect()
-            });
+            let mask = mask.clone();
             type Project = Box<dyn Fn(&[f32]) -> Result<Vec<f32>, String> + Send + Sync>;
             let project = kinds.contains(&compress::Kind::Encode).then(|| {
                 let (t, plan) = (t.clone(), plan.clone());
@@ -396,7 +423,7 @@ fn retrain(
                 validation.as_ref(),
                 f.spec,
                 ctl,
-                (FIRST_RUN_SHARE, TRAINING_END),
+                (0.0, TRAINING_END),
             )
         })
         .map_err(|e| match e {
@@ -414,26 +441,11 @@ fn retrain(
     let retrained = compress::run(&tensors, plan, &span)?;
     // Pruning again on the trained weights (whose pruned ones are exact zeros) finds the same
     // masks; say so, or how many weights moved.
-    let pruned = |t: &formats::Tensor| {
-        plan.steps
-            .iter()
-            .any(|s| s.select.selects(t) && s.method.kind() == compress::Kind::Prune)
-    };
-    let moved: usize = outcome
-        .restored
+    let moved: usize = masks
         .iter()
-        .zip(&retrained.restored)
-        .filter(|(before, _)| pruned(before))
-        .map(|(before, after)| {
-            let (b, a) = (
-                before.to_f32().unwrap_or_default(),
-                after.to_f32().unwrap_or_default(),
-            );
-            b.iter()
-                .zip(&a)
-                .filter(|(b, a)| (**b == 0.0) != (**a == 0.0))
-                .count()
-        })
+        .zip(pruning_masks(&tensors, plan)?)
+        .filter_map(|(before, after)| Some((before.as_ref()?, after?)))
+        .map(|(b, a)| b.iter().zip(&a).filter(|(b, a)| b != a).count())
         .sum();
     let mut log = trained.log;
     log["zeros_moved"] = serde_json::json!(moved);
@@ -605,22 +617,17 @@ pub fn execute(
         (false, None) => Some(calibrate(input, &set, plan, calibration.as_ref(), ctl)?),
     };
     let calibrated_span;
-    // A fine-tuning job compresses quickly first, trains, then compresses the trained weights.
-    let first_span = Span::new(ctl, 0.0, FIRST_RUN_SHARE);
-    let run_ctl: &dyn Control = if finetune.is_some() { &first_span } else { ctl };
-    let mut outcome = match &measured {
-        None => compress::run(&set.tensors, plan, run_ctl)?,
-        Some(m) => {
-            calibrated_span = Span::new(ctl, CALIBRATION_SHARE, 1.0);
-            compress::run_calibrated(&set.tensors, plan, &calibrated_span, &m.core)?
+    let (mut outcome, training) = match (&finetune, &measured) {
+        // A fine-tuning job trains first, then compresses the trained weights.
+        (Some(f), _) => {
+            let (retrained, log) = retrain(&set, plan, f, ctl)?;
+            (retrained, Some(log))
         }
-    };
-    let training = match &finetune {
-        None => None,
-        Some(f) => {
-            let (retrained, log) = retrain(&set, plan, &outcome, f, ctl)?;
-            outcome = retrained;
-            Some(log)
+        (None, None) => (compress::run(&set.tensors, plan, ctl)?, None),
+        (None, Some(m)) => {
+            calibrated_span = Span::new(ctl, CALIBRATION_SHARE, 1.0);
+            let o = compress::run_calibrated(&set.tensors, plan, &calibrated_span, &m.core)?;
+            (o, None)
         }
     };
     outcome.report.format = set.format.as_str().into();
