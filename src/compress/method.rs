@@ -125,6 +125,8 @@ pub trait Method: std::fmt::Debug + Send + Sync {
             Some("factors are not trained yet")
         } else if self.needs().hessian {
             Some("fine-tuning re-quantizes by rounding to nearest, not GPTQ")
+        } else if self.needs().activations.is_some() {
+            Some("static activation ranges are not measured again after fine-tuning yet")
         } else {
             None
         }

@@ -53,6 +53,12 @@ async fn finetune_blocks_are_checked_at_submit() {
             "factors are not trained yet",
         ),
         (
+            json!({"model_id": mnist["id"], "preset": "int8-static", "calibration": {"dataset_id": train["id"]}, "finetune": {"dataset_id": train["id"]}}),
+            422,
+            "invalid_spec",
+            "static activation ranges are not measured again",
+        ),
+        (
             json!({"model_id": mnist["id"], "preset": "auto", "eval": {"dataset_id": train["id"], "metric": "top1"}, "finetune": {"dataset_id": train["id"]}}),
             422,
             "invalid_spec",
