@@ -28,6 +28,29 @@ impl Control for BarControl {
 }
 
 /// Runs the command; returns the process exit code (0 ok, 1 failed, 2 bad input).
+/// The spec's `key` block when a file option stands for its dataset (`given`): the block,
+/// created if the spec has none, names a placeholder id, loses the fields in `drop` (datasets
+/// the CLI has no file for), and is parsed.
+fn data_block<T>(
+    spec: &mut serde_json::Value,
+    key: &str,
+    given: bool,
+    drop: &[&str],
+    parse: fn(&serde_json::Value) -> Result<Option<T>, String>,
+) -> Result<Option<T>, String> {
+    let Some(obj) = spec.as_object_mut().filter(|_| given) else {
+        return Ok(None);
+    };
+    let block = obj.entry(key).or_insert_with(|| serde_json::json!({}));
+    if let Some(b) = block.as_object_mut() {
+        b.insert("dataset_id".into(), uuid::Uuid::nil().to_string().into());
+        for field in drop {
+            b.remove(*field);
+        }
+    }
+    parse(spec)
+}
+
 pub fn compress(args: CompressArgs) -> i32 {
     let spec = match (&args.preset, &args.spec) {
         (Some(p), _) => serde_json::json!({"preset": p}),
@@ -46,44 +69,32 @@ pub fn compress(args: CompressArgs) -> i32 {
             return 2;
         }
     };
-    // --calibration-data stands for the spec's calibration block (a job names a stored dataset).
+    // --calibration-data and --finetune-data stand for the spec's blocks of those names (a job
+    // names a stored dataset).
     let mut spec = spec;
-    let calibration_spec = match (&args.calibration_data, spec.as_object_mut()) {
-        (Some(_), Some(obj)) => {
-            let block = obj
-                .entry("calibration")
-                .or_insert_with(|| serde_json::json!({}));
-            if let Some(b) = block.as_object_mut() {
-                b.insert("dataset_id".into(), uuid::Uuid::nil().to_string().into());
-            }
-            match crate::calibrate::CalibrationSpec::parse(&spec) {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("error: invalid spec: {e}");
-                    return 2;
-                }
-            }
+    let blocks = data_block(
+        &mut spec,
+        "calibration",
+        args.calibration_data.is_some(),
+        &[],
+        crate::calibrate::CalibrationSpec::parse,
+    )
+    .and_then(|c| {
+        let f = data_block(
+            &mut spec,
+            "finetune",
+            args.finetune_data.is_some(),
+            &["validation_dataset_id"],
+            crate::train::FinetuneSpec::parse,
+        )?;
+        Ok((c, f))
+    });
+    let (calibration_spec, finetune_spec) = match blocks {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("error: invalid spec: {e}");
+            return 2;
         }
-        _ => None,
-    };
-    let finetune_spec = match (&args.finetune_data, spec.as_object_mut()) {
-        (Some(_), Some(obj)) => {
-            let block = obj
-                .entry("finetune")
-                .or_insert_with(|| serde_json::json!({}));
-            if let Some(b) = block.as_object_mut() {
-                b.insert("dataset_id".into(), uuid::Uuid::nil().to_string().into());
-                b.remove("validation_dataset_id");
-            }
-            match crate::train::FinetuneSpec::parse(&spec) {
-                Ok(f) => f,
-                Err(e) => {
-                    eprintln!("error: invalid spec: {e}");
-                    return 2;
-                }
-            }
-        }
-        _ => None,
     };
     let plan = match compress::parse_spec(&spec) {
         Ok(p) => p,
