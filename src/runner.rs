@@ -450,6 +450,16 @@ fn retrain(
     let mut log = trained.log;
     log["zeros_moved"] = serde_json::json!(moved);
     let mut retrained = retrained;
+    // No epoch beat the untrained weights on the validation rows: the job stores those.
+    if log["best_epoch"] == 0 {
+        retrained.report.warnings.push(compress::report::Warning::new(
+            "finetune_no_gain",
+            format!(
+                "fine-tuning kept the untrained weights: no epoch lowered the validation loss ({:.6} before training; training stopped on {})",
+                trained.before_loss, log["stopped"]
+            ),
+        ));
+    }
     // The trained weights are judged by the validation metric, not by how far they moved
     // from the original (they are meant to).
     let r = &mut retrained.report;

@@ -95,7 +95,8 @@ pub struct Warning {
     /// SQNR is below [`WEIGHT_SQNR_FLOOR_DB`], or an output channel that held weights decodes
     /// to all zeros without a pruning step: the model is likely broken), `dense_fallback` (an
     /// encoded tensor stays dense in the deployable file), `slower_than_original` (model.onnx
-    /// ran more than 1.5x and 1 ms slower than the original in tract).
+    /// ran more than 1.5x and 1 ms slower than the original in tract), `finetune_no_gain` (no
+    /// epoch of fine-tuning lowered the validation loss: the untrained weights are stored).
     pub code: String,
     pub message: String,
 }

@@ -206,6 +206,8 @@ pub struct Trained {
     /// The validation metric before training and at the best epoch.
     pub before: f64,
     pub best: f64,
+    /// The validation loss before training.
+    pub before_loss: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -730,6 +732,7 @@ pub fn finetune(
         log,
         before,
         best: best_metric,
+        before_loss,
     })
 }
 

@@ -273,3 +273,38 @@ async fn finetune_stops_on_cancel() {
     assert!(job["artifacts"].as_array().unwrap().is_empty(), "{job}");
     app.stop().await;
 }
+
+/// Training that only makes the model worse (a learning rate of 1 on the digits MLP) keeps the
+/// untrained weights and says so: `finetune_no_gain`, and the same `model.onnx` as the
+/// pipeline without fine-tuning.
+#[tokio::test]
+async fn finetune_that_gains_nothing_warns_and_keeps_the_compressed_model() {
+    let app = spawn_app().await;
+    let digits = app
+        .upload(case_file("digits_mlp_control/digits_mlp.onnx"), "d.onnx")
+        .await;
+    let train = upload_dataset(&app, "digits_mlp_control/train.npz").await;
+    let plain = app
+        .submit_json(json!({"model_id": digits["id"], "preset": "int4", "latency": false}))
+        .await;
+    let tuned = app
+        .submit_json(json!({"model_id": digits["id"], "preset": "int4", "latency": false,
+            "finetune": {"dataset_id": train["id"], "epochs": 2, "patience": 1, "learning_rate": 1.0}}))
+        .await;
+    assert_eq!(app.drain().await, vec![Outcome::Succeeded; 2]);
+    let plain = app.job(plain["id"].as_str().unwrap()).await;
+    let tuned = app.job(tuned["id"].as_str().unwrap()).await;
+    let codes: Vec<&str> = tuned["warnings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["code"].as_str().unwrap())
+        .collect();
+    assert!(codes.contains(&"finetune_no_gain"), "{tuned}");
+    assert_eq!(tuned["summary"]["finetune"]["best_epoch"], 0, "{tuned}");
+    assert_eq!(
+        app.download(&plain, "model.onnx").await,
+        app.download(&tuned, "model.onnx").await
+    );
+    app.stop().await;
+}
