@@ -803,11 +803,6 @@ fn apply(
     })
 }
 
-/// The last axis of a tensor (class scores of a classifier's output).
-pub fn last_axis() -> D {
-    D::Minus1
-}
-
 #[cfg(test)]
 mod tests {
     //! Every mapped op against tract (forward) and against central finite differences
