@@ -87,9 +87,16 @@ pub fn compress(args: CompressArgs) -> i32 {
             &["validation_dataset_id"],
             crate::train::FinetuneSpec::parse,
         )?;
-        Ok((c, f))
+        let d = data_block(
+            &mut spec,
+            "distill",
+            args.distill_data.is_some(),
+            &["validation_dataset_id"],
+            crate::train::DistillSpec::parse,
+        )?;
+        Ok((c, f, d))
     });
-    let (calibration_spec, finetune_spec) = match blocks {
+    let (calibration_spec, finetune_spec, distill_spec) = match blocks {
         Ok(b) => b,
         Err(e) => {
             eprintln!("error: invalid spec: {e}");
@@ -136,10 +143,19 @@ pub fn compress(args: CompressArgs) -> i32 {
             dataset,
             validation: None,
         });
+    let distill = distill_spec
+        .as_ref()
+        .zip(args.distill_data.as_deref())
+        .map(|(spec, dataset)| runner::DistillInput {
+            spec,
+            dataset,
+            validation: None,
+        });
     let data = runner::Data {
         eval: None,
         calibration,
         finetune,
+        distill,
     };
     let result = runner::execute(&args.input, &plan, output, &ctl, data);
     ctl.0.finish_and_clear();

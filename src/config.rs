@@ -156,6 +156,10 @@ pub struct CompressArgs {
     /// `finetune` block's dataset (the block's other settings, if the spec has one, apply).
     #[arg(long)]
     pub finetune_data: Option<PathBuf>,
+    /// An .npz to distill on: it stands for the spec's `distill` block's dataset (the spec
+    /// gives the block, with its `student`).
+    #[arg(long)]
+    pub distill_data: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

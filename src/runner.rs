@@ -53,6 +53,10 @@ pub struct Summary {
     /// (`training.json` has every epoch).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finetune: Option<serde_json::Value>,
+    /// Distillation: the student's layers and parameters against the teacher's, and the
+    /// training's figures as under `finetune`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distill: Option<serde_json::Value>,
 }
 
 /// A job's `calibration` block with the dataset file it names.
@@ -67,6 +71,14 @@ pub struct Data<'a> {
     pub eval: Option<EvalInput<'a>>,
     pub calibration: Option<CalibrationInput<'a>>,
     pub finetune: Option<FinetuneInput<'a>>,
+    pub distill: Option<DistillInput<'a>>,
+}
+
+/// A job's `distill` block with the dataset files it names.
+pub struct DistillInput<'a> {
+    pub spec: &'a crate::train::DistillSpec,
+    pub dataset: &'a Path,
+    pub validation: Option<&'a Path>,
 }
 
 /// A job's `finetune` block with the dataset files it names.
@@ -354,6 +366,134 @@ fn pruning_masks(
         .collect())
 }
 
+fn read_dataset(p: &Path) -> Result<crate::eval::run::Dataset, RunError> {
+    std::fs::read(p)
+        .map_err(|e| RunError::Internal(e.to_string()))
+        .and_then(|d| crate::eval::run::Dataset::from_npz(&d).map_err(RunError::InvalidSpec))
+}
+
+/// One thread pool of fixed size for training: the same seed gives the same weights.
+fn training_pool() -> Result<rayon::ThreadPool, RunError> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(TRAINING_THREADS)
+        .build()
+        .map_err(|e| RunError::Internal(e.to_string()))
+}
+
+fn train_error(block: &str) -> impl Fn(crate::train::TrainError) -> RunError + '_ {
+    move |e| match e {
+        crate::train::TrainError::Cancelled => RunError::Cancelled,
+        crate::train::TrainError::Unsupported(m) => RunError::InvalidModel(format!("{block}: {m}")),
+        crate::train::TrainError::Failed(m) => RunError::Internal(format!("{block}: {m}")),
+    }
+}
+
+/// Distillation: cuts a narrower student from the model (each narrowable layer keeps the
+/// `width` share of its most important channels, measured on the training rows), trains it
+/// on the teacher's outputs, and returns it as the model the job's steps then compress, with
+/// `training.json`.
+fn distill(
+    set: &formats::TensorSet,
+    d: &DistillInput,
+    ctl: &dyn Control,
+) -> Result<(formats::TensorSet, serde_json::Value), RunError> {
+    use crate::train::narrow;
+    let formats::Container::Onnx(container) = &set.container else {
+        return Err(RunError::InvalidSpec(
+            "distill runs the model, so it needs an ONNX model".into(),
+        ));
+    };
+    let spec = &d.spec.train;
+    let data = read_dataset(d.dataset)?;
+    let validation = d.validation.map(read_dataset).transpose()?;
+    let mut narrowing = narrow::find(&container.model, &set.tensors);
+    if narrowing.cuts.is_empty() {
+        return Err(RunError::InvalidModel(format!(
+            "distill: no layer of this model can be narrowed yet ({})",
+            narrowing.skipped.join("; ")
+        )));
+    }
+    ctl.progress(0.0, "distill: measuring each channel's importance");
+    let pool = training_pool()?;
+    let features: Vec<(String, usize)> = narrowing
+        .cuts
+        .iter()
+        .map(|c| (c.feature.clone(), c.feature_axis))
+        .collect();
+    let rms = pool
+        .install(|| {
+            // Importance is measured on the rows training learns from, never the held-out ones.
+            let rows = crate::train::training_rows(&data, spec, validation.is_some())?;
+            crate::train::channel_rms(
+                &container.model,
+                &set.tensors,
+                spec.output.as_deref(),
+                &data,
+                &rows,
+                &features,
+                ctl,
+            )
+        })
+        .map_err(train_error("distill"))?;
+    narrow::choose(&mut narrowing, &set.tensors, &rms, d.spec.width);
+    let mut tensors = narrow::apply(&narrowing, &set.tensors);
+    let student = crate::train::Student {
+        model: &container.model,
+        weights: &tensors,
+        params: tensors
+            .iter()
+            .map(|_| crate::train::Param {
+                mask: None,
+                project: None,
+            })
+            .collect(),
+        teacher: (&container.model, &set.tensors),
+    };
+    let trained = pool
+        .install(|| {
+            crate::train::finetune(
+                student,
+                &data,
+                validation.as_ref(),
+                spec,
+                ctl,
+                (0.02, TRAINING_END),
+            )
+        })
+        .map_err(train_error("distill"))?;
+    for (i, values) in &trained.values {
+        tensors[*i].set_f32(values);
+    }
+    let count = |ts: &[formats::Tensor]| {
+        ts.iter()
+            .filter(|t| t.dtype.is_float())
+            .map(|t| t.len() as u64)
+            .sum::<u64>()
+    };
+    let mut log = trained.log;
+    log["student"] = serde_json::json!({
+        "width": d.spec.width,
+        "layers": narrowing.cuts.iter().map(|c| serde_json::json!({
+            "layer": c.layer,
+            "into": c.into,
+            "channels": c.channels,
+            "kept": c.keep.len(),
+        })).collect::<Vec<_>>(),
+        "not_narrowed": narrowing.skipped,
+        "float_parameters": count(&tensors),
+        "teacher_float_parameters": count(&set.tensors),
+    });
+    let container = formats::onnx::resized(container, &tensors)?;
+    Ok((
+        formats::TensorSet {
+            format: set.format,
+            tensors,
+            container: formats::Container::Onnx(std::sync::Arc::new(container)),
+        },
+        log,
+    ))
+}
+
 /// Fine-tunes the model on the job's dataset as the pipeline will store it (pruned under the
 /// pipeline's masks, encoded forms by fake quantization), then compresses the trained weights
 /// with the pipeline; returns that outcome and `training.json`.
@@ -375,13 +515,8 @@ fn retrain(
     {
         return Err(RunError::InvalidSpec(format!("finetune: {why}")));
     }
-    let read = |p: &Path| {
-        std::fs::read(p)
-            .map_err(|e| RunError::Internal(e.to_string()))
-            .and_then(|d| crate::eval::run::Dataset::from_npz(&d).map_err(RunError::InvalidSpec))
-    };
-    let data = read(f.dataset)?;
-    let validation = f.validation.map(read).transpose()?;
+    let data = read_dataset(f.dataset)?;
+    let validation = f.validation.map(read_dataset).transpose()?;
     let masks = pruning_masks(&set.tensors, plan)?;
     let params: Vec<crate::train::Param> = set
         .tensors
@@ -407,15 +542,11 @@ fn retrain(
         .collect();
     let student = crate::train::Student {
         model: &container.model,
-        teacher: &set.tensors,
+        weights: &set.tensors,
         params,
+        teacher: (&container.model, &set.tensors),
     };
-    // One thread pool of fixed size: the same seed gives the same weights.
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(TRAINING_THREADS)
-        .build()
-        .map_err(|e| RunError::Internal(e.to_string()))?;
-    let trained = pool
+    let trained = training_pool()?
         .install(|| {
             crate::train::finetune(
                 student,
@@ -426,13 +557,7 @@ fn retrain(
                 (0.0, TRAINING_END),
             )
         })
-        .map_err(|e| match e {
-            crate::train::TrainError::Cancelled => RunError::Cancelled,
-            crate::train::TrainError::Unsupported(m) => {
-                RunError::InvalidModel(format!("finetune: {m}"))
-            }
-            crate::train::TrainError::Failed(m) => RunError::Internal(format!("finetune: {m}")),
-        })?;
+        .map_err(train_error("finetune"))?;
     let mut tensors = set.tensors.clone();
     for (i, values) in &trained.values {
         tensors[*i].set_f32(values);
@@ -576,12 +701,28 @@ pub fn execute(
         eval,
         calibration,
         finetune,
+        distill: distill_input,
     } = data;
     ctl.progress(0.0, "reading model");
     let original_bytes = std::fs::metadata(input)
         .map_err(|e| RunError::Internal(e.to_string()))?
         .len();
     let set = formats::read_path(input)?;
+    // Distillation replaces the model by a trained student; the job's steps compress that,
+    // and the original stays the reference the evaluation and the ratios compare with.
+    let (set, distilled) = match &distill_input {
+        None => (set, None),
+        Some(d) => {
+            let (student, log) = distill(&set, d, ctl)?;
+            (student, Some(log))
+        }
+    };
+    let distill_span = Span::new(ctl, TRAINING_END, 1.0);
+    let ctl: &dyn Control = if distilled.is_some() {
+        &distill_span
+    } else {
+        ctl
+    };
     // A search chooses the pipeline first; the job then runs it as if it had been sent.
     let mut search_measured = None;
     let searched = match &plan.search {
@@ -647,6 +788,23 @@ pub fn execute(
     let restored_bytes = formats::write_bytes(&restored)?;
     let mut notes = outcome.report.notes.clone();
     let mut warnings = outcome.report.warnings.clone();
+    if distilled.is_some() && warnings.iter().any(|w| w.code == "nothing_compressed") {
+        // The student is the compression: no step after it is needed.
+        warnings.retain(|w| w.code != "nothing_compressed");
+        notes.push(
+            "no step followed the distillation: model.onnx is the distilled student in float"
+                .into(),
+        );
+    }
+    if let Some(t) = distilled.as_ref().filter(|t| t["best_epoch"] == 0) {
+        warnings.push(Warning::new(
+            "distill_no_gain",
+            format!(
+                "no epoch of training lowered the student's validation loss ({} before training; training stopped on {}): model.onnx is the narrowed student as cut from the teacher, untrained",
+                t["validation_loss_before"], t["stopped"]
+            ),
+        ));
+    }
     if let (Some(c), Some(e)) = (&calibration, &eval) {
         if measured.is_some() && c.spec.dataset_id == e.spec.dataset_id {
             warnings.push(Warning::new(
@@ -668,6 +826,8 @@ pub fn execute(
     let mut forms: Vec<TensorForm> = Vec::new();
     let mut deploy_doc = serde_json::Value::Null;
     let model = match (&outcome.encoded, &set.container) {
+        // A distilled student with no step after it: the student is the deployable model.
+        (None, _) if distilled.is_some() => Some((Some(restored_bytes.clone()), ext)),
         (None, _) => None,
         (Some(_), formats::Container::Onnx(c)) => {
             let deployed = deploy::onnx::write(
@@ -892,6 +1052,19 @@ pub fn execute(
                 "static_activations": statics_written.as_ref().map_or(0, |w| w.activations),
             })
         }),
+        distill: distilled.as_ref().map(|t| {
+            serde_json::json!({
+                "student": t["student"],
+                "metric": t["metric"],
+                "validation_before": t["validation_before"],
+                "validation_after": t["best_validation"],
+                "best_epoch": t["best_epoch"],
+                "epochs": t["epochs"].as_array().map_or(0, Vec::len),
+                "stopped": t["stopped"],
+                "seconds": t["seconds"],
+                "rows": t["rows"],
+            })
+        }),
         finetune: training.as_ref().map(|t| {
             serde_json::json!({
                 "metric": t["metric"],
@@ -933,7 +1106,12 @@ pub fn execute(
     };
     let docs: Vec<(&str, &serde_json::Value)> = docs
         .into_iter()
-        .chain(training.as_ref().map(|t| ("training.json", t)))
+        .chain(
+            training
+                .as_ref()
+                .or(distilled.as_ref())
+                .map(|t| ("training.json", t)),
+        )
         .collect();
     {
         for (name, doc) in docs {

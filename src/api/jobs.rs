@@ -146,21 +146,25 @@ async fn check_calibration(
     Ok(Some((c, d)))
 }
 
-/// The spec's `finetune` block: well formed and its datasets stored.
-async fn check_finetune(
-    state: &AppState,
-    spec: &Value,
-) -> Result<Option<(FinetuneSpec, Vec<DatasetRecord>)>, ApiError> {
-    let Some(f) =
-        FinetuneSpec::parse(spec).map_err(|m| ApiError::new(ErrorCode::InvalidSpec, m))?
-    else {
-        return Ok(None);
+/// A block that trains (`finetune` or `distill`): its name, its training fields and the
+/// datasets it names.
+type Training = Option<(&'static str, FinetuneSpec, Vec<DatasetRecord>)>;
+
+/// The spec's `finetune` or `distill` block: well formed and its datasets stored.
+async fn check_finetune(state: &AppState, spec: &Value) -> Result<Training, ApiError> {
+    let invalid = |m| ApiError::new(ErrorCode::InvalidSpec, m);
+    let (name, f) = match FinetuneSpec::parse(spec).map_err(invalid)? {
+        Some(f) => ("finetune", f),
+        None => match crate::train::DistillSpec::parse(spec).map_err(invalid)? {
+            Some(d) => ("distill", d.train),
+            None => return Ok(None),
+        },
     };
-    let mut sets = vec![stored_dataset(state, f.dataset_id, "finetune").await?];
+    let mut sets = vec![stored_dataset(state, f.dataset_id, name).await?];
     if let Some(v) = f.validation_dataset_id {
-        sets.push(stored_dataset(state, v, "finetune.validation").await?);
+        sets.push(stored_dataset(state, v, &format!("{name}.validation")).await?);
     }
-    Ok(Some((f, sets)))
+    Ok(Some((name, f, sets)))
 }
 
 /// A block that runs the model needs an ONNX model (422 invalid_spec saying why).
@@ -179,14 +183,11 @@ fn runnable(model: &ModelRecord, why: &str) -> Result<(), ApiError> {
 
 /// The fine-tuning datasets against the model: training runs the model on rows of the data,
 /// so it must be an ONNX model whose graph inputs each dataset fits, batched.
-fn check_finetune_fits(
-    model: &ModelRecord,
-    finetune: &Option<(FinetuneSpec, Vec<DatasetRecord>)>,
-) -> Result<(), ApiError> {
-    let Some((_, sets)) = finetune else {
+fn check_finetune_fits(model: &ModelRecord, finetune: &Training) -> Result<(), ApiError> {
+    let Some((name, _, sets)) = finetune else {
         return Ok(());
     };
-    runnable(model, "finetune trains the model")?;
+    runnable(model, &format!("{name} trains the model"))?;
     let inputs: Vec<GraphInput> = model
         .inputs_json
         .as_deref()
@@ -197,7 +198,7 @@ fn check_finetune_fits(
             return Err(ApiError::new(
                 ErrorCode::DatasetMismatch,
                 format!(
-                    "finetune.dataset_id: dataset {} is one whole feed (its arrays do not share axis 0); training takes rows",
+                    "{name}.dataset_id: dataset {} is one whole feed (its arrays do not share axis 0); training takes rows",
                     d.id
                 ),
             ));
@@ -213,7 +214,7 @@ fn check_finetune_fits(
             ApiError::new(
                 ErrorCode::DatasetMismatch,
                 format!(
-                    "finetune.dataset_id: dataset {} does not fit model {}: {}",
+                    "{name}.dataset_id: dataset {} does not fit model {}: {}",
                     d.id,
                     model.id,
                     diffs.join("; ")
@@ -309,7 +310,7 @@ fn check_against_model(
     plan: &compress::Plan,
     eval: &Option<(EvalSpec, DatasetRecord)>,
     calibration: &Option<(CalibrationSpec, DatasetRecord)>,
-    finetune: &Option<(FinetuneSpec, Vec<DatasetRecord>)>,
+    finetune: &Training,
 ) -> Result<(), ApiError> {
     check_orderings(model, plan).map_err(invalid_spec)?;
     check_fits(model, eval).map_err(|m| ApiError::new(ErrorCode::DatasetMismatch, m))?;

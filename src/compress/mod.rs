@@ -119,6 +119,8 @@ pub struct Plan {
     pub analyze: Option<f64>,
     /// The spec has a `finetune` block: the steps' forms must be trainable.
     pub finetune: bool,
+    /// The spec has a `distill` block: the steps run on the distilled student.
+    pub distill: bool,
 }
 
 /// ONNX forms where there is a choice: weights rebuilt by plain ops that a runtime folds once

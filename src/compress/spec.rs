@@ -309,12 +309,13 @@ pub fn parse_spec(spec: &Value) -> Result<Plan, CompressError> {
             "analyze",
             "calibration",
             "finetune",
+            "distill",
         ]
         .contains(&key.as_str())
         {
             return Err(spec_err(
                 key,
-                "unknown field (expected preset, options, pipeline, outputs, latency, deploy, eval, gate, calibration, finetune, constraints, max_seconds, analyze)",
+                "unknown field (expected preset, options, pipeline, outputs, latency, deploy, eval, gate, calibration, finetune, distill, constraints, max_seconds, analyze)",
             ));
         }
     }
@@ -372,6 +373,8 @@ pub fn parse_spec(spec: &Value) -> Result<Plan, CompressError> {
                 "give either preset or pipeline, not both",
             ))
         }
+        // A distilled student is stored in float unless a preset or pipeline follows.
+        (None, None) if obj.contains_key("distill") => Vec::new(),
         (None, None) => return Err(spec_err("pipeline", "a preset or a pipeline is required")),
         (Some(p), None) => {
             let name = p
@@ -479,6 +482,32 @@ pub fn parse_spec(spec: &Value) -> Result<Plan, CompressError> {
             "goes with a preset or pipeline, not with a search",
         ));
     }
+    if obj.contains_key("distill") {
+        // The student is a different model from the upload: what reads the upload itself
+        // (a search, an analysis, calibration) cannot follow it yet.
+        for (key, why) in [
+            (
+                "finetune",
+                "the distilled student is trained already: give distill or finetune, not both",
+            ),
+            (
+                "constraints",
+                "goes with a preset or pipeline, not with distill",
+            ),
+            (
+                "analyze",
+                "measures the uploaded model, not the distilled student: not with distill",
+            ),
+            (
+                "calibration",
+                "calibrates on the uploaded model, not the distilled student: not with distill",
+            ),
+        ] {
+            if obj.contains_key(key) || (key == "constraints" && search.is_some()) {
+                return Err(spec_err(key, why));
+            }
+        }
+    }
     Ok(Plan {
         steps,
         steps_json,
@@ -489,5 +518,6 @@ pub fn parse_spec(spec: &Value) -> Result<Plan, CompressError> {
         search,
         analyze,
         finetune: obj.contains_key("finetune"),
+        distill: obj.contains_key("distill"),
     })
 }

@@ -565,6 +565,57 @@ impl OnnxContainer {
     }
 }
 
+/// The container of a model whose initializers took new shapes (a student narrowed from
+/// this one): the initializers' dims follow `tensors`, and the graph's recorded shapes of
+/// intermediate values are dropped (runtimes infer them again). Constant-node tensors must
+/// keep their shapes.
+pub fn resized(c: &OnnxContainer, tensors: &[Tensor]) -> Result<OnnxContainer, FormatError> {
+    let mut out = c.clone();
+    let graph = out
+        .model
+        .graph
+        .as_mut()
+        .ok_or_else(|| FormatError::Write("model has no graph".into()))?;
+    if graph.initializer.len() + c.constants.len() != tensors.len() {
+        return Err(FormatError::Write(
+            "tensor count differs from the graph".into(),
+        ));
+    }
+    let inits = graph.initializer.len();
+    for (k, t) in tensors.iter().enumerate().skip(inits) {
+        if c_shape(c, k).as_ref() != Some(&t.shape) {
+            return Err(FormatError::Write(format!(
+                "Constant {:?} changed shape",
+                t.name
+            )));
+        }
+    }
+    for (init, t) in graph.initializer.iter_mut().zip(tensors) {
+        init.dims = t.shape.iter().map(|&d| d as i64).collect();
+    }
+    graph.value_info.clear();
+    for (o, t) in out.originals.iter_mut().zip(tensors) {
+        // Written as raw data from now on.
+        o.raw = true;
+        o.fingerprint = fingerprint(&t.data);
+    }
+    Ok(out)
+}
+
+/// The dims of the `k`th tensor's `Constant` node (after the initializers), as sizes.
+fn c_shape(c: &OnnxContainer, k: usize) -> Option<Vec<usize>> {
+    let g = c.model.graph.as_ref()?;
+    let slot = c.constants.get(k.checked_sub(g.initializer.len())?)?;
+    let graph = graph_at(g, &slot.hops)?;
+    let node = graph.node.get(slot.node)?;
+    let t = node
+        .attribute
+        .iter()
+        .find(|a| a.name == "value")
+        .and_then(|a| a.t.as_ref())?;
+    Some(t.dims.iter().map(|&d| d as usize).collect())
+}
+
 /// Writes the model with the given tensor values; tensors match initializers by position.
 pub fn write(c: &OnnxContainer, tensors: &[Tensor]) -> Result<Vec<u8>, FormatError> {
     Ok(fill(c, tensors, &[])?.encode_to_vec())

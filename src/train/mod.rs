@@ -17,6 +17,7 @@
 //! epoch so far. The compression core does not depend on this module.
 
 pub mod graph;
+pub mod narrow;
 
 use crate::compress::Control;
 use crate::eval::run::Dataset;
@@ -111,54 +112,117 @@ fn within(v: Option<f64>, field: &str, lo: f64, hi: f64, default: f64) -> Result
     }
 }
 
+/// Defaults that differ between fine-tuning and distillation.
+struct Defaults {
+    epochs: u64,
+    patience: u64,
+    hint: f64,
+}
+
 impl FinetuneSpec {
     /// The spec's `finetune` block, if any; an error names the field.
     pub fn parse(spec: &Value) -> Result<Option<FinetuneSpec>, String> {
         let Some(v) = spec.get("finetune") else {
             return Ok(None);
         };
-        let p: Params = crate::eval::block(v, "finetune")?;
+        let defaults = Defaults {
+            epochs: 16,
+            patience: 5,
+            hint: DEFAULT_HINT,
+        };
+        FinetuneSpec::block(v, "finetune", &defaults).map(Some)
+    }
+
+    /// A block of training fields named `name` in errors.
+    fn block(v: &Value, name: &str, d: &Defaults) -> Result<FinetuneSpec, String> {
+        let p: Params = crate::eval::block(v, name)?;
         let count = |v: Option<u64>, field: &str, lo: u64, hi: u64, default: u64| match v {
             None => Ok(default as usize),
             Some(n) if (lo..=hi).contains(&n) => Ok(n as usize),
             Some(_) => Err(format!(
-                "finetune.{field}: must be an integer from {lo} to {hi}"
+                "{name}.{field}: must be an integer from {lo} to {hi}"
             )),
         };
+        let field = |f: &str| format!("{name}.{f}");
         let temperature = match p.temperature {
             None => None,
             Some(t) if t.is_finite() && t > 0.0 => Some(t),
-            Some(_) => return Err("finetune.temperature: must be a number > 0".into()),
+            Some(_) => return Err(format!("{name}.temperature: must be a number > 0")),
         };
         let learning_rate = match p.learning_rate {
             None => DEFAULT_LEARNING_RATE,
             Some(l) if l.is_finite() && l > 0.0 && l <= 1.0 => l,
-            Some(_) => return Err("finetune.learning_rate: must be a number in (0, 1]".into()),
+            Some(_) => return Err(format!("{name}.learning_rate: must be a number in (0, 1]")),
         };
-        Ok(Some(FinetuneSpec {
-            dataset_id: id(&p.dataset_id, "finetune.dataset_id")?,
-            validation: within(p.validation, "finetune.validation", 0.01, 0.5, 0.1)?,
+        Ok(FinetuneSpec {
+            dataset_id: id(&p.dataset_id, &field("dataset_id"))?,
+            validation: within(p.validation, &field("validation"), 0.01, 0.5, 0.1)?,
             validation_dataset_id: p
                 .validation_dataset_id
                 .as_deref()
-                .map(|v| id(v, "finetune.validation_dataset_id"))
+                .map(|v| id(v, &field("validation_dataset_id")))
                 .transpose()?,
-            epochs: count(p.epochs, "epochs", 1, 1000, 16)?,
+            epochs: count(p.epochs, "epochs", 1, 1000, d.epochs)?,
             batch_size: count(p.batch_size, "batch_size", 1, 4096, 64)?,
             learning_rate,
-            weight_decay: within(p.weight_decay, "finetune.weight_decay", 0.0, 1.0, 0.0)?,
-            warmup: within(p.warmup, "finetune.warmup", 0.0, 0.5, 0.05)?,
+            weight_decay: within(p.weight_decay, &field("weight_decay"), 0.0, 1.0, 0.0)?,
+            warmup: within(p.warmup, &field("warmup"), 0.0, 0.5, 0.05)?,
             loss: p.loss.unwrap_or(Loss::Kl),
             temperature,
-            alpha: within(p.alpha, "finetune.alpha", 0.0, 1.0, 0.0)?,
-            hint: within(p.hint, "finetune.hint", 0.0, 100.0, DEFAULT_HINT)?,
+            alpha: within(p.alpha, &field("alpha"), 0.0, 1.0, 0.0)?,
+            hint: within(p.hint, &field("hint"), 0.0, 100.0, d.hint)?,
             output: p.output,
             seed: p.seed.unwrap_or(0),
-            max_seconds: within(p.max_seconds, "finetune.max_seconds", 1.0, 86_400.0, 600.0)?,
-            patience: count(p.patience, "patience", 1, 1000, 5)?,
+            max_seconds: within(p.max_seconds, &field("max_seconds"), 1.0, 86_400.0, 600.0)?,
+            patience: count(p.patience, "patience", 1, 1000, d.patience)?,
+        })
+    }
+}
+
+/// A job's `distill` block: the training fields of `finetune`, and how the student is cut
+/// from the teacher.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DistillSpec {
+    pub train: FinetuneSpec,
+    /// The share of each narrowable layer's channels the student keeps.
+    pub width: f64,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StudentParams {
+    width: f64,
+}
+
+impl DistillSpec {
+    /// The spec's `distill` block, if any; an error names the field.
+    pub fn parse(spec: &Value) -> Result<Option<DistillSpec>, String> {
+        let Some(v) = spec.get("distill") else {
+            return Ok(None);
+        };
+        let mut rest = v.as_object().cloned().ok_or("distill: must be an object")?;
+        let student = rest.remove("student").ok_or(
+            "distill.student: required ({\"width\": 0.5} keeps half of each hidden layer)",
+        )?;
+        let s: StudentParams = crate::eval::block(&student, "distill.student")?;
+        if !(s.width.is_finite() && s.width > 0.0 && s.width < 1.0) {
+            return Err("distill.student.width: must be a number in (0, 1)".into());
+        }
+        let defaults = Defaults {
+            epochs: DISTILL_EPOCHS,
+            patience: 10,
+            hint: 0.0,
+        };
+        Ok(Some(DistillSpec {
+            train: FinetuneSpec::block(&Value::Object(rest), "distill", &defaults)?,
+            width: s.width,
         }))
     }
 }
+
+/// Distillation's default epochs: a narrowed student has further to go than a compressed
+/// one (on the digits MLP at half width, see docs/TRAINING.md).
+pub const DISTILL_EPOCHS: u64 = 60;
 
 /// AdamW's default learning rate (on mnist-8 after 80 % pruning + int8: 0.9815 top-1 at 3e-3,
 /// 0.978 at 1e-2, 0.961 at 3e-4).
@@ -177,13 +241,16 @@ pub struct Param {
     pub project: Option<Box<dyn Fn(&[f32]) -> Result<Vec<f32>, String> + Send + Sync>>,
 }
 
-/// The student: the original graph and weights (which it starts from, masked), and for each
-/// tensor (parallel to the model's) how it trains.
+/// The student: its graph and the weights it starts from (masked), for each tensor (parallel
+/// to `weights`) how it trains, and the teacher it learns to reproduce.
 pub struct Student<'a> {
     pub model: &'a tract_onnx::pb::ModelProto,
-    /// The original tensors: the teacher's weights.
-    pub teacher: &'a [ModelTensor],
+    pub weights: &'a [ModelTensor],
     pub params: Vec<Param>,
+    /// The teacher's graph and weights: the original model. For fine-tuning after
+    /// compression, the student's own graph and starting weights; for distillation, the
+    /// wider model the student was cut from.
+    pub teacher: (&'a tract_onnx::pb::ModelProto, &'a [ModelTensor]),
 }
 
 /// One epoch in `training.json`.
@@ -463,24 +530,18 @@ pub fn finetune(
     span: (f64, f64),
 ) -> Result<Trained, TrainError> {
     let started = std::time::Instant::now();
-    let program = Program::build(student.model, student.teacher, spec.output.as_deref())?;
-    let index_of = |name: &str| student.teacher.iter().position(|t| t.name == name);
+    let program = Program::build(student.model, student.weights, spec.output.as_deref())?;
+    let teacher_program =
+        Program::build(student.teacher.0, student.teacher.1, spec.output.as_deref())?;
+    let index_of = |name: &str| student.weights.iter().position(|t| t.name == name);
     let indices: Vec<usize> = program
         .params
         .iter()
         .map(|n| index_of(n).ok_or_else(|| TrainError::Failed(format!("no tensor {n:?}"))))
         .collect::<Result<_, _>>()?;
     let dev = Device::Cpu;
-    let as_tensor = |t: &ModelTensor| -> Result<Tensor, TrainError> {
-        let v = t
-            .to_f32()
-            .ok_or_else(|| TrainError::Unsupported(format!("{:?} is not float", t.name)))?;
-        Ok(Tensor::from_vec(v, t.shape.as_slice(), &dev)?)
-    };
-    let teacher_params: Vec<Tensor> = indices
-        .iter()
-        .map(|&i| as_tensor(&student.teacher[i]))
-        .collect::<Result<_, _>>()?;
+    let start_params = params_of(&program, student.weights)?;
+    let teacher_params = params_of(&teacher_program, student.teacher.1)?;
     let params: Vec<&Param> = indices.iter().map(|&i| &student.params[i]).collect();
     let masks: Vec<Option<Tensor>> = indices
         .iter()
@@ -490,14 +551,14 @@ pub fn finetune(
                 .as_ref()
                 .map(|m| {
                     let v: Vec<f32> = m.iter().map(|&z| if z { 0.0 } else { 1.0 }).collect();
-                    Tensor::from_vec(v, student.teacher[i].shape.as_slice(), &dev)
+                    Tensor::from_vec(v, student.weights[i].shape.as_slice(), &dev)
                 })
                 .transpose()
         })
         .collect::<Result<_, _>>()?;
-    // The student starts from the teacher's weights, masked: its forward pass then sees
-    // exactly the compressed model (the pipeline's encoding of those weights).
-    let vars: Vec<Var> = teacher_params
+    // The student starts from its weights, masked: its forward pass then sees exactly the
+    // compressed model (the pipeline's encoding of those weights).
+    let vars: Vec<Var> = start_params
         .iter()
         .zip(&masks)
         .map(|(t, m)| {
@@ -511,36 +572,30 @@ pub fn finetune(
 
     // Rows: a held-out fraction, or the validation dataset.
     let n = rows_of(train)?;
-    let mut order: Vec<usize> = (0..n).collect();
-    let mut rng = Rng(spec.seed ^ 0x6d70_7472_6169_6e00);
-    rng.shuffle(&mut order);
-    let (train_rows, val_rows, val_data): (Vec<usize>, Vec<usize>, &Dataset) = match validation {
-        Some(v) => (order, (0..rows_of(v)?).collect(), v),
-        None => {
-            let held = ((n as f64 * spec.validation).round() as usize)
-                .clamp(1, n.saturating_sub(1).max(1));
-            if n < 2 {
-                return Err(TrainError::Unsupported(
-                    "finetune needs at least 2 rows".into(),
-                ));
-            }
-            let (v, t) = order.split_at(held);
-            let mut v = v.to_vec();
-            v.sort_unstable();
-            (t.to_vec(), v, train)
-        }
+    let (train_rows, val_rows, mut rng) = split(n, spec, validation.is_some())?;
+    let val_rows = match validation {
+        Some(v) => (0..rows_of(v)?).collect(),
+        None => val_rows,
     };
+    let val_data = validation.unwrap_or(train);
     // The teacher's scores of every row of the training data, by row.
     let all_rows: Vec<usize> = (0..n).collect();
-    let teacher_train = all_scores(&program, train, &all_rows, &teacher_params)?;
+    let teacher_train = all_scores(&teacher_program, train, &all_rows, &teacher_params)?;
     let width = teacher_train.len() / n.max(1);
     let teacher_val = match validation {
-        Some(_) => all_scores(&program, val_data, &val_rows, &teacher_params)?,
+        Some(_) => all_scores(&teacher_program, val_data, &val_rows, &teacher_params)?,
         None => val_rows
             .iter()
             .flat_map(|&r| teacher_train[r * width..(r + 1) * width].iter().copied())
             .collect(),
     };
+    let first = batch(&program, train, &train_rows[..1])?;
+    let student_width = scores(&program, &first, &start_params)?.elem_count();
+    if student_width != width {
+        return Err(TrainError::Unsupported(format!(
+            "the student's output has {student_width} values a row, the teacher's {width}"
+        )));
+    }
     let labels_of = |d: &Dataset, rows: &[usize]| -> Option<Vec<i64>> {
         d.labels
             .as_ref()
@@ -573,8 +628,22 @@ pub fn finetune(
         Ok((m, l))
     };
     let (before, before_loss) = validate(&vars)?;
-    let hints = if spec.hint > 0.0 {
-        program.features()
+    // Hints match features of the same name and shape in both (a narrowed layer's differ).
+    let hints: Vec<String> = if spec.hint > 0.0 {
+        let features = program.features();
+        let names: Vec<&str> = features.iter().map(String::as_str).collect();
+        let theirs_feeds = batch(&teacher_program, train, &train_rows[..1])?;
+        let ours = program.run(&first, &start_params, &names)?;
+        let theirs = teacher_program.run(&theirs_feeds, &teacher_params, &names);
+        match theirs {
+            Ok(theirs) => features
+                .iter()
+                .zip(ours.iter().zip(&theirs))
+                .filter(|(_, (a, b))| a.dims() == b.dims())
+                .map(|(f, _)| f.clone())
+                .collect(),
+            Err(_) => Vec::new(),
+        }
     } else {
         Vec::new()
     };
@@ -626,7 +695,8 @@ pub fn finetune(
                     vec![program.logits.as_deref().unwrap_or(&program.output)];
                 keep.extend(hints.iter().map(String::as_str));
                 let mut got = program.run(&feeds, &w, &keep)?;
-                let theirs = program.run(&feeds, &teacher_params, &keep[1..])?;
+                let their_feeds = batch(&teacher_program, train, chunk)?;
+                let theirs = teacher_program.run(&their_feeds, &teacher_params, &keep[1..])?;
                 let mut h = Tensor::zeros((), candle_core::DType::F32, &dev)?;
                 for (a, b) in got[1..].iter().zip(&theirs) {
                     let scale = f64::from(b.sqr()?.mean_all()?.to_scalar::<f32>()?).max(1e-12);
@@ -734,6 +804,111 @@ pub fn finetune(
         best: best_metric,
         before_loss,
     })
+}
+
+/// The tensors a program reads, in its parameter order, from `tensors` (by name).
+fn params_of(program: &Program, tensors: &[ModelTensor]) -> Result<Vec<Tensor>, TrainError> {
+    program
+        .params
+        .iter()
+        .map(|name| {
+            let t = tensors
+                .iter()
+                .find(|t| &t.name == name)
+                .ok_or_else(|| TrainError::Failed(format!("no tensor {name:?}")))?;
+            let v = t
+                .to_f32()
+                .ok_or_else(|| TrainError::Unsupported(format!("{name:?} is not float")))?;
+            Ok(Tensor::from_vec(v, t.shape.as_slice(), &Device::Cpu)?)
+        })
+        .collect()
+}
+
+/// The training and validation rows of a dataset of `n` rows: a held-out fraction (when no
+/// validation dataset is given) chosen by the seed, and the generator that then shuffles the
+/// epochs.
+fn split(
+    n: usize,
+    spec: &FinetuneSpec,
+    separate_validation: bool,
+) -> Result<(Vec<usize>, Vec<usize>, Rng), TrainError> {
+    let mut order: Vec<usize> = (0..n).collect();
+    let mut rng = Rng(spec.seed ^ 0x6d70_7472_6169_6e00);
+    rng.shuffle(&mut order);
+    if separate_validation {
+        return Ok((order, Vec::new(), rng));
+    }
+    if n < 2 {
+        return Err(TrainError::Unsupported(
+            "finetune needs at least 2 rows".into(),
+        ));
+    }
+    let held = ((n as f64 * spec.validation).round() as usize).clamp(1, n - 1);
+    let (v, t) = order.split_at(held);
+    let mut v = v.to_vec();
+    v.sort_unstable();
+    Ok((t.to_vec(), v, rng))
+}
+
+/// The rows of `data` training would learn from (the held-out validation rows left out).
+pub fn training_rows(
+    data: &Dataset,
+    spec: &FinetuneSpec,
+    separate_validation: bool,
+) -> Result<Vec<usize>, TrainError> {
+    Ok(split(rows_of(data)?, spec, separate_validation)?.0)
+}
+
+/// The RMS of each channel of the values `features` name (value, channel axis;
+/// `usize::MAX` for the last) when the model runs on `rows` of `data`.
+pub fn channel_rms(
+    model: &tract_onnx::pb::ModelProto,
+    tensors: &[ModelTensor],
+    output: Option<&str>,
+    data: &Dataset,
+    rows: &[usize],
+    features: &[(String, usize)],
+    ctl: &dyn Control,
+) -> Result<Vec<Vec<f64>>, TrainError> {
+    let program = Program::build(model, tensors, output)?;
+    let params = params_of(&program, tensors)?;
+    let names: Vec<&str> = features.iter().map(|(f, _)| f.as_str()).collect();
+    let mut sums: Vec<Vec<f64>> = vec![Vec::new(); features.len()];
+    let mut counts = vec![0usize; features.len()];
+    for chunk in rows.chunks(256) {
+        if ctl.cancelled() {
+            return Err(TrainError::Cancelled);
+        }
+        let feeds = batch(&program, data, chunk)?;
+        let got = program.run(&feeds, &params, &names)?;
+        for (i, (t, (_, axis))) in got.iter().zip(features).enumerate() {
+            let dims = t.dims().to_vec();
+            let a = if *axis == usize::MAX {
+                dims.len().saturating_sub(1)
+            } else {
+                *axis
+            };
+            let c = dims.get(a).copied().unwrap_or(1);
+            let inner: usize = dims[a + 1..].iter().product();
+            let v = t.flatten_all()?.to_vec1::<f32>()?;
+            if sums[i].len() != c {
+                sums[i] = vec![0.0; c];
+            }
+            for (j, x) in v.iter().enumerate() {
+                sums[i][(j / inner.max(1)) % c] += f64::from(*x).powi(2);
+            }
+            counts[i] += v.len() / c.max(1);
+        }
+    }
+    Ok(sums
+        .into_iter()
+        .zip(counts)
+        .map(|(s, n)| {
+            s.into_iter()
+                .map(|x| (x / n.max(1) as f64).sqrt())
+                .collect()
+        })
+        .collect())
 }
 
 fn snapshot(vars: &[Var]) -> Result<Vec<Vec<f32>>, TrainError> {

@@ -196,10 +196,18 @@ async fn run_claimed(state: &AppState, worker: &str, job: JobRecord) -> anyhow::
         Ok(f) => f,
         Err(e) => return fail("invalid_spec", e).await,
     };
+    let distill_spec = match crate::train::DistillSpec::parse(&job.spec) {
+        Ok(d) => d,
+        Err(e) => return fail("invalid_spec", e).await,
+    };
     let mut finetune_paths = Vec::new();
-    if let Some(f) = &finetune_spec {
+    let training = finetune_spec
+        .as_ref()
+        .map(|f| (f, "finetune"))
+        .or(distill_spec.as_ref().map(|d| (&d.train, "distill")));
+    if let Some((f, block)) = training {
         for id in std::iter::once(f.dataset_id).chain(f.validation_dataset_id) {
-            match dataset_file(state, &job.tenant_id, id, "finetune").await? {
+            match dataset_file(state, &job.tenant_id, id, block).await? {
                 Ok(p) => finetune_paths.push(p),
                 Err(why) => return fail("dataset_not_found", why).await,
             }
@@ -300,10 +308,16 @@ async fn run_claimed(state: &AppState, worker: &str, job: JobRecord) -> anyhow::
             dataset: &finetune_paths[0],
             validation: finetune_paths.get(1).map(|p| p.as_path()),
         });
+        let distill = distill_spec.as_ref().map(|spec| runner::DistillInput {
+            spec,
+            dataset: &finetune_paths[0],
+            validation: finetune_paths.get(1).map(|p| p.as_path()),
+        });
         let data = runner::Data {
             eval,
             calibration,
             finetune,
+            distill,
         };
         runner::execute(&input, &plan2, &out_path, ctl2.as_ref(), data)
     })

@@ -267,6 +267,7 @@ pub fn compress_case(input: &Path, spec: Value, dir: &Path) -> Option<Value> {
         eval: None,
         calibration,
         finetune: None,
+        distill: None,
     };
     match runner::execute(input, &plan, dir, &NoControl, data) {
         Ok(_) => {}

@@ -6,6 +6,7 @@ mod cli;
 mod corrupt;
 mod crash;
 mod deploy;
+mod distill;
 mod eval;
 mod formats;
 mod fuzz;
