@@ -445,6 +445,7 @@ fn distill(
             .map(|_| crate::train::Param {
                 mask: None,
                 project: None,
+                shared: None,
             })
             .collect(),
         teacher: (&container.model, &set.tensors),
@@ -518,50 +519,64 @@ fn retrain(
     let data = read_dataset(f.dataset)?;
     let validation = f.validation.map(read_dataset).transpose()?;
     let masks = pruning_masks(&set.tensors, plan)?;
-    let params: Vec<crate::train::Param> = set
-        .tensors
-        .iter()
-        .zip(&masks)
-        .map(|(t, mask)| {
-            let kinds: Vec<compress::Kind> = plan
-                .steps
-                .iter()
-                .filter(|s| s.select.selects(t))
-                .map(|s| s.method.kind())
-                .collect();
-            let mask = mask.clone();
-            type Project = Box<dyn Fn(&[f32]) -> Result<Vec<f32>, String> + Send + Sync>;
-            let project = kinds.contains(&compress::Kind::Encode).then(|| {
-                let (t, plan) = (t.clone(), plan.clone());
-                Box::new(move |v: &[f32]| {
-                    compress::project(&t, &plan, v.to_vec()).map_err(|e| e.to_string())
-                }) as Project
-            });
-            crate::train::Param { mask, project }
-        })
-        .collect();
-    let student = crate::train::Student {
-        model: &container.model,
-        weights: &set.tensors,
-        params,
-        teacher: (&container.model, &set.tensors),
+    let train = |weights: &[formats::Tensor],
+                 params: Vec<crate::train::Param>,
+                 span: (f64, f64)|
+     -> Result<(Vec<formats::Tensor>, serde_json::Value), RunError> {
+        let student = crate::train::Student {
+            model: &container.model,
+            weights,
+            params,
+            teacher: (&container.model, &set.tensors),
+        };
+        let trained = training_pool()?
+            .install(|| {
+                crate::train::finetune(student, &data, validation.as_ref(), f.spec, ctl, span)
+            })
+            .map_err(train_error("finetune"))?;
+        let mut tensors = weights.to_vec();
+        for (i, values) in &trained.values {
+            tensors[*i].set_f32(values);
+        }
+        Ok((tensors, trained.log))
     };
-    let trained = training_pool()?
-        .install(|| {
-            crate::train::finetune(
-                student,
-                &data,
-                validation.as_ref(),
-                f.spec,
-                ctl,
-                (0.0, TRAINING_END),
-            )
-        })
-        .map_err(train_error("finetune"))?;
-    let mut tensors = set.tensors.clone();
-    for (i, values) in &trained.values {
-        tensors[*i].set_f32(values);
-    }
+    let sharing = plan.steps.iter().any(|s| s.method.shares_values());
+    let (tensors, mut log) = if !sharing {
+        train(
+            &set.tensors,
+            trainable(&set.tensors, &masks, plan, None),
+            (0.0, TRAINING_END),
+        )?
+    } else {
+        // Deep Compression's order: the weights retrain under the pruning masks first (the
+        // value-sharing steps left out), then the codebooks are built from the retrained
+        // weights and their shared values train with the indices fixed.
+        let before = compress::without_sharing(plan);
+        let half = TRAINING_END / 2.0;
+        let (weights, first) = train(
+            &set.tensors,
+            trainable(&set.tensors, &masks, &before, None),
+            (0.0, half),
+        )?;
+        let shared = compress::shared_values(&weights, plan)?;
+        let (tensors, second) = train(
+            &weights,
+            trainable(&weights, &masks, plan, Some(&shared)),
+            (half, TRAINING_END),
+        )?;
+        let mut log = second.clone();
+        log["validation_before"] = first["validation_before"].clone();
+        log["validation_loss_before"] = first["validation_loss_before"].clone();
+        log["seconds"] = serde_json::json!(
+            first["seconds"].as_f64().unwrap_or(0.0) + second["seconds"].as_f64().unwrap_or(0.0)
+        );
+        log["phases"] = serde_json::json!([
+            {"phase": "weights", "trains": "the weights under the pruning masks, the value-sharing steps left out", "log": first},
+            {"phase": "shared_values", "trains": "each codebook's values (a centroid's gradient is the sum over its weights), indices fixed", "log": second},
+        ]);
+        (tensors, log)
+    };
+    let before_loss = log["validation_loss_before"].as_f64().unwrap_or(f64::NAN);
     let span = Span::new(ctl, TRAINING_END, 0.9);
     let retrained = compress::run(&tensors, plan, &span)?;
     // Pruning again on the trained weights (whose pruned ones are exact zeros) finds the same
@@ -572,16 +587,45 @@ fn retrain(
         .filter_map(|(before, after)| Some((before.as_ref()?, after?)))
         .map(|(b, a)| b.iter().zip(&a).filter(|(b, a)| b != a).count())
         .sum();
-    let mut log = trained.log;
     log["zeros_moved"] = serde_json::json!(moved);
+    if sharing {
+        // k-means again on trained shared values (at most k distinct values per codebook)
+        // finds them again: say how far any stored weight is from the trained one.
+        let moved = tensors
+            .iter()
+            .zip(&retrained.restored)
+            .filter(|(t, _)| {
+                plan.steps
+                    .iter()
+                    .any(|s| s.method.shares_values() && s.select.selects(t))
+            })
+            .flat_map(|(t, r)| {
+                let (a, b) = (
+                    t.to_f32().unwrap_or_default(),
+                    r.to_f32().unwrap_or_default(),
+                );
+                a.into_iter()
+                    .zip(b)
+                    .map(|(a, b)| f64::from((a - b).abs()))
+                    .collect::<Vec<_>>()
+            })
+            .fold(0.0, f64::max);
+        log["shared_values_moved"] = serde_json::json!(moved);
+    }
     let mut retrained = retrained;
-    // No epoch beat the untrained weights on the validation rows: the job stores those.
-    if log["best_epoch"] == 0 {
+    // No epoch beat the untrained weights on the validation rows (in any phase): the job
+    // stores those.
+    let gained = |l: &serde_json::Value| l["best_epoch"] != 0;
+    let any_gain = gained(&log)
+        || log["phases"]
+            .as_array()
+            .is_some_and(|p| p.iter().any(|p| gained(&p["log"])));
+    if !any_gain {
         retrained.report.warnings.push(compress::report::Warning::new(
             "finetune_no_gain",
             format!(
                 "fine-tuning kept the untrained weights: no epoch lowered the validation loss ({:.6} before training; training stopped on {})",
-                trained.before_loss, log["stopped"]
+                before_loss, log["stopped"]
             ),
         ));
     }
@@ -595,6 +639,40 @@ fn retrain(
         );
     }
     Ok((retrained, log))
+}
+
+/// How each tensor trains: under its pruning mask, through fake quantization where `plan`
+/// encodes it, or as shared values (a codebook from `shared`).
+fn trainable(
+    tensors: &[formats::Tensor],
+    masks: &[Option<Vec<bool>>],
+    plan: &Plan,
+    shared: Option<&[Option<compress::SharedValues>]>,
+) -> Vec<crate::train::Param> {
+    tensors
+        .iter()
+        .zip(masks)
+        .enumerate()
+        .map(|(i, (t, mask))| {
+            let shared = shared.and_then(|s| s[i].clone());
+            let encodes = plan
+                .steps
+                .iter()
+                .any(|s| s.select.selects(t) && s.method.kind() == compress::Kind::Encode);
+            type Project = Box<dyn Fn(&[f32]) -> Result<Vec<f32>, String> + Send + Sync>;
+            let project = (encodes && shared.is_none()).then(|| {
+                let (t, plan) = (t.clone(), plan.clone());
+                Box::new(move |v: &[f32]| {
+                    compress::project(&t, &plan, v.to_vec()).map_err(|e| e.to_string())
+                }) as Project
+            });
+            crate::train::Param {
+                mask: mask.clone(),
+                project,
+                shared,
+            }
+        })
+        .collect()
 }
 
 /// Threads a training run uses (candle's kernels run on this pool).

@@ -100,8 +100,8 @@ impl Method for Kmeans {
     fn kind(&self) -> Kind {
         Kind::Encode
     }
-    fn untrainable(&self) -> Option<&'static str> {
-        Some("codebooks are not trained yet")
+    fn shares_values(&self) -> bool {
+        true
     }
     fn estimate(&self, t: &Tensor, pruned_first: bool) -> Option<u64> {
         let k = 1u64 << self.bits_for(t);
@@ -552,6 +552,29 @@ impl Clustered {
         }
         out
     }
+    /// The codebooks as one table of shared values, with each weight's slot in it (group
+    /// × k + index; `u32::MAX` for a fixed zero).
+    pub fn shared(&self, shape: &[usize]) -> super::SharedValues {
+        let layout = super::quantize::ChannelLayout::new(shape, self.axis);
+        let inner = layout.inner.max(1);
+        let slots = self
+            .indices
+            .iter()
+            .enumerate()
+            .map(|(j, &i)| {
+                let g = (j / inner) % layout.channels.max(1);
+                if self.zeros_fixed && i as usize == self.k {
+                    u32::MAX
+                } else {
+                    (g * self.k + i as usize) as u32
+                }
+            })
+            .collect();
+        super::SharedValues {
+            slots,
+            values: self.centroids.clone(),
+        }
+    }
     /// Number of distinct symbols an index can take (k, plus one for the zero code).
     pub fn symbols(&self) -> usize {
         self.k + usize::from(self.zeros_fixed)
@@ -792,6 +815,38 @@ mod tests {
         #[test]
         fn lloyd_never_regresses_against_plain_lloyd(p in tie_free_problem()) {
             p.check_lloyd();
+        }
+    }
+
+    proptest! {
+        /// The shared-values view fine-tuning trains reads every weight as decode does, and
+        /// clustering the decoded values again finds the same values (what retraining
+        /// centroids relies on: the pipeline runs again on the trained weights).
+        #[test]
+        fn shared_view_matches_decode_and_reclusters_exactly(
+            rows in 1usize..5,
+            cols in 1usize..30,
+            seed in prop::collection::vec(-1f32..1f32, 150),
+            bits in 1u8..4,
+            per_channel in any::<bool>(),
+            zeros in any::<bool>(),
+        ) {
+            let shape = [rows, cols];
+            let values: Vec<f32> = (0..rows * cols)
+                .map(|i| if zeros && i % 3 == 0 { 0.0 } else { seed[i % seed.len()] })
+                .collect();
+            let axis = per_channel.then_some(0);
+            let c = cluster(&values, &shape, bits, axis, true, Algorithm::Auto);
+            let decoded = c.decode(&shape);
+            let sv = c.shared(&shape);
+            let gathered: Vec<f32> = sv
+                .slots
+                .iter()
+                .map(|&s| if s == u32::MAX { 0.0 } else { sv.values[s as usize] })
+                .collect();
+            prop_assert_eq!(&gathered, &decoded);
+            let again = cluster(&decoded, &shape, bits, axis, true, Algorithm::Auto).decode(&shape);
+            prop_assert_eq!(again, decoded);
         }
     }
 

@@ -131,6 +131,12 @@ pub trait Method: std::fmt::Debug + Send + Sync {
             None
         }
     }
+    /// Whether fine-tuning trains the form it leaves as shared values (a codebook whose
+    /// entries train with their indices fixed, as Deep Compression fine-tunes centroids)
+    /// rather than by fake quantization.
+    fn shares_values(&self) -> bool {
+        false
+    }
     /// Whether the form it leaves can hold an exact zero (binary weights cannot).
     fn has_zero(&self) -> bool {
         true

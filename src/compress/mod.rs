@@ -371,6 +371,54 @@ pub fn project(t: &Tensor, plan: &Plan, values: Vec<f32>) -> Result<Vec<f32>, Co
     Ok(w.values)
 }
 
+/// The plan without its value-sharing steps (k-means): what fine-tuning trains under before
+/// the codebooks exist (Deep Compression's retraining after pruning).
+pub fn without_sharing(plan: &Plan) -> Plan {
+    Plan {
+        steps: plan
+            .steps
+            .iter()
+            .filter(|s| !s.method.shares_values())
+            .cloned()
+            .collect(),
+        ..plan.clone()
+    }
+}
+
+/// A tensor's shared values: `slots[j]` indexes `values` for weight j (`u32::MAX`: an exact
+/// zero kept out of the codebook).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SharedValues {
+    pub slots: Vec<u32>,
+    pub values: Vec<f32>,
+}
+
+/// For each tensor a value-sharing step selects, its codebook and indices when the plan
+/// runs on `tensors` up to its last value-sharing step (None for the others, and for every
+/// tensor of a plan without such a step).
+pub fn shared_values(
+    tensors: &[Tensor],
+    plan: &Plan,
+) -> Result<Vec<Option<SharedValues>>, CompressError> {
+    let Some(last) = plan.steps.iter().rposition(|s| s.method.shares_values()) else {
+        return Ok(vec![None; tensors.len()]);
+    };
+    let prefix = Plan {
+        steps: plan.steps[..=last].to_vec(),
+        ..plan.clone()
+    };
+    let outcome = run(tensors, &prefix, &NoControl)?;
+    Ok(outcome
+        .encodings
+        .iter()
+        .zip(tensors)
+        .map(|(e, t)| match e {
+            Some(form::Encoding::Clustered(c)) => Some(c.shared(&t.shape)),
+            _ => None,
+        })
+        .collect())
+}
+
 /// Applies the plan. Tensors no step selects pass through bit for bit.
 pub fn run(tensors: &[Tensor], plan: &Plan, ctl: &dyn Control) -> Result<Outcome, CompressError> {
     run_calibrated(tensors, plan, ctl, &Calibration::default())

@@ -239,6 +239,16 @@ pub struct Param {
     /// the tensor has one.
     #[allow(clippy::type_complexity)]
     pub project: Option<Box<dyn Fn(&[f32]) -> Result<Vec<f32>, String> + Send + Sync>>,
+    /// Shared values (a k-means codebook): the values train, each weight reads its slot
+    /// (Deep Compression: a centroid's gradient is the sum of its weights' gradients).
+    pub shared: Option<crate::compress::SharedValues>,
+}
+
+/// A parameter trained as shared values: the slot of each weight (a fixed zero reads slot
+/// 0 and is masked), and the weight's shape.
+struct Gather {
+    slots: Tensor,
+    shape: Vec<usize>,
 }
 
 /// The student: its graph and the weights it starts from (masked), for each tensor (parallel
@@ -500,14 +510,22 @@ fn effective(
     vars: &[Var],
     params: &[&Param],
     masks: &[Option<Tensor>],
+    gathers: &[Option<Gather>],
 ) -> Result<Vec<Tensor>, TrainError> {
     let mut out = Vec::with_capacity(vars.len());
-    for ((v, p), mask) in vars.iter().zip(params).zip(masks) {
-        let mut w = v.as_tensor().clone();
+    for (((v, p), mask), gather) in vars.iter().zip(params).zip(masks).zip(gathers) {
+        let mut w = match gather {
+            // Each weight is its slot's value: index_select's gradient sums over the slot.
+            Some(g) => v
+                .as_tensor()
+                .index_select(&g.slots, 0)?
+                .reshape(g.shape.as_slice())?,
+            None => v.as_tensor().clone(),
+        };
         if let Some(m) = mask {
             w = (w * m)?;
         }
-        if let Some(project) = &p.project {
+        if let (Some(project), None) = (&p.project, gather) {
             let values = w.flatten_all()?.to_vec1::<f32>()?;
             let q = project(&values).map_err(TrainError::Failed)?;
             let q = Tensor::from_vec(q, w.dims(), &Device::Cpu)?;
@@ -547,11 +565,38 @@ pub fn finetune(
         .iter()
         .zip(&params)
         .map(|(&i, p)| {
-            p.mask
-                .as_ref()
+            let fixed: Option<Vec<bool>> = match &p.shared {
+                Some(sh) if sh.slots.contains(&u32::MAX) => {
+                    Some(sh.slots.iter().map(|&s| s == u32::MAX).collect())
+                }
+                Some(_) => None,
+                None => p.mask.clone(),
+            };
+            fixed
                 .map(|m| {
                     let v: Vec<f32> = m.iter().map(|&z| if z { 0.0 } else { 1.0 }).collect();
                     Tensor::from_vec(v, student.weights[i].shape.as_slice(), &dev)
+                })
+                .transpose()
+        })
+        .collect::<Result<_, _>>()?;
+    let gathers: Vec<Option<Gather>> = indices
+        .iter()
+        .zip(&params)
+        .map(|(&i, p)| {
+            p.shared
+                .as_ref()
+                .map(|sh| {
+                    let slots: Vec<u32> = sh
+                        .slots
+                        .iter()
+                        .map(|&s| if s == u32::MAX { 0 } else { s })
+                        .collect();
+                    let n = slots.len();
+                    Ok::<_, TrainError>(Gather {
+                        slots: Tensor::from_vec(slots, n, &dev)?,
+                        shape: student.weights[i].shape.clone(),
+                    })
                 })
                 .transpose()
         })
@@ -561,10 +606,12 @@ pub fn finetune(
     let vars: Vec<Var> = start_params
         .iter()
         .zip(&masks)
-        .map(|(t, m)| {
-            let t = match m {
-                Some(m) => (t * m)?,
-                None => t.clone(),
+        .zip(&params)
+        .map(|((t, m), p)| {
+            let t = match (&p.shared, m) {
+                (Some(sh), _) => Tensor::from_vec(sh.values.clone(), sh.values.len(), &dev)?,
+                (None, Some(m)) => (t * m)?,
+                (None, None) => t.clone(),
             };
             Ok(Var::from_tensor(&t)?)
         })
@@ -618,7 +665,7 @@ pub fn finetune(
     // The validation metric, and the loss against the teacher on the same rows (which breaks
     // ties of a coarse metric such as top-1 on a few hundred rows).
     let validate = |vars: &[Var]| -> Result<(f64, f64), TrainError> {
-        let w = effective(vars, &params, &masks)?;
+        let w = effective(vars, &params, &masks, &gathers)?;
         let s = all_scores(setup.program, val_data, &val_rows, &w)?;
         let rows = val_rows.len();
         let m = metric(&s, &teacher_val, rows, val_labels.as_deref(), spec.loss);
@@ -649,7 +696,12 @@ pub fn finetune(
     };
     // The hint term weighs `hint` times the main loss as the first step measured them.
     let mut hint_scale: Option<f64> = None;
-    let mut best = (before, 0usize, snapshot(&vars)?, before_loss);
+    let mut best = (
+        before,
+        0usize,
+        snapshot(&vars, &masks, &gathers)?,
+        before_loss,
+    );
     let mut opt = AdamW::new(
         vars.clone(),
         ParamsAdamW {
@@ -687,7 +739,7 @@ pub fn finetune(
             };
             opt.set_learning_rate(lr);
             let feeds = batch(&program, train, chunk)?;
-            let w = effective(&vars, &params, &masks)?;
+            let w = effective(&vars, &params, &masks, &gathers)?;
             let (s, hint) = if hints.is_empty() {
                 (scores(&program, &feeds, &w)?, None)
             } else {
@@ -731,9 +783,9 @@ pub fn finetune(
             loss_sum += f64::from(loss.to_scalar::<f32>()?);
             batches += 1;
             opt.backward_step(&loss)?;
-            // Pruned weights stay exactly zero.
-            for (v, m) in vars.iter().zip(&masks) {
-                if let Some(m) = m {
+            // Pruned weights stay exactly zero (shared values are masked where they are read).
+            for ((v, m), g) in vars.iter().zip(&masks).zip(&gathers) {
+                if let (Some(m), None) = (m, g) {
                     v.set(&(v.as_tensor() * m)?)?;
                 }
             }
@@ -765,7 +817,7 @@ pub fn finetune(
             ),
         );
         if val_loss < best.3 {
-            best = (val, epoch, snapshot(&vars)?, val_loss);
+            best = (val, epoch, snapshot(&vars, &masks, &gathers)?, val_loss);
             since_best = 0;
         } else {
             since_best += 1;
@@ -911,8 +963,28 @@ pub fn channel_rms(
         .collect())
 }
 
-fn snapshot(vars: &[Var]) -> Result<Vec<Vec<f32>>, TrainError> {
+/// Each parameter's weights as they stand (shared values read through their slots, fixed
+/// zeros zero).
+fn snapshot(
+    vars: &[Var],
+    masks: &[Option<Tensor>],
+    gathers: &[Option<Gather>],
+) -> Result<Vec<Vec<f32>>, TrainError> {
     vars.iter()
-        .map(|v| Ok(v.as_tensor().flatten_all()?.to_vec1::<f32>()?))
+        .zip(masks)
+        .zip(gathers)
+        .map(|((v, m), g)| {
+            let w = match g {
+                Some(g) => {
+                    let w = v.as_tensor().index_select(&g.slots, 0)?;
+                    match m {
+                        Some(m) => (w * m.flatten_all()?)?,
+                        None => w,
+                    }
+                }
+                None => v.as_tensor().clone(),
+            };
+            Ok(w.flatten_all()?.to_vec1::<f32>()?)
+        })
         .collect()
 }

@@ -41,12 +41,6 @@ async fn finetune_blocks_are_checked_at_submit() {
             "finetune.learning_rate",
         ),
         (
-            json!({"model_id": mnist["id"], "preset": "kmeans4", "finetune": {"dataset_id": train["id"]}}),
-            422,
-            "invalid_spec",
-            "codebooks are not trained yet",
-        ),
-        (
             json!({"model_id": mnist["id"], "preset": "lowrank-90", "finetune": {"dataset_id": train["id"]}}),
             422,
             "invalid_spec",
@@ -306,5 +300,69 @@ async fn finetune_that_gains_nothing_warns_and_keeps_the_compressed_model() {
         app.download(&plain, "model.onnx").await,
         app.download(&tuned, "model.onnx").await
     );
+    app.stop().await;
+}
+
+/// Epochs of each phase in the Deep Compression test: fewer than the default 16, to keep the
+/// test short; BENCHMARKS.md section 8 has the default run (0.9795).
+const DC_EPOCHS: u64 = 6;
+/// Top-1 the test asks of it (0.9115 without retraining, the original 0.9840).
+const DC_TOP1: f64 = 0.97;
+
+/// Deep Compression with retraining on mnist-8 (Han et al.'s order in one job): prune, then
+/// retrain the weights under the masks; k-means, then retrain the centroids with the indices
+/// fixed; Huffman. The archive is ≥ 8x smaller than the original file, each codebook holds
+/// at most 16 values, the pruned weights stay zero, and top-1 on eval.npz recovers.
+#[tokio::test]
+async fn finetune_retrains_deep_compression_weights_then_centroids() {
+    let app = spawn_app().await;
+    let mnist = app.upload(case_file("mnist8/mnist-8.onnx"), "m.onnx").await;
+    let train = upload_dataset(&app, "mnist8/train.npz").await;
+    let pipeline = json!([
+        {"method": "prune", "sparsity": 0.8, "scope": "global"},
+        {"method": "kmeans", "bits": 4, "min_params": 1},
+        {"method": "huffman"}
+    ]);
+    let plain = app
+        .submit_json(json!({"model_id": mnist["id"], "pipeline": pipeline, "latency": false}))
+        .await;
+    let tuned = app
+        .submit_json(
+            json!({"model_id": mnist["id"], "pipeline": pipeline, "latency": false,
+            "finetune": {"dataset_id": train["id"], "epochs": DC_EPOCHS}}),
+        )
+        .await;
+    assert_eq!(app.drain().await, vec![Outcome::Succeeded; 2]);
+    let plain = app.job(plain["id"].as_str().unwrap()).await;
+    let tuned = app.job(tuned["id"].as_str().unwrap()).await;
+    let before = evaluate("mnist8", &app.download_to(&plain, "model.onnx").await);
+    let after = evaluate("mnist8", &app.download_to(&tuned, "model.onnx").await);
+    assert!(top1(&before) < 0.93, "without retraining: {before}");
+    assert!(top1(&after) >= DC_TOP1, "with retraining: {after}");
+    let s = &tuned["summary"];
+    assert!(s["archive_ratio"].as_f64().unwrap() >= 8.0, "{s}");
+
+    let log: Value = serde_json::from_slice(&app.download(&tuned, "training.json").await).unwrap();
+    let phases: Vec<&str> = log["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["phase"].as_str().unwrap())
+        .collect();
+    assert_eq!(phases, ["weights", "shared_values"], "{log}");
+    // k-means on the trained centroids finds them again, and pruning the same zeros.
+    assert_eq!(log["shared_values_moved"], 0.0, "{log}");
+    assert_eq!(log["zeros_moved"], 0, "{log}");
+    // Still 16 shared values (or fewer) per tensor, zeros apart.
+    let restored = app.download_to(&tuned, "restored.onnx").await;
+    let most = python(
+        "import sys, onnx, numpy as np\n\
+         from onnx import numpy_helper\n\
+         m = onnx.load(sys.argv[1])\n\
+         w = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}\n\
+         print(max(len(np.unique(w[n][w[n] != 0])) for n in ['Parameter5', 'Parameter87', 'Parameter193']))",
+        &[restored.to_str().unwrap()],
+    );
+    assert!(most.trim().parse::<usize>().unwrap() <= 16, "{most}");
     app.stop().await;
 }
