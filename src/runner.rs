@@ -675,6 +675,20 @@ fn trainable(
         .collect()
 }
 
+/// A training run's figures for the job summary (`training.json` has every epoch).
+fn training_summary(t: &serde_json::Value) -> serde_json::Value {
+    serde_json::json!({
+        "metric": t["metric"],
+        "validation_before": t["validation_before"],
+        "validation_after": t["best_validation"],
+        "best_epoch": t["best_epoch"],
+        "epochs": t["epochs"].as_array().map_or(0, Vec::len),
+        "stopped": t["stopped"],
+        "seconds": t["seconds"],
+        "rows": t["rows"],
+    })
+}
+
 /// Threads a training run uses (candle's kernels run on this pool).
 const TRAINING_THREADS: usize = 2;
 
@@ -890,6 +904,22 @@ pub fn execute(
                 format!(
                     "calibration and evaluation use the same dataset ({}): the evaluation scores rows the calibration learned from, so it flatters the model; upload a separate calibration set",
                     c.spec.dataset_id
+                ),
+            ));
+        }
+    }
+    // Training that learned from (or stopped early on) the rows the evaluation scores.
+    let trained_on = finetune
+        .as_ref()
+        .map(|f| ("finetune", f.spec))
+        .or(distill_input.as_ref().map(|d| ("distill", &d.spec.train)));
+    if let (Some((block, t)), Some(e)) = (trained_on, &eval) {
+        let id = e.spec.dataset_id;
+        if t.dataset_id == id || t.validation_dataset_id == Some(id) {
+            warnings.push(Warning::new(
+                "trained_on_eval_data",
+                format!(
+                    "{block} and evaluation use the same dataset ({id}): the evaluation scores rows the training learned from or stopped on, so it flatters the model; upload a separate evaluation set"
                 ),
             ));
         }
@@ -1131,30 +1161,11 @@ pub fn execute(
             })
         }),
         distill: distilled.as_ref().map(|t| {
-            serde_json::json!({
-                "student": t["student"],
-                "metric": t["metric"],
-                "validation_before": t["validation_before"],
-                "validation_after": t["best_validation"],
-                "best_epoch": t["best_epoch"],
-                "epochs": t["epochs"].as_array().map_or(0, Vec::len),
-                "stopped": t["stopped"],
-                "seconds": t["seconds"],
-                "rows": t["rows"],
-            })
+            let mut s = training_summary(t);
+            s["student"] = t["student"].clone();
+            s
         }),
-        finetune: training.as_ref().map(|t| {
-            serde_json::json!({
-                "metric": t["metric"],
-                "validation_before": t["validation_before"],
-                "validation_after": t["best_validation"],
-                "best_epoch": t["best_epoch"],
-                "epochs": t["epochs"].as_array().map_or(0, Vec::len),
-                "stopped": t["stopped"],
-                "seconds": t["seconds"],
-                "rows": t["rows"],
-            })
-        }),
+        finetune: training.as_ref().map(training_summary),
         sensitivity: analysis.as_ref().map(|a| {
             serde_json::json!({
                 "layers": a["layers"].as_array().map_or(0, Vec::len),

@@ -159,16 +159,19 @@ async fn distill_digits_mlp_into_half_width() {
 }
 
 /// A narrower student (width 0.45: 64-115-58-10) is under 30 % of the original file and still
-/// above 0.97; followed by `int8`, the stored student is a further 4x smaller.
+/// above 0.97; followed by `int8`, the stored student is a further 4x smaller. An evaluation
+/// on the training rows warns `trained_on_eval_data`.
 #[tokio::test]
 async fn distill_then_quantize_digits_mlp() {
     let app = spawn_app().await;
     let original = case_file("digits_mlp_control/digits_mlp.onnx");
     let digits = app.upload(original.clone(), "d.onnx").await;
     let train = upload_dataset(&app, "digits_mlp_control/train.npz").await;
+    // Scored on its own training rows: it says the evaluation flatters it.
     let float = app
         .submit_json(json!({"model_id": digits["id"], "latency": false,
-            "distill": {"dataset_id": train["id"], "student": {"width": 0.45}}}))
+            "distill": {"dataset_id": train["id"], "student": {"width": 0.45}},
+            "eval": {"dataset_id": train["id"], "metric": "top1"}}))
         .await;
     let int8 = app
         .submit_json(
@@ -178,6 +181,15 @@ async fn distill_then_quantize_digits_mlp() {
         .await;
     assert_eq!(app.drain().await, vec![Outcome::Succeeded; 2]);
     let original_bytes = original.len() as f64;
+    let warned = app.job(float["id"].as_str().unwrap()).await;
+    assert!(
+        warned["warnings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|w| w["code"] == "trained_on_eval_data"),
+        "{warned}"
+    );
     for (job, most, least_top1) in [(float, 0.30, 0.97), (int8, 0.10, 0.965)] {
         let job = app.job(job["id"].as_str().unwrap()).await;
         let model = app.download_to(&job, "model.onnx").await;
