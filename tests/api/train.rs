@@ -99,6 +99,30 @@ fn zero_fraction(restored: &std::path::Path, name: &str) -> f64 {
     out.trim().parse().unwrap()
 }
 
+/// Runs `pipeline` on `model` without and with the `finetune` block; returns both jobs,
+/// succeeded.
+async fn plain_and_tuned(
+    app: &TestApp,
+    model: &Value,
+    pipeline: &Value,
+    finetune: Value,
+) -> (Value, Value) {
+    let plain = app
+        .submit_json(json!({"model_id": model["id"], "pipeline": pipeline, "latency": false}))
+        .await;
+    let tuned = app
+        .submit_json(
+            json!({"model_id": model["id"], "pipeline": pipeline, "latency": false,
+            "finetune": finetune}),
+        )
+        .await;
+    assert_eq!(app.drain().await, vec![Outcome::Succeeded; 2]);
+    (
+        app.job(plain["id"].as_str().unwrap()).await,
+        app.job(tuned["id"].as_str().unwrap()).await,
+    )
+}
+
 /// The first acceptance case: mnist-8 with 80 % of its weights pruned globally (the
 /// first convolution too, `min_params: 1`) and int8. Before fine-tuning the model is broken
 /// (top-1 under 0.9 on eval.npz); after fine-tuning on train.npz it is back near the
@@ -112,18 +136,13 @@ async fn finetune_recovers_mnist8_after_global_pruning_and_int8() {
         {"method": "prune", "sparsity": 0.8, "scope": "global", "min_params": 1},
         {"method": "quantize", "bits": 8, "min_params": 1}
     ]);
-    let plain = app
-        .submit_json(json!({"model_id": mnist["id"], "pipeline": pipeline, "latency": false}))
-        .await;
-    let tuned = app
-        .submit_json(
-            json!({"model_id": mnist["id"], "pipeline": pipeline, "latency": false,
-            "finetune": {"dataset_id": train["id"], "seed": 7}}),
-        )
-        .await;
-    assert_eq!(app.drain().await, vec![Outcome::Succeeded; 2]);
-    let plain = app.job(plain["id"].as_str().unwrap()).await;
-    let tuned = app.job(tuned["id"].as_str().unwrap()).await;
+    let (plain, tuned) = plain_and_tuned(
+        &app,
+        &mnist,
+        &pipeline,
+        json!({"dataset_id": train["id"], "seed": 7}),
+    )
+    .await;
 
     let before = evaluate("mnist8", &app.download_to(&plain, "model.onnx").await);
     let model = app.download_to(&tuned, "model.onnx").await;
@@ -323,18 +342,13 @@ async fn finetune_retrains_deep_compression_weights_then_centroids() {
         {"method": "kmeans", "bits": 4, "min_params": 1},
         {"method": "huffman"}
     ]);
-    let plain = app
-        .submit_json(json!({"model_id": mnist["id"], "pipeline": pipeline, "latency": false}))
-        .await;
-    let tuned = app
-        .submit_json(
-            json!({"model_id": mnist["id"], "pipeline": pipeline, "latency": false,
-            "finetune": {"dataset_id": train["id"], "epochs": DC_EPOCHS}}),
-        )
-        .await;
-    assert_eq!(app.drain().await, vec![Outcome::Succeeded; 2]);
-    let plain = app.job(plain["id"].as_str().unwrap()).await;
-    let tuned = app.job(tuned["id"].as_str().unwrap()).await;
+    let (plain, tuned) = plain_and_tuned(
+        &app,
+        &mnist,
+        &pipeline,
+        json!({"dataset_id": train["id"], "epochs": DC_EPOCHS}),
+    )
+    .await;
     let before = evaluate("mnist8", &app.download_to(&plain, "model.onnx").await);
     let after = evaluate("mnist8", &app.download_to(&tuned, "model.onnx").await);
     assert!(top1(&before) < 0.93, "without retraining: {before}");
