@@ -107,7 +107,8 @@ fn shapes(model: &std::path::Path) -> Value {
 /// The distillation case: the digits MLP (64-256-128-10, top-1 0.9796) distilled into
 /// a student with half the hidden width (64-128-64-10) on train.npz keeps top-1 ≥ 0.97 on
 /// eval.npz, and its float `model.onnx` holds a third of the parameters. The job's own
-/// evaluation compares the student with the original on eval.npz.
+/// evaluation compares the student with the original on eval.npz; a second run of the same
+/// spec gives the same bytes.
 #[tokio::test]
 async fn distill_digits_mlp_into_half_width() {
     let app = spawn_app().await;
@@ -115,16 +116,28 @@ async fn distill_digits_mlp_into_half_width() {
     let digits = app.upload(original.clone(), "d.onnx").await;
     let train = upload_dataset(&app, "digits_mlp_control/train.npz").await;
     let eval = upload_dataset(&app, "digits_mlp_control/eval.npz").await;
-    let job = app
-        .submit_json(json!({"model_id": digits["id"],
-            "distill": {"dataset_id": train["id"], "student": {"width": 0.5}},
-            "eval": {"dataset_id": eval["id"], "metric": "top1"}}))
-        .await;
+    let spec = json!({"model_id": digits["id"],
+        "distill": {"dataset_id": train["id"], "student": {"width": 0.5}},
+        "eval": {"dataset_id": eval["id"], "metric": "top1"}});
+    let job = app.submit_json(spec.clone()).await;
+    // The same spec again (an idempotency key would return the first job; this is a second).
+    let again = app.submit_json(spec).await;
     let outcomes = app.drain().await;
     let id = job["id"].as_str().unwrap();
-    assert_eq!(outcomes, vec![Outcome::Succeeded], "{}", app.job(id).await);
+    assert_eq!(
+        outcomes,
+        vec![Outcome::Succeeded; 2],
+        "{}",
+        app.job(id).await
+    );
     let job = app.job(id).await;
     let model = app.download_to(&job, "model.onnx").await;
+    // Deterministic: the same data and seed cut and train the same student, byte for byte.
+    let again = app.job(again["id"].as_str().unwrap()).await;
+    assert_eq!(
+        std::fs::read(&model).unwrap(),
+        app.download(&again, "model.onnx").await
+    );
     let s = shapes(&model);
     assert_eq!(s["coefficient"], json!([64, 128]), "{s}");
     assert_eq!(s["intercepts"], json!([1, 128]), "{s}");
