@@ -339,22 +339,19 @@ fn pruning_masks(
     tensors: &[formats::Tensor],
     plan: &Plan,
 ) -> Result<Vec<Option<Vec<bool>>>, RunError> {
-    let is_prune = |s: &compress::Step| s.method.kind() == compress::Kind::Prune;
-    let Some(last) = plan.steps.iter().rposition(is_prune) else {
+    let is_prune = |m: &dyn compress::Method| m.kind() == compress::Kind::Prune;
+    let Some(prefix) = compress::through_last(plan, is_prune) else {
         return Ok(vec![None; tensors.len()]);
-    };
-    let prefix = Plan {
-        steps: plan.steps[..=last].to_vec(),
-        ..plan.clone()
     };
     let pruned = compress::run(tensors, &prefix, &compress::NoControl)?;
     Ok(tensors
         .iter()
         .zip(&pruned.restored)
         .map(|(t, r)| {
-            plan.steps[..=last]
+            prefix
+                .steps
                 .iter()
-                .any(|s| is_prune(s) && s.select.selects(t))
+                .any(|s| is_prune(s.method.as_ref()) && s.select.selects(t))
                 .then(|| {
                     r.to_f32()
                         .unwrap_or_default()
@@ -442,11 +439,7 @@ fn distill(
         weights: &tensors,
         params: tensors
             .iter()
-            .map(|_| crate::train::Param {
-                mask: None,
-                project: None,
-                shared: None,
-            })
+            .map(|_| crate::train::Param::default())
             .collect(),
         teacher: (&container.model, &set.tensors),
     };

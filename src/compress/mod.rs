@@ -119,8 +119,6 @@ pub struct Plan {
     pub analyze: Option<f64>,
     /// The spec has a `finetune` block: the steps' forms must be trainable.
     pub finetune: bool,
-    /// The spec has a `distill` block: the steps run on the distilled student.
-    pub distill: bool,
 }
 
 /// ONNX forms where there is a choice: weights rebuilt by plain ops that a runtime folds once
@@ -385,6 +383,16 @@ pub fn without_sharing(plan: &Plan) -> Plan {
     }
 }
 
+/// The plan's steps up to and including the last whose method `is` picks (None: no such
+/// step).
+pub fn through_last(plan: &Plan, is: impl Fn(&dyn Method) -> bool) -> Option<Plan> {
+    let last = plan.steps.iter().rposition(|s| is(s.method.as_ref()))?;
+    Some(Plan {
+        steps: plan.steps[..=last].to_vec(),
+        ..plan.clone()
+    })
+}
+
 /// A tensor's shared values: `slots[j]` indexes `values` for weight j (`u32::MAX`: an exact
 /// zero kept out of the codebook).
 #[derive(Debug, Clone, PartialEq)]
@@ -400,12 +408,8 @@ pub fn shared_values(
     tensors: &[Tensor],
     plan: &Plan,
 ) -> Result<Vec<Option<SharedValues>>, CompressError> {
-    let Some(last) = plan.steps.iter().rposition(|s| s.method.shares_values()) else {
+    let Some(prefix) = through_last(plan, |m| m.shares_values()) else {
         return Ok(vec![None; tensors.len()]);
-    };
-    let prefix = Plan {
-        steps: plan.steps[..=last].to_vec(),
-        ..plan.clone()
     };
     let outcome = run(tensors, &prefix, &NoControl)?;
     Ok(outcome

@@ -518,6 +518,5 @@ pub fn parse_spec(spec: &Value) -> Result<Plan, CompressError> {
         search,
         analyze,
         finetune: obj.contains_key("finetune"),
-        distill: obj.contains_key("distill"),
     })
 }

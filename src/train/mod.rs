@@ -231,7 +231,8 @@ pub const DEFAULT_LEARNING_RATE: f64 = 3e-3;
 /// The hint loss's default weight.
 pub const DEFAULT_HINT: f64 = 1.0;
 
-/// How one parameter of the student trains.
+/// How one parameter of the student trains (the default: as it is).
+#[derive(Default)]
 pub struct Param {
     /// Flags of the values that must stay zero (pruned), if any.
     pub mask: Option<Vec<bool>>,
@@ -280,11 +281,6 @@ pub struct Epoch {
 pub struct Trained {
     pub values: Vec<(usize, Vec<f32>)>,
     pub log: Value,
-    /// The validation metric before training and at the best epoch.
-    pub before: f64,
-    pub best: f64,
-    /// The validation loss before training.
-    pub before_loss: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -852,9 +848,6 @@ pub fn finetune(
     Ok(Trained {
         values: indices.into_iter().zip(values).collect(),
         log,
-        before,
-        best: best_metric,
-        before_loss,
     })
 }
 
