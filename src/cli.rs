@@ -30,7 +30,7 @@ impl Control for BarControl {
 /// Runs the command; returns the process exit code (0 ok, 1 failed, 2 bad input).
 /// The spec's `key` block when a file option stands for its dataset (`given`): the block,
 /// created if the spec has none, names a placeholder id, loses the fields in `drop` (datasets
-/// the CLI has no file for), and is parsed.
+/// the CLI has no file for), and is parsed. A block without its file is an error.
 fn data_block<T>(
     spec: &mut serde_json::Value,
     key: &str,
@@ -38,9 +38,19 @@ fn data_block<T>(
     drop: &[&str],
     parse: fn(&serde_json::Value) -> Result<Option<T>, String>,
 ) -> Result<Option<T>, String> {
-    let Some(obj) = spec.as_object_mut().filter(|_| given) else {
+    let Some(obj) = spec.as_object_mut() else {
         return Ok(None);
     };
+    if !given {
+        // The block names a stored dataset, which the CLI has no way to read: without its
+        // file the job would run as if the block were not there.
+        return match obj.contains_key(key) {
+            true => Err(format!(
+                "{key}: the CLI reads this block's dataset from --{key}-data FILE.npz"
+            )),
+            false => Ok(None),
+        };
+    }
     let block = obj.entry(key).or_insert_with(|| serde_json::json!({}));
     if let Some(b) = block.as_object_mut() {
         b.insert("dataset_id".into(), uuid::Uuid::nil().to_string().into());

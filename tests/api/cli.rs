@@ -73,3 +73,52 @@ async fn cli_compress_matches_the_server_job_and_inspect_lists_tensors() {
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("pipeline[0].sparsity"));
 }
+
+/// `modelpress compress` distills the digits MLP with `--distill-data` standing for the
+/// block's dataset (the same student as a job: 128 and 64 hidden units, scored by
+/// evaluate.py); a spec whose training block has no data file is refused, not run as if the
+/// block were absent.
+#[test]
+fn cli_distills_and_refuses_a_training_block_without_its_file() {
+    let case = cases().join("digits_mlp_control");
+    let input = case.join("digits_mlp.onnx");
+    let out = tempfile::tempdir().unwrap();
+    let spec = out.path().join("spec.json");
+    std::fs::write(&spec, r#"{"distill": {"student": {"width": 0.5}}}"#).unwrap();
+    let run = |extra: &[&std::path::Path]| {
+        Command::new(env!("CARGO_BIN_EXE_modelpress"))
+            .args(["compress", input.to_str().unwrap(), "--quiet", "--spec"])
+            .arg(&spec)
+            .args(extra)
+            .arg("-o")
+            .arg(out.path().join("out"))
+            .output()
+            .unwrap()
+    };
+    let refused = run(&[]);
+    assert_eq!(refused.status.code(), Some(2), "{refused:?}");
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("--distill-data"),
+        "{refused:?}"
+    );
+    let data = case.join("train.npz");
+    let flag = std::path::Path::new("--distill-data");
+    let ok = run(&[flag, &data]);
+    assert!(ok.status.success(), "{ok:?}");
+    let model = out.path().join("out/model.onnx");
+    let scored = evaluate("digits_mlp_control", &model);
+    assert!(
+        scored["top1_accuracy"].as_f64().unwrap() >= 0.97,
+        "{scored}"
+    );
+    let log: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.path().join("out/training.json")).unwrap())
+            .unwrap();
+    let kept: Vec<u64> = log["student"]["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["kept"].as_u64().unwrap())
+        .collect();
+    assert_eq!(kept, [128, 64], "{log}");
+}
