@@ -4,10 +4,14 @@
 //! the graph uses them (through a Reshape, as mnist-8's FC weight). Integer values (shapes,
 //! axes) are computed once, on the host, when the program is built.
 //!
-//! The ops are those of the shared cases' classifiers (mnist-8, the digits MLP): Conv (1-D and
-//! 2-D), MaxPool, AveragePool, MatMul, Gemm, Add/Sub/Mul/Div, Relu, Sigmoid, Tanh, Softmax,
-//! LogSoftmax, Reshape, Flatten, Transpose, Identity, Cast (to float), Constant. A graph
-//! with another op on the path to the scored output is refused with its name.
+//! The ops are those of the shared cases' classifiers and detector (mnist-8, the digits MLP,
+//! silero_vad): Conv (1-D and 2-D), MaxPool, AveragePool, MatMul, Gemm, Add/Sub/Mul/Div,
+//! Relu, Sigmoid, Tanh, Softmax, LogSoftmax, Reshape, Flatten, Transpose, Identity, Cast (to
+//! float), Constant, Pad (zeros, reflect, edge), Slice, Unsqueeze, Squeeze, Concat, Pow by a
+//! constant, Sqrt, and a forward LSTM with the default activations. Shape arithmetic on
+//! integer constants (ConstantOfShape, Concat, Reshape, Slice, Transpose, Cast, Unsqueeze,
+//! Squeeze) is folded when the program is built. A graph with another op on the path to the
+//! scored output is refused with its name.
 
 use crate::model::{DType, Tensor as ModelTensor};
 use candle_core::{Device, Tensor, D};
@@ -32,7 +36,8 @@ impl From<candle_core::Error> for GraphError {
 /// A value known when the program is built.
 #[derive(Debug, Clone)]
 enum Known {
-    Ints(Vec<i64>),
+    /// Integers (shapes, axes, pad widths) with their dims.
+    Ints(Vec<usize>, Vec<i64>),
     Floats(Vec<usize>, Vec<f32>),
 }
 
@@ -90,6 +95,33 @@ enum Op {
     Flatten(i64),
     Transpose(Vec<usize>),
     Identity,
+    /// Pads widths [begin of each axis.., end of each axis..] (no negative ones).
+    Pad {
+        pads: Vec<i64>,
+        mode: PadMode,
+    },
+    Slice(Vec<SliceAxis>),
+    Unsqueeze(Vec<i64>),
+    Squeeze(Option<Vec<i64>>),
+    Concat(i64),
+    /// A power by a constant exponent.
+    Pow(f64),
+    Sqrt,
+    /// A forward LSTM with the default activations (ONNX gate order i, o, f, c), its
+    /// optional inputs present or not; only its first output (Y) is computed.
+    Lstm {
+        hidden: usize,
+        bias: bool,
+        h0: bool,
+        c0: bool,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum PadMode {
+    Zeros,
+    Reflect,
+    Edge,
 }
 
 /// The program for one output of a graph.
@@ -103,6 +135,9 @@ pub struct Program {
     /// The value feeding the output's Softmax, when the output is one (a classifier's
     /// probabilities): distillation matches logits.
     pub logits: Option<String>,
+    /// The head is a Sigmoid (a detector's probabilities): `logits` are its input, one
+    /// independent yes/no score each.
+    pub binary: bool,
     /// Names of the initializers the program reads, in parameter order.
     pub params: Vec<String>,
 }
@@ -175,12 +210,14 @@ fn conv_pads(n: &NodeProto, kernel: &[usize]) -> Result<Option<Vec<(usize, usize
 fn model_tensor_to_known(t: &ModelTensor) -> Option<Known> {
     match t.dtype {
         DType::I64 => Some(Known::Ints(
+            t.shape.clone(),
             t.data
                 .chunks_exact(8)
                 .map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
                 .collect(),
         )),
         DType::I32 => Some(Known::Ints(
+            t.shape.clone(),
             t.data
                 .chunks_exact(4)
                 .map(|c| i64::from(i32::from_le_bytes(c.try_into().unwrap_or([0; 4]))))
@@ -206,7 +243,10 @@ fn constant_node(n: &NodeProto) -> Result<Known, GraphError> {
             } else {
                 t.int64_data.clone()
             };
-            Ok(Known::Ints(v))
+            if v.len() != count {
+                return Err(err("a Constant's data does not match its dims"));
+            }
+            Ok(Known::Ints(dims, v))
         }
         1 => {
             let v: Vec<f32> = if !t.raw_data.is_empty() {
@@ -224,6 +264,261 @@ fn constant_node(n: &NodeProto) -> Result<Known, GraphError> {
         }
         other => Err(err(format!("a Constant of ONNX type {other}"))),
     }
+}
+
+/// The indices an ONNX Slice takes along an axis of `dim` values (negative starts and ends
+/// count from the end; both are clamped as the operator's definition says).
+fn slice_indices(dim: usize, start: i64, end: i64, step: i64) -> Result<Vec<usize>, GraphError> {
+    let d = dim as i64;
+    let norm = |x: i64| if x < 0 { x.saturating_add(d) } else { x };
+    let (s, e) = (norm(start), norm(end));
+    let mut out = Vec::new();
+    if step > 0 {
+        let (mut i, e) = (s.clamp(0, d), e.clamp(0, d));
+        while i < e {
+            out.push(i as usize);
+            i += step;
+        }
+    } else if step < 0 {
+        let (mut i, e) = (s.clamp(0, d - 1), e.clamp(-1, d - 1));
+        while i > e {
+            out.push(i as usize);
+            i += step;
+        }
+    } else {
+        return Err(err("a Slice with step 0"));
+    }
+    Ok(out)
+}
+
+/// One axis of a Slice: (axis, start, end, step), the axis not yet resolved against a rank.
+type SliceAxis = (i64, i64, i64, i64);
+
+/// The axes of a Slice from its inputs (opset 10 and later) or attributes (before).
+fn slice_axes(
+    n: &NodeProto,
+    known_ints: &dyn Fn(usize) -> Option<Vec<i64>>,
+) -> Result<Vec<SliceAxis>, GraphError> {
+    let (starts, ends, axes, steps) = if n.input.len() > 1 {
+        let need = |k: usize, what: &str| {
+            known_ints(k).ok_or_else(|| err(format!("a Slice whose {what} are not constants")))
+        };
+        let starts = need(1, "starts")?;
+        let ends = need(2, "ends")?;
+        let axes = match n.input.get(3).filter(|x| !x.is_empty()) {
+            Some(_) => Some(need(3, "axes")?),
+            None => None,
+        };
+        let steps = match n.input.get(4).filter(|x| !x.is_empty()) {
+            Some(_) => Some(need(4, "steps")?),
+            None => None,
+        };
+        (starts, ends, axes, steps)
+    } else {
+        (
+            ints(n, "starts").unwrap_or_default(),
+            ints(n, "ends").unwrap_or_default(),
+            ints(n, "axes"),
+            None,
+        )
+    };
+    if ends.len() != starts.len() {
+        return Err(err("a Slice whose starts and ends differ in length"));
+    }
+    let axes = axes.unwrap_or_else(|| (0..starts.len() as i64).collect());
+    let steps = steps.unwrap_or_else(|| vec![1; starts.len()]);
+    if axes.len() != starts.len() || steps.len() != starts.len() {
+        return Err(err("a Slice whose axes or steps do not match its starts"));
+    }
+    Ok((0..starts.len())
+        .map(|i| (axes[i], starts[i], ends[i], steps[i]))
+        .collect())
+}
+
+/// The axes an Unsqueeze or Squeeze names: its second input (opset 13 and later) or its
+/// `axes` attribute; None when it names none (Squeeze then drops every axis of 1).
+fn shape_axes(
+    n: &NodeProto,
+    known_ints: &dyn Fn(usize) -> Option<Vec<i64>>,
+) -> Result<Option<Vec<i64>>, GraphError> {
+    match n.input.get(1).filter(|x| !x.is_empty()) {
+        Some(_) => known_ints(1)
+            .map(Some)
+            .ok_or_else(|| err(format!("an {} whose axes are not a constant", n.op_type))),
+        None => Ok(ints(n, "axes")),
+    }
+}
+
+/// The dims after an Unsqueeze of `axes` (each counted in the output's rank).
+fn unsqueezed(dims: &[usize], axes: &[i64]) -> Result<Vec<usize>, GraphError> {
+    let rank = dims.len() + axes.len();
+    let mut at: Vec<usize> = axes
+        .iter()
+        .map(|&a| axis(a, rank))
+        .collect::<Result<_, _>>()?;
+    at.sort_unstable();
+    let mut rest = dims.iter();
+    Ok((0..rank)
+        .map(|i| {
+            if at.binary_search(&i).is_ok() {
+                1
+            } else {
+                rest.next().copied().unwrap_or(1)
+            }
+        })
+        .collect())
+}
+
+/// The dims after a Squeeze of `axes` (every axis of 1 when None).
+fn squeezed(dims: &[usize], axes: Option<&[i64]>) -> Result<Vec<usize>, GraphError> {
+    let drop: Vec<usize> = match axes {
+        Some(a) => a
+            .iter()
+            .map(|&a| axis(a, dims.len()))
+            .collect::<Result<_, _>>()?,
+        None => (0..dims.len()).filter(|&i| dims[i] == 1).collect(),
+    };
+    if drop.iter().any(|&i| dims[i] != 1) {
+        return Err(err(format!("a Squeeze of an axis above 1 in {dims:?}")));
+    }
+    Ok((0..dims.len())
+        .filter(|i| !drop.contains(i))
+        .map(|i| dims[i])
+        .collect())
+}
+
+/// A Reshape target with ONNX's 0 (copy) and -1 (infer) resolved against `dims`.
+fn resolve_shape(dims: &[usize], shape: &[i64]) -> Result<Vec<usize>, GraphError> {
+    let total: usize = dims.iter().product();
+    let mut out = Vec::with_capacity(shape.len());
+    let mut infer = None;
+    for (i, &s) in shape.iter().enumerate() {
+        match s {
+            0 => out.push(
+                *dims
+                    .get(i)
+                    .ok_or_else(|| err("Reshape copies a missing axis"))?,
+            ),
+            -1 if infer.is_none() => {
+                infer = Some(i);
+                out.push(1);
+            }
+            s if s > 0 => out.push(s as usize),
+            _ => return Err(err(format!("a Reshape to {shape:?}"))),
+        }
+    }
+    if let Some(i) = infer {
+        let known: usize = out.iter().product();
+        out[i] = total / known.max(1);
+    }
+    if out.iter().product::<usize>() != total {
+        return Err(err(format!("cannot reshape {dims:?} to {shape:?}")));
+    }
+    Ok(out)
+}
+
+/// Folds a node whose inputs are all known integers: the shape arithmetic exporters emit
+/// (silero's reflect-pad widths come from ConstantOfShape, Concat, Reshape, Slice,
+/// Transpose, Reshape and Cast). None when the node is not such a node; it then runs as an
+/// op of the program.
+fn fold(n: &NodeProto, known: &HashMap<String, Known>) -> Result<Option<Known>, GraphError> {
+    use ndarray::{ArrayD, Axis, IxDyn};
+    let inputs: Vec<&str> = n
+        .input
+        .iter()
+        .map(String::as_str)
+        .filter(|x| !x.is_empty())
+        .collect();
+    let arrays: Option<Vec<ArrayD<i64>>> = inputs
+        .iter()
+        .map(|x| match known.get(*x) {
+            Some(Known::Ints(d, v)) => ArrayD::from_shape_vec(IxDyn(d), v.clone()).ok(),
+            _ => None,
+        })
+        .collect();
+    let Some(arrays) = arrays.filter(|a| !a.is_empty()) else {
+        return Ok(None);
+    };
+    // By the node's own input positions (an optional input left empty keeps its place).
+    let k = |i: usize| -> Option<Vec<i64>> {
+        match n.input.get(i).and_then(|x| known.get(x)) {
+            Some(Known::Ints(_, v)) => Some(v.clone()),
+            _ => None,
+        }
+    };
+    let ints_of = |a: ArrayD<i64>| {
+        let d = a.shape().to_vec();
+        Known::Ints(d, a.iter().copied().collect())
+    };
+    let x = &arrays[0];
+    Ok(Some(match n.op_type.as_str() {
+        "ConstantOfShape" => {
+            let dims = usizes(&k(0).unwrap_or_default())?;
+            let count: usize = dims.iter().product();
+            if count > 1 << 24 {
+                return Err(err("a ConstantOfShape of over 16M values"));
+            }
+            match attr(n, "value").map(|_| constant_node(n)).transpose()? {
+                Some(Known::Ints(_, v)) => {
+                    Known::Ints(dims, vec![v.first().copied().unwrap_or(0); count])
+                }
+                Some(Known::Floats(_, v)) => {
+                    Known::Floats(dims, vec![v.first().copied().unwrap_or(0.0); count])
+                }
+                None => Known::Floats(dims, vec![0.0; count]),
+            }
+        }
+        "Concat" => {
+            let a = axis(int(n, "axis", 0), x.ndim())?;
+            let views: Vec<_> = arrays.iter().map(|a| a.view()).collect();
+            ints_of(ndarray::concatenate(Axis(a), &views).map_err(|e| err(format!("Concat: {e}")))?)
+        }
+        "Reshape" => {
+            let to = resolve_shape(x.shape(), &k(1).unwrap_or_default())?;
+            Known::Ints(to, x.iter().copied().collect())
+        }
+        "Slice" => {
+            let mut y = x.clone();
+            for (a, s, e, st) in slice_axes(n, &k)? {
+                let a = axis(a, y.ndim())?;
+                let idx = slice_indices(y.shape()[a], s, e, st)?;
+                y = y.select(Axis(a), &idx);
+            }
+            ints_of(y)
+        }
+        "Transpose" => {
+            let perm = usizes(&ints(n, "perm").unwrap_or_default())?;
+            let perm: Vec<usize> = if perm.is_empty() {
+                (0..x.ndim()).rev().collect()
+            } else {
+                perm
+            };
+            if perm.len() != x.ndim() {
+                return Err(err("a Transpose whose perm does not match its rank"));
+            }
+            ints_of(
+                x.clone()
+                    .permuted_axes(IxDyn(&perm))
+                    .as_standard_layout()
+                    .to_owned(),
+            )
+        }
+        "Cast" => match int(n, "to", 0) {
+            6 | 7 => ints_of(x.clone()),
+            1 => Known::Floats(x.shape().to_vec(), x.iter().map(|&v| v as f32).collect()),
+            _ => return Ok(None),
+        },
+        "Unsqueeze" => Known::Ints(
+            unsqueezed(x.shape(), &shape_axes(n, &k)?.unwrap_or_default())?,
+            x.iter().copied().collect(),
+        ),
+        "Squeeze" => Known::Ints(
+            squeezed(x.shape(), shape_axes(n, &k)?.as_deref())?,
+            x.iter().copied().collect(),
+        ),
+        "Identity" => ints_of(x.clone()),
+        _ => return Ok(None),
+    }))
 }
 
 impl Program {
@@ -327,7 +622,6 @@ impl Program {
                 }
             }
         }
-        let mut logits = None;
         for (i, n) in g.node.iter().enumerate() {
             if !needed[i] {
                 continue;
@@ -342,7 +636,7 @@ impl Program {
             let out = n.output.first().cloned().unwrap_or_default();
             let known_ints = |k: usize| -> Option<Vec<i64>> {
                 match n.input.get(k).and_then(|x| known.get(x)) {
-                    Some(Known::Ints(v)) => Some(v.clone()),
+                    Some(Known::Ints(_, v)) => Some(v.clone()),
                     _ => None,
                 }
             };
@@ -350,6 +644,10 @@ impl Program {
                 if !initializer_names.contains(out.as_str()) {
                     known.insert(out, constant_node(n)?);
                 }
+                continue;
+            }
+            if let Some(k) = fold(n, &known)? {
+                known.insert(out, k);
                 continue;
             }
             let op = match op_name {
@@ -445,18 +743,7 @@ impl Program {
                 "Relu" => Op::Relu,
                 "Sigmoid" => Op::Sigmoid,
                 "Tanh" => Op::Tanh,
-                "Softmax" => {
-                    if out == output
-                        || g.node.iter().any(|m| {
-                            m.op_type == "Identity"
-                                && m.input.first() == Some(&out)
-                                && m.output.first() == Some(&output)
-                        })
-                    {
-                        logits = n.input.first().cloned();
-                    }
-                    Op::Softmax(int(n, "axis", -1))
-                }
+                "Softmax" => Op::Softmax(int(n, "axis", -1)),
                 "LogSoftmax" => Op::LogSoftmax(int(n, "axis", -1)),
                 "Reshape" => Op::Reshape(
                     known_ints(1).ok_or_else(|| err("a Reshape whose shape is not a constant"))?,
@@ -465,6 +752,111 @@ impl Program {
                 "Transpose" => Op::Transpose(usizes(&ints(n, "perm").unwrap_or_default())?),
                 "Identity" => Op::Identity,
                 "Cast" if int(n, "to", 1) == 1 => Op::Identity,
+                "Pad" => {
+                    let pads = match n.input.get(1).filter(|x| !x.is_empty()) {
+                        Some(_) => known_ints(1)
+                            .ok_or_else(|| err("a Pad whose widths are not a constant"))?,
+                        None => ints(n, "pads").unwrap_or_default(),
+                    };
+                    if n.input.get(3).is_some_and(|x| !x.is_empty()) {
+                        return Err(err("a Pad with axes (opset 18) is not mapped"));
+                    }
+                    if pads.iter().any(|&p| p < 0) {
+                        return Err(err("a Pad with negative widths (a crop) is not mapped"));
+                    }
+                    let mode = match string(n, "mode").as_str() {
+                        "" | "constant" => {
+                            let value = match n.input.get(2).filter(|x| !x.is_empty()) {
+                                Some(v) => match known.get(v) {
+                                    Some(Known::Floats(_, v)) => v.first().copied(),
+                                    Some(Known::Ints(_, v)) => v.first().map(|&x| x as f32),
+                                    None => None,
+                                },
+                                None => Some(float(n, "value", 0.0)),
+                            };
+                            if value != Some(0.0) {
+                                return Err(err("a Pad with a constant other than 0"));
+                            }
+                            PadMode::Zeros
+                        }
+                        "reflect" => PadMode::Reflect,
+                        "edge" => PadMode::Edge,
+                        m => return Err(err(format!("a Pad in mode {m:?}"))),
+                    };
+                    Op::Pad { pads, mode }
+                }
+                "Slice" => Op::Slice(slice_axes(n, &known_ints)?),
+                "Unsqueeze" => Op::Unsqueeze(
+                    shape_axes(n, &known_ints)?.ok_or_else(|| err("an Unsqueeze without axes"))?,
+                ),
+                "Squeeze" => Op::Squeeze(shape_axes(n, &known_ints)?),
+                "Concat" => Op::Concat(int(n, "axis", 0)),
+                "Pow" => {
+                    // The exponent: a folded constant, or a one-value tensor the reader took
+                    // out of a Constant node (silero's 2).
+                    let tensor = n
+                        .input
+                        .get(1)
+                        .and_then(|x| by_name.get(x.as_str()))
+                        .and_then(|t| model_tensor_to_known(t));
+                    let e = match n
+                        .input
+                        .get(1)
+                        .and_then(|x| known.get(x))
+                        .or(tensor.as_ref())
+                    {
+                        Some(Known::Floats(_, v)) if v.len() == 1 => f64::from(v[0]),
+                        Some(Known::Ints(_, v)) if v.len() == 1 => v[0] as f64,
+                        _ => return Err(err("a Pow whose exponent is not one constant")),
+                    };
+                    Op::Pow(e)
+                }
+                "Sqrt" => Op::Sqrt,
+                "LSTM" => {
+                    let present = |k: usize| n.input.get(k).is_some_and(|x| !x.is_empty());
+                    let direction = string(n, "direction");
+                    if !matches!(direction.as_str(), "" | "forward") {
+                        return Err(err(format!("an LSTM in direction {direction:?}")));
+                    }
+                    let acts: Vec<String> = attr(n, "activations")
+                        .map(|a| {
+                            a.strings
+                                .iter()
+                                .map(|s| String::from_utf8_lossy(s).to_lowercase())
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    if !(acts.is_empty() || acts == ["sigmoid", "tanh", "tanh"])
+                        || attr(n, "clip").is_some()
+                        || int(n, "input_forget", 0) != 0
+                        || int(n, "layout", 0) != 0
+                        || present(4)
+                        || present(7)
+                    {
+                        return Err(err(
+                            "an LSTM with activations, clip, input_forget, layout, sequence_lens or peepholes (only the default forward LSTM is mapped)",
+                        ));
+                    }
+                    if n.output
+                        .iter()
+                        .skip(1)
+                        .filter(|o| !o.is_empty())
+                        .any(|o| seen.contains(o))
+                    {
+                        return Err(err(
+                            "the scored output reads an LSTM's final state (only its sequence output Y is mapped)",
+                        ));
+                    }
+                    Op::Lstm {
+                        hidden: usize::try_from(int(n, "hidden_size", 0))
+                            .ok()
+                            .filter(|&h| h > 0)
+                            .ok_or_else(|| err("an LSTM without hidden_size"))?,
+                        bias: present(3),
+                        h0: present(5),
+                        c0: present(6),
+                    }
+                }
                 other => {
                     return Err(err(format!(
                         "its op {other} is not one the training engine maps"
@@ -472,7 +864,12 @@ impl Program {
                 }
             };
             let arity = match op {
-                Op::Reshape(_) => 1,
+                Op::Reshape(_)
+                | Op::Pad { .. }
+                | Op::Slice(_)
+                | Op::Unsqueeze(_)
+                | Op::Squeeze(_)
+                | Op::Pow(_) => 1,
                 _ => n.input.len(),
             };
             let inputs = n.input[..arity.min(n.input.len())]
@@ -504,12 +901,54 @@ impl Program {
         if !produced.contains(output.as_str()) {
             return Err(err(format!("no mapped node writes the output {output:?}")));
         }
+        let graph_inputs: std::collections::HashSet<&str> =
+            g.input.iter().map(|i| i.name.as_str()).collect();
+        let mut written: std::collections::HashSet<&str> = std::collections::HashSet::new();
+        for s in &steps {
+            for x in &s.inputs {
+                if let Source::Value(v) = x {
+                    if !written.contains(v.as_str()) && !graph_inputs.contains(v.as_str()) {
+                        return Err(err(format!(
+                            "the value {v:?} is not computed by a mapped op (only a node's first output is)"
+                        )));
+                    }
+                }
+            }
+            written.insert(s.output.as_str());
+        }
+        // The head: a Softmax or Sigmoid reached back from the output through ops that only
+        // move values. Training matches the values that feed it.
+        let (mut logits, mut binary) = (None, false);
+        let mut v = output.clone();
+        while let Some(s) = steps.iter().find(|s| s.output == v) {
+            match (&s.op, s.inputs.first()) {
+                (Op::Softmax(_), Some(Source::Value(x))) => {
+                    logits = Some(x.clone());
+                    break;
+                }
+                (Op::Sigmoid, Some(Source::Value(x))) => {
+                    logits = Some(x.clone());
+                    binary = true;
+                    break;
+                }
+                (
+                    Op::Reshape(_)
+                    | Op::Identity
+                    | Op::Squeeze(_)
+                    | Op::Unsqueeze(_)
+                    | Op::Flatten(_),
+                    Some(Source::Value(x)),
+                ) => v = x.clone(),
+                _ => break,
+            }
+        }
         Ok(Program {
             steps,
             consts,
             inputs,
             output,
             logits,
+            binary,
             params,
         })
     }
@@ -609,31 +1048,7 @@ fn reshape_dims(x: &Tensor, shape: &[i64]) -> Result<Vec<usize>, GraphError> {
         out.extend(shape[1..].iter().map(|&s| s as usize));
         return Ok(out);
     }
-    let mut out = Vec::with_capacity(shape.len());
-    let mut infer = None;
-    for (i, &s) in shape.iter().enumerate() {
-        match s {
-            0 => out.push(
-                *dims
-                    .get(i)
-                    .ok_or_else(|| err("Reshape copies a missing axis"))?,
-            ),
-            -1 => {
-                infer = Some(i);
-                out.push(1);
-            }
-            s if s > 0 => out.push(s as usize),
-            _ => return Err(err("a negative Reshape size")),
-        }
-    }
-    if let Some(i) = infer {
-        let known: usize = out.iter().product();
-        out[i] = total / known.max(1);
-    }
-    if out.iter().product::<usize>() != total {
-        return Err(err(format!("cannot reshape {dims:?} to {shape:?}")));
-    }
-    Ok(out)
+    resolve_shape(dims, shape)
 }
 
 /// The windows of a pool whose stride equals its kernel, as the last axis:
@@ -680,9 +1095,11 @@ fn apply(
             let mut x = get(0)?.contiguous()?;
             let w = get(1)?.contiguous()?;
             let spatial = pads.len();
-            // Asymmetric padding: pad the input, then convolve without padding.
-            let symmetric =
-                pads.iter().all(|(b, e)| b == e) && pads.windows(2).all(|p| p[0] == p[1]);
+            // Asymmetric padding, or a stride above 1: pad the input, then convolve without
+            // padding.
+            let symmetric = *stride == 1
+                && pads.iter().all(|(b, e)| b == e)
+                && pads.windows(2).all(|p| p[0] == p[1]);
             let pad = if symmetric {
                 pads.first().map_or(0, |p| p.0)
             } else {
@@ -691,6 +1108,22 @@ fn apply(
             if !symmetric {
                 for (i, (b, e)) in pads.iter().enumerate() {
                     x = x.pad_with_zeros(2 + i, *b, *e)?;
+                }
+            }
+            // With a stride, the trailing inputs no window reaches are cut off: candle 0.11's
+            // input gradient of a strided convolution has the wrong length when the windows
+            // do not end on the input's last value (silero's stride-2 encoder convolutions).
+            if *stride > 1 {
+                let kernel = &w.dims()[2..];
+                for (i, &k) in kernel.iter().enumerate() {
+                    let len = x.dims()[2 + i];
+                    let reach = dilation * (k.max(1) - 1) + 1;
+                    if len >= reach {
+                        let unused = (len - reach) % stride;
+                        if unused > 0 {
+                            x = x.narrow(2 + i, 0, len - unused)?;
+                        }
+                    }
                 }
             }
             // A 1-D convolution runs as a 2-D one of height 1 on the input padded here (candle
@@ -800,7 +1233,157 @@ fn apply(
             x.permute(perm)?
         }
         Op::Identity => get(0)?,
+        Op::Pad { pads, mode } => {
+            let mut x = get(0)?;
+            let rank = x.rank();
+            if pads.len() != 2 * rank {
+                return Err(err(format!("{} pad widths for rank {rank}", pads.len())));
+            }
+            for a in 0..rank {
+                let (b, e) = (pads[a] as usize, pads[a + rank] as usize);
+                if b == 0 && e == 0 {
+                    continue;
+                }
+                x = match mode {
+                    PadMode::Zeros => x.pad_with_zeros(a, b, e)?,
+                    PadMode::Reflect | PadMode::Edge => {
+                        let idx = pad_index(x.dims()[a], b, e, *mode)?;
+                        let n = idx.len();
+                        x.contiguous()?
+                            .index_select(&Tensor::from_vec(idx, n, x.device())?, a)?
+                    }
+                };
+            }
+            x
+        }
+        Op::Slice(axes) => {
+            let mut x = get(0)?;
+            for &(a, s, e, st) in axes {
+                let a = axis(a, x.rank())?;
+                let idx = slice_indices(x.dims()[a], s, e, st)?;
+                if idx.is_empty() {
+                    return Err(err("a Slice that keeps nothing"));
+                }
+                x = if st == 1 {
+                    x.narrow(a, idx[0], idx.len())?
+                } else {
+                    let n = idx.len();
+                    let idx: Vec<u32> = idx.into_iter().map(|i| i as u32).collect();
+                    x.contiguous()?
+                        .index_select(&Tensor::from_vec(idx, n, x.device())?, a)?
+                };
+            }
+            x
+        }
+        Op::Unsqueeze(axes) => {
+            let x = get(0)?;
+            let dims = unsqueezed(x.dims(), axes)?;
+            x.reshape(dims)?
+        }
+        Op::Squeeze(axes) => {
+            let x = get(0)?;
+            let dims = squeezed(x.dims(), axes.as_deref())?;
+            x.reshape(dims)?
+        }
+        Op::Concat(a) => {
+            let xs = (0..arity).map(get).collect::<Result<Vec<_>, _>>()?;
+            let a = axis(*a, xs.first().map_or(1, Tensor::rank))?;
+            Tensor::cat(&xs, a)?
+        }
+        Op::Pow(e) => {
+            let x = get(0)?;
+            if *e == 2.0 {
+                x.sqr()?
+            } else if *e == 1.0 {
+                x
+            } else {
+                x.powf(*e)?
+            }
+        }
+        // The square root of x + 1e-12: the same value to float precision wherever x is not
+        // tiny, and a finite gradient where x is 0 (the STFT magnitude of a silent frame).
+        Op::Sqrt => (get(0)? + 1e-12)?.sqrt()?,
+        Op::Lstm {
+            hidden,
+            bias,
+            h0,
+            c0,
+        } => lstm(get, *hidden, *bias, *h0, *c0)?,
     })
+}
+
+/// The source indices of a reflect or edge pad of `b` before and `e` after an axis of `d`.
+fn pad_index(d: usize, b: usize, e: usize, mode: PadMode) -> Result<Vec<u32>, GraphError> {
+    if mode == PadMode::Reflect && (b >= d || e >= d) {
+        return Err(err(format!(
+            "a reflect pad of {b}/{e} on an axis of {d} (at most {})",
+            d.saturating_sub(1)
+        )));
+    }
+    if d == 0 {
+        return Err(err("a pad of an empty axis"));
+    }
+    let before = (1..=b)
+        .rev()
+        .map(|k| if mode == PadMode::Reflect { k } else { 0 });
+    let after = (1..=e).map(|k| {
+        if mode == PadMode::Reflect {
+            d - 1 - k
+        } else {
+            d - 1
+        }
+    });
+    Ok(before.chain(0..d).chain(after).map(|i| i as u32).collect())
+}
+
+/// ONNX LSTM, forward, default activations: X [T, B, I], W [1, 4H, I], R [1, 4H, H], B [1, 8H],
+/// initial h and c [1, B, H]; returns Y [T, 1, B, H]. Gates in ONNX's order i, o, f, c.
+fn lstm(
+    get: &dyn Fn(usize) -> Result<Tensor, GraphError>,
+    hidden: usize,
+    bias: bool,
+    has_h0: bool,
+    has_c0: bool,
+) -> Result<Tensor, GraphError> {
+    let x = get(0)?;
+    let (t, b, i) = x.dims3()?;
+    let w = get(1)?.squeeze(0)?;
+    let r = get(2)?.squeeze(0)?.t()?.contiguous()?;
+    let mut k = 3;
+    let mut xw = x
+        .reshape((t * b, i))?
+        .matmul(&w.t()?.contiguous()?)?
+        .reshape((t, b, 4 * hidden))?;
+    if bias {
+        let bb = get(k)?.squeeze(0)?;
+        k += 1;
+        let sum = (bb.narrow(0, 0, 4 * hidden)? + bb.narrow(0, 4 * hidden, 4 * hidden)?)?;
+        xw = xw.broadcast_add(&sum)?;
+    }
+    let state = |present: bool, k: &mut usize| -> Result<Tensor, GraphError> {
+        if present {
+            let s = get(*k)?;
+            *k += 1;
+            Ok(s.reshape((b, hidden))?)
+        } else {
+            Ok(Tensor::zeros((b, hidden), x.dtype(), x.device())?)
+        }
+    };
+    let mut h = state(has_h0, &mut k)?;
+    let mut c = state(has_c0, &mut k)?;
+    let mut ys = Vec::with_capacity(t);
+    for step in 0..t {
+        let g = (xw.get(step)? + h.matmul(&r)?)?;
+        let gate = |j: usize| g.narrow(1, j * hidden, hidden);
+        let ig = candle_nn::ops::sigmoid(&gate(0)?)?;
+        let og = candle_nn::ops::sigmoid(&gate(1)?)?;
+        let fg = candle_nn::ops::sigmoid(&gate(2)?)?;
+        let cg = gate(3)?.tanh()?;
+        c = ((fg * &c)? + (ig * cg)?)?;
+        h = (og * c.tanh()?)?;
+        ys.push(h.clone());
+    }
+    Ok(Tensor::stack(&ys, 0)?.unsqueeze(1)?)
 }
 
 #[cfg(test)]
@@ -1272,5 +1855,314 @@ mod tests {
             );
             check_gradients(&p, &feeds, &params, 11, 8);
         }
+    }
+    /// A feed: values and shape.
+    type Feed = (Vec<f32>, Vec<usize>);
+
+    fn tract_run_many(bytes: &[u8], inputs: &[Feed]) -> Vec<f32> {
+        let mut model = tract_onnx::onnx()
+            .model_for_read(&mut std::io::Cursor::new(bytes))
+            .unwrap();
+        for (i, (_, shape)) in inputs.iter().enumerate() {
+            model
+                .set_input_fact(
+                    i,
+                    InferenceFact::dt_shape(f32::datum_type(), shape.as_slice()),
+                )
+                .unwrap();
+        }
+        let outs = model.output_outlets().unwrap().to_vec();
+        model.select_output_outlets(&outs[..1]).unwrap();
+        let plan = model.into_optimized().unwrap().into_runnable().unwrap();
+        let feeds: TVec<TValue> = inputs
+            .iter()
+            .map(|(v, shape)| {
+                let a = tract_ndarray::ArrayD::from_shape_vec(shape.as_slice(), v.clone()).unwrap();
+                tract_onnx::prelude::Tensor::from(a).into()
+            })
+            .collect();
+        let out = plan.run(feeds).unwrap();
+        out[0]
+            .to_plain_array_view::<f32>()
+            .unwrap()
+            .iter()
+            .copied()
+            .collect()
+    }
+
+    fn int_constant(name: &str, dims: &[i64], v: &[i64]) -> NodeProto {
+        let mut t = int64s("", v);
+        t.dims = dims.to_vec();
+        NodeProto {
+            op_type: "Constant".into(),
+            output: vec![name.into()],
+            name: name.into(),
+            attribute: vec![AttributeProto {
+                name: "value".into(),
+                r#type: AttributeType::Tensor as i32,
+                t: Some(t),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    const STEPS: usize = 5;
+    const HIDDEN: usize = 3;
+
+    /// A small detector built like silero_vad: pad widths computed from constants
+    /// (ConstantOfShape, Concat, Reshape, a reversing Slice, Transpose, Reshape, Cast), a
+    /// reflect Pad, Unsqueeze, a strided 1-D Conv, Slices, Pow, Add, Sqrt, Convs with Relu,
+    /// Transpose, an LSTM with bias and initial state, Squeeze, a 1x1 Conv, Sigmoid, Reshape.
+    /// Inputs x [STEPS, 10], h and c [1, 1, HIDDEN]. Both strided convolutions leave
+    /// trailing inputs no window reaches (15 by 5 in steps of 3, 6 by 3 in steps of 2).
+    fn sequence(seed: u64) -> (Vec<u8>, Vec<Feed>) {
+        let mut g = Gen(seed);
+        let h = HIDDEN as i64;
+        let inits = vec![
+            floats("basis", &[6, 1, 5], g.v(30, -0.5, 0.5)),
+            floats("e1", &[4, 3, 3], g.v(36, -0.6, 0.6)),
+            floats("e1b", &[4], g.v(4, -0.1, 0.3)),
+            floats("e2", &[4, 4, 2], g.v(32, -0.6, 0.6)),
+            floats("e2b", &[4], g.v(4, -0.1, 0.3)),
+            floats("lw", &[1, 4 * h, 4], g.v(48, -0.8, 0.8)),
+            floats("lr", &[1, 4 * h, h], g.v(36, -0.8, 0.8)),
+            floats("lb", &[1, 8 * h], g.v(24, -0.3, 0.3)),
+            floats("ow", &[1, h, 1], g.v(3, -1.0, 1.0)),
+            floats("ob", &[1], g.v(1, -0.2, 0.2)),
+        ];
+        let two = NodeProto {
+            op_type: "Constant".into(),
+            output: vec!["two".into()],
+            name: "two".into(),
+            attribute: vec![AttributeProto {
+                name: "value".into(),
+                r#type: AttributeType::Tensor as i32,
+                t: Some(floats("", &[], vec![2.0])),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let nodes = vec![
+            int_constant("n2", &[1], &[2]),
+            node(
+                "ConstantOfShape",
+                &["n2"],
+                "zeros",
+                vec![AttributeProto {
+                    name: "value".into(),
+                    r#type: AttributeType::Tensor as i32,
+                    t: Some(int64s("", &[0])),
+                    ..Default::default()
+                }],
+            ),
+            int_constant("widths", &[2], &[2, 3]),
+            node(
+                "Concat",
+                &["widths", "zeros"],
+                "cat",
+                vec![a_int("axis", 0)],
+            ),
+            int_constant("by2", &[2], &[-1, 2]),
+            node("Reshape", &["cat", "by2"], "pairs", vec![]),
+            int_constant("s_start", &[1], &[-1]),
+            int_constant("s_end", &[1], &[-1000]),
+            int_constant("s_axis", &[1], &[0]),
+            int_constant("s_step", &[1], &[-1]),
+            node(
+                "Slice",
+                &["pairs", "s_start", "s_end", "s_axis", "s_step"],
+                "rev",
+                vec![],
+            ),
+            node("Transpose", &["rev"], "tp", vec![a_ints("perm", &[1, 0])]),
+            int_constant("flat", &[1], &[-1]),
+            node("Reshape", &["tp", "flat"], "pads0", vec![]),
+            node("Cast", &["pads0"], "pads", vec![a_int("to", 7)]),
+            NodeProto {
+                op_type: "Pad".into(),
+                input: vec!["x".into(), "pads".into()],
+                output: vec!["padded".into()],
+                attribute: vec![AttributeProto {
+                    name: "mode".into(),
+                    r#type: AttributeType::String as i32,
+                    s: b"reflect".to_vec(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+            int_constant("one", &[1], &[1]),
+            node("Unsqueeze", &["padded", "one"], "u", vec![]),
+            node(
+                "Conv",
+                &["u", "basis"],
+                "spec",
+                vec![a_ints("strides", &[3])],
+            ),
+            int_constant("zero", &[1], &[0]),
+            int_constant("three", &[1], &[3]),
+            int_constant("six", &[1], &[6]),
+            node("Slice", &["spec", "zero", "three", "one"], "re", vec![]),
+            node("Slice", &["spec", "three", "six", "one"], "im", vec![]),
+            two,
+            node("Pow", &["re", "two"], "re2", vec![]),
+            node("Pow", &["im", "two"], "im2", vec![]),
+            node("Add", &["re2", "im2"], "pow", vec![]),
+            node("Sqrt", &["pow"], "mag", vec![]),
+            node(
+                "Conv",
+                &["mag", "e1", "e1b"],
+                "c1",
+                vec![a_ints("pads", &[1, 1]), a_ints("strides", &[2])],
+            ),
+            node("Relu", &["c1"], "r1", vec![]),
+            node("Conv", &["r1", "e2", "e2b"], "c2", vec![]),
+            node("Relu", &["c2"], "r2", vec![]),
+            node(
+                "Transpose",
+                &["r2"],
+                "seq",
+                vec![a_ints("perm", &[0, 2, 1])],
+            ),
+            NodeProto {
+                op_type: "LSTM".into(),
+                input: ["seq", "lw", "lr", "lb", "", "h", "c"]
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect(),
+                output: vec!["ly".into(), "hn".into(), "cn".into()],
+                attribute: vec![a_int("hidden_size", h)],
+                ..Default::default()
+            },
+            node("Squeeze", &["ly", "one"], "sq", vec![]),
+            node("Relu", &["sq"], "r3", vec![]),
+            node("Transpose", &["r3"], "t3", vec![a_ints("perm", &[1, 2, 0])]),
+            node("Conv", &["t3", "ow", "ob"], "logit", vec![]),
+            node("Sigmoid", &["logit"], "prob", vec![]),
+            node("Reshape", &["prob", "flat"], "y", vec![]),
+        ];
+        let t = STEPS as i64;
+        let model = ModelProto {
+            ir_version: 8,
+            opset_import: vec![OperatorSetIdProto {
+                domain: String::new(),
+                version: 16,
+            }],
+            graph: Some(GraphProto {
+                name: "sequence".into(),
+                node: nodes,
+                initializer: inits,
+                input: vec![
+                    value("x", &[t, 10]),
+                    value("h", &[1, 1, h]),
+                    value("c", &[1, 1, h]),
+                ],
+                output: vec![value("y", &[t]), value("hn", &[1, 1, h])],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let feeds = vec![
+            (g.v(STEPS * 10, -1.0, 1.0), vec![STEPS, 10]),
+            (g.v(HIDDEN, -0.5, 0.5), vec![1, 1, HIDDEN]),
+            (g.v(HIDDEN, -0.5, 0.5), vec![1, 1, HIDDEN]),
+        ];
+        (prost::Message::encode_to_vec(&model), feeds)
+    }
+
+    fn tensors_of(feeds: &[Feed]) -> Vec<candle_core::Tensor> {
+        feeds
+            .iter()
+            .map(|(v, s)| {
+                candle_core::Tensor::from_vec(v.clone(), s.as_slice(), &Device::Cpu).unwrap()
+            })
+            .collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(16))]
+        #[test]
+        fn sequence_graph_matches_tract_and_finite_differences(seed in any::<u64>()) {
+            let (bytes, feeds) = sequence(seed);
+            let (p, params) = program_of(&bytes, Some("y"));
+            prop_assert_eq!(p.params.len(), 10);
+            prop_assert!(p.binary);
+            prop_assert_eq!(p.logits.as_deref(), Some("logit"));
+            prop_assert_eq!(&p.inputs, &["x", "h", "c"]);
+            let ts = tensors_of(&feeds);
+            let ours = p.forward(&ts, &params, None).unwrap().0.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let theirs = tract_run_many(&bytes, &feeds);
+            prop_assert!(rel_l2(&ours, &theirs) < FORWARD_TOLERANCE, "{:?} vs {:?}", ours, theirs);
+            check_gradients(&p, &ts, &params, seed, 6);
+        }
+    }
+
+    /// Reading an LSTM's final state on the scored path is refused with a reason, not run
+    /// wrong.
+    #[test]
+    fn an_lstm_state_output_is_refused() {
+        let (bytes, _) = sequence(3);
+        let set = crate::formats::read_bytes(&bytes).unwrap();
+        let crate::formats::Container::Onnx(c) = &set.container else {
+            panic!("not onnx")
+        };
+        let e = Program::build(&c.model, &set.tensors, Some("hn")).unwrap_err();
+        assert!(e.0.contains("final state"), "{e}");
+    }
+
+    /// silero_vad (reflect Pad with widths computed from constants, the STFT as a strided
+    /// Conv, Pow/Sqrt magnitude, Conv1d encoder, LSTM, Sigmoid head): the program's output on
+    /// the first chunks of eval.npz equals tract's, and every weight's gradient (the LSTM's
+    /// three included) agrees with finite differences.
+    #[test]
+    fn silero_matches_tract_and_finite_differences() {
+        let cases = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/cases");
+        let bytes = std::fs::read(cases.join("silero_vad/silero_vad_16k_sequence.onnx")).unwrap();
+        let data = crate::eval::run::Dataset::from_npz(
+            &std::fs::read(cases.join("silero_vad/eval.npz")).unwrap(),
+        )
+        .unwrap();
+        let (p, params) = program_of(&bytes, Some("speech_probs"));
+        assert!(p.binary);
+        assert_eq!(p.params.len(), 14, "{:?}", p.params);
+        // Chunks 300.. hold speech; 12 of them, the state as stored (zeros).
+        let (from, steps) = (300usize, 12usize);
+        let feeds: Vec<Feed> = p
+            .inputs
+            .iter()
+            .map(|name| {
+                let a = data.arrays.iter().find(|a| &a.name == name).unwrap();
+                let v: Vec<f32> = a
+                    .data
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect();
+                if name == "input" {
+                    let row = a.shape[1];
+                    (
+                        v[from * row..(from + steps) * row].to_vec(),
+                        vec![steps, row],
+                    )
+                } else {
+                    (v, a.shape.clone())
+                }
+            })
+            .collect();
+        let ts = tensors_of(&feeds);
+        let ours = p
+            .forward(&ts, &params, None)
+            .unwrap()
+            .0
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let theirs = tract_run_many(&bytes, &feeds);
+        assert!(
+            rel_l2(&ours, &theirs) < FORWARD_TOLERANCE,
+            "{}: {ours:?} vs {theirs:?}",
+            rel_l2(&ours, &theirs)
+        );
+        check_gradients(&p, &ts, &params, 5, 4);
     }
 }
