@@ -420,13 +420,12 @@ fn distill(
     let rms = pool
         .install(|| {
             // Importance is measured on the rows training learns from, never the held-out ones.
-            let rows = crate::train::training_rows(&data, spec, validation.is_some())?;
             crate::train::channel_rms(
                 &container.model,
                 &set.tensors,
-                spec.output.as_deref(),
                 &data,
-                &rows,
+                spec,
+                validation.is_some(),
                 &features,
                 ctl,
             )

@@ -181,8 +181,9 @@ fn runnable(model: &ModelRecord, why: &str) -> Result<(), ApiError> {
     ))
 }
 
-/// The fine-tuning datasets against the model: training runs the model on rows of the data,
-/// so it must be an ONNX model whose graph inputs each dataset fits, batched.
+/// The fine-tuning datasets against the model: training runs the model on rows of the data
+/// (or windows of a sequence fed whole), so it must be an ONNX model whose graph inputs each
+/// dataset fits.
 fn check_finetune_fits(model: &ModelRecord, finetune: &Training) -> Result<(), ApiError> {
     let Some((name, _, sets)) = finetune else {
         return Ok(());
@@ -194,23 +195,14 @@ fn check_finetune_fits(model: &ModelRecord, finetune: &Training) -> Result<(), A
         .and_then(|i| serde_json::from_str(i).ok())
         .unwrap_or_default();
     for d in sets {
-        if d.rows.is_none() {
-            return Err(ApiError::new(
-                ErrorCode::DatasetMismatch,
-                format!(
-                    "{name}.dataset_id: dataset {} is one whole feed (its arrays do not share axis 0); training takes rows",
-                    d.id
-                ),
-            ));
-        }
         let arrays: Vec<ArrayInfo> = serde_json::from_str(&d.arrays_json).unwrap_or_default();
-        crate::eval::check::fits(
-            &inputs,
-            &arrays,
-            d.rows,
-            Some(crate::eval::run::Feed::PerSample),
-        )
-        .map_err(|diffs| {
+        // A dataset whose arrays do not share axis 0 is one sequence fed whole (a stateful
+        // model's): training cuts it into windows of consecutive steps.
+        let feed = match d.rows {
+            Some(_) => crate::eval::run::Feed::PerSample,
+            None => crate::eval::run::Feed::Whole,
+        };
+        crate::eval::check::fits(&inputs, &arrays, d.rows, Some(feed)).map_err(|diffs| {
             ApiError::new(
                 ErrorCode::DatasetMismatch,
                 format!(

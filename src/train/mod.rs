@@ -324,48 +324,133 @@ impl Rng {
     }
 }
 
-/// The rows `rows` of each array the program reads, as candle tensors.
-fn batch(program: &Program, data: &Dataset, rows: &[usize]) -> Result<Vec<Tensor>, TrainError> {
-    program
-        .inputs
-        .iter()
-        .map(|name| {
-            let t = data
-                .arrays
-                .iter()
-                .find(|t| &t.name == name)
-                .ok_or_else(|| {
-                    TrainError::Unsupported(format!("the dataset has no array {name:?}"))
-                })?;
-            if t.dtype != DType::F32 {
-                return Err(TrainError::Unsupported(format!(
-                    "the engine trains on float32 inputs; {name:?} is {}",
-                    t.dtype.name()
-                )));
-            }
-            let n = t.shape.first().copied().unwrap_or(0);
-            let row = t.data.len() / 4 / n.max(1);
-            let mut v = Vec::with_capacity(rows.len() * row);
-            for &r in rows {
-                v.extend(
-                    t.data[r * row * 4..(r + 1) * row * 4]
-                        .chunks_exact(4)
-                        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
-                );
-            }
-            let mut shape = t.shape.clone();
-            shape[0] = rows.len();
-            Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
-        })
-        .collect()
+/// How a dataset is cut into rows: the rows of a batched dataset, or, for a dataset fed
+/// whole (a stateful model's one sequence, as silero's `input` [steps, 576] beside its state
+/// `h`, `c`), windows of consecutive steps, each run from the state as stored.
+struct Rows<'a> {
+    data: &'a Dataset,
+    /// How many rows (or windows) there are.
+    n: usize,
+    /// Windows: their length, and the arrays cut along axis 0 (the rest are fed as stored).
+    window: Option<(usize, Vec<String>)>,
 }
 
-fn rows_of(data: &Dataset) -> Result<usize, TrainError> {
-    match data.describe() {
-        Ok((_, Some(n))) if n > 0 => Ok(n as usize),
-        _ => Err(TrainError::Unsupported(
-            "finetune feeds rows: the dataset's arrays must share axis 0 (a model fed one whole sequence cannot be trained yet)".into(),
-        )),
+impl<'a> Rows<'a> {
+    /// `window` is the window length for a dataset fed whole (the spec's `batch_size`),
+    /// shortened so that there are at least two windows.
+    fn new(data: &'a Dataset, window: usize) -> Result<Rows<'a>, TrainError> {
+        if let Ok((_, Some(n))) = data.describe() {
+            if n > 0 {
+                return Ok(Rows {
+                    data,
+                    n: n as usize,
+                    window: None,
+                });
+            }
+        }
+        let steps = data
+            .arrays
+            .iter()
+            .map(|a| a.shape.first().copied().unwrap_or(0))
+            .max()
+            .unwrap_or(0);
+        if steps < 2 {
+            return Err(TrainError::Unsupported(
+                "training needs at least 2 rows (or 2 steps of a sequence fed whole)".into(),
+            ));
+        }
+        let seq = data
+            .arrays
+            .iter()
+            .filter(|a| a.shape.first() == Some(&steps))
+            .map(|a| a.name.clone())
+            .collect();
+        let len = window.min(steps / 2).max(1);
+        Ok(Rows {
+            data,
+            n: steps / len,
+            window: Some((len, seq)),
+        })
+    }
+
+    /// Rows one forward pass takes, at most `rows`: windows run one at a time, each from the
+    /// stored state.
+    fn chunk(&self, rows: usize) -> usize {
+        if self.window.is_some() {
+            1
+        } else {
+            rows.max(1)
+        }
+    }
+
+    /// Labels of `rows` (none for windows).
+    fn labels(&self, rows: &[usize]) -> Option<Vec<i64>> {
+        match self.window {
+            Some(_) => None,
+            None => self
+                .data
+                .labels
+                .as_ref()
+                .map(|l| rows.iter().map(|&r| l[r]).collect()),
+        }
+    }
+
+    /// The rows `rows` of each array the program reads, as candle tensors (for windows, the
+    /// windows' steps of the sequence arrays, and the other arrays as stored).
+    fn feeds(&self, program: &Program, rows: &[usize]) -> Result<Vec<Tensor>, TrainError> {
+        program
+            .inputs
+            .iter()
+            .map(|name| {
+                let t = self
+                    .data
+                    .arrays
+                    .iter()
+                    .find(|t| &t.name == name)
+                    .ok_or_else(|| {
+                        TrainError::Unsupported(format!("the dataset has no array {name:?}"))
+                    })?;
+                if t.dtype != DType::F32 {
+                    return Err(TrainError::Unsupported(format!(
+                        "the engine trains on float32 inputs; {name:?} is {}",
+                        t.dtype.name()
+                    )));
+                }
+                let (per, cut) = match &self.window {
+                    None => (1, true),
+                    Some((len, seq)) => (*len, seq.contains(name)),
+                };
+                let value = |c: &[u8]| f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                if !cut {
+                    let v = t.data.chunks_exact(4).map(value).collect();
+                    return Ok(Tensor::from_vec(v, t.shape.as_slice(), &Device::Cpu)?);
+                }
+                let n = t.shape.first().copied().unwrap_or(0);
+                let row = t.data.len() / 4 / n.max(1);
+                let mut v = Vec::with_capacity(rows.len() * per * row);
+                for &r in rows {
+                    v.extend(
+                        t.data[r * per * row * 4..(r + 1) * per * row * 4]
+                            .chunks_exact(4)
+                            .map(value),
+                    );
+                }
+                let mut shape = t.shape.clone();
+                shape[0] = rows.len() * per;
+                Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
+            })
+            .collect()
+    }
+
+    /// How the rows were cut, for training.json.
+    fn describe(&self) -> Value {
+        match &self.window {
+            None => serde_json::json!({"rows": self.n}),
+            Some((len, seq)) => serde_json::json!({
+                "windows": self.n, "window_steps": len, "sequence_arrays": seq,
+                "note": "a dataset fed whole is cut into windows of consecutive steps, each run from the state as stored"
+            }),
+        }
     }
 }
 
@@ -373,6 +458,14 @@ fn rows_of(data: &Dataset) -> Result<usize, TrainError> {
 fn scores(program: &Program, feeds: &[Tensor], params: &[Tensor]) -> Result<Tensor, TrainError> {
     let (out, logits) = program.forward(feeds, params, program.logits.as_deref())?;
     Ok(logits.unwrap_or(out))
+}
+
+/// log(sigmoid(z)) = -softplus(-z), computed without overflow:
+/// -(relu(-z) + log(1 + exp(-|z|))).
+fn log_sigmoid(z: &Tensor) -> Result<Tensor, TrainError> {
+    let abs = (z.relu()? + z.neg()?.relu()?)?;
+    let soft = (z.neg()?.relu()? + (abs.neg()?.exp()? + 1.0)?.log()?)?;
+    Ok(soft.neg()?)
 }
 
 fn flat2(t: &Tensor) -> Result<Tensor, TrainError> {
@@ -397,6 +490,16 @@ impl Setup<'_> {
     ) -> Result<Tensor, TrainError> {
         let (s, t) = (flat2(student)?, flat2(teacher)?);
         let main = match self.spec.loss {
+            // Each value a yes/no logit: KL of the two Bernoulli distributions, softened.
+            Loss::Kl if self.program.binary => {
+                let tt = self.temperature;
+                let (zs, zt) = ((&s / tt)?, (&t / tt)?);
+                let p_t = candle_nn::ops::sigmoid(&zt)?;
+                let yes = (log_sigmoid(&zt)? - log_sigmoid(&zs)?)?;
+                let no = (log_sigmoid(&zt.neg()?)? - log_sigmoid(&zs.neg()?)?)?;
+                let kl = ((&p_t * yes)? + ((1.0 - &p_t)? * no)?)?.mean_all()?;
+                (kl * (tt * tt))?
+            }
             Loss::Kl => {
                 let tt = self.temperature;
                 let p_t = candle_nn::ops::softmax(&(&t / tt)?, D::Minus1)?;
@@ -424,15 +527,25 @@ impl Setup<'_> {
     }
 }
 
-/// The validation metric of scores against the teacher's (and labels): top-1 accuracy with
-/// labels, else top-1 agreement (KL) or mean cosine.
+/// The validation metric of scores against the teacher's (and labels): for a Sigmoid head
+/// (`binary`) the share of decisions (logit above 0, probability above 0.5) the two agree on;
+/// else top-1 accuracy with labels, top-1 agreement (KL) or mean cosine.
 fn metric(
     student: &[f32],
     teacher: &[f32],
     rows: usize,
     labels: Option<&[i64]>,
     loss: Loss,
+    binary: bool,
 ) -> f64 {
+    if binary && loss == Loss::Kl {
+        let same = student
+            .iter()
+            .zip(teacher)
+            .filter(|(a, b)| (**a > 0.0) == (**b > 0.0))
+            .count();
+        return same as f64 / student.len().max(1) as f64;
+    }
     let width = student.len() / rows.max(1);
     let argmax = |v: &[f32]| {
         v.iter()
@@ -487,13 +600,13 @@ fn metric(
 /// Scores of every row in `rows`, in slices, with `params`.
 fn all_scores(
     program: &Program,
-    data: &Dataset,
+    data: &Rows,
     rows: &[usize],
     params: &[Tensor],
 ) -> Result<Vec<f32>, TrainError> {
     let mut out = Vec::new();
-    for chunk in rows.chunks(256) {
-        let feeds = batch(program, data, chunk)?;
+    for chunk in rows.chunks(data.chunk(256)) {
+        let feeds = data.feeds(program, chunk)?;
         let s = scores(program, &feeds, params)?;
         out.extend(s.flatten_all()?.to_vec1::<f32>()?);
     }
@@ -614,37 +727,44 @@ pub fn finetune(
         .collect::<Result<_, TrainError>>()?;
 
     // Rows: a held-out fraction, or the validation dataset.
-    let n = rows_of(train)?;
+    let train = Rows::new(train, spec.batch_size)?;
+    let n = train.n;
     let (train_rows, val_rows, mut rng) = split(n, spec, validation.is_some())?;
+    let val_data = match validation {
+        Some(v) => Rows::new(v, spec.batch_size)?,
+        None => Rows::new(train.data, spec.batch_size)?,
+    };
     let val_rows = match validation {
-        Some(v) => (0..rows_of(v)?).collect(),
+        Some(_) => (0..val_data.n).collect(),
         None => val_rows,
     };
-    let val_data = validation.unwrap_or(train);
     // The teacher's scores of every row of the training data, by row.
     let all_rows: Vec<usize> = (0..n).collect();
-    let teacher_train = all_scores(&teacher_program, train, &all_rows, &teacher_params)?;
+    let teacher_train = all_scores(&teacher_program, &train, &all_rows, &teacher_params)?;
     let width = teacher_train.len() / n.max(1);
     let teacher_val = match validation {
-        Some(_) => all_scores(&teacher_program, val_data, &val_rows, &teacher_params)?,
+        Some(_) => all_scores(&teacher_program, &val_data, &val_rows, &teacher_params)?,
         None => val_rows
             .iter()
             .flat_map(|&r| teacher_train[r * width..(r + 1) * width].iter().copied())
             .collect(),
     };
-    let first = batch(&program, train, &train_rows[..1])?;
+    let first = train.feeds(&program, &train_rows[..1])?;
     let student_width = scores(&program, &first, &start_params)?.elem_count();
     if student_width != width {
         return Err(TrainError::Unsupported(format!(
             "the student's output has {student_width} values a row, the teacher's {width}"
         )));
     }
-    let labels_of = |d: &Dataset, rows: &[usize]| -> Option<Vec<i64>> {
-        d.labels
-            .as_ref()
-            .map(|l| rows.iter().map(|&r| l[r]).collect())
+    // Labels drive the metric (and `alpha`) of a Softmax classifier only.
+    let labels_of = |d: &Rows, rows: &[usize]| -> Option<Vec<i64>> {
+        if program.binary {
+            None
+        } else {
+            d.labels(rows)
+        }
     };
-    let val_labels = labels_of(val_data, &val_rows);
+    let val_labels = labels_of(&val_data, &val_rows);
     let rms = (train_rows
         .iter()
         .flat_map(|&r| &teacher_train[r * width..(r + 1) * width])
@@ -662,9 +782,16 @@ pub fn finetune(
     // ties of a coarse metric such as top-1 on a few hundred rows).
     let validate = |vars: &[Var]| -> Result<(f64, f64), TrainError> {
         let w = effective(vars, &params, &masks, &gathers)?;
-        let s = all_scores(setup.program, val_data, &val_rows, &w)?;
+        let s = all_scores(setup.program, &val_data, &val_rows, &w)?;
         let rows = val_rows.len();
-        let m = metric(&s, &teacher_val, rows, val_labels.as_deref(), spec.loss);
+        let m = metric(
+            &s,
+            &teacher_val,
+            rows,
+            val_labels.as_deref(),
+            spec.loss,
+            program.binary,
+        );
         let st = Tensor::from_vec(s, (rows, teacher_val.len() / rows.max(1)), &dev)?;
         let tt = Tensor::from_vec(teacher_val.clone(), st.dims(), &dev)?;
         let l = f64::from(setup.loss(&st, &tt, None)?.to_scalar::<f32>()?);
@@ -675,7 +802,7 @@ pub fn finetune(
     let hints: Vec<String> = if spec.hint > 0.0 {
         let features = program.features();
         let names: Vec<&str> = features.iter().map(String::as_str).collect();
-        let theirs_feeds = batch(&teacher_program, train, &train_rows[..1])?;
+        let theirs_feeds = train.feeds(&teacher_program, &train_rows[..1])?;
         let ours = program.run(&first, &start_params, &names)?;
         let theirs = teacher_program.run(&theirs_feeds, &teacher_params, &names);
         match theirs {
@@ -706,7 +833,8 @@ pub fn finetune(
             ..Default::default()
         },
     )?;
-    let per_epoch = train_rows.len().div_ceil(spec.batch_size);
+    let per_step = train.chunk(spec.batch_size);
+    let per_epoch = train_rows.len().div_ceil(per_step);
     let total_steps = (per_epoch * spec.epochs).max(1);
     let warmup = (spec.warmup * total_steps as f64).round() as usize;
     let mut epochs = Vec::new();
@@ -719,7 +847,7 @@ pub fn finetune(
         rng.shuffle(&mut rows);
         let mut loss_sum = 0.0;
         let mut batches = 0;
-        for chunk in rows.chunks(spec.batch_size) {
+        for chunk in rows.chunks(per_step) {
             if ctl.cancelled() {
                 return Err(TrainError::Cancelled);
             }
@@ -734,7 +862,7 @@ pub fn finetune(
                 spec.learning_rate * 0.5 * (1.0 + (std::f64::consts::PI * t).cos())
             };
             opt.set_learning_rate(lr);
-            let feeds = batch(&program, train, chunk)?;
+            let feeds = train.feeds(&program, chunk)?;
             let w = effective(&vars, &params, &masks, &gathers)?;
             let (s, hint) = if hints.is_empty() {
                 (scores(&program, &feeds, &w)?, None)
@@ -743,7 +871,7 @@ pub fn finetune(
                     vec![program.logits.as_deref().unwrap_or(&program.output)];
                 keep.extend(hints.iter().map(String::as_str));
                 let mut got = program.run(&feeds, &w, &keep)?;
-                let their_feeds = batch(&teacher_program, train, chunk)?;
+                let their_feeds = train.feeds(&teacher_program, chunk)?;
                 let theirs = teacher_program.run(&their_feeds, &teacher_params, &keep[1..])?;
                 let mut h = Tensor::zeros((), candle_core::DType::F32, &dev)?;
                 for (a, b) in got[1..].iter().zip(&theirs) {
@@ -757,7 +885,7 @@ pub fn finetune(
                 .flat_map(|&r| teacher_train[r * width..(r + 1) * width].iter().copied())
                 .collect();
             let t = Tensor::from_vec(t_rows, s.dims(), &dev)?;
-            let labels = labels_of(train, chunk)
+            let labels = labels_of(&train, chunk)
                 .map(|l| Tensor::from_vec(l, chunk.len(), &dev))
                 .transpose()?;
             let mut loss = setup.loss(&s, &t, labels.as_ref())?;
@@ -829,10 +957,12 @@ pub fn finetune(
         "temperature": setup.temperature,
         "hint": {"weight": spec.hint, "features": hints},
         "rows": {"train": train_rows.len(), "validation": val_rows.len(),
-                 "validation_from": if validation.is_some() { "validation_dataset_id" } else { "held out of dataset_id" }},
-        "metric": match (spec.loss, val_labels.is_some()) {
-            (Loss::Kl, true) => "top1",
-            (Loss::Kl, false) => "agreement",
+                 "validation_from": if validation.is_some() { "validation_dataset_id" } else { "held out of dataset_id" },
+                 "dataset": train.describe()},
+        "metric": match (spec.loss, val_labels.is_some(), program.binary) {
+            (Loss::Kl, _, true) => "decision_agreement",
+            (Loss::Kl, true, false) => "top1",
+            (Loss::Kl, false, false) => "agreement",
             _ => "cosine",
         },
         "validation_before": before,
@@ -895,36 +1025,30 @@ fn split(
     Ok((t.to_vec(), v, rng))
 }
 
-/// The rows of `data` training would learn from (the held-out validation rows left out).
-pub fn training_rows(
-    data: &Dataset,
-    spec: &FinetuneSpec,
-    separate_validation: bool,
-) -> Result<Vec<usize>, TrainError> {
-    Ok(split(rows_of(data)?, spec, separate_validation)?.0)
-}
-
 /// The RMS of each channel of the values `features` name (value, channel axis;
-/// `usize::MAX` for the last) when the model runs on `rows` of `data`.
+/// `usize::MAX` for the last) when the model runs on the rows of `data` training learns from
+/// (the held-out validation rows left out).
 pub fn channel_rms(
     model: &tract_onnx::pb::ModelProto,
     tensors: &[ModelTensor],
-    output: Option<&str>,
     data: &Dataset,
-    rows: &[usize],
+    spec: &FinetuneSpec,
+    separate_validation: bool,
     features: &[(String, usize)],
     ctl: &dyn Control,
 ) -> Result<Vec<Vec<f64>>, TrainError> {
-    let program = Program::build(model, tensors, output)?;
+    let data = Rows::new(data, spec.batch_size)?;
+    let rows = split(data.n, spec, separate_validation)?.0;
+    let program = Program::build(model, tensors, spec.output.as_deref())?;
     let params = params_of(&program, tensors)?;
     let names: Vec<&str> = features.iter().map(|(f, _)| f.as_str()).collect();
     let mut sums: Vec<Vec<f64>> = vec![Vec::new(); features.len()];
     let mut counts = vec![0usize; features.len()];
-    for chunk in rows.chunks(256) {
+    for chunk in rows.chunks(data.chunk(256)) {
         if ctl.cancelled() {
             return Err(TrainError::Cancelled);
         }
-        let feeds = batch(&program, data, chunk)?;
+        let feeds = data.feeds(&program, chunk)?;
         let got = program.run(&feeds, &params, &names)?;
         for (i, (t, (_, axis))) in got.iter().zip(features).enumerate() {
             let dims = t.dims().to_vec();

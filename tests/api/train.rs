@@ -380,3 +380,111 @@ async fn finetune_retrains_deep_compression_weights_then_centroids() {
     assert!(most.trim().parse::<usize>().unwrap() <= 16, "{most}");
     app.stop().await;
 }
+
+/// Cuts silero_vad's one 60 s clip (eval.npz, fed whole) in two, each half from the zero
+/// state: the first 1,250 chunks (40 s) as `train.npz`, the last 625 (20 s) as a case folder
+/// evaluate.py scores (`eval.npz`, the case's `case.json` and model). Returns the folder.
+fn silero_halves(dir: &std::path::Path) -> std::path::PathBuf {
+    let case = dir.join("case");
+    python(
+        "import sys, os, shutil, numpy as np\n\
+         src, out = sys.argv[1], sys.argv[2]\n\
+         d = np.load(os.path.join(src, 'eval.npz'))\n\
+         os.makedirs(os.path.join(out, 'case'))\n\
+         np.savez_compressed(os.path.join(out, 'train.npz'), input=d['input'][:1250], h=d['h'], c=d['c'])\n\
+         np.savez_compressed(os.path.join(out, 'case', 'eval.npz'), input=d['input'][1250:], h=d['h'], c=d['c'])\n\
+         for f in ('case.json', 'silero_vad_16k_sequence.onnx'):\n\
+         \x20   shutil.copy(os.path.join(src, f), os.path.join(out, 'case', f))",
+        &[
+            cases().join("silero_vad").to_str().unwrap(),
+            dir.to_str().unwrap(),
+        ],
+    );
+    case
+}
+
+/// The issue's recovery case on silero_vad (chosen over minilm_l3: it ships with the cases,
+/// and its LSTM is what the engine did not map). `int4` drops decision agreement on the
+/// held-out 20 s to 0.96; fine-tuning on the first 40 s (cut into windows of 64 chunks, each
+/// run from the zero state; the LSTM, the STFT basis and the convolutions all train through
+/// fake int4) brings it within a point of the original. The job's own evaluation on the
+/// uploaded held-out half equals evaluate.py's.
+#[tokio::test]
+async fn finetune_recovers_silero_int4_on_a_disjoint_split() {
+    let app = spawn_app().await;
+    let dir = tempfile::tempdir().unwrap();
+    let case = silero_halves(dir.path());
+    let vad = app
+        .upload(
+            case_file("silero_vad/silero_vad_16k_sequence.onnx"),
+            "vad.onnx",
+        )
+        .await;
+    let post = |bytes: Vec<u8>| {
+        let (client, url) = (app.client.clone(), app.url("/v1/datasets"));
+        async move {
+            let r = client.post(url).body(bytes).send().await.unwrap();
+            assert_eq!(r.status(), 201);
+            r.json::<Value>().await.unwrap()
+        }
+    };
+    let train = post(std::fs::read(dir.path().join("train.npz")).unwrap()).await;
+    let held_out = post(std::fs::read(case.join("eval.npz")).unwrap()).await;
+    assert!(train["rows"].is_null(), "{train}");
+    let eval = json!({"dataset_id": held_out["id"], "metric": "decision_agreement"});
+    let plain = app
+        .submit_json(
+            json!({"model_id": vad["id"], "preset": "int4", "eval": eval, "latency": false}),
+        )
+        .await;
+    let tuned = app
+        .submit_json(
+            json!({"model_id": vad["id"], "preset": "int4", "eval": eval, "latency": false,
+            "finetune": {"dataset_id": train["id"], "seed": 3, "epochs": 60,
+                         "learning_rate": 0.001, "patience": 20, "validation": 0.2}}),
+        )
+        .await;
+    assert_eq!(app.drain().await, vec![Outcome::Succeeded; 2]);
+    let plain = app.job(plain["id"].as_str().unwrap()).await;
+    let tuned = app.job(tuned["id"].as_str().unwrap()).await;
+
+    let agreement = |v: &Value| v["decision_agreement"].as_f64().unwrap();
+    let before = evaluate(
+        case.to_str().unwrap(),
+        &app.download_to(&plain, "model.onnx").await,
+    );
+    let after = evaluate(
+        case.to_str().unwrap(),
+        &app.download_to(&tuned, "model.onnx").await,
+    );
+    assert!(agreement(&before) < 0.97, "int4 alone: {before}");
+    assert!(agreement(&after) >= 0.99, "after fine-tuning: {after}");
+    let e = &tuned["summary"]["evaluation"];
+    assert!(
+        (e["compressed"].as_f64().unwrap() - agreement(&after)).abs() < 1e-9,
+        "{e} vs {after}"
+    );
+    assert_eq!(
+        plain["summary"]["deployable_bytes"], tuned["summary"]["deployable_bytes"],
+        "{}",
+        tuned["summary"]
+    );
+    let log: Value = serde_json::from_slice(&app.download(&tuned, "training.json").await).unwrap();
+    assert_eq!(log["metric"], "decision_agreement", "{log}");
+    let rows = &log["rows"];
+    assert_eq!(rows["dataset"]["windows"], 19, "{rows}");
+    assert_eq!(rows["dataset"]["window_steps"], 64, "{rows}");
+    assert_eq!(rows["validation"], 4, "{rows}");
+    let params: Vec<&str> = log["parameters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(params.contains(&"onnx::LSTM_209"), "{params:?}");
+    assert!(
+        log["best_validation"].as_f64().unwrap() > log["validation_before"].as_f64().unwrap(),
+        "{log}"
+    );
+    app.stop().await;
+}
