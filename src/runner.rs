@@ -511,6 +511,28 @@ fn retrain(
     let data = read_dataset(f.dataset)?;
     let validation = f.validation.map(read_dataset).transpose()?;
     let masks = pruning_masks(&set.tensors, plan)?;
+    // Low-rank factors train as factors; the pipeline then factorizes their product again
+    // at the same ranks.
+    let factors = compress::trained_factors(&set.tensors, plan)?;
+    let factored = factors.iter().any(Option::is_some);
+    if let Some(t) = set
+        .tensors
+        .iter()
+        .zip(&masks)
+        .zip(&factors)
+        .find_map(|((t, m), f)| (m.is_some() && f.is_some()).then_some(t))
+    {
+        return Err(RunError::InvalidSpec(format!(
+            "finetune: {:?} is pruned then factorized; the factors of a pruned matrix are not trained yet",
+            t.name
+        )));
+    }
+    let sharing = plan.steps.iter().any(|s| s.method.shares_values());
+    if factored && sharing {
+        return Err(RunError::InvalidSpec(
+            "finetune: a pipeline with both value sharing (kmeans) and low-rank factors is not trained yet".into(),
+        ));
+    }
     let train = |weights: &[formats::Tensor],
                  params: Vec<crate::train::Param>,
                  span: (f64, f64)|
@@ -532,11 +554,10 @@ fn retrain(
         }
         Ok((tensors, trained.log))
     };
-    let sharing = plan.steps.iter().any(|s| s.method.shares_values());
     let (tensors, mut log) = if !sharing {
         train(
             &set.tensors,
-            trainable(&set.tensors, &masks, plan, None),
+            trainable(&set.tensors, &masks, plan, None, &factors),
             (0.0, TRAINING_END),
         )?
     } else {
@@ -547,13 +568,13 @@ fn retrain(
         let half = TRAINING_END / 2.0;
         let (weights, first) = train(
             &set.tensors,
-            trainable(&set.tensors, &masks, &before, None),
+            trainable(&set.tensors, &masks, &before, None, &factors),
             (0.0, half),
         )?;
         let shared = compress::shared_values(&weights, plan)?;
         let (tensors, second) = train(
             &weights,
-            trainable(&weights, &masks, plan, Some(&shared)),
+            trainable(&weights, &masks, plan, Some(&shared), &factors),
             (half, TRAINING_END),
         )?;
         let mut log = second.clone();
@@ -570,7 +591,15 @@ fn retrain(
     };
     let before_loss = log["validation_loss_before"].as_f64().unwrap_or(f64::NAN);
     let span = Span::new(ctl, TRAINING_END, 0.9);
-    let retrained = compress::run(&tensors, plan, &span)?;
+    let retrained = if factored {
+        compress::run(
+            &tensors,
+            &compress::pin_ranks(plan, &set.tensors, &factors),
+            &span,
+        )?
+    } else {
+        compress::run(&tensors, plan, &span)?
+    };
     // Pruning again on the trained weights (whose pruned ones are exact zeros) finds the same
     // masks; say so, or how many weights moved.
     let moved: usize = masks
@@ -580,17 +609,12 @@ fn retrain(
         .map(|(b, a)| b.iter().zip(&a).filter(|(b, a)| b != a).count())
         .sum();
     log["zeros_moved"] = serde_json::json!(moved);
-    if sharing {
-        // k-means again on trained shared values (at most k distinct values per codebook)
-        // finds them again: say how far any stored weight is from the trained one.
-        let moved = tensors
+    // How far any stored weight of the tensors `is` picks is from its trained value.
+    let moved_from = |is: &dyn Fn(&formats::Tensor) -> bool| {
+        tensors
             .iter()
             .zip(&retrained.restored)
-            .filter(|(t, _)| {
-                plan.steps
-                    .iter()
-                    .any(|s| s.method.shares_values() && s.select.selects(t))
-            })
+            .filter(|(t, _)| is(t))
             .flat_map(|(t, r)| {
                 let (a, b) = (
                     t.to_f32().unwrap_or_default(),
@@ -601,8 +625,28 @@ fn retrain(
                     .map(|(a, b)| f64::from((a - b).abs()))
                     .collect::<Vec<_>>()
             })
-            .fold(0.0, f64::max);
-        log["shared_values_moved"] = serde_json::json!(moved);
+            .fold(0.0, f64::max)
+    };
+    if factored {
+        // The product of trained factors has their rank exactly: factorized again at that
+        // rank it comes back to float precision.
+        let names: std::collections::HashSet<&str> = set
+            .tensors
+            .iter()
+            .zip(&factors)
+            .filter(|(_, f)| f.is_some())
+            .map(|(t, _)| t.name.as_str())
+            .collect();
+        log["factors_moved"] = serde_json::json!(moved_from(&|t| names.contains(t.name.as_str())));
+    }
+    if sharing {
+        // k-means again on trained shared values (at most k distinct values per codebook)
+        // finds them again.
+        log["shared_values_moved"] = serde_json::json!(moved_from(&|t| {
+            plan.steps
+                .iter()
+                .any(|s| s.method.shares_values() && s.select.selects(t))
+        }));
     }
     let mut retrained = retrained;
     // No epoch beat the untrained weights on the validation rows (in any phase): the job
@@ -640,6 +684,7 @@ fn trainable(
     masks: &[Option<Vec<bool>>],
     plan: &Plan,
     shared: Option<&[Option<compress::SharedValues>]>,
+    factors: &[Option<compress::lowrank::Factors>],
 ) -> Vec<crate::train::Param> {
     tensors
         .iter()
@@ -662,6 +707,7 @@ fn trainable(
                 mask: mask.clone(),
                 project,
                 shared,
+                factors: factors[i].clone(),
             }
         })
         .collect()

@@ -66,6 +66,7 @@ fn parse(
     Ok(Box::new(LowRank {
         rule: rank_rule(p.rank, p.energy, p.ratio, at)?,
         algorithm: p.algorithm.unwrap_or(SvdAlgorithm::Auto),
+        pinned: None,
     }))
 }
 
@@ -84,6 +85,9 @@ impl RankRule {
 pub struct LowRank {
     pub rule: RankRule,
     pub algorithm: SvdAlgorithm,
+    /// Ranks fixed by tensor name, in place of the rule (fine-tuning factorizes the trained
+    /// factors' product again at the rank they have).
+    pub pinned: Option<std::sync::Arc<std::collections::HashMap<String, usize>>>,
 }
 
 impl Method for LowRank {
@@ -102,9 +106,29 @@ impl Method for LowRank {
                 .filter(|b| *b < (r * c) as u64 * 4),
         }
     }
+    fn untrainable(&self) -> Option<&'static str> {
+        None
+    }
+    fn trains_factors(&self) -> bool {
+        true
+    }
+    fn with_ranks(
+        &self,
+        ranks: &std::collections::HashMap<String, usize>,
+    ) -> Option<std::sync::Arc<dyn Method>> {
+        Some(std::sync::Arc::new(LowRank {
+            rule: self.rule,
+            algorithm: self.algorithm,
+            pinned: Some(std::sync::Arc::new(ranks.clone())),
+        }))
+    }
     fn apply(&self, t: &Tensor, w: &mut Working) -> Result<Applied, CompressError> {
         let (rows, cols) = matrix_view(&t.shape, t.channel_axis());
-        match factorize(&w.values, rows, cols, self.rule, self.algorithm) {
+        let rule = match self.pinned.as_ref().and_then(|p| p.get(&t.name)) {
+            Some(&k) => RankRule::Rank(k),
+            None => self.rule,
+        };
+        match factorize(&w.values, rows, cols, rule, self.algorithm) {
             Ok((f, info)) => {
                 w.values = f.reconstruct();
                 w.details.insert(

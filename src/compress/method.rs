@@ -131,6 +131,19 @@ pub trait Method: std::fmt::Debug + Send + Sync {
             None
         }
     }
+    /// Whether fine-tuning trains the form it leaves as factors (A·B, each trained).
+    fn trains_factors(&self) -> bool {
+        false
+    }
+    /// This step with each tensor's rank fixed (name -> rank): run again on trained factors'
+    /// product, it gives factors of the same rank instead of choosing anew. None for steps
+    /// without a rank.
+    fn with_ranks(
+        &self,
+        _ranks: &std::collections::HashMap<String, usize>,
+    ) -> Option<std::sync::Arc<dyn Method>> {
+        None
+    }
     /// Whether fine-tuning trains the form it leaves as shared values (a codebook whose
     /// entries train with their indices fixed, as Deep Compression fine-tunes centroids)
     /// rather than by fake quantization.

@@ -393,6 +393,44 @@ pub fn through_last(plan: &Plan, is: impl Fn(&dyn Method) -> bool) -> Option<Pla
     })
 }
 
+/// For each tensor a factor-training step (low rank) factorizes, its factors when the plan
+/// runs on `tensors` up to its last such step (None for the others).
+pub fn trained_factors(
+    tensors: &[Tensor],
+    plan: &Plan,
+) -> Result<Vec<Option<lowrank::Factors>>, CompressError> {
+    let Some(prefix) = through_last(plan, |m| m.trains_factors()) else {
+        return Ok(vec![None; tensors.len()]);
+    };
+    let outcome = run(tensors, &prefix, &NoControl)?;
+    Ok(outcome
+        .encodings
+        .into_iter()
+        .map(|e| match e {
+            Some(form::Encoding::LowRank(f)) => Some(f),
+            _ => None,
+        })
+        .collect())
+}
+
+/// The plan with the factor-training steps' ranks fixed to those of `factors` (parallel to
+/// `tensors`): run on the trained factors' product (of that rank exactly), it stores factors
+/// of the same rank, where a rule such as `energy` would choose a smaller one.
+pub fn pin_ranks(plan: &Plan, tensors: &[Tensor], factors: &[Option<lowrank::Factors>]) -> Plan {
+    let ranks: HashMap<String, usize> = tensors
+        .iter()
+        .zip(factors)
+        .filter_map(|(t, f)| Some((t.name.clone(), f.as_ref()?.rank)))
+        .collect();
+    let mut pinned = plan.clone();
+    for s in &mut pinned.steps {
+        if let Some(m) = s.method.with_ranks(&ranks) {
+            s.method = m;
+        }
+    }
+    pinned
+}
+
 /// A tensor's shared values: `slots[j]` indexes `values` for weight j (`u32::MAX`: an exact
 /// zero kept out of the codebook).
 #[derive(Debug, Clone, PartialEq)]

@@ -243,6 +243,29 @@ pub struct Param {
     /// Shared values (a k-means codebook): the values train, each weight reads its slot
     /// (Deep Compression: a centroid's gradient is the sum of its weights' gradients).
     pub shared: Option<crate::compress::SharedValues>,
+    /// Low-rank factors: A and B train, the forward pass sees A·B.
+    pub factors: Option<crate::compress::lowrank::Factors>,
+}
+
+/// A parameter trained as factors: its variable holds A [rows, rank] then B [rank, cols],
+/// and the weight is A·B in the tensor's shape.
+struct Factored {
+    rows: usize,
+    rank: usize,
+    cols: usize,
+    shape: Vec<usize>,
+}
+
+impl Factored {
+    fn product(&self, v: &Tensor) -> Result<Tensor, TrainError> {
+        let a = v
+            .narrow(0, 0, self.rows * self.rank)?
+            .reshape((self.rows, self.rank))?;
+        let b = v
+            .narrow(0, self.rows * self.rank, self.rank * self.cols)?
+            .reshape((self.rank, self.cols))?;
+        Ok(a.matmul(&b)?.reshape(self.shape.as_slice())?)
+    }
 }
 
 /// A parameter trained as shared values: the slot of each weight (a fixed zero reads slot
@@ -620,16 +643,25 @@ fn effective(
     params: &[&Param],
     masks: &[Option<Tensor>],
     gathers: &[Option<Gather>],
+    factored: &[Option<Factored>],
 ) -> Result<Vec<Tensor>, TrainError> {
     let mut out = Vec::with_capacity(vars.len());
-    for (((v, p), mask), gather) in vars.iter().zip(params).zip(masks).zip(gathers) {
-        let mut w = match gather {
+    for ((((v, p), mask), gather), factors) in vars
+        .iter()
+        .zip(params)
+        .zip(masks)
+        .zip(gathers)
+        .zip(factored)
+    {
+        let mut w = match (gather, factors) {
             // Each weight is its slot's value: index_select's gradient sums over the slot.
-            Some(g) => v
+            (Some(g), _) => v
                 .as_tensor()
                 .index_select(&g.slots, 0)?
                 .reshape(g.shape.as_slice())?,
-            None => v.as_tensor().clone(),
+            // A·B: each factor's gradient comes through the product.
+            (None, Some(f)) => f.product(v.as_tensor())?,
+            (None, None) => v.as_tensor().clone(),
         };
         if let Some(m) = mask {
             w = (w * m)?;
@@ -710,6 +742,18 @@ pub fn finetune(
                 .transpose()
         })
         .collect::<Result<_, _>>()?;
+    let factored: Vec<Option<Factored>> = indices
+        .iter()
+        .zip(&params)
+        .map(|(&i, p)| {
+            p.factors.as_ref().map(|f| Factored {
+                rows: f.rows,
+                rank: f.rank,
+                cols: f.cols,
+                shape: student.weights[i].shape.clone(),
+            })
+        })
+        .collect();
     // The student starts from its weights, masked: its forward pass then sees exactly the
     // compressed model (the pipeline's encoding of those weights).
     let vars: Vec<Var> = start_params
@@ -717,10 +761,15 @@ pub fn finetune(
         .zip(&masks)
         .zip(&params)
         .map(|((t, m), p)| {
-            let t = match (&p.shared, m) {
-                (Some(sh), _) => Tensor::from_vec(sh.values.clone(), sh.values.len(), &dev)?,
-                (None, Some(m)) => (t * m)?,
-                (None, None) => t.clone(),
+            let t = match (&p.shared, &p.factors, m) {
+                (Some(sh), _, _) => Tensor::from_vec(sh.values.clone(), sh.values.len(), &dev)?,
+                (None, Some(f), _) => {
+                    let ab: Vec<f32> = f.a.iter().chain(&f.b).copied().collect();
+                    let n = ab.len();
+                    Tensor::from_vec(ab, n, &dev)?
+                }
+                (None, None, Some(m)) => (t * m)?,
+                (None, None, None) => t.clone(),
             };
             Ok(Var::from_tensor(&t)?)
         })
@@ -781,7 +830,7 @@ pub fn finetune(
     // The validation metric, and the loss against the teacher on the same rows (which breaks
     // ties of a coarse metric such as top-1 on a few hundred rows).
     let validate = |vars: &[Var]| -> Result<(f64, f64), TrainError> {
-        let w = effective(vars, &params, &masks, &gathers)?;
+        let w = effective(vars, &params, &masks, &gathers, &factored)?;
         let s = all_scores(setup.program, &val_data, &val_rows, &w)?;
         let rows = val_rows.len();
         let m = metric(
@@ -822,7 +871,7 @@ pub fn finetune(
     let mut best = (
         before,
         0usize,
-        snapshot(&vars, &masks, &gathers)?,
+        snapshot(&vars, &masks, &gathers, &factored)?,
         before_loss,
     );
     let mut opt = AdamW::new(
@@ -863,7 +912,7 @@ pub fn finetune(
             };
             opt.set_learning_rate(lr);
             let feeds = train.feeds(&program, chunk)?;
-            let w = effective(&vars, &params, &masks, &gathers)?;
+            let w = effective(&vars, &params, &masks, &gathers, &factored)?;
             let (s, hint) = if hints.is_empty() {
                 (scores(&program, &feeds, &w)?, None)
             } else {
@@ -941,7 +990,12 @@ pub fn finetune(
             ),
         );
         if val_loss < best.3 {
-            best = (val, epoch, snapshot(&vars, &masks, &gathers)?, val_loss);
+            best = (
+                val,
+                epoch,
+                snapshot(&vars, &masks, &gathers, &factored)?,
+                val_loss,
+            );
             since_best = 0;
         } else {
             since_best += 1;
@@ -1081,25 +1135,28 @@ pub fn channel_rms(
 }
 
 /// Each parameter's weights as they stand (shared values read through their slots, fixed
-/// zeros zero).
+/// zeros zero, factors multiplied out).
 fn snapshot(
     vars: &[Var],
     masks: &[Option<Tensor>],
     gathers: &[Option<Gather>],
+    factored: &[Option<Factored>],
 ) -> Result<Vec<Vec<f32>>, TrainError> {
     vars.iter()
         .zip(masks)
         .zip(gathers)
-        .map(|((v, m), g)| {
-            let w = match g {
-                Some(g) => {
+        .zip(factored)
+        .map(|(((v, m), g), f)| {
+            let w = match (g, f) {
+                (Some(g), _) => {
                     let w = v.as_tensor().index_select(&g.slots, 0)?;
                     match m {
                         Some(m) => (w * m.flatten_all()?)?,
                         None => w,
                     }
                 }
-                None => v.as_tensor().clone(),
+                (None, Some(f)) => f.product(v.as_tensor())?,
+                (None, None) => v.as_tensor().clone(),
             };
             Ok(w.flatten_all()?.to_vec1::<f32>()?)
         })
