@@ -72,6 +72,10 @@ pub struct FinetuneSpec {
     /// Epochs without a lower validation loss before stopping (the best epoch by that loss
     /// is returned).
     pub patience: usize,
+    /// Augmentation: each training row of an image input (4-D, [N, C, H, W]) moves by a
+    /// random whole number of pixels up to this many along H and W (edges repeated), and the
+    /// teacher scores the moved row (0: none).
+    pub shift: usize,
 }
 
 #[derive(serde::Deserialize)]
@@ -93,6 +97,7 @@ struct Params {
     seed: Option<u64>,
     max_seconds: Option<f64>,
     patience: Option<u64>,
+    shift: Option<u64>,
 }
 
 fn id(v: &str, field: &str) -> Result<Uuid, String> {
@@ -175,6 +180,7 @@ impl FinetuneSpec {
             seed: p.seed.unwrap_or(0),
             max_seconds: within(p.max_seconds, &field("max_seconds"), 1.0, 86_400.0, 600.0)?,
             patience: count(p.patience, "patience", 1, 1000, d.patience)?,
+            shift: count(p.shift, "shift", 0, 8, 0)?,
         })
     }
 }
@@ -483,6 +489,37 @@ fn scores(program: &Program, feeds: &[Tensor], params: &[Tensor]) -> Result<Tens
     Ok(logits.unwrap_or(out))
 }
 
+/// Each row of a 4-D float feed ([N, C, H, W]) moved by its (dy, dx), the edges repeated:
+/// out[n, c, y, x] = in[n, c, clamp(y - dy), clamp(x - dx)]. Other feeds pass unchanged.
+fn shifted(feeds: Vec<Tensor>, moves: &[(isize, isize)]) -> Result<Vec<Tensor>, TrainError> {
+    feeds
+        .into_iter()
+        .map(|t| {
+            let Ok((n, c, h, w)) = t.dims4() else {
+                return Ok(t);
+            };
+            if n != moves.len() {
+                return Ok(t);
+            }
+            let v = t.flatten_all()?.to_vec1::<f32>()?;
+            let mut out = Vec::with_capacity(v.len());
+            let clamp = |i: isize, len: usize| i.clamp(0, len as isize - 1) as usize;
+            for (r, &(dy, dx)) in moves.iter().enumerate() {
+                for ch in 0..c {
+                    let plane = &v[(r * c + ch) * h * w..(r * c + ch + 1) * h * w];
+                    for y in 0..h {
+                        let sy = clamp(y as isize - dy, h);
+                        for x in 0..w {
+                            out.push(plane[sy * w + clamp(x as isize - dx, w)]);
+                        }
+                    }
+                }
+            }
+            Ok(Tensor::from_vec(out, (n, c, h, w), &Device::Cpu)?)
+        })
+        .collect()
+}
+
 /// log(sigmoid(z)) = -softplus(-z), computed without overflow:
 /// -(relu(-z) + log(1 + exp(-|z|))).
 fn log_sigmoid(z: &Tensor) -> Result<Tensor, TrainError> {
@@ -779,6 +816,9 @@ pub fn finetune(
     let train = Rows::new(train, spec.batch_size)?;
     let n = train.n;
     let (train_rows, val_rows, mut rng) = split(n, spec, validation.is_some())?;
+    // The augmentation's draws, from the seed too (apart from the shuffles, so that a run
+    // without augmentation shuffles as before).
+    let mut shift_rng = Rng(spec.seed ^ 0x7368_6966_7400_0000);
     let val_data = match validation {
         Some(v) => Rows::new(v, spec.batch_size)?,
         None => Rows::new(train.data, spec.batch_size)?,
@@ -911,7 +951,20 @@ pub fn finetune(
                 spec.learning_rate * 0.5 * (1.0 + (std::f64::consts::PI * t).cos())
             };
             opt.set_learning_rate(lr);
-            let feeds = train.feeds(&program, chunk)?;
+            // Augmentation: each row moved by its own draw, the same for student and teacher.
+            let moves: Option<Vec<(isize, isize)>> = (spec.shift > 0).then(|| {
+                let span = 2 * spec.shift as u64 + 1;
+                let mut draw = || (shift_rng.next() % span) as isize - spec.shift as isize;
+                chunk.iter().map(|_| (draw(), draw())).collect()
+            });
+            let feeds_of = |p: &Program| -> Result<Vec<Tensor>, TrainError> {
+                let f = train.feeds(p, chunk)?;
+                match &moves {
+                    Some(m) => shifted(f, m),
+                    None => Ok(f),
+                }
+            };
+            let feeds = feeds_of(&program)?;
             let w = effective(&vars, &params, &masks, &gathers, &factored)?;
             let (s, hint) = if hints.is_empty() {
                 (scores(&program, &feeds, &w)?, None)
@@ -920,7 +973,7 @@ pub fn finetune(
                     vec![program.logits.as_deref().unwrap_or(&program.output)];
                 keep.extend(hints.iter().map(String::as_str));
                 let mut got = program.run(&feeds, &w, &keep)?;
-                let their_feeds = train.feeds(&teacher_program, chunk)?;
+                let their_feeds = feeds_of(&teacher_program)?;
                 let theirs = teacher_program.run(&their_feeds, &teacher_params, &keep[1..])?;
                 let mut h = Tensor::zeros((), candle_core::DType::F32, &dev)?;
                 for (a, b) in got[1..].iter().zip(&theirs) {
@@ -929,11 +982,21 @@ pub fn finetune(
                 }
                 (got.swap_remove(0), Some((h / hints.len() as f64)?))
             };
-            let t_rows: Vec<f32> = chunk
-                .iter()
-                .flat_map(|&r| teacher_train[r * width..(r + 1) * width].iter().copied())
-                .collect();
-            let t = Tensor::from_vec(t_rows, s.dims(), &dev)?;
+            // The teacher's scores: computed once for the stored rows, run again on moved ones.
+            let t = if moves.is_some() {
+                scores(
+                    &teacher_program,
+                    &feeds_of(&teacher_program)?,
+                    &teacher_params,
+                )?
+                .reshape(s.dims())?
+            } else {
+                let t_rows: Vec<f32> = chunk
+                    .iter()
+                    .flat_map(|&r| teacher_train[r * width..(r + 1) * width].iter().copied())
+                    .collect();
+                Tensor::from_vec(t_rows, s.dims(), &dev)?
+            };
             let labels = labels_of(&train, chunk)
                 .map(|l| Tensor::from_vec(l, chunk.len(), &dev))
                 .transpose()?;
@@ -1010,6 +1073,7 @@ pub fn finetune(
         "loss": spec.loss,
         "temperature": setup.temperature,
         "hint": {"weight": spec.hint, "features": hints},
+        "shift": spec.shift,
         "rows": {"train": train_rows.len(), "validation": val_rows.len(),
                  "validation_from": if validation.is_some() { "validation_dataset_id" } else { "held out of dataset_id" },
                  "dataset": train.describe()},
@@ -1161,4 +1225,64 @@ fn snapshot(
             Ok(w.flatten_all()?.to_vec1::<f32>()?)
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// The obvious shift: each output pixel looked up with its coordinates clamped.
+    fn reference(
+        v: &[f32],
+        dims: (usize, usize, usize, usize),
+        moves: &[(isize, isize)],
+    ) -> Vec<f32> {
+        let (n, c, h, w) = dims;
+        let mut out = vec![0.0; v.len()];
+        for r in 0..n {
+            for ch in 0..c {
+                for y in 0..h {
+                    for x in 0..w {
+                        let sy = (y as isize - moves[r].0).max(0).min(h as isize - 1) as usize;
+                        let sx = (x as isize - moves[r].1).max(0).min(w as isize - 1) as usize;
+                        out[((r * c + ch) * h + y) * w + x] = v[((r * c + ch) * h + sy) * w + sx];
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    proptest! {
+        /// `shifted` moves each row of an image feed as the reference does, and leaves feeds
+        /// of another rank alone.
+        #[test]
+        fn shifted_matches_reference(
+            n in 1usize..4, c in 1usize..3, h in 1usize..7, w in 1usize..7,
+            seed in any::<u64>(),
+        ) {
+            let mut rng = Rng(seed);
+            let v: Vec<f32> = (0..n * c * h * w).map(|_| (rng.next() % 1000) as f32).collect();
+            let moves: Vec<(isize, isize)> = (0..n)
+                .map(|_| ((rng.next() % 7) as isize - 3, (rng.next() % 7) as isize - 3))
+                .collect();
+            let image = Tensor::from_vec(v.clone(), (n, c, h, w), &Device::Cpu).unwrap();
+            let flat = Tensor::from_vec(v.clone(), n * c * h * w, &Device::Cpu).unwrap();
+            let got = shifted(vec![image, flat], &moves).unwrap();
+            prop_assert_eq!(
+                got[0].flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                reference(&v, (n, c, h, w), &moves)
+            );
+            prop_assert_eq!(got[1].to_vec1::<f32>().unwrap(), v);
+        }
+    }
+
+    #[test]
+    fn shift_is_bounded() {
+        let block = |shift: u64| serde_json::json!({"finetune": {"dataset_id": Uuid::nil().to_string(), "shift": shift}});
+        assert_eq!(FinetuneSpec::parse(&block(2)).unwrap().unwrap().shift, 2);
+        let e = FinetuneSpec::parse(&block(9)).unwrap_err();
+        assert!(e.contains("finetune.shift"), "{e}");
+    }
 }
