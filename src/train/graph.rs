@@ -1627,6 +1627,21 @@ mod tests {
             .collect()
     }
 
+    /// The program's output, flattened.
+    fn flat_output(
+        p: &Program,
+        feeds: &[candle_core::Tensor],
+        params: &[candle_core::Tensor],
+    ) -> Vec<f32> {
+        p.forward(feeds, params, None)
+            .unwrap()
+            .0
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    }
+
     fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
         let num: f64 = a.iter().zip(b).map(|(x, y)| f64::from(x - y).powi(2)).sum();
         let den: f64 = b.iter().map(|y| f64::from(*y).powi(2)).sum();
@@ -1761,7 +1776,7 @@ mod tests {
             prop_assert_eq!(p.params.len(), 10);
             let shape = [BATCH, 2, 10, 10];
             let feeds = vec![candle_core::Tensor::from_vec(x.clone(), &shape, &Device::Cpu).unwrap()];
-            let ours = p.forward(&feeds, &params, None).unwrap().0.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let ours = flat_output(&p, &feeds, &params);
             let theirs = tract_run(&bytes, &x, &shape);
             prop_assert!(rel_l2(&ours, &theirs) < FORWARD_TOLERANCE, "{:?} vs {:?}", ours, theirs);
             check_gradients(&p, &feeds, &params, seed, 6);
@@ -1803,14 +1818,7 @@ mod tests {
                     candle_core::Tensor::from_vec(values.clone(), shape.as_slice(), &Device::Cpu)
                         .unwrap(),
                 ];
-            let ours = p
-                .forward(&feeds, &params, None)
-                .unwrap()
-                .0
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
+            let ours = flat_output(&p, &feeds, &params);
             // tract runs mnist-8 one row at a time (its graph fixes the batch to 1).
             let mut theirs = Vec::new();
             if model.starts_with("mnist8") {
@@ -2090,7 +2098,7 @@ mod tests {
             prop_assert_eq!(p.logits.as_deref(), Some("logit"));
             prop_assert_eq!(&p.inputs, &["x", "h", "c"]);
             let ts = tensors_of(&feeds);
-            let ours = p.forward(&ts, &params, None).unwrap().0.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let ours = flat_output(&p, &ts, &params);
             let theirs = tract_run_many(&bytes, &feeds);
             prop_assert!(rel_l2(&ours, &theirs) < FORWARD_TOLERANCE, "{:?} vs {:?}", ours, theirs);
             check_gradients(&p, &ts, &params, seed, 6);
@@ -2149,14 +2157,7 @@ mod tests {
             })
             .collect();
         let ts = tensors_of(&feeds);
-        let ours = p
-            .forward(&ts, &params, None)
-            .unwrap()
-            .0
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
+        let ours = flat_output(&p, &ts, &params);
         let theirs = tract_run_many(&bytes, &feeds);
         assert!(
             rel_l2(&ours, &theirs) < FORWARD_TOLERANCE,
