@@ -125,8 +125,8 @@ async fn plain_and_tuned(
 
 /// The issue's first acceptance case: mnist-8 with 80 % of its weights pruned globally (the
 /// first convolution too, `min_params: 1`) and int8. Before fine-tuning the model is broken
-/// (top-1 under 0.9 on eval.npz); after fine-tuning on train.npz it is back near the
-/// original's 0.984, with the pruned weights still zero and the weights still int8.
+/// (top-1 under 0.9 on eval.npz); after fine-tuning on train.npz it reaches the issue's 0.98
+/// (the original: 0.984), with the pruned weights still zero and the weights still int8.
 #[tokio::test]
 async fn finetune_recovers_mnist8_after_global_pruning_and_int8() {
     let app = spawn_app().await;
@@ -136,11 +136,14 @@ async fn finetune_recovers_mnist8_after_global_pruning_and_int8() {
         {"method": "prune", "sparsity": 0.8, "scope": "global", "min_params": 1},
         {"method": "quantize", "bits": 8, "min_params": 1}
     ]);
+    // One-pixel shift augmentation, 30 epochs, no hint loss: the defaults (16 epochs, hint 1,
+    // no shift) reach 0.9775 (BENCHMARKS.md section 8).
     let (plain, tuned) = plain_and_tuned(
         &app,
         &mnist,
         &pipeline,
-        json!({"dataset_id": train["id"], "seed": 7}),
+        json!({"dataset_id": train["id"], "seed": 7, "shift": 1, "epochs": 30, "hint": 0,
+               "patience": 10}),
     )
     .await;
 
@@ -148,9 +151,8 @@ async fn finetune_recovers_mnist8_after_global_pruning_and_int8() {
     let model = app.download_to(&tuned, "model.onnx").await;
     let after = evaluate("mnist8", &model);
     assert!(top1(&before) < 0.9, "pruning alone: {before}");
-    // The issue asks for 0.98; with the default settings this run reaches 0.9775 (0.9795 with
-    // 30 epochs and no hint loss, BENCHMARKS.md section 8).
-    assert!(top1(&after) >= 0.975, "after fine-tuning: {after}");
+    // The issue's goal: 0.98 (the original scores 0.984).
+    assert!(top1(&after) >= 0.98, "after fine-tuning: {after}");
     // Same deployable size: the training changed values, not forms.
     assert_eq!(
         plain["summary"]["deployable_bytes"], tuned["summary"]["deployable_bytes"],
