@@ -144,9 +144,10 @@ pub fn find(model: &ModelProto, tensors: &[ModelTensor]) -> Narrowing {
         let channels = shape[out_axis];
         let mut slices = vec![(w, out_axis)];
         let skip = |why: String| format!("{name}: {why}");
-        // The producer's own bias (Gemm's C, Conv's B).
+        // The producer's own bias (Gemm's C, broadcast over rows; Conv's B, one value per
+        // output channel, 1-D).
         if let Some(b) = n.input.get(2).filter(|b| !b.is_empty()) {
-            match per_channel(b, channels, layout, &weight, tensors) {
+            match per_channel(b, channels, Layout::Last, &weight, tensors) {
                 Ok(Some(s)) => slices.push(s),
                 Ok(None) => {}
                 Err(why) => {
@@ -493,5 +494,37 @@ mod tests {
             "{:?}",
             n.skipped
         );
+    }
+    /// silero_vad's 1-D encoder: each convolution's own bias (1-D, one value per output
+    /// channel) is sliced with it; the STFT (read by two Slices), the last encoder layer
+    /// (a Transpose feeds the LSTM) and the output layer stay whole.
+    #[test]
+    fn silero_narrows_three_encoder_convolutions_with_their_biases() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../shared/cases/silero_vad/silero_vad_16k_sequence.onnx");
+        let set = crate::formats::read_path(&path).unwrap();
+        let crate::formats::Container::Onnx(c) = &set.container else {
+            panic!("not onnx")
+        };
+        let n = find(&c.model, &set.tensors);
+        let layers: Vec<&str> = n.cuts.iter().map(|c| c.layer.as_str()).collect();
+        assert_eq!(
+            layers,
+            ["encoder.0.weight", "encoder.1.weight", "encoder.2.weight"]
+        );
+        let names: Vec<(&str, usize)> = n.cuts[0]
+            .slices
+            .iter()
+            .map(|&(k, a)| (set.tensors[k].name.as_str(), a))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ("encoder.0.weight", 0),
+                ("encoder.0.bias", 0),
+                ("encoder.1.weight", 1)
+            ]
+        );
+        assert_eq!(n.skipped.len(), 3, "{:?}", n.skipped);
     }
 }
