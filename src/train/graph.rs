@@ -1517,18 +1517,7 @@ mod tests {
             int64s("to3", &[0, 2, -1]),
             int64s("to2", &[-1, 4]),
         ];
-        let constant = NodeProto {
-            op_type: "Constant".into(),
-            output: vec!["k".into()],
-            name: "k".into(),
-            attribute: vec![AttributeProto {
-                name: "value".into(),
-                r#type: AttributeType::Tensor as i32,
-                t: Some(floats("", &[4], vec![0.1, -0.2, 0.3, 0.0])),
-                ..Default::default()
-            }],
-            ..Default::default()
-        };
+        let constant = constant_of("k", floats("", &[4], vec![0.1, -0.2, 0.3, 0.0]));
         let nodes = vec![
             node(
                 "Conv",
@@ -1898,9 +1887,8 @@ mod tests {
             .collect()
     }
 
-    fn int_constant(name: &str, dims: &[i64], v: &[i64]) -> NodeProto {
-        let mut t = int64s("", v);
-        t.dims = dims.to_vec();
+    /// A Constant node named after its output, holding `t`.
+    fn constant_of(name: &str, t: TensorProto) -> NodeProto {
         NodeProto {
             op_type: "Constant".into(),
             output: vec![name.into()],
@@ -1913,6 +1901,12 @@ mod tests {
             }],
             ..Default::default()
         }
+    }
+
+    fn int_constant(name: &str, dims: &[i64], v: &[i64]) -> NodeProto {
+        let mut t = int64s("", v);
+        t.dims = dims.to_vec();
+        constant_of(name, t)
     }
 
     const STEPS: usize = 5;
@@ -1939,18 +1933,7 @@ mod tests {
             floats("ow", &[1, h, 1], g.v(3, -1.0, 1.0)),
             floats("ob", &[1], g.v(1, -0.2, 0.2)),
         ];
-        let two = NodeProto {
-            op_type: "Constant".into(),
-            output: vec!["two".into()],
-            name: "two".into(),
-            attribute: vec![AttributeProto {
-                name: "value".into(),
-                r#type: AttributeType::Tensor as i32,
-                t: Some(floats("", &[], vec![2.0])),
-                ..Default::default()
-            }],
-            ..Default::default()
-        };
+        let two = constant_of("two", floats("", &[], vec![2.0]));
         let nodes = vec![
             int_constant("n2", &[1], &[2]),
             node(

@@ -409,15 +409,22 @@ mod tests {
         }
     }
 
-    #[test]
-    fn digits_mlp_narrows_both_hidden_layers() {
+    /// A shared case's ONNX model and the layers `find` finds in it.
+    fn found(rel: &str) -> (crate::formats::TensorSet, Narrowing) {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../shared/cases/digits_mlp_control/digits_mlp.onnx");
+            .join("../shared/cases")
+            .join(rel);
         let set = crate::formats::read_path(&path).unwrap();
         let crate::formats::Container::Onnx(c) = &set.container else {
             panic!("not onnx")
         };
-        let mut n = find(&c.model, &set.tensors);
+        let n = find(&c.model, &set.tensors);
+        (set, n)
+    }
+
+    #[test]
+    fn digits_mlp_narrows_both_hidden_layers() {
+        let (set, mut n) = found("digits_mlp_control/digits_mlp.onnx");
         let layers: Vec<(&str, &str, usize)> = n
             .cuts
             .iter()
@@ -470,13 +477,7 @@ mod tests {
 
     #[test]
     fn mnist8_narrows_the_first_convolution_only() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../shared/cases/mnist8/mnist-8.onnx");
-        let set = crate::formats::read_path(&path).unwrap();
-        let crate::formats::Container::Onnx(c) = &set.container else {
-            panic!("not onnx")
-        };
-        let n = find(&c.model, &set.tensors);
+        let (set, n) = found("mnist8/mnist-8.onnx");
         let layers: Vec<&str> = n.cuts.iter().map(|c| c.layer.as_str()).collect();
         assert_eq!(layers, ["Parameter5"]);
         // Its bias [8, 1, 1] is sliced with it, and the second convolution's inputs.
@@ -495,18 +496,13 @@ mod tests {
             n.skipped
         );
     }
+
     /// silero_vad's 1-D encoder: each convolution's own bias (1-D, one value per output
     /// channel) is sliced with it; the STFT (read by two Slices), the last encoder layer
     /// (a Transpose feeds the LSTM) and the output layer stay whole.
     #[test]
     fn silero_narrows_three_encoder_convolutions_with_their_biases() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../shared/cases/silero_vad/silero_vad_16k_sequence.onnx");
-        let set = crate::formats::read_path(&path).unwrap();
-        let crate::formats::Container::Onnx(c) = &set.container else {
-            panic!("not onnx")
-        };
-        let n = find(&c.model, &set.tensors);
+        let (set, n) = found("silero_vad/silero_vad_16k_sequence.onnx");
         let layers: Vec<&str> = n.cuts.iter().map(|c| c.layer.as_str()).collect();
         assert_eq!(
             layers,
