@@ -42,12 +42,19 @@ pub async fn spawn_app() -> TestApp {
 }
 
 pub async fn spawn_app_with(adjust: impl FnOnce(&mut ServeConfig)) -> TestApp {
+    spawn_app_in(tempfile::tempdir().expect("tempdir"), adjust).await
+}
+
+/// A server on the data directory under `dir` (a restart keeps what an earlier one stored).
+pub async fn spawn_app_in(
+    dir: tempfile::TempDir,
+    adjust: impl FnOnce(&mut ServeConfig),
+) -> TestApp {
     LOGS.call_once(|| {
         if std::env::var_os("TEST_LOG").is_some() {
             modelpress::telemetry::init_logging("text");
         }
     });
-    let dir = tempfile::tempdir().expect("tempdir");
     let mut config = ServeConfig::for_data_dir(dir.path().join("data"));
     config.workers = Some(0);
     adjust(&mut config);
@@ -159,13 +166,20 @@ impl TestApp {
         path
     }
 
-    pub async fn stop(mut self) {
+    pub async fn stop(self) {
+        self.stop_keeping_data().await;
+    }
+
+    /// Shuts the server down and hands back its directory, for a restart on the same data.
+    pub async fn stop_keeping_data(mut self) -> tempfile::TempDir {
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
         }
         if let Some(t) = self.task.take() {
             let _ = t.await;
         }
+        let TestApp { dir, .. } = self;
+        dir
     }
 }
 
