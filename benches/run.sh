@@ -20,3 +20,4 @@ MINILM="$OUT/paraphrase-MiniLM-L3-v2.onnx" python3 benches/search.py target/rele
 MINILM="$OUT/paraphrase-MiniLM-L3-v2.onnx" python3 benches/search.py target/release/modelpress "$OUT/search" \
   mnist8+gptq minilm_l3-split minilm_l3-split+gptq | tee "$OUT/search-calibrated.jsonl"
 python3 benches/calibrated.py target/release/modelpress "$OUT/calibrated" "$OUT/paraphrase-MiniLM-L3-v2.onnx" | grep "^{" | tee "$OUT/calibrated.jsonl"
+python3 benches/sse_clients.py target/release/modelpress 200 | tee "$OUT/sse-clients.json"

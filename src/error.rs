@@ -35,6 +35,8 @@ pub enum ErrorCode {
     DatasetNotFound,
     /// 404
     ArtifactNotFound,
+    /// 404: no chart of that name, or the job has not the artifact it is drawn from.
+    ChartNotFound,
     /// 404: no such route.
     NotFound,
     /// 405
@@ -71,6 +73,7 @@ impl ErrorCode {
             ErrorCode::JobNotFound => "job_not_found",
             ErrorCode::DatasetNotFound => "dataset_not_found",
             ErrorCode::ArtifactNotFound => "artifact_not_found",
+            ErrorCode::ChartNotFound => "chart_not_found",
             ErrorCode::NotFound => "not_found",
             ErrorCode::MethodNotAllowed => "method_not_allowed",
             ErrorCode::ModelInUse => "model_in_use",
@@ -98,6 +101,7 @@ impl ErrorCode {
             | ErrorCode::JobNotFound
             | ErrorCode::DatasetNotFound
             | ErrorCode::ArtifactNotFound
+            | ErrorCode::ChartNotFound
             | ErrorCode::NotFound => StatusCode::NOT_FOUND,
             ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ErrorCode::ModelInUse

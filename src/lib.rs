@@ -7,12 +7,14 @@
 
 pub mod api;
 pub mod calibrate;
+pub mod charts;
 pub mod cli;
 pub mod compress;
 pub mod config;
 pub mod deploy;
 pub mod error;
 pub mod eval;
+pub mod events;
 pub mod formats;
 pub mod model;
 pub mod queue;

@@ -181,6 +181,9 @@ impl Control for Span<'_> {
         self.inner
             .progress(self.lo + (self.hi - self.lo) * fraction, stage);
     }
+    fn detail(&self, detail: serde_json::Value) {
+        self.inner.detail(detail)
+    }
     fn cancelled(&self) -> bool {
         self.inner.cancelled()
     }

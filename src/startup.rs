@@ -36,6 +36,7 @@ impl Application {
             running: Mutex::new(HashMap::new()),
             stop_claiming: CancellationToken::new(),
             hard_stop: CancellationToken::new(),
+            events: crate::events::Hub::new(),
             instance_id: format!("{}-{}", std::process::id(), Uuid::new_v4().simple()),
             config,
         }));

@@ -30,6 +30,8 @@ pub struct Inner {
     pub stop_claiming: CancellationToken,
     /// Set when the grace period ends: running jobs stop and are requeued.
     pub hard_stop: CancellationToken,
+    /// Job state changes and progress, for the event streams.
+    pub events: crate::events::Hub,
     /// Distinguishes this process's leases from another's.
     pub instance_id: String,
 }

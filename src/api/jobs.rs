@@ -466,6 +466,7 @@ pub async fn create(
         Err(e) => return Err(e.into()),
     };
     if !replayed {
+        state.events.job_changed(&job);
         state.job_queued.notify_waiters();
         metrics::counter!("modelpress_jobs_submitted_total").increment(1);
     }
@@ -569,6 +570,7 @@ pub async fn cancel(
     if let Some(flag) = state.running.lock().expect("running map").get(&id) {
         flag.store(true, std::sync::atomic::Ordering::Relaxed);
     }
+    state.events.job_changed(&job);
     let status = if job.state == JobState::Cancelled {
         StatusCode::OK
     } else {

@@ -1,7 +1,10 @@
 //! HTTP routes, one module per resource.
 
 pub mod artifacts;
+pub mod charts;
+pub mod dashboard;
 pub mod datasets;
+pub mod events;
 pub mod extract;
 pub mod health;
 pub mod jobs;
@@ -19,6 +22,9 @@ use std::time::Instant;
 /// Every served (method, path). The OpenAPI drift test checks this list against
 /// `openapi.yaml` and against the router itself.
 pub const ROUTES: &[(&str, &str)] = &[
+    ("GET", "/"),
+    ("GET", "/assets/app.js"),
+    ("GET", "/assets/style.css"),
     ("GET", "/healthz"),
     ("GET", "/readyz"),
     ("GET", "/metrics"),
@@ -36,11 +42,17 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/jobs"),
     ("GET", "/v1/jobs/{id}"),
     ("POST", "/v1/jobs/{id}/cancel"),
+    ("GET", "/v1/jobs/{id}/events"),
+    ("GET", "/v1/jobs/{id}/charts/{name}"),
+    ("GET", "/v1/events"),
     ("GET", "/v1/jobs/{id}/artifacts/{name}"),
 ];
 
 pub fn router(state: AppState) -> Router {
     Router::new()
+        .route("/", get(dashboard::index))
+        .route("/assets/app.js", get(dashboard::app_js))
+        .route("/assets/style.css", get(dashboard::style_css))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))
@@ -59,6 +71,9 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/jobs", post(jobs::create).get(jobs::list))
         .route("/v1/jobs/{id}", get(jobs::get_one))
         .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
+        .route("/v1/jobs/{id}/events", get(events::job_events))
+        .route("/v1/jobs/{id}/charts/{name}", get(charts::chart))
+        .route("/v1/events", get(events::all_events))
         .route("/v1/jobs/{id}/artifacts/{name}", get(artifacts::download))
         .route_layer(middleware::from_fn(track_metrics))
         .fallback(not_found)

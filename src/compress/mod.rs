@@ -145,6 +145,10 @@ pub fn is_conv(t: &Tensor) -> bool {
 /// Progress reporting and cancellation, checked at every tensor boundary.
 pub trait Control: Sync {
     fn progress(&self, fraction: f64, stage: &str);
+    /// The structured detail of the current phase, for the event streams: a search's
+    /// `{trial, trials, best_ratio, best_drop}`, training's `{epoch, epochs, loss,
+    /// validation}`. The stage text says the same for pollers.
+    fn detail(&self, _detail: serde_json::Value) {}
     fn cancelled(&self) -> bool;
     /// A hook for crash tests; does nothing in production.
     fn tensor_done(&self) {}

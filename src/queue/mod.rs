@@ -259,7 +259,8 @@ pub trait JobQueue: Send + Sync + 'static {
     /// Queued → cancelled at once; running → cancel requested.
     async fn request_cancel(&self, tenant: &str, id: Uuid) -> Result<JobRecord, QueueError>;
     /// Requeues jobs whose lease expired; exhausted ones fail with `attempts_exhausted`.
-    async fn sweep_expired(&self) -> Result<u64, QueueError>;
+    /// Returns the jobs it changed, as they are now.
+    async fn sweep_expired(&self) -> Result<Vec<JobRecord>, QueueError>;
     async fn count_by_state(&self) -> Result<Vec<(JobState, i64)>, QueueError>;
 }
 

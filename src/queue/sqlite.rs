@@ -625,36 +625,40 @@ impl JobQueue for SqliteStore {
         Ok(rec)
     }
 
-    async fn sweep_expired(&self) -> Result<u64, QueueError> {
+    async fn sweep_expired(&self) -> Result<Vec<JobRecord>, QueueError> {
         let now = now_ms();
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
-        let cancelled = sqlx::query(
+        let mut rows = sqlx::query(AssertSqlSafe(format!(
             "UPDATE jobs SET state = 'cancelled', stage = 'cancelled', finished_at = ?, lease_owner = NULL, lease_expires_at = NULL \
-             WHERE state = 'running' AND lease_expires_at < ? AND cancel_requested = 1",
-        )
+             WHERE state = 'running' AND lease_expires_at < ? AND cancel_requested = 1 RETURNING {JOB_COLUMNS}",
+        )))
         .bind(now)
         .bind(now)
-        .execute(&mut *tx)
+        .fetch_all(&mut *tx)
         .await?;
-        let exhausted = sqlx::query(
-            "UPDATE jobs SET state = 'failed', error_code = 'attempts_exhausted', \
+        rows.extend(
+            sqlx::query(AssertSqlSafe(format!(
+                "UPDATE jobs SET state = 'failed', error_code = 'attempts_exhausted', \
              error_message = 'the job''s worker stopped responding on each of its ' || attempts || ' attempts', \
              stage = 'failed', finished_at = ?, lease_owner = NULL, lease_expires_at = NULL \
-             WHERE state = 'running' AND lease_expires_at < ? AND attempts >= max_attempts",
-        )
-        .bind(now)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-        let requeued = sqlx::query(
-            "UPDATE jobs SET state = 'queued', stage = 'requeued after lease expiry', progress = 0, lease_owner = NULL, \
-             lease_expires_at = NULL WHERE state = 'running' AND lease_expires_at < ?",
-        )
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
+             WHERE state = 'running' AND lease_expires_at < ? AND attempts >= max_attempts RETURNING {JOB_COLUMNS}",
+            )))
+            .bind(now)
+            .bind(now)
+            .fetch_all(&mut *tx)
+            .await?,
+        );
+        rows.extend(
+            sqlx::query(AssertSqlSafe(format!(
+                "UPDATE jobs SET state = 'queued', stage = 'requeued after lease expiry', progress = 0, lease_owner = NULL, \
+             lease_expires_at = NULL WHERE state = 'running' AND lease_expires_at < ? RETURNING {JOB_COLUMNS}",
+            )))
+            .bind(now)
+            .fetch_all(&mut *tx)
+            .await?,
+        );
         tx.commit().await?;
-        Ok(cancelled.rows_affected() + exhausted.rows_affected() + requeued.rows_affected())
+        rows.iter().map(job_from_row).collect()
     }
 
     async fn count_by_state(&self) -> Result<Vec<(JobState, i64)>, QueueError> {

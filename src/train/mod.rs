@@ -1027,6 +1027,15 @@ pub fn finetune(
             }
             step += 1;
             let f = step as f64 / total_steps as f64;
+            ctl.detail(serde_json::json!({
+                "phase": "train",
+                "epoch": epoch,
+                "epochs": spec.epochs,
+                "step": step,
+                "steps": total_steps,
+                "loss": loss_sum / batches as f64,
+                "validation": epochs.last().map(|e: &Epoch| e.validation_metric),
+            }));
             ctl.progress(
                 span.0 + (span.1 - span.0) * f.min(1.0),
                 &format!(
@@ -1045,6 +1054,15 @@ pub fn finetune(
             validation_loss: val_loss,
             seconds: epoch_started.elapsed().as_secs_f64(),
         });
+        ctl.detail(serde_json::json!({
+            "phase": "train",
+            "epoch": epoch,
+            "epochs": spec.epochs,
+            "step": step,
+            "steps": total_steps,
+            "loss": epochs.last().map(|e| e.train_loss),
+            "validation": val,
+        }));
         ctl.progress(
             span.0 + (span.1 - span.0) * (step as f64 / total_steps as f64).min(1.0),
             &format!(

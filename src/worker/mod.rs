@@ -59,9 +59,15 @@ pub fn spawn_sweeper(state: AppState) -> tokio::task::JoinHandle<()> {
         let every = Duration::from_millis((state.config.lease_ms / 2).clamp(50, 5_000));
         loop {
             match state.queue.sweep_expired().await {
-                Ok(0) => {}
-                Ok(n) => {
-                    tracing::warn!(jobs = n, "requeued or closed jobs with expired leases");
+                Ok(swept) if swept.is_empty() => {}
+                Ok(swept) => {
+                    tracing::warn!(
+                        jobs = swept.len(),
+                        "requeued or closed jobs with expired leases"
+                    );
+                    for j in &swept {
+                        state.events.job_changed(j);
+                    }
                     state.job_queued.notify_waiters();
                 }
                 Err(e) => tracing::error!(error = %e, "sweeper failed"),
@@ -79,6 +85,9 @@ pub async fn try_execute_one(state: &AppState) -> anyhow::Result<Outcome> {
 
 struct JobControl {
     progress: Mutex<(f64, String)>,
+    /// The structured detail of the current phase (search trial, training epoch), for the
+    /// event streams only.
+    detail: Mutex<serde_json::Value>,
     cancel: Arc<AtomicBool>,
     hard_stop: tokio_util::sync::CancellationToken,
     #[allow(dead_code)]
@@ -89,6 +98,11 @@ impl Control for JobControl {
     fn progress(&self, fraction: f64, stage: &str) {
         if let Ok(mut p) = self.progress.lock() {
             *p = (fraction, stage.to_string());
+        }
+    }
+    fn detail(&self, detail: serde_json::Value) {
+        if let Ok(mut d) = self.detail.lock() {
+            *d = detail;
         }
     }
     fn cancelled(&self) -> bool {
@@ -118,7 +132,16 @@ async fn try_execute_one_as(state: &AppState, worker: &str) -> anyhow::Result<Ou
     let span = tracing::info_span!("job", job_id = %job.id, model_id = %job.model_id, attempt = job.attempts);
     metrics::gauge!("modelpress_busy_workers").increment(1.0);
     let started = Instant::now();
+    state.events.job_changed(&job);
+    let (tenant, id) = (job.tenant_id.clone(), job.id);
     let outcome = run_claimed(state, worker, job).instrument(span).await;
+    // However the run ended (succeeded, failed, cancelled, requeued, taken over), the event
+    // streams learn the state it left in the database.
+    match state.queue.get_job(&tenant, id).await {
+        Ok(Some(j)) => state.events.job_changed(&j),
+        Ok(None) => {}
+        Err(e) => tracing::warn!(error = %e, "could not read the job back for its event"),
+    }
     metrics::gauge!("modelpress_busy_workers").decrement(1.0);
     metrics::histogram!("modelpress_job_duration_seconds").record(started.elapsed().as_secs_f64());
     if let Ok(o) = &outcome {
@@ -251,6 +274,7 @@ async fn run_claimed(state: &AppState, worker: &str, job: JobRecord) -> anyhow::
         .insert(job.id, cancel.clone());
     let ctl = Arc::new(JobControl {
         progress: Mutex::new((0.0, "starting".into())),
+        detail: Mutex::new(serde_json::Value::Null),
         cancel: cancel.clone(),
         hard_stop: state.hard_stop.clone(),
         failpoint: state.config.failpoint.clone(),
@@ -265,14 +289,22 @@ async fn run_claimed(state: &AppState, worker: &str, job: JobRecord) -> anyhow::
             job.id,
             worker.to_string(),
         );
+        let (events, tenant) = (state.0.clone(), job.tenant_id.clone());
         // A third of the lease keeps it alive; at most a second keeps progress fresh for pollers.
         let every = Duration::from_millis((lease_ms as u64 / 3).clamp(20, 1000));
         tokio::spawn(async move {
+            let mut published: Option<(f64, String)> = None;
             loop {
                 tokio::time::sleep(every).await;
                 let (p, s) = ctl.progress.lock().map(|g| g.clone()).unwrap_or_default();
                 match queue.heartbeat(id, &worker, lease_ms, p, &s).await {
                     Ok(Heartbeat::Held { cancel_requested }) => {
+                        // The streams see what the database now holds, when it moved.
+                        if published.as_ref() != Some(&(p, s.clone())) {
+                            let detail = ctl.detail.lock().map(|d| d.clone()).unwrap_or_default();
+                            events.events.progress(&tenant, id, p, &s, &detail);
+                            published = Some((p, s));
+                        }
                         if cancel_requested {
                             ctl.cancel.store(true, Ordering::Relaxed);
                         }
