@@ -669,6 +669,7 @@ pub fn search(
             ),
             None => format!("search: trial {trials} of {planned}"),
         };
+        ctl.progress(f, &stage);
         ctl.detail(serde_json::json!({
             "phase": "search",
             "trial": trials,
@@ -676,7 +677,6 @@ pub fn search(
             "best_ratio": best.map(|b| b.ratio),
             "best_drop": best.and_then(|b| b.drop),
         }));
-        ctl.progress(f, &stage);
     };
     let ratio_of = |b: u64| ctx.original_bytes as f64 / b.max(1) as f64;
     let verify = |name: String,

@@ -1027,6 +1027,14 @@ pub fn finetune(
             }
             step += 1;
             let f = step as f64 / total_steps as f64;
+            ctl.progress(
+                span.0 + (span.1 - span.0) * f.min(1.0),
+                &format!(
+                    "finetune: epoch {epoch}/{}, step {step}/{total_steps}, loss {:.4}",
+                    spec.epochs,
+                    loss_sum / batches as f64
+                ),
+            );
             ctl.detail(serde_json::json!({
                 "phase": "train",
                 "epoch": epoch,
@@ -1036,14 +1044,6 @@ pub fn finetune(
                 "loss": loss_sum / batches as f64,
                 "validation": epochs.last().map(|e: &Epoch| e.validation_metric),
             }));
-            ctl.progress(
-                span.0 + (span.1 - span.0) * f.min(1.0),
-                &format!(
-                    "finetune: epoch {epoch}/{}, step {step}/{total_steps}, loss {:.4}",
-                    spec.epochs,
-                    loss_sum / batches as f64
-                ),
-            );
         }
         let (val, val_loss) = validate(&vars)?;
         epochs.push(Epoch {
@@ -1054,6 +1054,13 @@ pub fn finetune(
             validation_loss: val_loss,
             seconds: epoch_started.elapsed().as_secs_f64(),
         });
+        ctl.progress(
+            span.0 + (span.1 - span.0) * (step as f64 / total_steps as f64).min(1.0),
+            &format!(
+                "finetune: epoch {epoch}/{}, validation {val:.4}",
+                spec.epochs
+            ),
+        );
         ctl.detail(serde_json::json!({
             "phase": "train",
             "epoch": epoch,
@@ -1063,13 +1070,6 @@ pub fn finetune(
             "loss": epochs.last().map(|e| e.train_loss),
             "validation": val,
         }));
-        ctl.progress(
-            span.0 + (span.1 - span.0) * (step as f64 / total_steps as f64).min(1.0),
-            &format!(
-                "finetune: epoch {epoch}/{}, validation {val:.4}",
-                spec.epochs
-            ),
-        );
         if val_loss < best.3 {
             best = (
                 val,

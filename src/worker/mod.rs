@@ -88,6 +88,10 @@ struct JobControl {
     /// The structured detail of the current phase (search trial, training epoch), for the
     /// event streams only.
     detail: Mutex<serde_json::Value>,
+    /// Where a new trial or epoch is published at once (not only at the next heartbeat, which
+    /// a fast job can outrun): the hub, the job's tenant and id, and the last key published.
+    events: (AppState, String, uuid::Uuid),
+    detail_key: Mutex<String>,
     cancel: Arc<AtomicBool>,
     hard_stop: tokio_util::sync::CancellationToken,
     #[allow(dead_code)]
@@ -101,6 +105,24 @@ impl Control for JobControl {
         }
     }
     fn detail(&self, detail: serde_json::Value) {
+        // A new trial, epoch or validation figure is news; a training step alone is not.
+        let key = ["phase", "trial", "epoch", "validation"]
+            .map(|k| detail.get(k).map(|v| v.to_string()).unwrap_or_default())
+            .join("/");
+        let fresh = self
+            .detail_key
+            .lock()
+            .map(|mut last| {
+                let fresh = *last != key;
+                *last = key;
+                fresh
+            })
+            .unwrap_or(false);
+        if fresh {
+            let (p, s) = self.progress.lock().map(|g| g.clone()).unwrap_or_default();
+            let (state, tenant, id) = &self.events;
+            state.events.progress(tenant, *id, p, &s, &detail);
+        }
         if let Ok(mut d) = self.detail.lock() {
             *d = detail;
         }
@@ -275,6 +297,8 @@ async fn run_claimed(state: &AppState, worker: &str, job: JobRecord) -> anyhow::
     let ctl = Arc::new(JobControl {
         progress: Mutex::new((0.0, "starting".into())),
         detail: Mutex::new(serde_json::Value::Null),
+        events: (state.clone(), job.tenant_id.clone(), job.id),
+        detail_key: Mutex::new(String::new()),
         cancel: cancel.clone(),
         hard_stop: state.hard_stop.clone(),
         failpoint: state.config.failpoint.clone(),

@@ -276,3 +276,89 @@ async fn two_hundred_concurrent_streams_all_see_the_end() {
     }
     app.stop().await;
 }
+
+/// Follows `id`'s stream while the queue drains; returns its events.
+async fn follow_while_draining(app: &crate::helpers::TestApp, id: &str) -> Vec<Sse> {
+    let resp = app
+        .client
+        .get(app.url(&format!("/v1/jobs/{id}/events")))
+        .send()
+        .await
+        .unwrap();
+    let reader = tokio::spawn(read_events(resp, Duration::from_secs(600), |_| false));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    app.drain().await;
+    reader.await.unwrap()
+}
+
+async fn chart(app: &crate::helpers::TestApp, id: &str, name: &str) -> String {
+    let r = app
+        .client
+        .get(app.url(&format!("/v1/jobs/{id}/charts/{name}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{name}");
+    r.text().await.unwrap()
+}
+
+/// A search streams its trial and best so far, training its epoch, loss and validation
+/// metric; their charts (the frontier with the chosen point, loss and metric per epoch) are
+/// drawn from search.json and training.json.
+#[tokio::test]
+async fn search_and_training_stream_their_detail_and_draw_their_charts() {
+    // A short lease: a heartbeat (and a progress event) every 100 ms.
+    let app = spawn_app_with(|c| c.lease_ms = 300).await;
+    let mnist = app.upload(case_file("mnist8/mnist-8.onnx"), "m.onnx").await;
+    let data = crate::helpers::upload_dataset(&app, "mnist8/calib.npz").await;
+    let job = app
+        .submit_json(
+            json!({"model_id": mnist["id"], "preset": "auto", "latency": false,
+            "eval": {"dataset_id": data["id"], "metric": "agreement"}}),
+        )
+        .await;
+    let id = job["id"].as_str().unwrap().to_string();
+    let evs = follow_while_draining(&app, &id).await;
+    assert_eq!(evs.last().unwrap().data["state"], "succeeded", "{evs:?}");
+    let trials: Vec<&Value> = evs
+        .iter()
+        .filter(|e| e.event == "progress" && e.data["detail"]["phase"] == "search")
+        .map(|e| &e.data["detail"])
+        .collect();
+    assert!(!trials.is_empty(), "search detail streamed: {evs:?}");
+    for d in &trials {
+        assert!(
+            d["trial"].as_u64().unwrap() <= d["trials"].as_u64().unwrap(),
+            "{d}"
+        );
+    }
+    let svg = chart(&app, &id, "frontier").await;
+    assert_eq!(svg.matches("class=\"chosen\"").count(), 1, "{svg}");
+
+    let digits = app
+        .upload(case_file("digits_mlp_control/digits_mlp.onnx"), "d.onnx")
+        .await;
+    let train = crate::helpers::upload_dataset(&app, "digits_mlp_control/train.npz").await;
+    let job = app
+        .submit_json(
+            json!({"model_id": digits["id"], "preset": "int4", "latency": false,
+            "finetune": {"dataset_id": train["id"], "epochs": 3}}),
+        )
+        .await;
+    let id = job["id"].as_str().unwrap().to_string();
+    let evs = follow_while_draining(&app, &id).await;
+    assert_eq!(evs.last().unwrap().data["state"], "succeeded", "{evs:?}");
+    let epochs: Vec<&Value> = evs
+        .iter()
+        .filter(|e| e.event == "progress" && e.data["detail"]["phase"] == "train")
+        .map(|e| &e.data["detail"])
+        .collect();
+    assert!(!epochs.is_empty(), "training detail streamed: {evs:?}");
+    for d in &epochs {
+        assert_eq!(d["epochs"], 3, "{d}");
+        assert!(d["loss"].as_f64().unwrap().is_finite(), "{d}");
+    }
+    let svg = chart(&app, &id, "training").await;
+    assert_eq!(svg.matches("<polyline").count(), 3, "{svg}");
+    app.stop().await;
+}

@@ -78,6 +78,10 @@ async function overflowsAt(page) {
 
 try {
   // ------------------------------------------------------------ upload, submit, live progress
+  // A dataset to score the job on (uploaded through the API; the form chooses it).
+  const dataset = await (await fetch(BASE + "/v1/datasets?name=mnist-eval.npz", { method: "POST",
+    body: readFileSync(join(CASES, "mnist8", "eval.npz")) })).json();
+  assert.ok(dataset.id, "dataset uploaded: " + JSON.stringify(dataset));
   const page = await newPage({ width: 1280, height: 800 });
   await page.goto(BASE + "/#/new");
   step("new-job form");
@@ -108,6 +112,8 @@ try {
   // Now the real job: int8 on mnist-8, watched to the end without a reload.
   await page.check("#mode-preset");
   await page.selectOption("#preset", "int8");
+  await page.selectOption("#dataset", dataset.id);
+  await page.selectOption("#metric", "top1");
   await page.evaluate(() => { window.__noReload = true; });
   await page.click("#submit");
   await page.waitForFunction(() => location.hash.startsWith("#/jobs/"));
@@ -130,7 +136,15 @@ try {
   assert.equal(await page.textContent("#job-pct"), "100 %");
   step("progress seen live: " + between.length + " updates between 0 and 100 %");
 
-  // ------------------------------------------------------------ detail: table, chart, download
+  // ------------------------------------------------------------ detail: summary, table, chart, download
+  // The `done` event makes the page read the finished job once more.
+  await page.waitForFunction(() => [...document.querySelectorAll("#job-summary dt")].some((d) => d.textContent === "Metric before → after"));
+  const summary = await page.$$eval("#job-summary dt, #job-summary dd", (e) => e.map((x) => x.textContent));
+  const metricAt = summary.indexOf("Metric before → after");
+  assert.ok(metricAt >= 0, "the summary gives the metric before and after: " + JSON.stringify(summary));
+  assert.match(summary[metricAt + 1], /^0\.98\d+ → 0\.98\d+$/, "top-1 before and after on mnist-8");
+  assert.ok(summary.includes("Ratio") && summary.includes("Latency"), "ratio and latency verdict shown");
+  step("summary: top-1 " + summary[metricAt + 1]);
   await page.waitForFunction(() => document.querySelectorAll("#layers-table tbody tr").length > 0);
   const layerRows = await page.$$eval("#layers-table tbody tr", (r) => r.length);
   assert.ok(layerRows >= 3, "the per-layer table lists mnist-8's tensors");
@@ -191,6 +205,16 @@ try {
   await page.waitForSelector("tr.inventory td:has-text('Parameter193')");
   assert.deepEqual(await unlabelled(page), []);
   step("models page lists the tensor inventory");
+
+  // ------------------------------------------------------------ datasets page: inventory, delete
+  page.on("dialog", (d) => d.accept());
+  await page.goto(BASE + "/#/datasets");
+  await page.click('#datasets-table button:has-text("Arrays")');
+  await page.waitForSelector("tr.inventory td:has-text('Input3')");
+  await page.click('#datasets-table button[aria-label="Delete dataset mnist-eval.npz"]');
+  await page.waitForFunction(() => !document.querySelector("#datasets-table tbody tr"));
+  assert.equal((await fetch(BASE + "/v1/datasets/" + dataset.id)).status, 404, "the dataset is gone from the API");
+  step("datasets page: array inventory, deleted after a confirmation");
 
   // ------------------------------------------------------------ phone-sized screens
   const phone = await newPage({ width: 390, height: 844 });
