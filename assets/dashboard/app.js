@@ -276,9 +276,16 @@ function summaryRows(j) {
         " (" + fmt.num(l.original_ms, 3) + " → " + fmt.num(l.deployable_ms, 3) + " ms, " + fmt.num(l.ratio, 2) + "×)";
     rows.push(["Latency", verdict]);
   }
-  if (s.search) rows.push(["Search", (s.search.verdict || "") + ", " + (s.search.trials || 0) + " trials"]);
+  if (s.search) {
+    const c = s.search.chosen;
+    rows.push(["Search", (s.search.verdict === "met" ? "goal met" : "goal not met") + ", " + (s.search.trials || 0) + " trials in " +
+      fmt.num(s.search.seconds, 1) + " s" + (c ? "; chosen: " + c.name + " (" + fmt.ratio(c.ratio) + ", drop " + fmt.num(c.drop) + ")" : "")]);
+  }
   const t = s.finetune || s.distill;
-  if (t) rows.push(["Training", JSON.stringify(t).slice(0, 200)]);
+  if (t && t.metric !== undefined) {
+    rows.push([s.finetune ? "Fine-tuning" : "Distillation", t.metric + " on validation " + fmt.num(t.validation_before) + " → " +
+      fmt.num(t.validation_after) + ", " + t.epochs + " epochs (best " + t.best_epoch + "), stopped: " + t.stopped]);
+  }
   rows.push(["Created", j.created_at || "–"]);
   rows.push(["Finished", j.finished_at || "–"]);
   return rows;

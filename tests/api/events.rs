@@ -362,3 +362,48 @@ async fn search_and_training_stream_their_detail_and_draw_their_charts() {
     assert_eq!(svg.matches("<polyline").count(), 3, "{svg}");
     app.stop().await;
 }
+
+/// An idle stream gets a comment line every `KEEP_ALIVE` (15 s), so proxies keep it open.
+#[tokio::test]
+async fn an_idle_stream_gets_keep_alive_comments() {
+    let app = spawn_app().await;
+    let resp = app.client.get(app.url("/v1/events")).send().await.unwrap();
+    let mut body = resp.bytes_stream();
+    let mut seen = String::new();
+    let limit = modelpress::api::events::KEEP_ALIVE + Duration::from_secs(10);
+    let deadline = tokio::time::Instant::now() + limit;
+    while !seen.lines().any(|l| l.starts_with(':')) {
+        match tokio::time::timeout_at(deadline, body.next()).await {
+            Ok(Some(Ok(c))) => seen.push_str(&String::from_utf8_lossy(&c)),
+            other => panic!("no keep-alive comment within {limit:?}: {other:?} after {seen:?}"),
+        }
+    }
+    app.stop().await;
+}
+
+/// Shutdown closes open streams, so the server drains instead of waiting on its clients.
+#[tokio::test]
+async fn shutdown_closes_open_streams() {
+    let app = spawn_app().await;
+    let model = app
+        .upload(case_file("mnist8/mnist-8.onnx"), "mnist-8.onnx")
+        .await;
+    let job = app
+        .submit_json(json!({"model_id": model["id"], "preset": "int8"}))
+        .await;
+    let url = app.url(&format!("/v1/jobs/{}/events", job["id"].as_str().unwrap()));
+    let one = app.client.get(url).send().await.unwrap();
+    let all = app.client.get(app.url("/v1/events")).send().await.unwrap();
+    let readers =
+        [one, all].map(|r| tokio::spawn(read_events(r, Duration::from_secs(60), |_| false)));
+    tokio::time::timeout(Duration::from_secs(20), app.stop())
+        .await
+        .expect("the server stops with streams open");
+    for r in readers {
+        let evs = tokio::time::timeout(Duration::from_secs(5), r)
+            .await
+            .expect("the stream ended")
+            .unwrap();
+        assert!(!evs.is_empty());
+    }
+}
