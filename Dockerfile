@@ -8,6 +8,8 @@ COPY migrations ./migrations
 # Cargo.toml names the benches: the manifest does not parse without them.
 COPY benches ./benches
 COPY openapi.yaml ./
+# The dashboard's page, script and stylesheet are compiled into the binary.
+COPY assets ./assets
 RUN cargo build --release --locked && strip target/release/modelpress
 
 # Runtime stage: a small image, a non-root user, data on a volume.

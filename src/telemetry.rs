@@ -84,6 +84,14 @@ fn describe_metrics() {
     );
     describe_gauge!("modelpress_workers", "Worker tasks in this process");
     describe_gauge!(
+        "modelpress_event_streams",
+        "Server-Sent Event streams open in this process"
+    );
+    describe_counter!(
+        "modelpress_event_streams_opened_total",
+        "Server-Sent Event streams opened, by stream (job or all)"
+    );
+    describe_gauge!(
         "modelpress_busy_workers",
         "Worker tasks running a job in this process"
     );

@@ -40,6 +40,7 @@ pub async fn metrics(State(state): State<AppState>) -> Result<impl IntoResponse,
         }
     }
     metrics::gauge!("modelpress_workers").set(state.config.worker_count() as f64);
+    metrics::gauge!("modelpress_event_streams").set(state.events.listeners() as f64);
     Ok((
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(),

@@ -516,6 +516,7 @@ async fn background_workers_pick_up_jobs_and_metrics_count_them() {
         "modelpress_http_requests_total{method=\"POST\",route=\"/v1/jobs\",status=\"202\"}",
         "route=\"/v1/jobs/{id}\"",
         "modelpress_busy_workers",
+        "modelpress_event_streams ",
         // Every family has help text (promtool check metrics).
         "# HELP modelpress_jobs Jobs in the database, by state",
         "# HELP modelpress_http_requests_total HTTP requests answered",
