@@ -29,3 +29,24 @@ impl Default for Inflation {
         }
     }
 }
+
+/// Refuses a file that gives two tensors (or arrays) one name: a reader would keep one of
+/// them and drop the other without a word (an .npz's second member, a safetensors header's
+/// last key, a second ONNX initializer). `what` says where, e.g. "npz member".
+pub fn unique_names<'a>(
+    names: impl IntoIterator<Item = &'a str>,
+    what: &str,
+) -> Result<(), super::FormatError> {
+    let mut seen = std::collections::HashSet::new();
+    for n in names {
+        if !seen.insert(n) {
+            // A hostile name can be long: say enough of it to find it.
+            let shown: String = n.chars().take(200).collect();
+            let more = if shown.len() < n.len() { "…" } else { "" };
+            return Err(super::FormatError::invalid(format!(
+                "two {what}s are named {shown:?}{more}; names must be unique"
+            )));
+        }
+    }
+    Ok(())
+}

@@ -247,6 +247,56 @@ pub fn read_npy_file(bytes: &[u8]) -> Result<TensorSet, FormatError> {
     })
 }
 
+fn u16_at(b: &[u8], at: usize) -> Option<u64> {
+    Some(u16::from_le_bytes(b.get(at..at + 2)?.try_into().ok()?) as u64)
+}
+fn u32_at(b: &[u8], at: usize) -> Option<u64> {
+    Some(u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?) as u64)
+}
+fn u64_at(b: &[u8], at: usize) -> Option<u64> {
+    Some(u64::from_le_bytes(b.get(at..at + 8)?.try_into().ok()?))
+}
+
+/// Every member name in a zip's central directory, in order, repeats included (zip64 too).
+/// None when the directory cannot be walked here; the zip reader has validated the archive
+/// already, so that only skips this check.
+pub fn central_directory_names(b: &[u8]) -> Option<Vec<String>> {
+    const EOCD: &[u8] = b"PK\x05\x06";
+    let from = b.len().saturating_sub(22 + 65_535);
+    let eocd = (from..=b.len().checked_sub(22)?)
+        .rev()
+        .find(|&i| &b[i..i + 4] == EOCD)?;
+    let (mut entries, mut offset) = (u16_at(b, eocd + 10)?, u32_at(b, eocd + 16)?);
+    if entries == 0xFFFF || offset == 0xFFFF_FFFF {
+        // Zip64: the locator sits just before the record and points at the zip64 record.
+        let loc = eocd.checked_sub(20)?;
+        if &b[loc..loc + 4] != b"PK\x06\x07" {
+            return None;
+        }
+        let z = usize::try_from(u64_at(b, loc + 8)?).ok()?;
+        if b.get(z..z + 4)? != b"PK\x06\x06" {
+            return None;
+        }
+        entries = u64_at(b, z + 32)?;
+        offset = u64_at(b, z + 48)?;
+    }
+    let mut at = usize::try_from(offset).ok()?;
+    let mut names = Vec::new();
+    for _ in 0..entries.min(MAX_TENSORS as u64 + 1) {
+        if b.get(at..at + 4)? != b"PK\x01\x02" {
+            return None;
+        }
+        let (n, x, c) = (
+            u16_at(b, at + 28)? as usize,
+            u16_at(b, at + 30)? as usize,
+            u16_at(b, at + 32)? as usize,
+        );
+        names.push(String::from_utf8_lossy(b.get(at + 46..at + 46 + n)?).into_owned());
+        at += 46 + n + x + c;
+    }
+    Some(names)
+}
+
 pub fn read_npz(bytes: &[u8]) -> Result<TensorSet, FormatError> {
     read_npz_with(bytes, &Inflation::default())
 }
@@ -257,6 +307,15 @@ pub fn read_npz(bytes: &[u8]) -> Result<TensorSet, FormatError> {
 pub fn read_npz_with(bytes: &[u8], inflation: &Inflation) -> Result<TensorSet, FormatError> {
     let mut zip = zip::ZipArchive::new(Cursor::new(bytes))
         .map_err(|e| FormatError::invalid(format!("npz: {e}")))?;
+    // The zip reader indexes members by name, so a repeated name would vanish here: read the
+    // names from the central directory itself.
+    if let Some(names) = central_directory_names(bytes) {
+        let stems: Vec<&str> = names
+            .iter()
+            .map(|n| n.strip_suffix(".npy").unwrap_or(n))
+            .collect();
+        super::limits::unique_names(stems.iter().copied(), "npz member")?;
+    }
     if zip.len() > MAX_TENSORS {
         return Err(FormatError::invalid("npz: too many members"));
     }
@@ -322,6 +381,7 @@ pub fn read_npz_with(bytes: &[u8], inflation: &Inflation) -> Result<TensorSet, F
     if tensors.is_empty() {
         return Err(FormatError::invalid("npz holds no arrays"));
     }
+    super::limits::unique_names(tensors.iter().map(|t| t.name.as_str()), "npz member")?;
     Ok(TensorSet {
         format: Format::Npz,
         tensors,
@@ -371,4 +431,22 @@ pub fn write_npz(
         zip.set_comment(c);
     }
     Ok(zip.finish().map_err(w)?.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn central_directory_names_match_what_was_written() {
+        let t = |name: &str| Tensor::new(name.into(), DType::F32, vec![2], vec![0; 8]).unwrap();
+        for compressed in [false, true] {
+            let bytes = write_npz(&[t("a"), t("b/c")], compressed, None).unwrap();
+            assert_eq!(
+                central_directory_names(&bytes).unwrap(),
+                ["a.npy", "b/c.npy"]
+            );
+        }
+        assert_eq!(central_directory_names(b"not a zip"), None);
+    }
 }

@@ -484,6 +484,18 @@ pub fn read(bytes: &[u8]) -> Result<TensorSet, FormatError> {
         return Err(FormatError::invalid("a Constant node could not be read"));
     }
     drop(consumers);
+    // A graph assigns each value once: two initializers (or an initializer and a Constant)
+    // of the main graph with one name would leave a runtime to pick one. Sibling branches of
+    // an `If` may reuse a name; they are separate scopes.
+    super::limits::unique_names(
+        graph.initializer.iter().map(|i| i.name.as_str()).chain(
+            constants
+                .iter()
+                .filter(|c| c.hops.is_empty())
+                .map(|c| c.output.as_str()),
+        ),
+        "initializer or Constant output",
+    )?;
     let mut model = model;
     if let Some(g) = model.graph.as_mut() {
         g.initializer.iter_mut().for_each(clear_payload);

@@ -47,9 +47,42 @@ fn dtype_to(d: DType) -> Dtype {
     }
 }
 
+/// The keys of a JSON object in file order, a repeated key kept each time (serde's maps
+/// and the safetensors crate keep only the last).
+struct HeaderKeys(Vec<String>);
+
+impl<'de> serde::Deserialize<'de> for HeaderKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Keys;
+        impl<'de> serde::de::Visitor<'de> for Keys {
+            type Value = HeaderKeys;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<HeaderKeys, A::Error> {
+                let mut keys = Vec::new();
+                while let Some(k) = m.next_key::<String>()? {
+                    m.next_value::<serde::de::IgnoredAny>()?;
+                    keys.push(k);
+                }
+                Ok(HeaderKeys(keys))
+            }
+        }
+        d.deserialize_map(Keys)
+    }
+}
+
 pub fn read(bytes: &[u8]) -> Result<TensorSet, FormatError> {
-    let (_, meta) = SafeTensors::read_metadata(bytes)
+    let (header_len, meta) = SafeTensors::read_metadata(bytes)
         .map_err(|e| FormatError::invalid(format!("safetensors: {e}")))?;
+    // read_metadata checked the header's length against the file and parsed it.
+    let header = bytes.get(8..8 + header_len).unwrap_or_default();
+    let keys: HeaderKeys = serde_json::from_slice(header)
+        .map_err(|e| FormatError::invalid(format!("safetensors header: {e}")))?;
+    super::limits::unique_names(keys.0.iter().map(String::as_str), "safetensors header key")?;
     let st = SafeTensors::deserialize(bytes)
         .map_err(|e| FormatError::invalid(format!("safetensors: {e}")))?;
     if st.len() > super::limits::MAX_TENSORS {

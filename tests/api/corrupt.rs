@@ -667,3 +667,90 @@ async fn upload_time_checks_and_a_missing_model_file() {
     assert_eq!(job["attempts"], 1, "{job}");
     app.stop().await;
 }
+
+/// Two tensors with one name: the second npz member, the last safetensors header key or the
+/// second ONNX initializer would win silently. Each is refused, naming the tensor, for models
+/// and for datasets.
+#[tokio::test]
+async fn duplicate_names_are_refused_with_the_name() {
+    let app = spawn_app().await;
+    let dir = tempfile::tempdir().unwrap();
+    let npz = dir.path().join("dup.npz");
+    python(
+        "import io, sys, warnings, zipfile, numpy as np\n\
+         warnings.simplefilter('ignore')\n\
+         def npy(a):\n    b = io.BytesIO(); np.save(b, a); return b.getvalue()\n\
+         with zipfile.ZipFile(sys.argv[1], 'w') as z:\n\
+         \x20   z.writestr('Input3.npy', npy(np.zeros((2, 1, 28, 28), np.float32)))\n\
+         \x20   z.writestr('Input3.npy', npy(np.ones((2, 1, 28, 28), np.float32)))\n",
+        &[npz.to_str().unwrap()],
+    );
+    let npz = std::fs::read(&npz).unwrap();
+    let init = |raw: f32| pb::TensorProto {
+        name: "w".into(),
+        dims: vec![2],
+        data_type: 1,
+        raw_data: [raw, raw].iter().flat_map(|v| v.to_le_bytes()).collect(),
+        ..Default::default()
+    };
+    let onnx = pb::ModelProto {
+        ir_version: 8,
+        opset_import: vec![pb::OperatorSetIdProto {
+            domain: String::new(),
+            version: 17,
+        }],
+        graph: Some(pb::GraphProto {
+            name: "g".into(),
+            initializer: vec![init(1.0), init(2.0)],
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let safetensors = safetensors_raw(
+        r#"{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#,
+        &[0; 8],
+    );
+    for (what, bytes, name) in [
+        ("npz", npz.clone(), "\"Input3\""),
+        ("onnx", onnx, "\"w\""),
+        ("safetensors", safetensors, "\"w\""),
+    ] {
+        let r = app
+            .client
+            .post(app.url("/v1/models"))
+            .body(bytes)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(
+            (status, error_code(&v)),
+            (422, "invalid_model"),
+            "{what}: {v}"
+        );
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(msg.contains("named") && msg.contains(name), "{what}: {msg}");
+    }
+    let r = app
+        .client
+        .post(app.url("/v1/datasets"))
+        .body(npz)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(status, 422, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("\"Input3\""),
+        "{v}"
+    );
+    let (_, list) = app.get_json("/v1/models").await;
+    assert!(list["items"].as_array().unwrap().is_empty());
+    app.stop().await;
+}
