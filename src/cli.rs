@@ -379,3 +379,121 @@ pub fn evaluate(args: EvaluateArgs) -> i32 {
         }
     }
 }
+
+/// `modelpress keys create|list|revoke`: API keys in the server's database (the server need
+/// not be running; a running one sees a new or revoked key at its next request).
+pub fn keys(args: crate::config::KeysArgs) -> i32 {
+    use crate::auth::{create_key, valid_tenant, Scope};
+    use crate::config::KeysCommand;
+    use crate::queue::KeyStore;
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return 1;
+        }
+    };
+    rt.block_on(async move {
+        if args.database_url.is_none() {
+            if let Err(e) = std::fs::create_dir_all(&args.data_dir) {
+                eprintln!("error: {}: {e}", args.data_dir.display());
+                return 1;
+            }
+        }
+        let store = match crate::queue::sqlite::SqliteStore::open(&args.database_url()).await {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("error: the database: {e}");
+                return 1;
+            }
+        };
+        let code = match args.command {
+            KeysCommand::Create { tenant, scope } => {
+                let Some(scope) = Scope::parse(&scope) else {
+                    eprintln!("error: --scope must be read, write or admin");
+                    return 2;
+                };
+                if !valid_tenant(&tenant) {
+                    eprintln!("error: --tenant must be 1 to 64 of A-Z a-z 0-9 _ . -");
+                    return 2;
+                }
+                match create_key(&store, &tenant, scope).await {
+                    Ok((key, rec)) => {
+                        eprintln!(
+                            "created key {} for tenant {} with scope {}; it is shown once, store it now:",
+                            rec.id, rec.tenant_id, rec.scope
+                        );
+                        println!("{key}");
+                        0
+                    }
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        1
+                    }
+                }
+            }
+            KeysCommand::List { json } => match store.list_keys().await {
+                Ok(keys) => {
+                    let time = |t: Option<i64>| t.map(crate::api::rfc3339);
+                    if json {
+                        let items: Vec<serde_json::Value> = keys
+                            .iter()
+                            .map(|k| {
+                                serde_json::json!({
+                                    "id": k.id, "tenant": k.tenant_id, "scope": k.scope,
+                                    "prefix": k.prefix, "created_at": crate::api::rfc3339(k.created_at),
+                                    "revoked_at": time(k.revoked_at), "last_used_at": time(k.last_used_at),
+                                })
+                            })
+                            .collect();
+                        println!("{}", serde_json::Value::Array(items));
+                    } else {
+                        println!("{:<36}  {:<16}  {:<5}  {:<11}  {:<24}  {:<24}  last used", "id", "tenant", "scope", "key", "created", "revoked");
+                        for k in &keys {
+                            println!(
+                                "{:<36}  {:<16}  {:<5}  {:<11}  {:<24}  {:<24}  {}",
+                                k.id,
+                                k.tenant_id,
+                                k.scope,
+                                format!("{}…", k.prefix),
+                                crate::api::rfc3339(k.created_at),
+                                time(k.revoked_at).unwrap_or_else(|| "-".into()),
+                                time(k.last_used_at).unwrap_or_else(|| "-".into())
+                            );
+                        }
+                    }
+                    0
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    1
+                }
+            },
+            KeysCommand::Revoke { id } => {
+                let Ok(id) = uuid::Uuid::parse_str(&id) else {
+                    eprintln!("error: {id:?} is not a key id (see `modelpress keys list`)");
+                    return 2;
+                };
+                match store.revoke_key(id).await {
+                    Ok(k) => {
+                        eprintln!("revoked key {} of tenant {}", k.id, k.tenant_id);
+                        0
+                    }
+                    Err(crate::queue::QueueError::NotFound) => {
+                        eprintln!("error: no key with id {id}");
+                        1
+                    }
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        1
+                    }
+                }
+            }
+        };
+        store.close().await;
+        code
+    })
+}

@@ -30,6 +30,55 @@ pub enum Command {
     Decompress(DecompressArgs),
     /// Score a compressed ONNX model against the original on a dataset (tract, in-process).
     Evaluate(EvaluateArgs),
+    /// Create, list and revoke API keys (in the server's database).
+    Keys(KeysArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct KeysArgs {
+    /// The server's data directory (its SQLite file lives there).
+    #[arg(
+        long,
+        env = "MODELPRESS_DATA_DIR",
+        default_value = "./modelpress-data",
+        global = true
+    )]
+    pub data_dir: PathBuf,
+    /// Database URL; defaults to `sqlite://<data_dir>/modelpress.db`.
+    #[arg(long, env = "MODELPRESS_DATABASE_URL", global = true)]
+    pub database_url: Option<String>,
+    #[command(subcommand)]
+    pub command: KeysCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Create a key and print it once (only its hash is stored).
+    Create {
+        /// The tenant the key belongs to (created if new): 1-64 of A-Z a-z 0-9 _ . -
+        #[arg(long)]
+        tenant: String,
+        /// read (GET only), write (also submit, upload, cancel, delete) or admin (also
+        /// /metrics off loopback).
+        #[arg(long, default_value = "write")]
+        scope: String,
+    },
+    /// List every key: id, tenant, scope, first characters, created, revoked, last used.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a key by its id (from `keys list`); requests with it get 401 from then on.
+    Revoke { id: String },
+}
+
+impl KeysArgs {
+    pub fn database_url(&self) -> String {
+        self.database_url.clone().unwrap_or_else(|| {
+            format!("sqlite://{}", self.data_dir.join("modelpress.db").display())
+        })
+    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -80,6 +129,10 @@ pub struct ServeConfig {
     /// Log format: `text` or `json`.
     #[arg(long, env = "MODELPRESS_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
+    /// Serve requests without an API key on a non-loopback address (as the default tenant).
+    /// Without it, such a server refuses to start until a key exists.
+    #[arg(long, env = "MODELPRESS_ALLOW_ANONYMOUS")]
+    pub allow_anonymous: bool,
     /// Crash points for tests (`tensor-delay-ms=N`, `panic`); needs the `failpoints` feature.
     #[arg(long, env = "MODELPRESS_FAILPOINT", hide = true)]
     pub failpoint: Option<String>,
@@ -121,6 +174,7 @@ impl ServeConfig {
             max_inflated_bytes: 8 << 30,
             max_inflation_ratio: 200,
             log_format: "text".into(),
+            allow_anonymous: false,
             failpoint: None,
         }
     }

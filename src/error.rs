@@ -25,6 +25,10 @@ pub enum ErrorCode {
     /// 413: a compressed upload (.npz) would inflate beyond `MODELPRESS_MAX_INFLATED_BYTES` or
     /// `MODELPRESS_MAX_INFLATION_RATIO` times its size.
     InflationLimit,
+    /// 401: no API key, or an unknown or revoked one, where the server requires one.
+    Unauthorized,
+    /// 403: the key's scope does not allow this (a read key writing, /metrics without admin).
+    Forbidden,
     /// 408: the body stopped arriving (`MODELPRESS_BODY_IDLE_SECS`) or came too slowly.
     RequestTimeout,
     /// 404
@@ -68,6 +72,8 @@ impl ErrorCode {
             ErrorCode::PayloadTooLarge => "payload_too_large",
             ErrorCode::UnsupportedMediaType => "unsupported_media_type",
             ErrorCode::RequestTimeout => "request_timeout",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::Forbidden => "forbidden",
             ErrorCode::InflationLimit => "inflation_limit",
             ErrorCode::ModelNotFound => "model_not_found",
             ErrorCode::JobNotFound => "job_not_found",
@@ -96,6 +102,8 @@ impl ErrorCode {
             ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorCode::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ErrorCode::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
+            ErrorCode::Forbidden => StatusCode::FORBIDDEN,
             ErrorCode::InflationLimit => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorCode::ModelNotFound
             | ErrorCode::JobNotFound

@@ -6,6 +6,7 @@
 //! `store` (artifacts) → `api` (status, download).
 
 pub mod api;
+pub mod auth;
 pub mod calibrate;
 pub mod charts;
 pub mod cli;

@@ -4,6 +4,7 @@
 use crate::api;
 use crate::config::ServeConfig;
 use crate::queue::sqlite::SqliteStore;
+use crate::queue::KeyStore;
 use crate::state::{AppState, Inner};
 use crate::store::local::LocalBlobStore;
 use crate::worker;
@@ -27,9 +28,27 @@ impl Application {
         let sqlite = Arc::new(SqliteStore::open(&config.database_url()).await?);
         let blobs = Arc::new(LocalBlobStore::open(&config.data_dir)?);
         let listener = tokio::net::TcpListener::bind(&config.addr).await?;
+        let loopback = listener.local_addr()?.ip().is_loopback();
+        // Secure by default: off loopback, a server with no key would serve anyone.
+        let keyed = sqlite.any_active_key().await?;
+        if !keyed && !loopback && !config.allow_anonymous {
+            anyhow::bail!(
+                "refusing to serve {} without API keys: create one with `modelpress keys create --tenant NAME` \
+                 (same --data-dir or --database-url), or pass --allow-anonymous",
+                config.addr
+            );
+        }
+        if !keyed {
+            tracing::warn!(
+                addr = %listener.local_addr()?,
+                "no API key exists: every request runs as the default tenant without authentication"
+            );
+        }
         let state = AppState(Arc::new(Inner {
             models: sqlite.clone(),
             queue: sqlite.clone(),
+            keys: sqlite.clone(),
+            loopback,
             blobs,
             metrics: crate::telemetry::metrics_handle(),
             job_queued: Notify::new(),

@@ -3,7 +3,7 @@
 //! `worker` only read it.
 
 use crate::config::ServeConfig;
-use crate::queue::{JobQueue, ModelCatalog};
+use crate::queue::{JobQueue, KeyStore, ModelCatalog};
 use crate::store::BlobStore;
 use metrics_exporter_prometheus::PrometheusHandle;
 use std::collections::HashMap;
@@ -13,7 +13,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-/// The tenant every request belongs to until API keys arrive.
+/// The tenant of anonymous requests (no key exists yet, or `--allow-anonymous`).
 pub const DEFAULT_TENANT: &str = "default";
 
 pub struct Inner {
@@ -21,6 +21,11 @@ pub struct Inner {
     pub models: Arc<dyn ModelCatalog>,
     pub queue: Arc<dyn JobQueue>,
     pub blobs: Arc<dyn BlobStore>,
+    /// API keys (`crate::auth`).
+    pub keys: Arc<dyn KeyStore>,
+    /// Whether the server listens on a loopback address only (then it may run without keys,
+    /// and `/metrics` is open).
+    pub loopback: bool,
     pub metrics: PrometheusHandle,
     /// Wakes idle workers when a job is queued.
     pub job_queued: Notify,

@@ -39,8 +39,25 @@ class ApiError extends Error {
   }
 }
 
+// ---------------------------------------------------------------- API keys
+// A server with API keys answers 401 without one: the page asks for a key, keeps it for this
+// tab only (sessionStorage) and sends it as `Authorization: Bearer`. EventSource cannot send
+// headers, so with a key the streams are read through fetch; images and downloads likewise.
+let apiKey = sessionStorage.getItem("modelpress-key") || "";
+
+function authHeaders(extra = {}) {
+  return apiKey ? { ...extra, authorization: "Bearer " + apiKey } : extra;
+}
+
+function askForKey(message) {
+  $("key-form").hidden = false;
+  $("key-status").textContent = message || "This server needs an API key.";
+  setLive("API key needed", false);
+}
+
 async function api(path, opts = {}) {
-  const r = await fetch(path, opts);
+  const r = await fetch(path, { ...opts, headers: authHeaders(opts.headers || {}) });
+  if (r.status === 401) askForKey(apiKey ? "The API key was refused (unknown or revoked)." : null);
   const text = await r.text();
   let body = null;
   try { body = text ? JSON.parse(text) : null; } catch (_) { body = null; }
@@ -184,6 +201,57 @@ function applyJobEvent(kind, d) {
   }
 }
 
+// An event stream: EventSource without a key; with one, fetch and a small parser (the same
+// `event:`/`data:` lines). Returns {close()}. `onDown` runs when the stream fails; a fetch
+// stream that ends cleanly calls `onEnd`.
+function openStream(url, handlers, onOpen, onDown, onEnd) {
+  if (!apiKey && window.EventSource) {
+    const es = new EventSource(url);
+    es.addEventListener("open", onOpen);
+    es.addEventListener("error", onDown);
+    for (const [kind, fn] of Object.entries(handlers)) es.addEventListener(kind, (e) => fn(e.data));
+    return { close: () => es.close() };
+  }
+  const ctrl = new AbortController();
+  (async () => {
+    try {
+      const r = await fetch(url, { headers: authHeaders({ accept: "text/event-stream" }), signal: ctrl.signal });
+      if (r.status === 401) askForKey("The API key was refused (unknown or revoked).");
+      if (!r.ok || !r.body) throw new Error("HTTP " + r.status);
+      onOpen();
+      const reader = r.body.pipeThrough(new TextDecoderStream()).getReader();
+      let buf = "";
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        buf += value;
+        let at;
+        while ((at = buf.indexOf("\n\n")) >= 0) {
+          const block = buf.slice(0, at);
+          buf = buf.slice(at + 2);
+          let kind = "message", data = "";
+          for (const line of block.split("\n")) {
+            if (line.startsWith("event:")) kind = line.slice(6).trim();
+            else if (line.startsWith("data:")) data += line.slice(5).trim();
+          }
+          if (data && handlers[kind]) handlers[kind](data);
+        }
+      }
+      if (onEnd) onEnd();
+    } catch (e) {
+      if (!ctrl.signal.aborted) onDown(e);
+    }
+  })();
+  return { close: () => ctrl.abort() };
+}
+
+// A resource the page shows or saves (a chart, an artifact) fetched with the key, as a blob URL.
+async function blobUrl(path) {
+  const r = await fetch(path, { headers: authHeaders() });
+  if (!r.ok) throw new ApiError(r.status, "http_" + r.status, r.statusText);
+  return URL.createObjectURL(await r.blob());
+}
+
 // One stream for the whole page; polling while it is down.
 let allStream = null;
 let pollTimer = null;
@@ -201,18 +269,17 @@ function stopPolling() {
   pollTimer = null;
 }
 function connectAll() {
-  if (!window.EventSource) { startPolling(); return; }
-  allStream = new EventSource("/v1/events");
-  allStream.addEventListener("open", () => { stopPolling(); setLive("live", true); });
-  allStream.addEventListener("error", () => {
-    // The browser reconnects by itself (retry); poll meanwhile so nothing goes stale.
+  if (allStream) allStream.close();
+  const handlers = { resync: () => reloadJobsSoon() };
+  for (const kind of ["state", "progress", "done"]) handlers[kind] = (d) => applyJobEvent(kind, JSON.parse(d));
+  const down = () => {
+    // EventSource reconnects by itself (retry); a fetch stream is reopened here. Poll
+    // meanwhile so nothing goes stale.
     setLive("reconnecting…", false);
     startPolling();
-  });
-  for (const kind of ["state", "progress", "done"]) {
-    allStream.addEventListener(kind, (e) => applyJobEvent(kind, JSON.parse(e.data)));
-  }
-  allStream.addEventListener("resync", () => reloadJobsSoon());
+    if (apiKey) setTimeout(connectAll, 2000);
+  };
+  allStream = openStream("/v1/events", handlers, () => { stopPolling(); setLive("live", true); }, down, down);
 }
 
 // ---------------------------------------------------------------- job detail
@@ -303,14 +370,40 @@ function renderJob(j) {
     el("li", {}, el("strong", { text: w.code }), ": ", w.message)));
   $("job-summary").replaceChildren(...summaryRows(j).flatMap(([k, v]) => [el("dt", { text: k }), el("dd", { text: v })]));
   $("job-artifacts").replaceChildren(...(j.artifacts || []).map((a) =>
-    el("li", {}, el("a", { href: a.url, download: a.name, "data-sha256": a.sha256, text: a.name }),
+    el("li", {}, el("a", { href: a.url, download: a.name, "data-sha256": a.sha256, text: a.name, onclick: keyedDownload }),
       " ", el("span", { class: "muted", text: fmt.bytes(a.size_bytes) + " · sha256 " + a.sha256.slice(0, 12) + "…" }))));
   const names = new Set((j.artifacts || []).map((a) => a.name));
   $("job-charts").replaceChildren(...CHARTS.filter((c) => names.has(CHART_SOURCE[c])).map((c) =>
-    el("figure", {}, el("img", { src: "/v1/jobs/" + j.id + "/charts/" + c, alt: CHART_TITLE[c] || c, loading: "lazy" }),
+    el("figure", {}, chartImage("/v1/jobs/" + j.id + "/charts/" + c, CHART_TITLE[c] || c),
       el("figcaption", { text: CHART_TITLE[c] || c }))));
   if (names.has("report.json")) loadLayers(j.id).catch((e) => { $("job-stage").textContent = "report: " + e.message; });
   else renderLayers([]);
+}
+
+// A chart: its URL directly, or a blob fetched with the key.
+function chartImage(path, alt) {
+  const img = el("img", { alt, loading: "lazy" });
+  if (!apiKey) img.src = path;
+  else blobUrl(path).then((u) => { img.src = u; }).catch(() => { img.alt = alt + " (could not load)"; });
+  return img;
+}
+
+// With a key, a download link fetches the file with the key and saves it from a blob.
+async function keyedDownload(ev) {
+  if (!apiKey) return;
+  ev.preventDefault();
+  const a = ev.currentTarget;
+  try {
+    const url = await blobUrl(a.getAttribute("href"));
+    const save = el("a", { href: url, download: a.getAttribute("download") });
+    document.body.append(save);
+    save.click();
+    save.remove();
+    setTimeout(() => URL.revokeObjectURL(url), 60_000);
+  } catch (e) {
+    $("job-error").hidden = false;
+    $("job-error").textContent = "download failed: " + e.message;
+  }
 }
 
 const LAYER_COLUMNS = [
@@ -382,22 +475,24 @@ async function showJob(id) {
     $("job-error").textContent = e.code + ": " + e.message;
     return;
   }
-  if (!window.EventSource || ["succeeded", "failed", "cancelled"].includes(detail.job.state)) return;
-  const es = new EventSource("/v1/jobs/" + id + "/events");
-  detail.stream = es;
-  es.addEventListener("state", (e) => {
-    const d = JSON.parse(e.data);
-    renderState(d.state, d.progress, d.stage);
-  });
-  es.addEventListener("progress", (e) => {
-    const d = JSON.parse(e.data);
-    renderState(detail.job.state === "queued" ? "running" : $("job-state").textContent, d.progress, stageText(d));
-  });
-  es.addEventListener("done", () => {
-    es.close();
-    if (detail.stream === es) detail.stream = null;
-    refreshDetail().catch(() => {});
-  });
+  if (["succeeded", "failed", "cancelled"].includes(detail.job.state)) return;
+  let stream = null;
+  stream = openStream("/v1/jobs/" + id + "/events", {
+    state: (data) => {
+      const d = JSON.parse(data);
+      renderState(d.state, d.progress, d.stage);
+    },
+    progress: (data) => {
+      const d = JSON.parse(data);
+      renderState(detail.job.state === "queued" ? "running" : $("job-state").textContent, d.progress, stageText(d));
+    },
+    done: () => {
+      if (stream) stream.close();
+      if (detail.stream === stream) detail.stream = null;
+      refreshDetail().catch(() => {});
+    },
+  }, () => {}, () => { if (detail.id === id) startPolling(); });
+  detail.stream = stream;
 }
 
 async function cancelJob() {
@@ -448,6 +543,7 @@ function uploadModel(file) {
     const xhr = new XMLHttpRequest();
     xhr.open("POST", "/v1/models?name=" + encodeURIComponent(file.name));
     xhr.setRequestHeader("content-type", "application/octet-stream");
+    if (apiKey) xhr.setRequestHeader("authorization", "Bearer " + apiKey);
     const bar = $("upload-progress");
     bar.hidden = false;
     bar.value = 0;
@@ -626,7 +722,19 @@ async function route() {
   }
 }
 
+function useKey(ev) {
+  ev.preventDefault();
+  apiKey = $("api-key").value.trim();
+  if (apiKey) sessionStorage.setItem("modelpress-key", apiKey);
+  else sessionStorage.removeItem("modelpress-key");
+  $("api-key").value = "";
+  $("key-form").hidden = true;
+  connectAll();
+  route();
+}
+
 function init() {
+  $("key-form").addEventListener("submit", useKey);
   $("state-filter").addEventListener("change", () => loadJobs().catch(() => {}));
   $("jobs-refresh").addEventListener("click", () => loadJobs().catch(() => {}));
   $("job-cancel").addEventListener("click", cancelJob);

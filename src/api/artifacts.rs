@@ -2,20 +2,22 @@
 //! (206/416) and Content-Disposition. The byte-range logic is tower-http's `ServeFile`.
 
 use super::jobs::find;
+use crate::auth::Caller;
 use crate::error::{ApiError, ErrorCode};
 use crate::state::AppState;
 use axum::body::Body;
-use axum::extract::{Path, Request, State};
+use axum::extract::{Extension, Path, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use tower::ServiceExt;
 
 pub async fn download(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path((id, name)): Path<(String, String)>,
     req: Request,
 ) -> Result<Response, ApiError> {
-    let job = find(&state, &id).await?;
+    let job = find(&state, &caller.tenant, &id).await?;
     let artifact = state
         .queue
         .artifacts(job.id)

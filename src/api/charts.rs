@@ -2,10 +2,11 @@
 //! (see `crate::charts`).
 
 use super::jobs::find;
+use crate::auth::Caller;
 use crate::charts::{chart_source, CHART_NAMES};
 use crate::error::{ApiError, ErrorCode};
 use crate::state::AppState;
-use axum::extract::{Path, State};
+use axum::extract::{Extension, Path, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 
@@ -15,9 +16,10 @@ pub const MAX_SOURCE_BYTES: u64 = 64 << 20;
 
 pub async fn chart(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path((id, name)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    let job = find(&state, &id).await?;
+    let job = find(&state, &caller.tenant, &id).await?;
     let stem = name.strip_suffix(".svg").unwrap_or(&name);
     let (source, draw) = chart_source(stem).ok_or_else(|| {
         ApiError::new(

@@ -12,7 +12,7 @@ const APP_JS: &str = include_str!("../../assets/dashboard/app.js");
 const STYLE_CSS: &str = include_str!("../../assets/dashboard/style.css");
 
 /// The page may load only its own script, style, images and API; nothing may frame it.
-const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; \
+const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob:; \
                    connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'";
 
 fn asset(content_type: &'static str, body: String) -> Response {

@@ -4,11 +4,12 @@
 
 use super::extract;
 use super::{page_params, parse_id, rfc3339};
+use crate::auth::Caller;
 use crate::error::{ApiError, ErrorCode};
 use crate::eval::run::{ArrayInfo, Dataset};
 use crate::queue::{DatasetRecord, QueueError};
-use crate::state::{AppState, DEFAULT_TENANT};
-use axum::extract::{Path, Query, Request, State};
+use crate::state::AppState;
+use axum::extract::{Extension, Path, Query, Request, State};
 use axum::http::StatusCode;
 use axum::Json;
 use serde_json::{json, Value};
@@ -35,6 +36,7 @@ fn invalid(msg: impl std::fmt::Display) -> ApiError {
 
 pub async fn upload(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Query(q): Query<HashMap<String, String>>,
     req: Request,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
@@ -72,7 +74,7 @@ pub async fn upload(
     });
     let record = DatasetRecord {
         id,
-        tenant_id: DEFAULT_TENANT.into(),
+        tenant_id: caller.tenant.clone(),
         name,
         size_bytes: file.size,
         sha256: file.sha256.clone(),
@@ -94,24 +96,26 @@ pub async fn upload(
 
 pub async fn list(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
     let (limit, cursor) = page_params(&q)?;
     let items = state
         .models
-        .list_datasets(DEFAULT_TENANT, limit, cursor)
+        .list_datasets(&caller.tenant, limit, cursor)
         .await?;
     Ok(Json(super::page(&items, limit, |d| d.id, dataset_view)))
 }
 
 pub async fn get_one(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let id = parse_id(&id, ErrorCode::DatasetNotFound, "dataset")?;
     let d = state
         .models
-        .get_dataset(DEFAULT_TENANT, id)
+        .get_dataset(&caller.tenant, id)
         .await?
         .ok_or_else(|| {
             ApiError::new(
@@ -124,10 +128,11 @@ pub async fn get_one(
 
 pub async fn delete(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     let id = parse_id(&id, ErrorCode::DatasetNotFound, "dataset")?;
-    let key = match state.models.delete_dataset(DEFAULT_TENANT, id).await {
+    let key = match state.models.delete_dataset(&caller.tenant, id).await {
         Ok(k) => k,
         Err(QueueError::NotFound) => {
             return Err(ApiError::new(

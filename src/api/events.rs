@@ -3,10 +3,11 @@
 //! from and why a stream never holds a database connection.
 
 use super::parse_id;
+use crate::auth::Caller;
 use crate::error::{ApiError, ErrorCode};
 use crate::events::{done_data, state_data, JobEvent, Kind};
-use crate::state::{AppState, DEFAULT_TENANT};
-use axum::extract::{Path, State};
+use crate::state::AppState;
+use axum::extract::{Extension, Path, State};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use futures_util::Stream;
 use std::collections::VecDeque;
@@ -113,6 +114,7 @@ fn stream(f: Follow) -> impl Stream<Item = Result<Event, Infallible>> {
 /// missed and the terminal event), then its live events until `done`.
 pub async fn job_events(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let id = parse_id(&id, ErrorCode::JobNotFound, "job")?;
@@ -120,13 +122,13 @@ pub async fn job_events(
     let rx = state.events.subscribe();
     let job = state
         .queue
-        .get_job(DEFAULT_TENANT, id)
+        .get_job(&caller.tenant, id)
         .await?
         .ok_or_else(|| ApiError::new(ErrorCode::JobNotFound, format!("no job with id {id}")))?;
     let mut f = Follow {
         state: state.clone(),
         rx,
-        tenant: DEFAULT_TENANT.to_string(),
+        tenant: caller.tenant.clone(),
         job: Some(id),
         pending: VecDeque::new(),
         finished: false,
@@ -140,12 +142,13 @@ pub async fn job_events(
 /// that falls too far behind gets a `resync` event (list the jobs again).
 pub async fn all_events(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     let rx = state.events.subscribe();
     let mut f = Follow {
         state: state.clone(),
         rx,
-        tenant: DEFAULT_TENANT.to_string(),
+        tenant: caller.tenant.clone(),
         job: None,
         pending: VecDeque::new(),
         finished: false,

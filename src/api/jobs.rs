@@ -3,6 +3,7 @@
 use super::extract;
 use super::models::store_model;
 use super::{page_params, parse_id, rfc3339};
+use crate::auth::Caller;
 use crate::calibrate::CalibrationSpec;
 use crate::compress;
 use crate::error::{ApiError, ErrorCode};
@@ -14,9 +15,9 @@ use crate::queue::{
     ArtifactRecord, DatasetRecord, Enqueued, JobFilter, JobRecord, JobState, ModelRecord, NewJob,
     QueueError,
 };
-use crate::state::{AppState, DEFAULT_TENANT};
+use crate::state::AppState;
 use crate::train::FinetuneSpec;
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{Extension, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -95,31 +96,29 @@ fn invalid_spec(e: compress::CompressError) -> ApiError {
 /// The dataset a spec's `block` names (404 dataset_not_found naming the field).
 async fn stored_dataset(
     state: &AppState,
+    tenant: &str,
     id: Uuid,
     block: &str,
 ) -> Result<DatasetRecord, ApiError> {
-    state
-        .models
-        .get_dataset(DEFAULT_TENANT, id)
-        .await?
-        .ok_or_else(|| {
-            ApiError::new(
-                ErrorCode::DatasetNotFound,
-                format!("{block}.dataset_id: no dataset with id {id}"),
-            )
-        })
+    state.models.get_dataset(tenant, id).await?.ok_or_else(|| {
+        ApiError::new(
+            ErrorCode::DatasetNotFound,
+            format!("{block}.dataset_id: no dataset with id {id}"),
+        )
+    })
 }
 
 /// The spec's `eval` block: well formed, its dataset stored, labels there for top1.
 async fn check_eval(
     state: &AppState,
+    tenant: &str,
     spec: &Value,
 ) -> Result<Option<(EvalSpec, DatasetRecord)>, ApiError> {
     let Some(e) = EvalSpec::parse(spec).map_err(|m| ApiError::new(ErrorCode::InvalidSpec, m))?
     else {
         return Ok(None);
     };
-    let d = stored_dataset(state, e.dataset_id, "eval").await?;
+    let d = stored_dataset(state, tenant, e.dataset_id, "eval").await?;
     if e.metric == crate::eval::metrics::Metric::Top1 && !d.has_labels {
         return Err(ApiError::new(
             ErrorCode::InvalidSpec,
@@ -135,6 +134,7 @@ async fn check_eval(
 /// The spec's `calibration` block: well formed and its dataset stored.
 async fn check_calibration(
     state: &AppState,
+    tenant: &str,
     spec: &Value,
 ) -> Result<Option<(CalibrationSpec, DatasetRecord)>, ApiError> {
     let Some(c) =
@@ -142,7 +142,7 @@ async fn check_calibration(
     else {
         return Ok(None);
     };
-    let d = stored_dataset(state, c.dataset_id, "calibration").await?;
+    let d = stored_dataset(state, tenant, c.dataset_id, "calibration").await?;
     Ok(Some((c, d)))
 }
 
@@ -151,7 +151,11 @@ async fn check_calibration(
 type Training = Option<(&'static str, FinetuneSpec, Vec<DatasetRecord>)>;
 
 /// The spec's `finetune` or `distill` block: well formed and its datasets stored.
-async fn check_finetune(state: &AppState, spec: &Value) -> Result<Training, ApiError> {
+async fn check_finetune(
+    state: &AppState,
+    tenant: &str,
+    spec: &Value,
+) -> Result<Training, ApiError> {
     let invalid = |m| ApiError::new(ErrorCode::InvalidSpec, m);
     let (name, f) = match FinetuneSpec::parse(spec).map_err(invalid)? {
         Some(f) => ("finetune", f),
@@ -160,9 +164,9 @@ async fn check_finetune(state: &AppState, spec: &Value) -> Result<Training, ApiE
             None => return Ok(None),
         },
     };
-    let mut sets = vec![stored_dataset(state, f.dataset_id, name).await?];
+    let mut sets = vec![stored_dataset(state, tenant, f.dataset_id, name).await?];
     if let Some(v) = f.validation_dataset_id {
-        sets.push(stored_dataset(state, v, &format!("{name}.validation")).await?);
+        sets.push(stored_dataset(state, tenant, v, &format!("{name}.validation")).await?);
     }
     Ok(Some((name, f, sets)))
 }
@@ -355,6 +359,7 @@ fn check_orderings(
 
 pub async fn create(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     headers: HeaderMap,
     req: Request,
 ) -> Result<Response, ApiError> {
@@ -372,9 +377,9 @@ pub async fn create(
             ));
         }
         let plan = compress::parse_spec(&spec).map_err(invalid_spec)?;
-        let eval = check_eval(&state, &spec).await?;
-        let calibration = check_calibration(&state, &spec).await?;
-        let finetune = check_finetune(&state, &spec).await?;
+        let eval = check_eval(&state, &caller.tenant, &spec).await?;
+        let calibration = check_calibration(&state, &caller.tenant, &spec).await?;
+        let finetune = check_finetune(&state, &caller.tenant, &spec).await?;
         let file = up.file.ok_or_else(|| {
             ApiError::new(ErrorCode::InvalidRequest, "the form has no `file` field")
         })?;
@@ -382,11 +387,11 @@ pub async fn create(
             crate::runner::sha256_hex(format!("upload:{}:{}", file.sha256, spec).as_bytes());
         // A retried upload+submit with the same key must not store the model twice.
         if let Some(k) = &key {
-            if let Some(resp) = replay(&state, k, &fingerprint).await? {
+            if let Some(resp) = replay(&state, &caller.tenant, k, &fingerprint).await? {
                 return Ok(resp);
             }
         }
-        let model = store_model(&state, file, up.file_name).await?;
+        let model = store_model(&state, &caller.tenant, file, up.file_name).await?;
         check_against_model(&model, &plan, &eval, &calibration, &finetune).map_err(|e| {
             ApiError::new(
                 e.code,
@@ -424,12 +429,12 @@ pub async fn create(
             )
         })?;
         let plan = compress::parse_spec(&spec).map_err(invalid_spec)?;
-        let eval = check_eval(&state, &spec).await?;
-        let calibration = check_calibration(&state, &spec).await?;
-        let finetune = check_finetune(&state, &spec).await?;
+        let eval = check_eval(&state, &caller.tenant, &spec).await?;
+        let calibration = check_calibration(&state, &caller.tenant, &spec).await?;
+        let finetune = check_finetune(&state, &caller.tenant, &spec).await?;
         let model = state
             .models
-            .get_model(DEFAULT_TENANT, model_id)
+            .get_model(&caller.tenant, model_id)
             .await?
             .ok_or_else(|| {
                 ApiError::new(
@@ -447,7 +452,7 @@ pub async fn create(
     };
     let new = NewJob {
         id: Uuid::now_v7(),
-        tenant_id: DEFAULT_TENANT.into(),
+        tenant_id: caller.tenant.clone(),
         model_id,
         spec,
         max_attempts: i64::from(state.config.max_attempts),
@@ -475,11 +480,12 @@ pub async fn create(
 
 async fn replay(
     state: &AppState,
+    tenant: &str,
     key: &str,
     fingerprint: &str,
 ) -> Result<Option<Response>, ApiError> {
     // The queue decides for JSON bodies; for uploads we must know before storing the file.
-    match state.queue.find_idempotent(DEFAULT_TENANT, key).await? {
+    match state.queue.find_idempotent(tenant, key).await? {
         None => Ok(None),
         Some((job, fp)) if fp == fingerprint => Ok(Some(accepted(state, job, true).await?)),
         Some(_) => Err(QueueError::IdempotencyConflict.into()),
@@ -500,6 +506,7 @@ async fn accepted(state: &AppState, job: JobRecord, replayed: bool) -> Result<Re
 
 pub async fn list(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
     let (limit, cursor) = page_params(&q)?;
@@ -525,7 +532,7 @@ pub async fn list(
         limit,
         before: cursor,
     };
-    let jobs = state.queue.list_jobs(DEFAULT_TENANT, &filter).await?;
+    let jobs = state.queue.list_jobs(&caller.tenant, &filter).await?;
     let mut views = Vec::with_capacity(jobs.len());
     for j in &jobs {
         views.push((j.id, job_view(j, &state.queue.artifacts(j.id).await?)));
@@ -533,30 +540,32 @@ pub async fn list(
     Ok(Json(super::page(&views, limit, |v| v.0, |v| v.1.clone())))
 }
 
-pub async fn find(state: &AppState, raw: &str) -> Result<JobRecord, ApiError> {
+pub async fn find(state: &AppState, tenant: &str, raw: &str) -> Result<JobRecord, ApiError> {
     let id = parse_id(raw, ErrorCode::JobNotFound, "job")?;
     state
         .queue
-        .get_job(DEFAULT_TENANT, id)
+        .get_job(tenant, id)
         .await?
         .ok_or_else(|| ApiError::new(ErrorCode::JobNotFound, format!("no job with id {id}")))
 }
 
 pub async fn get_one(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let job = find(&state, &id).await?;
+    let job = find(&state, &caller.tenant, &id).await?;
     let artifacts = state.queue.artifacts(job.id).await?;
     Ok(Json(job_view(&job, &artifacts)))
 }
 
 pub async fn cancel(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let id = parse_id(&id, ErrorCode::JobNotFound, "job")?;
-    let job = match state.queue.request_cancel(DEFAULT_TENANT, id).await {
+    let job = match state.queue.request_cancel(&caller.tenant, id).await {
         Ok(j) => j,
         Err(QueueError::NotFound) => {
             return Err(ApiError::new(

@@ -76,6 +76,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/events", get(events::all_events))
         .route("/v1/jobs/{id}/artifacts/{name}", get(artifacts::download))
         .route_layer(middleware::from_fn(track_metrics))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            crate::auth::authorize,
+        ))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         // Uploads are streamed to disk with their own limit; nothing is buffered whole.

@@ -2,11 +2,12 @@
 
 use super::extract::{self, Received};
 use super::{page_params, parse_id, rfc3339};
+use crate::auth::Caller;
 use crate::error::{ApiError, ErrorCode};
 use crate::formats;
 use crate::queue::{ModelRecord, QueueError};
-use crate::state::{AppState, DEFAULT_TENANT};
-use axum::extract::{Path, Query, Request, State};
+use crate::state::AppState;
+use axum::extract::{Extension, Path, Query, Request, State};
 use axum::http::StatusCode;
 use axum::Json;
 use serde_json::{json, Value};
@@ -30,6 +31,7 @@ pub fn model_view(m: &ModelRecord) -> Value {
 /// stored, so a bad file leaves no trace.
 pub async fn store_model(
     state: &AppState,
+    tenant: &str,
     file: Received,
     name: Option<String>,
 ) -> Result<ModelRecord, ApiError> {
@@ -63,7 +65,7 @@ pub async fn store_model(
     let name = extract::display_name(name, || format!("model.{}", format.extension()));
     let record = ModelRecord {
         id,
-        tenant_id: DEFAULT_TENANT.into(),
+        tenant_id: tenant.into(),
         name,
         format: format.as_str().into(),
         size_bytes: file.size,
@@ -91,6 +93,7 @@ pub async fn store_model(
 
 pub async fn upload(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Query(q): Query<HashMap<String, String>>,
     req: Request,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
@@ -105,53 +108,57 @@ pub async fn upload(
         .file
         .ok_or_else(|| ApiError::new(ErrorCode::InvalidRequest, "the form has no `file` field"))?;
     let name = q.get("name").cloned().or(up.file_name);
-    let record = store_model(&state, file, name).await?;
+    let record = store_model(&state, &caller.tenant, file, name).await?;
     Ok((StatusCode::CREATED, Json(model_view(&record))))
 }
 
 pub async fn list(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
     let (limit, cursor) = page_params(&q)?;
     let items = state
         .models
-        .list_models(DEFAULT_TENANT, limit, cursor)
+        .list_models(&caller.tenant, limit, cursor)
         .await?;
     Ok(Json(super::page(&items, limit, |m| m.id, model_view)))
 }
 
-async fn find(state: &AppState, raw: &str) -> Result<ModelRecord, ApiError> {
+async fn find(state: &AppState, tenant: &str, raw: &str) -> Result<ModelRecord, ApiError> {
     let id = parse_id(raw, ErrorCode::ModelNotFound, "model")?;
     state
         .models
-        .get_model(DEFAULT_TENANT, id)
+        .get_model(tenant, id)
         .await?
         .ok_or_else(|| ApiError::new(ErrorCode::ModelNotFound, format!("no model with id {id}")))
 }
 
 pub async fn get_one(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    Ok(Json(model_view(&find(&state, &id).await?)))
+    Ok(Json(model_view(&find(&state, &caller.tenant, &id).await?)))
 }
 
 pub async fn tensors(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let m = find(&state, &id).await?;
+    let m = find(&state, &caller.tenant, &id).await?;
     let items: Value = serde_json::from_str(&m.tensors_json).map_err(ApiError::internal)?;
     Ok(Json(json!({"model_id": m.id, "items": items})))
 }
 
 pub async fn delete(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     let id = parse_id(&id, ErrorCode::ModelNotFound, "model")?;
-    let deleted = match state.models.delete_model(DEFAULT_TENANT, id).await {
+    let deleted = match state.models.delete_model(&caller.tenant, id).await {
         Ok(d) => d,
         Err(QueueError::NotFound) => {
             return Err(ApiError::new(

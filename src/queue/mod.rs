@@ -212,6 +212,33 @@ pub trait ModelCatalog: Send + Sync + 'static {
     async fn ping(&self) -> bool;
 }
 
+/// An API key as stored: never the key itself, only its hash and first characters.
+#[derive(Debug, Clone)]
+pub struct KeyRecord {
+    pub id: Uuid,
+    pub tenant_id: String,
+    pub scope: String,
+    pub prefix: String,
+    pub created_at: i64,
+    pub revoked_at: Option<i64>,
+    pub last_used_at: Option<i64>,
+}
+
+/// API keys (see `crate::auth`).
+#[async_trait]
+pub trait KeyStore: Send + Sync + 'static {
+    /// Stores a key's hash for `tenant` (created if new).
+    async fn insert_key(&self, key: &KeyRecord, hash: &str) -> Result<(), QueueError>;
+    async fn list_keys(&self) -> Result<Vec<KeyRecord>, QueueError>;
+    /// Marks the key revoked; NotFound when no such key.
+    async fn revoke_key(&self, id: Uuid) -> Result<KeyRecord, QueueError>;
+    /// The unrevoked key with this hash.
+    async fn key_by_hash(&self, hash: &str) -> Result<Option<KeyRecord>, QueueError>;
+    /// Whether any unrevoked key exists (then every request needs one).
+    async fn any_active_key(&self) -> Result<bool, QueueError>;
+    async fn touch_key(&self, id: Uuid, at: i64) -> Result<(), QueueError>;
+}
+
 #[async_trait]
 pub trait JobQueue: Send + Sync + 'static {
     async fn enqueue(&self, job: NewJob) -> Result<Enqueued, QueueError>;

@@ -676,3 +676,93 @@ impl JobQueue for SqliteStore {
         Ok(out)
     }
 }
+
+fn key_from_row(row: &SqliteRow) -> Result<KeyRecord, QueueError> {
+    Ok(KeyRecord {
+        id: uuid_col(row, "id")?,
+        tenant_id: row.try_get("tenant_id")?,
+        scope: row.try_get("scope")?,
+        prefix: row.try_get("prefix")?,
+        created_at: row.try_get("created_at")?,
+        revoked_at: row.try_get("revoked_at")?,
+        last_used_at: row.try_get("last_used_at")?,
+    })
+}
+
+const KEY_COLUMNS: &str = "id, tenant_id, scope, prefix, created_at, revoked_at, last_used_at";
+
+#[async_trait]
+impl KeyStore for SqliteStore {
+    async fn insert_key(&self, key: &KeyRecord, hash: &str) -> Result<(), QueueError> {
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+        sqlx::query("INSERT OR IGNORE INTO tenants (id, name, created_at) VALUES (?, ?, ?)")
+            .bind(&key.tenant_id)
+            .bind(&key.tenant_id)
+            .bind(key.created_at)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "INSERT INTO api_keys (id, tenant_id, scope, prefix, hash, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(key.id.to_string())
+        .bind(&key.tenant_id)
+        .bind(&key.scope)
+        .bind(&key.prefix)
+        .bind(hash)
+        .bind(key.created_at)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn list_keys(&self) -> Result<Vec<KeyRecord>, QueueError> {
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {KEY_COLUMNS} FROM api_keys ORDER BY id"
+        )))
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter().map(key_from_row).collect()
+    }
+
+    async fn revoke_key(&self, id: Uuid) -> Result<KeyRecord, QueueError> {
+        let row = sqlx::query(AssertSqlSafe(format!(
+            "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ? RETURNING {KEY_COLUMNS}"
+        )))
+        .bind(now_ms())
+        .bind(id.to_string())
+        .fetch_optional(&self.writer)
+        .await?;
+        row.as_ref()
+            .map(key_from_row)
+            .transpose()?
+            .ok_or(QueueError::NotFound)
+    }
+
+    async fn key_by_hash(&self, hash: &str) -> Result<Option<KeyRecord>, QueueError> {
+        let row = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {KEY_COLUMNS} FROM api_keys WHERE hash = ? AND revoked_at IS NULL"
+        )))
+        .bind(hash)
+        .fetch_optional(&self.reader)
+        .await?;
+        row.as_ref().map(key_from_row).transpose()
+    }
+
+    async fn any_active_key(&self) -> Result<bool, QueueError> {
+        let n: i64 =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM api_keys WHERE revoked_at IS NULL)")
+                .fetch_one(&self.reader)
+                .await?;
+        Ok(n != 0)
+    }
+
+    async fn touch_key(&self, id: Uuid, at: i64) -> Result<(), QueueError> {
+        sqlx::query("UPDATE api_keys SET last_used_at = ? WHERE id = ?")
+            .bind(at)
+            .bind(id.to_string())
+            .execute(&self.writer)
+            .await?;
+        Ok(())
+    }
+}

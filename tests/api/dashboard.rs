@@ -118,14 +118,28 @@ async fn dashboard_end_to_end_in_headless_chromium() {
         c.failpoint = Some("tensor-delay-ms=2000".into());
     })
     .await;
+    // A server with an API key: the page asks for it and sends it.
+    let keyed = spawn_app_with(|c| {
+        c.workers = Some(1);
+    })
+    .await;
+    let (key, _) = modelpress::auth::create_key(
+        keyed.state.keys.as_ref(),
+        "acme",
+        modelpress::auth::Scope::Write,
+    )
+    .await
+    .unwrap();
     let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard");
-    let (base, slow_base) = (app.base.clone(), slow.base.clone());
+    let (base, slow_base, keyed_base) = (app.base.clone(), slow.base.clone(), keyed.base.clone());
     let out2 = out.clone();
     let result = tokio::task::spawn_blocking(move || {
         Command::new("node")
             .arg(script)
             .env("BASE", base)
             .env("SLOW_BASE", slow_base)
+            .env("KEYED_BASE", keyed_base)
+            .env("KEY", key)
             .env("CASES", cases())
             .env("OUT", &out2)
             .env("CHROMIUM", chromium)
@@ -154,4 +168,5 @@ async fn dashboard_end_to_end_in_headless_chromium() {
     }
     app.stop().await;
     slow.stop().await;
+    keyed.stop().await;
 }

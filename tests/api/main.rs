@@ -1,6 +1,7 @@
 //! All integration tests in one binary (convention 4).
 
 mod archive;
+mod auth;
 mod calibrate;
 mod cli;
 mod corrupt;

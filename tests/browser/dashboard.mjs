@@ -11,11 +11,13 @@ import { join } from "node:path";
 import assert from "node:assert/strict";
 
 const BASE = process.env.BASE;
+const KEYED = process.env.KEYED_BASE;
+const KEY = process.env.KEY;
 const SLOW = process.env.SLOW_BASE;
 const CASES = process.env.CASES;
 const OUT = process.env.OUT;
 const CHROMIUM = process.env.CHROMIUM || "/usr/bin/chromium";
-assert.ok(BASE && SLOW && CASES && OUT, "BASE, SLOW_BASE, CASES and OUT are required");
+assert.ok(BASE && SLOW && KEYED && KEY && CASES && OUT, "BASE, SLOW_BASE, KEYED_BASE, KEY, CASES and OUT are required");
 mkdirSync(OUT, { recursive: true });
 const MNIST = join(CASES, "mnist8", "mnist-8.onnx");
 
@@ -246,6 +248,37 @@ try {
   const after = await (await fetch(SLOW + "/v1/jobs/" + slowJob.id)).json();
   assert.equal(after.state, "cancelled", "the API agrees the job was cancelled");
   step("cancelled a running job from the page (keyboard)");
+
+  // ------------------------------------------------------------ a server with API keys
+  const k = await newPage({ width: 1280, height: 800 });
+  await k.goto(KEYED + "/#/new");
+  await k.waitForSelector("#key-form:not([hidden])");
+  assert.deepEqual(await unlabelled(k), [], "the key field has a label");
+  await k.fill("#api-key", "mp_not_a_key");
+  await k.press("#api-key", "Enter");
+  await k.waitForFunction(() => /refused/.test(document.getElementById("key-status").textContent));
+  await k.fill("#api-key", KEY);
+  await k.press("#api-key", "Enter");
+  await k.waitForFunction(() => document.getElementById("key-form").hidden);
+  await k.setInputFiles("#model-file", MNIST);
+  await k.waitForFunction(() => document.getElementById("upload-status").textContent.startsWith("uploaded"));
+  await k.selectOption("#preset", "int8");
+  await k.click("#submit");
+  await k.waitForFunction(() => location.hash.startsWith("#/jobs/"));
+  const keyedJob = await k.evaluate(() => location.hash.slice("#/jobs/".length));
+  await k.waitForFunction(() => document.getElementById("job-state").textContent === "succeeded", null, { timeout: 120_000 });
+  await k.waitForFunction(() => [...document.querySelectorAll("#job-charts img")].some((i) => i.complete && i.naturalWidth > 0));
+  const keyedApi = await (await fetch(KEYED + "/v1/jobs/" + keyedJob, { headers: { authorization: "Bearer " + KEY } })).json();
+  const keyedWant = keyedApi.artifacts.find((a) => a.name === "model.onnx");
+  const [kd] = await Promise.all([k.waitForEvent("download"), k.click('#job-artifacts a[download="model.onnx"]')]);
+  const keyedSaved = join(OUT, "downloaded-keyed-model.onnx");
+  await kd.saveAs(keyedSaved);
+  assert.equal(createHash("sha256").update(readFileSync(keyedSaved)).digest("hex"), keyedWant.sha256,
+    "the download through the key has the API's sha256");
+  await k.goto(KEYED + "/#/");
+  await k.waitForSelector("#job-" + keyedJob);
+  await k.waitForFunction(() => document.getElementById("live").textContent === "live");
+  step("keyed server: key asked for, wrong key refused, upload, job, chart, download and live list with the key");
 
   assert.deepEqual(problems, [], "no script errors in the page");
   console.log("dashboard: all checks passed; screenshots in " + OUT);
