@@ -129,6 +129,17 @@ pub struct ServeConfig {
     /// Log format: `text` or `json`.
     #[arg(long, env = "MODELPRESS_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
+    /// Per tenant: most bytes of models, datasets and artifacts stored (0: no limit). An
+    /// upload past it gets 507 `quota_exceeded`.
+    #[arg(long, env = "MODELPRESS_QUOTA_STORED_BYTES", default_value_t = 0)]
+    pub quota_stored_bytes: u64,
+    /// Per tenant: most jobs queued or running at once (0: no limit); more get 429.
+    #[arg(long, env = "MODELPRESS_QUOTA_CONCURRENT_JOBS", default_value_t = 0)]
+    pub quota_concurrent_jobs: u64,
+    /// Per tenant: most jobs submitted in any hour (0: no limit); more get 429 with
+    /// Retry-After.
+    #[arg(long, env = "MODELPRESS_QUOTA_JOBS_PER_HOUR", default_value_t = 0)]
+    pub quota_jobs_per_hour: u64,
     /// Serve requests without an API key on a non-loopback address (as the default tenant).
     /// Without it, such a server refuses to start until a key exists.
     #[arg(long, env = "MODELPRESS_ALLOW_ANONYMOUS")]
@@ -175,6 +186,9 @@ impl ServeConfig {
             max_inflation_ratio: 200,
             log_format: "text".into(),
             allow_anonymous: false,
+            quota_stored_bytes: 0,
+            quota_concurrent_jobs: 0,
+            quota_jobs_per_hour: 0,
             failpoint: None,
         }
     }

@@ -29,6 +29,11 @@ pub enum ErrorCode {
     Unauthorized,
     /// 403: the key's scope does not allow this (a read key writing, /metrics without admin).
     Forbidden,
+    /// 429: the tenant has too many jobs running or submitted this hour (Retry-After says
+    /// when to try again).
+    RateLimited,
+    /// 507: the upload would take the tenant past its stored-bytes quota.
+    QuotaExceeded,
     /// 408: the body stopped arriving (`MODELPRESS_BODY_IDLE_SECS`) or came too slowly.
     RequestTimeout,
     /// 404
@@ -73,6 +78,8 @@ impl ErrorCode {
             ErrorCode::UnsupportedMediaType => "unsupported_media_type",
             ErrorCode::RequestTimeout => "request_timeout",
             ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::QuotaExceeded => "quota_exceeded",
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::InflationLimit => "inflation_limit",
             ErrorCode::ModelNotFound => "model_not_found",
@@ -103,6 +110,8 @@ impl ErrorCode {
             ErrorCode::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ErrorCode::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
+            ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::QuotaExceeded => StatusCode::INSUFFICIENT_STORAGE,
             ErrorCode::Forbidden => StatusCode::FORBIDDEN,
             ErrorCode::InflationLimit => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorCode::ModelNotFound
@@ -128,6 +137,8 @@ impl ErrorCode {
 pub struct ApiError {
     pub code: ErrorCode,
     pub message: String,
+    /// Seconds for a `Retry-After` header (429).
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -135,6 +146,7 @@ impl ApiError {
         ApiError {
             code,
             message: message.into(),
+            retry_after: None,
         }
     }
 
@@ -177,10 +189,23 @@ impl From<crate::store::StoreError> for ApiError {
     }
 }
 
+impl ApiError {
+    /// Adds a `Retry-After` of `secs` seconds.
+    pub fn retry_after(mut self, secs: u64) -> ApiError {
+        self.retry_after = Some(secs);
+        self
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body =
             serde_json::json!({"error": {"code": self.code.as_str(), "message": self.message}});
-        (self.code.status(), Json(body)).into_response()
+        let mut r = (self.code.status(), Json(body)).into_response();
+        if let Some(secs) = self.retry_after {
+            r.headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, secs.into());
+        }
+        r
     }
 }

@@ -40,6 +40,7 @@ pub async fn upload(
     Query(q): Query<HashMap<String, String>>,
     req: Request,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
+    super::quota::check_storage(&state, &caller.tenant, 0).await?;
     let up = extract::receive(&state, req).await?;
     if up.spec.is_some() {
         return Err(ApiError::new(
@@ -53,6 +54,7 @@ pub async fn upload(
     if file.size == 0 {
         return Err(invalid("the upload is empty"));
     }
+    super::quota::check_storage(&state, &caller.tenant, file.size).await?;
     // Parsed whole before anything is stored: a bad file leaves no trace.
     let path = file.temp.to_path_buf();
     let inflation = state.config.inflation();

@@ -365,6 +365,12 @@ pub async fn create(
 ) -> Result<Response, ApiError> {
     let key = idempotency_key(&headers)?;
     let (model_id, spec, fingerprint) = if extract::is_multipart(&req) {
+        // Over a quota, the upload is refused before its body is read (a retry with an
+        // idempotency key is let through: it may be a replay).
+        if key.is_none() {
+            super::quota::check_jobs(&state, &caller.tenant).await?;
+        }
+        super::quota::check_storage(&state, &caller.tenant, 0).await?;
         let up = extract::receive(&state, req).await?;
         let spec_bytes = up.spec.ok_or_else(|| {
             ApiError::new(ErrorCode::InvalidRequest, "the form has no `spec` field")
@@ -450,6 +456,13 @@ pub async fn create(
         let fingerprint = crate::runner::sha256_hex(format!("model:{model_id}:{spec}").as_bytes());
         (model_id, spec, fingerprint)
     };
+    // A replay answers with the earlier job; anything else counts against the quotas.
+    if let Some(k) = &key {
+        if let Some(resp) = replay(&state, &caller.tenant, k, &fingerprint).await? {
+            return Ok(resp);
+        }
+    }
+    super::quota::check_jobs(&state, &caller.tenant).await?;
     let new = NewJob {
         id: Uuid::now_v7(),
         tenant_id: caller.tenant.clone(),

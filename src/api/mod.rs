@@ -9,6 +9,7 @@ pub mod extract;
 pub mod health;
 pub mod jobs;
 pub mod models;
+pub mod quota;
 
 use crate::error::{ApiError, ErrorCode};
 use crate::state::AppState;

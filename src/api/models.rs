@@ -41,6 +41,7 @@ pub async fn store_model(
             "the upload is empty",
         ));
     }
+    super::quota::check_storage(state, tenant, file.size).await?;
     let path = file.temp.to_path_buf();
     let inflation = state.config.inflation();
     let parsed = tokio::task::spawn_blocking(move || formats::inspect_path(&path, &inflation))
@@ -97,6 +98,7 @@ pub async fn upload(
     Query(q): Query<HashMap<String, String>>,
     req: Request,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
+    super::quota::check_storage(&state, &caller.tenant, 0).await?;
     let up = extract::receive(&state, req).await?;
     if up.spec.is_some() {
         return Err(ApiError::new(

@@ -210,6 +210,21 @@ pub trait ModelCatalog: Send + Sync + 'static {
         doc: &str,
     ) -> Result<(), QueueError>;
     async fn ping(&self) -> bool;
+    /// The tenant's stored bytes and jobs (those created since `since` counted apart).
+    async fn tenant_usage(&self, tenant: &str, since: i64) -> Result<TenantUsage, QueueError>;
+}
+
+/// What a tenant holds and does, for its quotas.
+#[derive(Debug, Clone, Default)]
+pub struct TenantUsage {
+    /// Bytes of its models, datasets and artifacts.
+    pub stored_bytes: u64,
+    /// Its jobs queued or running.
+    pub active_jobs: u64,
+    /// Its jobs created at or after `since`.
+    pub recent_jobs: u64,
+    /// When the oldest of those was created.
+    pub oldest_recent: Option<i64>,
 }
 
 /// An API key as stored: never the key itself, only its hash and first characters.

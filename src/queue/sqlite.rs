@@ -342,6 +342,28 @@ impl ModelCatalog for SqliteStore {
         Ok(key)
     }
 
+    async fn tenant_usage(&self, tenant: &str, since: i64) -> Result<TenantUsage, QueueError> {
+        let row = sqlx::query(
+            "SELECT \
+             (SELECT COALESCE(SUM(size_bytes), 0) FROM models WHERE tenant_id = ?1) + \
+             (SELECT COALESCE(SUM(size_bytes), 0) FROM datasets WHERE tenant_id = ?1) + \
+             (SELECT COALESCE(SUM(size_bytes), 0) FROM artifacts WHERE tenant_id = ?1) AS stored, \
+             (SELECT COUNT(*) FROM jobs WHERE tenant_id = ?1 AND state IN ('queued', 'running')) AS active, \
+             (SELECT COUNT(*) FROM jobs WHERE tenant_id = ?1 AND created_at >= ?2) AS recent, \
+             (SELECT MIN(created_at) FROM jobs WHERE tenant_id = ?1 AND created_at >= ?2) AS oldest",
+        )
+        .bind(tenant)
+        .bind(since)
+        .fetch_one(&self.reader)
+        .await?;
+        Ok(TenantUsage {
+            stored_bytes: row.try_get::<i64, _>("stored")?.max(0) as u64,
+            active_jobs: row.try_get::<i64, _>("active")?.max(0) as u64,
+            recent_jobs: row.try_get::<i64, _>("recent")?.max(0) as u64,
+            oldest_recent: row.try_get("oldest")?,
+        })
+    }
+
     async fn ping(&self) -> bool {
         sqlx::query("SELECT 1").execute(&self.reader).await.is_ok()
             && sqlx::query("SELECT 1").execute(&self.writer).await.is_ok()

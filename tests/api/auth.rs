@@ -475,3 +475,85 @@ async fn the_keys_cli_creates_lists_and_revokes() {
     assert_eq!(code, 2, "{err}");
     app.stop().await;
 }
+
+/// Quotas per tenant: stored bytes (507 with the limit and the usage), jobs queued or running
+/// and jobs per hour (429 with Retry-After). Another tenant is not affected.
+#[tokio::test]
+async fn quotas_refuse_with_the_limit_and_the_usage() {
+    let app = crate::helpers::spawn_app_with(|c| {
+        c.quota_stored_bytes = 30_000;
+        c.quota_concurrent_jobs = 2;
+        c.quota_jobs_per_hour = 3;
+    })
+    .await;
+    let keys = app.state.keys.as_ref();
+    let acme = create_key(keys, "acme", Scope::Write).await.unwrap().0;
+    let other = create_key(keys, "other", Scope::Write).await.unwrap().0;
+    let http = reqwest::Client::new();
+    let upload = |key: String, path: &'static str, rel: &'static str| {
+        let r = http
+            .post(app.url(path))
+            .bearer_auth(key)
+            .body(case_file(rel));
+        async move {
+            let r = r.send().await.unwrap();
+            let s = r.status().as_u16();
+            (s, r.json::<Value>().await.unwrap())
+        }
+    };
+    let (s, model) = upload(acme.clone(), "/v1/models", "mnist8/mnist-8.onnx").await;
+    assert_eq!(s, 201, "{model}");
+    // 26,454 stored; another 26,454 would pass 30,000.
+    let (s, v) = upload(acme.clone(), "/v1/models", "mnist8/mnist-8.onnx").await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (507, Some("quota_exceeded")),
+        "{v}"
+    );
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("26454") && msg.contains("30000"), "{msg}");
+    let (s, v) = upload(acme.clone(), "/v1/datasets", "mnist8/calib.npz").await;
+    assert_eq!(s, 507, "{v}");
+    // The other tenant has its own allowance.
+    let (s, v) = upload(other.clone(), "/v1/models", "mnist8/mnist-8.onnx").await;
+    assert_eq!(s, 201, "{v}");
+
+    let submit = || {
+        http.post(app.url("/v1/jobs"))
+            .bearer_auth(acme.clone())
+            .json(&json!({"model_id": model["id"], "preset": "int8", "latency": false}))
+            .send()
+    };
+    for _ in 0..2 {
+        assert_eq!(submit().await.unwrap().status(), 202);
+    }
+    let r = submit().await.unwrap();
+    assert_eq!(r.status(), 429);
+    assert_eq!(r.headers()["retry-after"], "30");
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "rate_limited");
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("2 jobs queued or running"));
+    app.drain().await;
+    // Two finished: a third may run, a fourth is the hour's fourth.
+    assert_eq!(submit().await.unwrap().status(), 202);
+    let r = submit().await.unwrap();
+    assert_eq!(r.status(), 429);
+    let wait: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((3000..=3600).contains(&wait), "{wait}");
+    let v: Value = r.json().await.unwrap();
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("3 jobs in the last hour"),
+        "{v}"
+    );
+    app.stop().await;
+}
