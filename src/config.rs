@@ -129,6 +129,10 @@ pub struct ServeConfig {
     /// Log format: `text` or `json`.
     #[arg(long, env = "MODELPRESS_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
+    /// Uploads are refused (507 `insufficient_storage`) and `/readyz` answers 503 while less
+    /// than this is free under the data directory, so the database always has room to write.
+    #[arg(long, env = "MODELPRESS_MIN_FREE_BYTES", default_value_t = 64 << 20)]
+    pub min_free_bytes: u64,
     /// Per tenant: most bytes of models, datasets and artifacts stored (0: no limit). An
     /// upload past it gets 507 `quota_exceeded`.
     #[arg(long, env = "MODELPRESS_QUOTA_STORED_BYTES", default_value_t = 0)]
@@ -186,6 +190,7 @@ impl ServeConfig {
             max_inflation_ratio: 200,
             log_format: "text".into(),
             allow_anonymous: false,
+            min_free_bytes: 64 << 20,
             quota_stored_bytes: 0,
             quota_concurrent_jobs: 0,
             quota_jobs_per_hour: 0,

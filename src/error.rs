@@ -34,6 +34,8 @@ pub enum ErrorCode {
     RateLimited,
     /// 507: the upload would take the tenant past its stored-bytes quota.
     QuotaExceeded,
+    /// 507: the server's disk is full (or below MODELPRESS_MIN_FREE_BYTES); nothing was stored.
+    InsufficientStorage,
     /// 408: the body stopped arriving (`MODELPRESS_BODY_IDLE_SECS`) or came too slowly.
     RequestTimeout,
     /// 404
@@ -80,6 +82,7 @@ impl ErrorCode {
             ErrorCode::Unauthorized => "unauthorized",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::QuotaExceeded => "quota_exceeded",
+            ErrorCode::InsufficientStorage => "insufficient_storage",
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::InflationLimit => "inflation_limit",
             ErrorCode::ModelNotFound => "model_not_found",
@@ -111,7 +114,9 @@ impl ErrorCode {
             ErrorCode::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
             ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
-            ErrorCode::QuotaExceeded => StatusCode::INSUFFICIENT_STORAGE,
+            ErrorCode::QuotaExceeded | ErrorCode::InsufficientStorage => {
+                StatusCode::INSUFFICIENT_STORAGE
+            }
             ErrorCode::Forbidden => StatusCode::FORBIDDEN,
             ErrorCode::InflationLimit => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorCode::ModelNotFound
@@ -155,6 +160,31 @@ impl ApiError {
         tracing::error!(error = %cause, "internal error");
         ApiError::new(ErrorCode::Internal, "internal error; see the server log")
     }
+
+    /// A full disk is the client's to know (507, nothing was stored); any other i/o error
+    /// is internal.
+    pub fn io(e: std::io::Error) -> ApiError {
+        if is_disk_full(&e) {
+            tracing::warn!(error = %e, "disk full: a write was refused");
+            return ApiError::disk_full();
+        }
+        ApiError::internal(e)
+    }
+
+    pub fn disk_full() -> ApiError {
+        ApiError::new(
+            ErrorCode::InsufficientStorage,
+            "the server's disk is full; nothing was stored (delete models, datasets or jobs, or free space on the server)",
+        )
+    }
+}
+
+/// ENOSPC (or EDQUOT): no room left on the data directory's filesystem.
+pub fn is_disk_full(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+    )
 }
 
 impl From<crate::queue::QueueError> for ApiError {
@@ -178,6 +208,12 @@ impl From<crate::queue::QueueError> for ApiError {
                 format!("the job is already {state}"),
             ),
             Q::NotFound => ApiError::new(ErrorCode::NotFound, "not found"),
+            // SQLITE_FULL (13): the database could not grow; the write was rolled back.
+            Q::Db(sqlx::Error::Database(d)) if d.code().as_deref() == Some("13") => {
+                tracing::warn!(error = %d, "disk full: the database refused a write");
+                ApiError::disk_full()
+            }
+            Q::Db(sqlx::Error::Io(e)) if is_disk_full(&e) => ApiError::io(e),
             other => ApiError::internal(other),
         }
     }
@@ -185,7 +221,10 @@ impl From<crate::queue::QueueError> for ApiError {
 
 impl From<crate::store::StoreError> for ApiError {
     fn from(e: crate::store::StoreError) -> Self {
-        ApiError::internal(e)
+        match e {
+            crate::store::StoreError::Io(e) => ApiError::io(e),
+            other => ApiError::internal(other),
+        }
     }
 }
 

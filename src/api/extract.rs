@@ -83,7 +83,7 @@ where
     let temp = tempfile::Builder::new()
         .prefix("upload-")
         .tempfile_in(state.blobs.staging_dir())
-        .map_err(ApiError::internal)?;
+        .map_err(ApiError::io)?;
     let (file, temp) = temp.into_parts();
     let mut file = tokio::io::BufWriter::with_capacity(1 << 20, tokio::fs::File::from_std(file));
     let mut hasher = Sha256::new();
@@ -114,9 +114,9 @@ where
             ));
         }
         hasher.update(&chunk);
-        file.write_all(&chunk).await.map_err(ApiError::internal)?;
+        file.write_all(&chunk).await.map_err(ApiError::io)?;
     }
-    file.flush().await.map_err(ApiError::internal)?;
+    file.flush().await.map_err(ApiError::io)?;
     metrics::counter!("modelpress_upload_bytes_total").increment(size);
     Ok(Received {
         temp,

@@ -17,15 +17,24 @@ pub async fn readyz(State(state): State<AppState>) -> Result<Json<Value>, ApiErr
     let db = state.models.ping().await;
     let blobs = state.blobs.ready().await;
     let draining = state.stop_claiming.is_cancelled();
-    if db && blobs && !draining {
-        Ok(Json(json!({"status": "ready"})))
+    let free = state.blobs.free_bytes().await;
+    let disk_ok = free.is_none_or(|f| f >= state.config.min_free_bytes);
+    if db && blobs && disk_ok && !draining {
+        Ok(Json(json!({"status": "ready", "free_bytes": free})))
     } else {
         Err(ApiError::new(
             ErrorCode::Unavailable,
             format!(
-                "not ready: database {}, blob store {}, draining {draining}",
+                "not ready: database {}, blob store {}, disk {}, draining {draining}",
                 if db { "ok" } else { "down" },
-                if blobs { "ok" } else { "down" }
+                if blobs { "ok" } else { "down" },
+                match free {
+                    Some(f) if !disk_ok => format!(
+                        "nearly full ({f} bytes free, below MODELPRESS_MIN_FREE_BYTES {})",
+                        state.config.min_free_bytes
+                    ),
+                    _ => "ok".into(),
+                }
             ),
         ))
     }

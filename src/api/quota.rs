@@ -14,6 +14,25 @@ const RETRY_CONCURRENT_SECS: u64 = 30;
 /// Refuses an upload of `incoming` bytes that would take `tenant` past its stored-bytes
 /// quota (`incoming` 0: refuses only a tenant already at or over it, before the body is read).
 pub async fn check_storage(state: &AppState, tenant: &str, incoming: u64) -> Result<(), ApiError> {
+    // The server's own floor first: a disk this full refuses every tenant.
+    if let Some(free) = state.blobs.free_bytes().await {
+        let floor = state.config.min_free_bytes;
+        // A received upload already takes its room in the staging directory.
+        if free < floor {
+            tracing::warn!(
+                free,
+                floor,
+                incoming,
+                "upload refused: the disk is nearly full"
+            );
+            return Err(ApiError::new(
+                ErrorCode::InsufficientStorage,
+                format!(
+                    "the server's disk has {free} bytes free and keeps {floor} (MODELPRESS_MIN_FREE_BYTES); the upload was not stored"
+                ),
+            ));
+        }
+    }
     let limit = state.config.quota_stored_bytes;
     if limit == 0 {
         return Ok(());

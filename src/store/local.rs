@@ -89,6 +89,18 @@ impl BlobStore for LocalBlobStore {
         self.root.join("tmp")
     }
 
+    async fn free_bytes(&self) -> Option<u64> {
+        let root = self.root.clone();
+        tokio::task::spawn_blocking(move || {
+            rustix::fs::statvfs(&root)
+                .ok()
+                .map(|v| v.f_bavail.saturating_mul(v.f_frsize))
+        })
+        .await
+        .ok()
+        .flatten()
+    }
+
     async fn ready(&self) -> bool {
         tokio::fs::metadata(self.staging_dir())
             .await

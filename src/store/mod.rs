@@ -28,4 +28,8 @@ pub trait BlobStore: Send + Sync + 'static {
     fn staging_dir(&self) -> PathBuf;
     /// True when the store can be written to.
     async fn ready(&self) -> bool;
+    /// Bytes free for the store's files, when the store can tell.
+    async fn free_bytes(&self) -> Option<u64> {
+        None
+    }
 }

@@ -754,3 +754,182 @@ async fn duplicate_names_are_refused_with_the_name() {
     assert!(list["items"].as_array().unwrap().is_empty());
     app.stop().await;
 }
+
+/// Unmounts the test's tmpfs when dropped.
+struct Unmount(std::path::PathBuf);
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// A 4 MiB tmpfs under `dir` (the test machines run as root).
+fn small_tmpfs(dir: &std::path::Path) -> (std::path::PathBuf, Unmount) {
+    let mnt = dir.join("small");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
+        .arg(&mnt)
+        .status()
+        .expect("mount runs");
+    assert!(
+        mounted.success(),
+        "mounting a tmpfs needs root (the test machines have it)"
+    );
+    (mnt.clone(), Unmount(mnt))
+}
+
+/// With no free-space floor the disk really fills: the write that hits ENOSPC (or the
+/// database's SQLITE_FULL) answers 507, never 500, and deleting through the API recovers.
+#[tokio::test]
+async fn writes_that_hit_enospc_get_507_and_deletes_still_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mnt, _guard) = small_tmpfs(dir.path());
+    let app = crate::helpers::spawn_app_with(|c| {
+        c.data_dir = mnt.join("data");
+        c.min_free_bytes = 0;
+    })
+    .await;
+    let eval = case_file("mnist8/eval.npz");
+    let mut stored = Vec::new();
+    let mut full = false;
+    for i in 0..12 {
+        let r = app
+            .client
+            .post(app.url(&format!("/v1/datasets?name=d{i}")))
+            .body(eval.clone())
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        let v: Value = r.json().await.unwrap();
+        match status {
+            201 => stored.push(v["id"].as_str().unwrap().to_string()),
+            507 => {
+                assert_eq!(error_code(&v), "insufficient_storage", "{v}");
+                assert!(
+                    v["error"]["message"]
+                        .as_str()
+                        .unwrap()
+                        .contains("disk is full"),
+                    "{v}"
+                );
+                full = true;
+                break;
+            }
+            other => panic!("upload {i}: {other} {v}"),
+        }
+    }
+    assert!(full, "the disk never filled");
+    let (_, list) = app.get_json("/v1/datasets").await;
+    assert_eq!(list["items"].as_array().unwrap().len(), stored.len());
+    for id in &stored {
+        let r = app
+            .client
+            .delete(app.url(&format!("/v1/datasets/{id}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 204);
+    }
+    let r = app
+        .client
+        .post(app.url("/v1/datasets?name=again"))
+        .body(eval)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "the server recovered without a restart");
+    app.stop().await;
+}
+
+/// A full disk: uploads get 507 insufficient_storage (never a 500), nothing half-stored is
+/// listed, /readyz says the disk is nearly full, and deleting frees room again without a
+/// restart. The data directory is a 4 MiB tmpfs (the test machines run as root).
+#[tokio::test]
+async fn a_full_disk_gets_507_and_recovers_when_space_is_freed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mnt, _guard) = small_tmpfs(dir.path());
+    let app = crate::helpers::spawn_app_with(|c| {
+        c.data_dir = mnt.join("data");
+        c.min_free_bytes = 1 << 20;
+    })
+    .await;
+    let eval = case_file("mnist8/eval.npz");
+    let (mut stored, mut refused) = (Vec::new(), None);
+    for i in 0..12 {
+        let r = app
+            .client
+            .post(app.url(&format!("/v1/datasets?name=d{i}")))
+            .body(eval.clone())
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        let v: Value = r.json().await.unwrap();
+        match status {
+            201 => stored.push(v["id"].as_str().unwrap().to_string()),
+            507 => {
+                assert_eq!(error_code(&v), "insufficient_storage", "{v}");
+                refused = Some(v);
+                break;
+            }
+            other => panic!("upload {i}: {other} {v}"),
+        }
+    }
+    assert!(refused.is_some(), "the disk never filled");
+    assert!(!stored.is_empty());
+    let (_, list) = app.get_json("/v1/datasets").await;
+    assert_eq!(
+        list["items"].as_array().unwrap().len(),
+        stored.len(),
+        "only whole uploads are listed"
+    );
+    // Something else fills the disk below the floor: /readyz says so, and even a small
+    // upload is refused.
+    let (_, ready) = app.get_json("/readyz").await;
+    let free = ready["free_bytes"].as_u64().expect("free bytes reported");
+    let filler = mnt.join("filler");
+    std::fs::write(&filler, vec![1u8; (free - (512 << 10)) as usize]).unwrap();
+    let (s, v) = app.get_json("/readyz").await;
+    assert_eq!(s, 503, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("nearly full"),
+        "{v}"
+    );
+    let r = app
+        .client
+        .post(app.url("/v1/datasets?name=small"))
+        .body(case_file("digits_mlp_control/eval.npz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 507);
+    std::fs::remove_file(&filler).unwrap();
+    // Freeing space through the API works on the full disk, and uploads work again.
+    for id in stored.drain(..) {
+        let r = app
+            .client
+            .delete(app.url(&format!("/v1/datasets/{id}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 204);
+    }
+    let (s, v) = app.get_json("/readyz").await;
+    assert_eq!(s, 200, "{v}");
+    let r = app
+        .client
+        .post(app.url("/v1/datasets?name=again"))
+        .body(eval)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let staged: Vec<_> = std::fs::read_dir(mnt.join("data/tmp")).unwrap().collect();
+    assert!(staged.is_empty(), "refused uploads left files: {staged:?}");
+    app.stop().await;
+}
