@@ -381,13 +381,17 @@ fn compressed_layers(doc: &Value) -> Vec<&Value> {
         .unwrap_or_default()
 }
 
+fn names(layers: &[&Value]) -> Vec<String> {
+    layers
+        .iter()
+        .map(|t| t["name"].as_str().unwrap_or("?").to_string())
+        .collect()
+}
+
 /// Bits per weight and sparsity per compressed layer.
 pub fn layers_chart(report: &Value) -> String {
     let layers = compressed_layers(report);
-    let labels: Vec<String> = layers
-        .iter()
-        .map(|t| t["name"].as_str().unwrap_or("?").to_string())
-        .collect();
+    let labels = names(&layers);
     hbars(
         "Bits per weight and sparsity per layer",
         &labels,
@@ -409,10 +413,7 @@ pub fn layers_chart(report: &Value) -> String {
 /// Relative L2 error of each compressed layer's weights.
 pub fn error_chart(report: &Value) -> String {
     let layers = compressed_layers(report);
-    let labels: Vec<String> = layers
-        .iter()
-        .map(|t| t["name"].as_str().unwrap_or("?").to_string())
-        .collect();
+    let labels = names(&layers);
     hbars(
         "Weight error per layer (relative L2)",
         &labels,

@@ -27,6 +27,10 @@ fn safetensors_raw(header: &str, data: &[u8]) -> Vec<u8> {
 }
 
 pub fn onnx_with_initializer(init: pb::TensorProto) -> Vec<u8> {
+    onnx_with_initializers(vec![init])
+}
+
+pub fn onnx_with_initializers(initializer: Vec<pb::TensorProto>) -> Vec<u8> {
     let model = pb::ModelProto {
         ir_version: 8,
         opset_import: vec![pb::OperatorSetIdProto {
@@ -35,7 +39,7 @@ pub fn onnx_with_initializer(init: pb::TensorProto) -> Vec<u8> {
         }],
         graph: Some(pb::GraphProto {
             name: "g".into(),
-            initializer: vec![init],
+            initializer,
             ..Default::default()
         }),
         ..Default::default()
@@ -693,20 +697,7 @@ async fn duplicate_names_are_refused_with_the_name() {
         raw_data: [raw, raw].iter().flat_map(|v| v.to_le_bytes()).collect(),
         ..Default::default()
     };
-    let onnx = pb::ModelProto {
-        ir_version: 8,
-        opset_import: vec![pb::OperatorSetIdProto {
-            domain: String::new(),
-            version: 17,
-        }],
-        graph: Some(pb::GraphProto {
-            name: "g".into(),
-            initializer: vec![init(1.0), init(2.0)],
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-    .encode_to_vec();
+    let onnx = onnx_with_initializers(vec![init(1.0), init(2.0)]);
     let safetensors = safetensors_raw(
         r#"{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#,
         &[0; 8],
@@ -779,20 +770,11 @@ fn small_tmpfs(dir: &std::path::Path) -> (std::path::PathBuf, Unmount) {
     (mnt.clone(), Unmount(mnt))
 }
 
-/// With no free-space floor the disk really fills: the write that hits ENOSPC (or the
-/// database's SQLITE_FULL) answers 507, never 500, and deleting through the API recovers.
-#[tokio::test]
-async fn writes_that_hit_enospc_get_507_and_deletes_still_work() {
-    let dir = tempfile::tempdir().unwrap();
-    let (mnt, _guard) = small_tmpfs(dir.path());
-    let app = crate::helpers::spawn_app_with(|c| {
-        c.data_dir = mnt.join("data");
-        c.min_free_bytes = 0;
-    })
-    .await;
+/// Uploads mnist-8's eval.npz as datasets until one is refused; returns the ids stored and
+/// the refusal, which must be 507 insufficient_storage (never a 500).
+async fn fill_with_datasets(app: &crate::helpers::TestApp) -> (Vec<String>, Value) {
     let eval = case_file("mnist8/eval.npz");
     let mut stored = Vec::new();
-    let mut full = false;
     for i in 0..12 {
         let r = app
             .client
@@ -807,23 +789,29 @@ async fn writes_that_hit_enospc_get_507_and_deletes_still_work() {
             201 => stored.push(v["id"].as_str().unwrap().to_string()),
             507 => {
                 assert_eq!(error_code(&v), "insufficient_storage", "{v}");
-                assert!(
-                    v["error"]["message"]
-                        .as_str()
-                        .unwrap()
-                        .contains("disk is full"),
-                    "{v}"
+                let (_, list) = app.get_json("/v1/datasets").await;
+                assert_eq!(
+                    list["items"].as_array().unwrap().len(),
+                    stored.len(),
+                    "only whole uploads are listed"
                 );
-                full = true;
-                break;
+                assert!(!stored.is_empty());
+                return (stored, v);
             }
             other => panic!("upload {i}: {other} {v}"),
         }
     }
-    assert!(full, "the disk never filled");
-    let (_, list) = app.get_json("/v1/datasets").await;
-    assert_eq!(list["items"].as_array().unwrap().len(), stored.len());
-    for id in &stored {
+    panic!("the disk never filled");
+}
+
+/// Deletes the datasets through the API (which works on a full disk), then uploads again:
+/// the server recovers without a restart and leaves no staging files.
+async fn free_and_upload_again(
+    app: &crate::helpers::TestApp,
+    stored: &[String],
+    data: &std::path::Path,
+) {
+    for id in stored {
         let r = app
             .client
             .delete(app.url(&format!("/v1/datasets/{id}")))
@@ -835,11 +823,30 @@ async fn writes_that_hit_enospc_get_507_and_deletes_still_work() {
     let r = app
         .client
         .post(app.url("/v1/datasets?name=again"))
-        .body(eval)
+        .body(case_file("mnist8/eval.npz"))
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 201, "the server recovered without a restart");
+    let staged: Vec<_> = std::fs::read_dir(data.join("tmp")).unwrap().collect();
+    assert!(staged.is_empty(), "refused uploads left files: {staged:?}");
+}
+
+/// With no free-space floor the disk really fills: the write that hits ENOSPC (or the
+/// database's SQLITE_FULL) answers 507, never 500, and deleting through the API recovers.
+#[tokio::test]
+async fn writes_that_hit_enospc_get_507_and_deletes_still_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mnt, _guard) = small_tmpfs(dir.path());
+    let app = crate::helpers::spawn_app_with(|c| {
+        c.data_dir = mnt.join("data");
+        c.min_free_bytes = 0;
+    })
+    .await;
+    let (stored, refused) = fill_with_datasets(&app).await;
+    let msg = refused["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("disk is full"), "{msg}");
+    free_and_upload_again(&app, &stored, &mnt.join("data")).await;
     app.stop().await;
 }
 
@@ -855,36 +862,7 @@ async fn a_full_disk_gets_507_and_recovers_when_space_is_freed() {
         c.min_free_bytes = 1 << 20;
     })
     .await;
-    let eval = case_file("mnist8/eval.npz");
-    let (mut stored, mut refused) = (Vec::new(), None);
-    for i in 0..12 {
-        let r = app
-            .client
-            .post(app.url(&format!("/v1/datasets?name=d{i}")))
-            .body(eval.clone())
-            .send()
-            .await
-            .unwrap();
-        let status = r.status().as_u16();
-        let v: Value = r.json().await.unwrap();
-        match status {
-            201 => stored.push(v["id"].as_str().unwrap().to_string()),
-            507 => {
-                assert_eq!(error_code(&v), "insufficient_storage", "{v}");
-                refused = Some(v);
-                break;
-            }
-            other => panic!("upload {i}: {other} {v}"),
-        }
-    }
-    assert!(refused.is_some(), "the disk never filled");
-    assert!(!stored.is_empty());
-    let (_, list) = app.get_json("/v1/datasets").await;
-    assert_eq!(
-        list["items"].as_array().unwrap().len(),
-        stored.len(),
-        "only whole uploads are listed"
-    );
+    let (stored, _) = fill_with_datasets(&app).await;
     // Something else fills the disk below the floor: /readyz says so, and even a small
     // upload is refused.
     let (_, ready) = app.get_json("/readyz").await;
@@ -893,13 +871,8 @@ async fn a_full_disk_gets_507_and_recovers_when_space_is_freed() {
     std::fs::write(&filler, vec![1u8; (free - (512 << 10)) as usize]).unwrap();
     let (s, v) = app.get_json("/readyz").await;
     assert_eq!(s, 503, "{v}");
-    assert!(
-        v["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("nearly full"),
-        "{v}"
-    );
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("nearly full"), "{msg}");
     let r = app
         .client
         .post(app.url("/v1/datasets?name=small"))
@@ -909,27 +882,8 @@ async fn a_full_disk_gets_507_and_recovers_when_space_is_freed() {
         .unwrap();
     assert_eq!(r.status(), 507);
     std::fs::remove_file(&filler).unwrap();
-    // Freeing space through the API works on the full disk, and uploads work again.
-    for id in stored.drain(..) {
-        let r = app
-            .client
-            .delete(app.url(&format!("/v1/datasets/{id}")))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 204);
-    }
+    free_and_upload_again(&app, &stored, &mnt.join("data")).await;
     let (s, v) = app.get_json("/readyz").await;
     assert_eq!(s, 200, "{v}");
-    let r = app
-        .client
-        .post(app.url("/v1/datasets?name=again"))
-        .body(eval)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201);
-    let staged: Vec<_> = std::fs::read_dir(mnt.join("data/tmp")).unwrap().collect();
-    assert!(staged.is_empty(), "refused uploads left files: {staged:?}");
     app.stop().await;
 }

@@ -61,6 +61,17 @@ pub async fn read_events(
     }
 }
 
+/// Uploads mnist-8 and submits an int8 job (latency off); returns the job's id.
+async fn mnist_int8_job(app: &crate::helpers::TestApp) -> String {
+    let model = app
+        .upload(case_file("mnist8/mnist-8.onnx"), "mnist-8.onnx")
+        .await;
+    let job = app
+        .submit_json(json!({"model_id": model["id"], "preset": "int8", "latency": false}))
+        .await;
+    job["id"].as_str().unwrap().to_string()
+}
+
 fn kinds(evs: &[Sse]) -> Vec<&str> {
     evs.iter().map(|e| e.event.as_str()).collect()
 }
@@ -68,13 +79,7 @@ fn kinds(evs: &[Sse]) -> Vec<&str> {
 #[tokio::test]
 async fn a_job_stream_goes_from_queued_to_done_with_increasing_ids() {
     let app = spawn_app().await;
-    let model = app
-        .upload(case_file("mnist8/mnist-8.onnx"), "mnist-8.onnx")
-        .await;
-    let job = app
-        .submit_json(json!({"model_id": model["id"], "preset": "int8", "latency": false}))
-        .await;
-    let id = job["id"].as_str().unwrap().to_string();
+    let id = mnist_int8_job(&app).await;
     let resp = app
         .client
         .get(app.url(&format!("/v1/jobs/{id}/events")))
@@ -114,13 +119,7 @@ async fn a_job_stream_goes_from_queued_to_done_with_increasing_ids() {
 #[tokio::test]
 async fn a_reconnect_after_the_end_and_after_a_restart_still_gets_the_terminal_event() {
     let app = spawn_app().await;
-    let model = app
-        .upload(case_file("mnist8/mnist-8.onnx"), "mnist-8.onnx")
-        .await;
-    let job = app
-        .submit_json(json!({"model_id": model["id"], "preset": "int8", "latency": false}))
-        .await;
-    let id = job["id"].as_str().unwrap().to_string();
+    let id = mnist_int8_job(&app).await;
     app.drain().await;
     let url = format!("/v1/jobs/{id}/events");
     let first = read_events(
@@ -155,13 +154,7 @@ async fn a_reconnect_after_the_end_and_after_a_restart_still_gets_the_terminal_e
 #[tokio::test]
 async fn a_cancelled_queued_job_ends_its_stream_and_unknown_ids_are_404() {
     let app = spawn_app().await;
-    let model = app
-        .upload(case_file("mnist8/mnist-8.onnx"), "mnist-8.onnx")
-        .await;
-    let job = app
-        .submit_json(json!({"model_id": model["id"], "preset": "int8"}))
-        .await;
-    let id = job["id"].as_str().unwrap().to_string();
+    let id = mnist_int8_job(&app).await;
     let resp = app
         .client
         .get(app.url(&format!("/v1/jobs/{id}/events")))
@@ -244,13 +237,7 @@ async fn the_all_jobs_stream_carries_state_changes_and_progress() {
 #[tokio::test]
 async fn two_hundred_concurrent_streams_all_see_the_end() {
     let app = spawn_app().await;
-    let model = app
-        .upload(case_file("mnist8/mnist-8.onnx"), "mnist-8.onnx")
-        .await;
-    let job = app
-        .submit_json(json!({"model_id": model["id"], "preset": "int8", "latency": false}))
-        .await;
-    let id = job["id"].as_str().unwrap().to_string();
+    let id = mnist_int8_job(&app).await;
     let url = app.url(&format!("/v1/jobs/{id}/events"));
     let mut readers = Vec::new();
     for _ in 0..200 {
@@ -291,6 +278,22 @@ async fn follow_while_draining(app: &crate::helpers::TestApp, id: &str) -> Vec<S
     reader.await.unwrap()
 }
 
+/// Submits `spec`, follows the job to success, and returns its id with the progress
+/// details of `phase` it streamed (at least one).
+async fn details(app: &crate::helpers::TestApp, spec: Value, phase: &str) -> (String, Vec<Value>) {
+    let job = app.submit_json(spec).await;
+    let id = job["id"].as_str().unwrap().to_string();
+    let evs = follow_while_draining(app, &id).await;
+    assert_eq!(evs.last().unwrap().data["state"], "succeeded", "{evs:?}");
+    let found: Vec<Value> = evs
+        .iter()
+        .filter(|e| e.event == "progress" && e.data["detail"]["phase"] == phase)
+        .map(|e| e.data["detail"].clone())
+        .collect();
+    assert!(!found.is_empty(), "{phase} detail streamed: {evs:?}");
+    (id, found)
+}
+
 async fn chart(app: &crate::helpers::TestApp, id: &str, name: &str) -> String {
     let r = app
         .client
@@ -311,21 +314,13 @@ async fn search_and_training_stream_their_detail_and_draw_their_charts() {
     let app = spawn_app_with(|c| c.lease_ms = 300).await;
     let mnist = app.upload(case_file("mnist8/mnist-8.onnx"), "m.onnx").await;
     let data = crate::helpers::upload_dataset(&app, "mnist8/calib.npz").await;
-    let job = app
-        .submit_json(
-            json!({"model_id": mnist["id"], "preset": "auto", "latency": false,
+    let (id, trials) = details(
+        &app,
+        json!({"model_id": mnist["id"], "preset": "auto", "latency": false,
             "eval": {"dataset_id": data["id"], "metric": "agreement"}}),
-        )
-        .await;
-    let id = job["id"].as_str().unwrap().to_string();
-    let evs = follow_while_draining(&app, &id).await;
-    assert_eq!(evs.last().unwrap().data["state"], "succeeded", "{evs:?}");
-    let trials: Vec<&Value> = evs
-        .iter()
-        .filter(|e| e.event == "progress" && e.data["detail"]["phase"] == "search")
-        .map(|e| &e.data["detail"])
-        .collect();
-    assert!(!trials.is_empty(), "search detail streamed: {evs:?}");
+        "search",
+    )
+    .await;
     for d in &trials {
         assert!(
             d["trial"].as_u64().unwrap() <= d["trials"].as_u64().unwrap(),
@@ -339,21 +334,13 @@ async fn search_and_training_stream_their_detail_and_draw_their_charts() {
         .upload(case_file("digits_mlp_control/digits_mlp.onnx"), "d.onnx")
         .await;
     let train = crate::helpers::upload_dataset(&app, "digits_mlp_control/train.npz").await;
-    let job = app
-        .submit_json(
-            json!({"model_id": digits["id"], "preset": "int4", "latency": false,
+    let (id, epochs) = details(
+        &app,
+        json!({"model_id": digits["id"], "preset": "int4", "latency": false,
             "finetune": {"dataset_id": train["id"], "epochs": 3}}),
-        )
-        .await;
-    let id = job["id"].as_str().unwrap().to_string();
-    let evs = follow_while_draining(&app, &id).await;
-    assert_eq!(evs.last().unwrap().data["state"], "succeeded", "{evs:?}");
-    let epochs: Vec<&Value> = evs
-        .iter()
-        .filter(|e| e.event == "progress" && e.data["detail"]["phase"] == "train")
-        .map(|e| &e.data["detail"])
-        .collect();
-    assert!(!epochs.is_empty(), "training detail streamed: {evs:?}");
+        "train",
+    )
+    .await;
     for d in &epochs {
         assert_eq!(d["epochs"], 3, "{d}");
         assert!(d["loss"].as_f64().unwrap().is_finite(), "{d}");
@@ -385,13 +372,8 @@ async fn an_idle_stream_gets_keep_alive_comments() {
 #[tokio::test]
 async fn shutdown_closes_open_streams() {
     let app = spawn_app().await;
-    let model = app
-        .upload(case_file("mnist8/mnist-8.onnx"), "mnist-8.onnx")
-        .await;
-    let job = app
-        .submit_json(json!({"model_id": model["id"], "preset": "int8"}))
-        .await;
-    let url = app.url(&format!("/v1/jobs/{}/events", job["id"].as_str().unwrap()));
+    let id = mnist_int8_job(&app).await;
+    let url = app.url(&format!("/v1/jobs/{id}/events"));
     let one = app.client.get(url).send().await.unwrap();
     let all = app.client.get(app.url("/v1/events")).send().await.unwrap();
     let readers =
