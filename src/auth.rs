@@ -199,14 +199,12 @@ pub async fn authorize(State(state): State<AppState>, mut req: Request, next: Ne
         }
     };
     // /metrics shows every tenant's counts: open on loopback, an admin key elsewhere.
-    let needed = if path == "/metrics" && !state.loopback {
-        Scope::Admin
-    } else {
-        Scope::needed_for(req.method())
+    let needed = match (path == "/metrics", state.loopback) {
+        (true, true) => None,
+        (true, false) => Some(Scope::Admin),
+        _ => Some(Scope::needed_for(req.method())),
     };
-    if path == "/metrics" && state.loopback {
-        // loopback: open to anyone who can reach it.
-    } else if caller.scope < needed {
+    if let Some(needed) = needed.filter(|n| caller.scope < *n) {
         return ApiError::new(
             ErrorCode::Forbidden,
             format!(

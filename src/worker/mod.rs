@@ -98,6 +98,14 @@ struct JobControl {
     failpoint: Option<String>,
 }
 
+impl JobControl {
+    /// A `progress` event for the job's streams.
+    fn publish(&self, fraction: f64, stage: &str, detail: &serde_json::Value) {
+        let (state, tenant, id) = &self.events;
+        state.events.progress(tenant, *id, fraction, stage, detail);
+    }
+}
+
 impl Control for JobControl {
     fn progress(&self, fraction: f64, stage: &str) {
         if let Ok(mut p) = self.progress.lock() {
@@ -120,8 +128,7 @@ impl Control for JobControl {
             .unwrap_or(false);
         if fresh {
             let (p, s) = self.progress.lock().map(|g| g.clone()).unwrap_or_default();
-            let (state, tenant, id) = &self.events;
-            state.events.progress(tenant, *id, p, &s, &detail);
+            self.publish(p, &s, &detail);
         }
         if let Ok(mut d) = self.detail.lock() {
             *d = detail;
@@ -313,7 +320,6 @@ async fn run_claimed(state: &AppState, worker: &str, job: JobRecord) -> anyhow::
             job.id,
             worker.to_string(),
         );
-        let (events, tenant) = (state.0.clone(), job.tenant_id.clone());
         // A third of the lease keeps it alive; at most a second keeps progress fresh for pollers.
         let every = Duration::from_millis((lease_ms as u64 / 3).clamp(20, 1000));
         tokio::spawn(async move {
@@ -326,7 +332,7 @@ async fn run_claimed(state: &AppState, worker: &str, job: JobRecord) -> anyhow::
                         // The streams see what the database now holds, when it moved.
                         if published.as_ref() != Some(&(p, s.clone())) {
                             let detail = ctl.detail.lock().map(|d| d.clone()).unwrap_or_default();
-                            events.events.progress(&tenant, id, p, &s, &detail);
+                            ctl.publish(p, &s, &detail);
                             published = Some((p, s));
                         }
                         if cancel_requested {
