@@ -497,3 +497,86 @@ pub fn keys(args: crate::config::KeysArgs) -> i32 {
         code
     })
 }
+
+/// `modelpress verify DIR`: 0 when manifest.json is signed by the trusted key (or, with no
+/// key given, by the key it names, which is printed to compare) and every artifact present
+/// matches; 1 when anything does not; 2 when the key cannot be had.
+pub fn verify(args: crate::config::VerifyArgs) -> i32 {
+    use crate::manifest::{parse_public_key, verify_dir};
+    let trusted = match (&args.key, &args.server) {
+        (Some(k), _) => match parse_public_key(k) {
+            Ok(k) => Some(k),
+            Err(e) => {
+                eprintln!("error: --key: {e}");
+                return 2;
+            }
+        },
+        (None, Some(server)) => match fetch_signing_key(server) {
+            Ok(k) => Some(k),
+            Err(e) => {
+                eprintln!("error: {server}/v1/signing-key: {e}");
+                return 2;
+            }
+        },
+        (None, None) => None,
+    };
+    match verify_dir(&args.dir, trusted.as_ref()) {
+        Ok(v) => {
+            for name in &v.checked {
+                say!("ok       {name}");
+            }
+            for name in &v.missing {
+                say!("missing  {name} (not in {})", args.dir.display());
+            }
+            let trust = if trusted.is_some() {
+                "the trusted key"
+            } else {
+                "the key it names (pass --key or --server to pin the server's)"
+            };
+            say!(
+                "manifest of job {} signed by {trust} {}: {} artifacts match",
+                v.job_id,
+                v.key_id,
+                v.checked.len()
+            );
+            if !v.missing.is_empty() && !args.allow_missing {
+                eprintln!(
+                    "error: {} listed artifacts are missing (download them, or pass --allow-missing)",
+                    v.missing.len()
+                );
+                return 1;
+            }
+            0
+        }
+        Err(e) => {
+            eprintln!("verification FAILED: {e}");
+            1
+        }
+    }
+}
+
+fn fetch_signing_key(server: &str) -> Result<ed25519_dalek::VerifyingKey, String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let url = format!("{}/v1/signing-key", server.trim_end_matches('/'));
+    let doc: serde_json::Value = rt.block_on(async {
+        let resp = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(10))
+            .build()
+            .map_err(|e| e.to_string())?
+            .get(&url)
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        if !resp.status().is_success() {
+            return Err(format!("answered {}", resp.status()));
+        }
+        resp.json().await.map_err(|e| e.to_string())
+    })?;
+    let hex_key = doc["public_key"]
+        .as_str()
+        .ok_or("no public_key in the answer")?;
+    crate::manifest::parse_public_key(hex_key).map_err(|e| e.to_string())
+}

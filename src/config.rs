@@ -32,6 +32,25 @@ pub enum Command {
     Evaluate(EvaluateArgs),
     /// Create, list and revoke API keys (in the server's database).
     Keys(KeysArgs),
+    /// Check a downloaded job: manifest.json's ed25519 signature and every artifact's sha256.
+    Verify(VerifyArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// The directory holding manifest.json and the job's downloaded artifacts.
+    pub dir: PathBuf,
+    /// The server's public key (64 hex digits, from `GET /v1/signing-key`); the manifest
+    /// must be signed by it.
+    #[arg(long, conflicts_with = "server")]
+    pub key: Option<String>,
+    /// Fetch the trusted key from this server's `/v1/signing-key` (e.g. http://127.0.0.1:8080).
+    #[arg(long)]
+    pub server: Option<String>,
+    /// Pass although some artifacts the manifest lists were not downloaded (those present
+    /// must still match).
+    #[arg(long)]
+    pub allow_missing: bool,
 }
 
 #[derive(Debug, Args)]
@@ -105,6 +124,10 @@ pub struct ServeConfig {
     /// Attempts before a job whose worker keeps dying fails with `attempts_exhausted`.
     #[arg(long, env = "MODELPRESS_MAX_ATTEMPTS", default_value_t = 3)]
     pub max_attempts: u32,
+    /// The first backoff after an attempt that failed for a reason that may pass (a full
+    /// disk); it doubles with each attempt, up to five minutes.
+    #[arg(long, env = "MODELPRESS_RETRY_BACKOFF_MS", default_value_t = 2_000)]
+    pub retry_backoff_ms: u64,
     /// On SIGINT/SIGTERM, how long running jobs may take to finish before being requeued.
     #[arg(long, env = "MODELPRESS_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
     pub shutdown_grace_secs: u64,
@@ -148,6 +171,28 @@ pub struct ServeConfig {
     /// Without it, such a server refuses to start until a key exists.
     #[arg(long, env = "MODELPRESS_ALLOW_ANONYMOUS")]
     pub allow_anonymous: bool,
+    /// Networks webhooks may reach although they are not public: comma-separated CIDRs
+    /// (`10.0.0.0/8,127.0.0.1/32`). Empty: public addresses only.
+    #[arg(long, env = "MODELPRESS_WEBHOOK_ALLOW", default_value = "")]
+    pub webhook_allow: String,
+    /// How long a webhook delivery is retried (with exponential backoff) before it is
+    /// recorded as `gave_up`.
+    #[arg(
+        long,
+        env = "MODELPRESS_WEBHOOK_GIVE_UP_SECS",
+        default_value_t = 86_400
+    )]
+    pub webhook_give_up_secs: u64,
+    /// The first retry delay of a failed webhook delivery; it doubles each time, up to an hour.
+    #[arg(
+        long,
+        env = "MODELPRESS_WEBHOOK_RETRY_BASE_MS",
+        default_value_t = 10_000
+    )]
+    pub webhook_retry_base_ms: u64,
+    /// How often the outbox is read for due deliveries.
+    #[arg(long, env = "MODELPRESS_WEBHOOK_POLL_MS", default_value_t = 1_000)]
+    pub webhook_poll_ms: u64,
     /// Crash points for tests (`tensor-delay-ms=N`, `panic`); needs the `failpoints` feature.
     #[arg(long, env = "MODELPRESS_FAILPOINT", hide = true)]
     pub failpoint: Option<String>,
@@ -166,6 +211,10 @@ impl ServeConfig {
             max_ratio: self.max_inflation_ratio.max(1),
         }
     }
+    /// The webhook allow-list (checked at start-up, so a bad one never gets this far).
+    pub fn webhook_allow_list(&self) -> crate::webhook::AllowList {
+        self.webhook_allow.parse().unwrap_or_default()
+    }
     pub fn worker_count(&self) -> usize {
         self.workers.unwrap_or_else(|| {
             std::thread::available_parallelism()
@@ -183,6 +232,7 @@ impl ServeConfig {
             max_upload_bytes: 4 << 30,
             lease_ms: 30_000,
             max_attempts: 3,
+            retry_backoff_ms: 2_000,
             shutdown_grace_secs: 30,
             body_idle_secs: 30,
             min_upload_bytes_per_sec: 1024,
@@ -194,6 +244,10 @@ impl ServeConfig {
             quota_stored_bytes: 0,
             quota_concurrent_jobs: 0,
             quota_jobs_per_hour: 0,
+            webhook_allow: String::new(),
+            webhook_give_up_secs: 86_400,
+            webhook_retry_base_ms: 10_000,
+            webhook_poll_ms: 1_000,
             failpoint: None,
         }
     }

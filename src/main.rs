@@ -10,6 +10,7 @@ fn main() -> anyhow::Result<()> {
         Some(Command::Decompress(args)) => std::process::exit(modelpress::cli::decompress(args)),
         Some(Command::Evaluate(args)) => std::process::exit(modelpress::cli::evaluate(args)),
         Some(Command::Keys(args)) => std::process::exit(modelpress::cli::keys(args)),
+        Some(Command::Verify(args)) => std::process::exit(modelpress::cli::verify(args)),
         Some(Command::Serve(cfg)) => serve(cfg),
         None => serve(cli.serve),
     }

@@ -122,6 +122,10 @@ pub enum RunError {
     Cancelled,
     #[error("{0}")]
     Internal(String),
+    /// The disk under the data directory is full (ENOSPC/EDQUOT): the attempt is retried
+    /// with a backoff, and fails with `insufficient_storage` when none is left.
+    #[error("{0}")]
+    Storage(String),
 }
 
 impl From<FormatError> for RunError {
@@ -150,7 +154,13 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 
 fn write_artifact(dir: &Path, name: String, bytes: &[u8]) -> Result<ArtifactFile, RunError> {
     let path = dir.join(&name);
-    std::fs::write(&path, bytes).map_err(|e| RunError::Internal(format!("write {name}: {e}")))?;
+    std::fs::write(&path, bytes).map_err(|e| {
+        if crate::error::is_disk_full(&e) {
+            RunError::Storage(format!("write {name}: {e}"))
+        } else {
+            RunError::Internal(format!("write {name}: {e}"))
+        }
+    })?;
     Ok(ArtifactFile {
         name,
         path,

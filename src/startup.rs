@@ -25,6 +25,10 @@ impl Application {
     /// Opens storage, runs migrations and binds the listener; nothing runs until [`Application::run`].
     pub async fn build(config: ServeConfig) -> anyhow::Result<Application> {
         std::fs::create_dir_all(&config.data_dir)?;
+        config
+            .webhook_allow
+            .parse::<crate::webhook::AllowList>()
+            .map_err(|e| anyhow::anyhow!("MODELPRESS_WEBHOOK_ALLOW: {e}"))?;
         let sqlite = Arc::new(SqliteStore::open(&config.database_url()).await?);
         let blobs = Arc::new(LocalBlobStore::open(&config.data_dir)?);
         let listener = tokio::net::TcpListener::bind(&config.addr).await?;
@@ -48,6 +52,7 @@ impl Application {
             models: sqlite.clone(),
             queue: sqlite.clone(),
             keys: sqlite.clone(),
+            webhooks: sqlite.clone(),
             loopback,
             blobs,
             metrics: crate::telemetry::metrics_handle(),
@@ -56,6 +61,7 @@ impl Application {
             stop_claiming: CancellationToken::new(),
             hard_stop: CancellationToken::new(),
             events: crate::events::Hub::new(),
+            signer: Arc::new(crate::manifest::Signer::load_or_create(&config.data_dir)?),
             instance_id: format!("{}-{}", std::process::id(), Uuid::new_v4().simple()),
             config,
         }));
@@ -81,6 +87,9 @@ impl Application {
         let state = self.state.clone();
         let workers = worker::spawn_pool(state.clone(), state.config.worker_count());
         let sweeper = worker::spawn_sweeper(state.clone());
+        // Webhooks keep going out until the last running job has ended.
+        let deliveries_stop = CancellationToken::new();
+        let deliverer = crate::webhook::spawn_deliverer(state.clone(), deliveries_stop.clone());
         let app = api::router(state.clone());
         let stop = state.stop_claiming.clone();
         tokio::spawn(async move {
@@ -104,6 +113,8 @@ impl Application {
         }
         timer.abort();
         sweeper.abort();
+        deliveries_stop.cancel();
+        let _ = deliverer.await;
         let _ = server.await;
         self.sqlite.close().await;
         Ok(())

@@ -3,7 +3,7 @@
 //! `worker` only read it.
 
 use crate::config::ServeConfig;
-use crate::queue::{JobQueue, KeyStore, ModelCatalog};
+use crate::queue::{JobQueue, KeyStore, ModelCatalog, WebhookOutbox};
 use crate::store::BlobStore;
 use metrics_exporter_prometheus::PrometheusHandle;
 use std::collections::HashMap;
@@ -23,6 +23,8 @@ pub struct Inner {
     pub blobs: Arc<dyn BlobStore>,
     /// API keys (`crate::auth`).
     pub keys: Arc<dyn KeyStore>,
+    /// The webhook outbox and tenant secrets (`crate::webhook`).
+    pub webhooks: Arc<dyn WebhookOutbox>,
     /// Whether the server listens on a loopback address only (then it may run without keys,
     /// and `/metrics` is open).
     pub loopback: bool,
@@ -37,6 +39,8 @@ pub struct Inner {
     pub hard_stop: CancellationToken,
     /// Job state changes and progress, for the event streams.
     pub events: crate::events::Hub,
+    /// Signs every job's `manifest.json` (`crate::manifest`).
+    pub signer: Arc<crate::manifest::Signer>,
     /// Distinguishes this process's leases from another's.
     pub instance_id: String,
 }

@@ -57,7 +57,10 @@ pub fn job_view(j: &JobRecord, artifacts: &[ArtifactRecord]) -> Value {
 
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     match headers.get("idempotency-key") {
+        // An empty field is no key (HTTP allows empty field values; a client that sends one
+        // has nothing to replay).
         None => Ok(None),
+        Some(v) if v.is_empty() => Ok(None),
         Some(v) => {
             let s = v
                 .to_str()
@@ -129,6 +132,20 @@ async fn check_eval(
         ));
     }
     Ok(Some((e, d)))
+}
+
+/// The spec's `webhook` URL resolves to addresses the SSRF guard lets through (checked
+/// again, and pinned, at each delivery).
+async fn check_webhook(state: &AppState, spec: &Value) -> Result<(), ApiError> {
+    let Some(url) =
+        crate::webhook::parse(spec).map_err(|m| ApiError::new(ErrorCode::InvalidSpec, m))?
+    else {
+        return Ok(());
+    };
+    crate::webhook::resolve(&url, &state.config.webhook_allow_list())
+        .await
+        .map(|_| ())
+        .map_err(|m| ApiError::new(ErrorCode::InvalidSpec, format!("webhook.url: {m}")))
 }
 
 /// The spec's `calibration` block: well formed and its dataset stored.
@@ -375,7 +392,13 @@ pub async fn create(
         let spec_bytes = up.spec.ok_or_else(|| {
             ApiError::new(ErrorCode::InvalidRequest, "the form has no `spec` field")
         })?;
-        let spec = parse_json(&spec_bytes)?;
+        // The form itself was well formed; what its `spec` part says is the spec's problem.
+        let spec: Value = serde_json::from_slice(&spec_bytes).map_err(|e| {
+            ApiError::new(
+                ErrorCode::InvalidSpec,
+                format!("spec: the form's spec field is not valid JSON: {e}"),
+            )
+        })?;
         if spec.get("model_id").is_some() {
             return Err(ApiError::new(
                 ErrorCode::InvalidSpec,
@@ -383,6 +406,7 @@ pub async fn create(
             ));
         }
         let plan = compress::parse_spec(&spec).map_err(invalid_spec)?;
+        check_webhook(&state, &spec).await?;
         let eval = check_eval(&state, &caller.tenant, &spec).await?;
         let calibration = check_calibration(&state, &caller.tenant, &spec).await?;
         let finetune = check_finetune(&state, &caller.tenant, &spec).await?;
@@ -435,6 +459,7 @@ pub async fn create(
             )
         })?;
         let plan = compress::parse_spec(&spec).map_err(invalid_spec)?;
+        check_webhook(&state, &spec).await?;
         let eval = check_eval(&state, &caller.tenant, &spec).await?;
         let calibration = check_calibration(&state, &caller.tenant, &spec).await?;
         let finetune = check_finetune(&state, &caller.tenant, &spec).await?;
@@ -523,7 +548,8 @@ pub async fn list(
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
     let (limit, cursor) = page_params(&q)?;
-    let st = match q.get("state").filter(|s| !s.is_empty()) {
+    // An empty value is refused like any other that is not one (it is not "absent").
+    let st = match q.get("state") {
         None => None,
         Some(s) => Some(JobState::parse(s).ok_or_else(|| {
             ApiError::new(
@@ -533,7 +559,7 @@ pub async fn list(
         })?),
     };
     let model_id =
-        match q.get("model_id").filter(|s| !s.is_empty()) {
+        match q.get("model_id") {
             None => None,
             Some(m) => Some(Uuid::parse_str(m).map_err(|_| {
                 ApiError::new(ErrorCode::InvalidRequest, "model_id is not a valid id")

@@ -10,6 +10,7 @@ pub mod health;
 pub mod jobs;
 pub mod models;
 pub mod quota;
+pub mod webhooks;
 
 use crate::error::{ApiError, ErrorCode};
 use crate::state::AppState;
@@ -47,6 +48,9 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/jobs/{id}/charts/{name}"),
     ("GET", "/v1/events"),
     ("GET", "/v1/jobs/{id}/artifacts/{name}"),
+    ("GET", "/v1/jobs/{id}/webhooks"),
+    ("GET", "/v1/webhook-secret"),
+    ("GET", "/v1/signing-key"),
 ];
 
 pub fn router(state: AppState) -> Router {
@@ -76,6 +80,9 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/jobs/{id}/charts/{name}", get(charts::chart))
         .route("/v1/events", get(events::all_events))
         .route("/v1/jobs/{id}/artifacts/{name}", get(artifacts::download))
+        .route("/v1/jobs/{id}/webhooks", get(webhooks::deliveries))
+        .route("/v1/webhook-secret", get(webhooks::secret))
+        .route("/v1/signing-key", get(webhooks::signing_key))
         .route_layer(middleware::from_fn(track_metrics))
         .layer(middleware::from_fn_with_state(
             state.clone(),
@@ -166,7 +173,7 @@ pub fn page_params(
                 )
             })?,
     };
-    let cursor = match q.get("cursor").filter(|c| !c.is_empty()) {
+    let cursor = match q.get("cursor") {
         None => None,
         Some(c) => Some(uuid::Uuid::parse_str(c).map_err(|_| {
             ApiError::new(

@@ -310,15 +310,17 @@ pub fn parse_spec(spec: &Value) -> Result<Plan, CompressError> {
             "calibration",
             "finetune",
             "distill",
+            "webhook",
         ]
         .contains(&key.as_str())
         {
             return Err(spec_err(
                 key,
-                "unknown field (expected preset, options, pipeline, outputs, latency, deploy, eval, gate, calibration, finetune, distill, constraints, max_seconds, analyze)",
+                "unknown field (expected preset, options, pipeline, outputs, latency, deploy, eval, gate, calibration, finetune, distill, constraints, max_seconds, analyze, webhook)",
             ));
         }
     }
+    crate::webhook::parse(spec).map_err(CompressError::InvalidSpec)?;
     let empty = Map::new();
     let options = match obj.get("options") {
         None => &empty,

@@ -254,6 +254,59 @@ pub trait KeyStore: Send + Sync + 'static {
     async fn touch_key(&self, id: Uuid, at: i64) -> Result<(), QueueError>;
 }
 
+/// A webhook delivery from the outbox (`crate::webhook`).
+#[derive(Debug, Clone)]
+pub struct DeliveryRecord {
+    pub id: i64,
+    pub job_id: Uuid,
+    pub tenant_id: String,
+    pub url: String,
+    /// `job.succeeded`, `job.failed` or `job.cancelled`.
+    pub event: String,
+    /// `pending`, `delivered` or `gave_up`.
+    pub state: String,
+    pub attempts: i64,
+    pub next_attempt_at: i64,
+    pub last_status: Option<i64>,
+    pub last_error: Option<String>,
+    pub created_at: i64,
+    pub delivered_at: Option<i64>,
+}
+
+/// How one delivery attempt ended.
+pub enum DeliveryOutcome {
+    Delivered {
+        status: i64,
+    },
+    Retry {
+        status: Option<i64>,
+        error: String,
+        at: i64,
+    },
+    GaveUp {
+        status: Option<i64>,
+        error: String,
+    },
+}
+
+/// The webhook outbox and the tenants' signing secrets.
+#[async_trait]
+pub trait WebhookOutbox: Send + Sync + 'static {
+    /// The tenant's webhook secret; `fresh` becomes it if the tenant has none yet.
+    async fn webhook_secret(&self, tenant: &str, fresh: &str) -> Result<String, QueueError>;
+    /// Pending deliveries due at `now`, locked for `lock_ms` so that no other process sends
+    /// them meanwhile.
+    async fn due_deliveries(
+        &self,
+        now: i64,
+        lock_ms: i64,
+        limit: i64,
+    ) -> Result<Vec<DeliveryRecord>, QueueError>;
+    async fn finish_delivery(&self, id: i64, outcome: &DeliveryOutcome) -> Result<(), QueueError>;
+    /// A job's deliveries, oldest first.
+    async fn deliveries(&self, tenant: &str, job: Uuid) -> Result<Vec<DeliveryRecord>, QueueError>;
+}
+
 #[async_trait]
 pub trait JobQueue: Send + Sync + 'static {
     async fn enqueue(&self, job: NewJob) -> Result<Enqueued, QueueError>;
@@ -295,6 +348,18 @@ pub trait JobQueue: Send + Sync + 'static {
         code: &str,
         message: &str,
     ) -> Result<bool, QueueError>;
+    /// An attempt failed for a reason that may pass (a full disk, a failed database or
+    /// blob-store write): the job goes back to the queue, not claimed for `backoff_ms`, or,
+    /// when it has used all its attempts, fails with `code` and `message`. Returns the state
+    /// it is left in (None when the lease was lost).
+    async fn retry_later(
+        &self,
+        id: Uuid,
+        worker: &str,
+        code: &str,
+        message: &str,
+        backoff_ms: i64,
+    ) -> Result<Option<JobState>, QueueError>;
     async fn mark_cancelled(&self, id: Uuid, worker: &str) -> Result<bool, QueueError>;
     /// Gives a claimed job back to the queue without counting the attempt (shutdown).
     async fn release(&self, id: Uuid, worker: &str) -> Result<bool, QueueError>;

@@ -7,7 +7,7 @@ use super::*;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
 };
-use sqlx::{AssertSqlSafe, Row, SqlitePool};
+use sqlx::{AssertSqlSafe, Connection, Row, SqlitePool};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -103,6 +103,24 @@ impl SqliteStore {
             .foreign_keys(true);
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
+            // When a write fails with SQLITE_FULL or an I/O error, SQLite may roll the whole
+            // transaction back by itself; sqlx's COMMIT and ROLLBACK then fail and it still
+            // counts the connection as inside a transaction, so every later `begin_with`
+            // failed ("non-zero transaction depth") until a restart. A connection that comes
+            // back still counted inside a transaction is closed; the pool opens a fresh one.
+            .after_release(|conn, _meta| {
+                Box::pin(async move {
+                    // The ping queues behind the rollback a dropped transaction started.
+                    conn.ping().await?;
+                    if conn.is_in_transaction() {
+                        tracing::warn!(
+                            "a database write left its connection inside a transaction; reopening it"
+                        );
+                        return Ok(false);
+                    }
+                    Ok(true)
+                })
+            })
             .connect_with(opts.clone())
             .await?;
         sqlx::migrate!("./migrations")
@@ -491,11 +509,12 @@ impl JobQueue for SqliteStore {
         let row = sqlx::query(AssertSqlSafe(format!(
             "UPDATE jobs SET state = 'running', lease_owner = ?, lease_expires_at = ?, attempts = attempts + 1, \
              started_at = COALESCE(started_at, ?), stage = 'claimed', progress = 0 \
-             WHERE id = (SELECT id FROM jobs WHERE state = 'queued' ORDER BY id LIMIT 1) \
-             RETURNING {JOB_COLUMNS}"
+             WHERE id = (SELECT id FROM jobs WHERE state = 'queued' AND (not_before IS NULL OR not_before <= ?) \
+             ORDER BY id LIMIT 1) RETURNING {JOB_COLUMNS}"
         )))
         .bind(worker)
         .bind(now + lease_ms)
+        .bind(now)
         .bind(now)
         .fetch_optional(&self.writer)
         .await?;
@@ -588,6 +607,39 @@ impl JobQueue for SqliteStore {
         .execute(&self.writer)
         .await?;
         Ok(r.rows_affected() == 1)
+    }
+
+    async fn retry_later(
+        &self,
+        id: Uuid,
+        worker: &str,
+        code: &str,
+        message: &str,
+        backoff_ms: i64,
+    ) -> Result<Option<JobState>, QueueError> {
+        let now = now_ms();
+        let state: Option<String> = sqlx::query_scalar(
+            "UPDATE jobs SET \
+             state = CASE WHEN attempts >= max_attempts THEN 'failed' ELSE 'queued' END, \
+             error_code = CASE WHEN attempts >= max_attempts THEN ?1 ELSE error_code END, \
+             error_message = CASE WHEN attempts >= max_attempts THEN ?2 || ' (on each of ' || attempts || ' attempts)' ELSE error_message END, \
+             finished_at = CASE WHEN attempts >= max_attempts THEN ?3 ELSE finished_at END, \
+             stage = CASE WHEN attempts >= max_attempts THEN 'failed' \
+                 ELSE 'attempt ' || attempts || ' of ' || max_attempts || ' failed (' || ?1 || '); retrying' END, \
+             not_before = CASE WHEN attempts >= max_attempts THEN NULL ELSE ?4 END, \
+             progress = CASE WHEN attempts >= max_attempts THEN progress ELSE 0 END, \
+             lease_owner = NULL, lease_expires_at = NULL \
+             WHERE id = ?5 AND lease_owner = ?6 AND state = 'running' RETURNING state",
+        )
+        .bind(code)
+        .bind(message)
+        .bind(now)
+        .bind(now + backoff_ms.max(0))
+        .bind(id.to_string())
+        .bind(worker)
+        .fetch_optional(&self.writer)
+        .await?;
+        Ok(state.as_deref().and_then(JobState::parse))
     }
 
     async fn mark_cancelled(&self, id: Uuid, worker: &str) -> Result<bool, QueueError> {
@@ -786,5 +838,142 @@ impl KeyStore for SqliteStore {
             .execute(&self.writer)
             .await?;
         Ok(())
+    }
+}
+
+const DELIVERY_COLUMNS: &str =
+    "id, job_id, tenant_id, url, event, state, attempts, next_attempt_at, last_status, \
+     last_error, created_at, delivered_at";
+
+fn delivery_from_row(row: &SqliteRow) -> Result<DeliveryRecord, QueueError> {
+    Ok(DeliveryRecord {
+        id: row.try_get("id")?,
+        job_id: uuid_col(row, "job_id")?,
+        tenant_id: row.try_get("tenant_id")?,
+        url: row.try_get("url")?,
+        event: row.try_get("event")?,
+        state: row.try_get("state")?,
+        attempts: row.try_get("attempts")?,
+        next_attempt_at: row.try_get("next_attempt_at")?,
+        last_status: row.try_get("last_status")?,
+        last_error: row.try_get("last_error")?,
+        created_at: row.try_get("created_at")?,
+        delivered_at: row.try_get("delivered_at")?,
+    })
+}
+
+#[async_trait]
+impl WebhookOutbox for SqliteStore {
+    async fn webhook_secret(&self, tenant: &str, fresh: &str) -> Result<String, QueueError> {
+        sqlx::query(
+            "INSERT INTO tenant_secrets (tenant_id, webhook_secret, created_at) VALUES (?, ?, ?) \
+             ON CONFLICT (tenant_id) DO NOTHING",
+        )
+        .bind(tenant)
+        .bind(fresh)
+        .bind(now_ms())
+        .execute(&self.writer)
+        .await?;
+        Ok(
+            sqlx::query_scalar("SELECT webhook_secret FROM tenant_secrets WHERE tenant_id = ?")
+                .bind(tenant)
+                .fetch_one(&self.writer)
+                .await?,
+        )
+    }
+
+    async fn due_deliveries(
+        &self,
+        now: i64,
+        lock_ms: i64,
+        limit: i64,
+    ) -> Result<Vec<DeliveryRecord>, QueueError> {
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "UPDATE webhook_deliveries SET locked_until = ? WHERE id IN ( \
+             SELECT id FROM webhook_deliveries WHERE state = 'pending' AND next_attempt_at <= ? \
+             AND (locked_until IS NULL OR locked_until < ?) ORDER BY id LIMIT ?) RETURNING {DELIVERY_COLUMNS}"
+        )))
+        .bind(now + lock_ms)
+        .bind(now)
+        .bind(now)
+        .bind(limit)
+        .fetch_all(&self.writer)
+        .await?;
+        let mut out: Vec<DeliveryRecord> = rows
+            .iter()
+            .map(delivery_from_row)
+            .collect::<Result<_, _>>()?;
+        out.sort_by_key(|d| d.id);
+        Ok(out)
+    }
+
+    async fn finish_delivery(&self, id: i64, outcome: &DeliveryOutcome) -> Result<(), QueueError> {
+        let now = now_ms();
+        let (state, status, error, next) = match outcome {
+            DeliveryOutcome::Delivered { status } => ("delivered", Some(*status), None, now),
+            DeliveryOutcome::Retry { status, error, at } => {
+                ("pending", *status, Some(error.as_str()), *at)
+            }
+            DeliveryOutcome::GaveUp { status, error } => {
+                ("gave_up", *status, Some(error.as_str()), now)
+            }
+        };
+        sqlx::query(
+            "UPDATE webhook_deliveries SET state = ?, attempts = attempts + 1, last_status = ?, \
+             last_error = ?, next_attempt_at = ?, locked_until = NULL, \
+             delivered_at = CASE WHEN ? = 'delivered' THEN ? ELSE delivered_at END WHERE id = ?",
+        )
+        .bind(state)
+        .bind(status)
+        .bind(error)
+        .bind(next)
+        .bind(state)
+        .bind(now)
+        .bind(id)
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
+    async fn deliveries(&self, tenant: &str, job: Uuid) -> Result<Vec<DeliveryRecord>, QueueError> {
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries WHERE tenant_id = ? AND job_id = ? ORDER BY id"
+        )))
+        .bind(tenant)
+        .bind(job.to_string())
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter().map(delivery_from_row).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// After SQLITE_FULL or an I/O error inside a transaction, SQLite may roll the whole
+    /// transaction back by itself; sqlx's COMMIT then fails and its count of open
+    /// transactions stayed at one, so every later `begin_with` failed until a restart (the
+    /// full-disk finding). The raw ROLLBACK below does what SQLite does by itself.
+    #[tokio::test]
+    async fn a_transaction_sqlite_rolled_back_by_itself_does_not_wedge_the_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("t.db").display());
+        let store = SqliteStore::open(&url).await.unwrap();
+        {
+            let mut tx = store.writer.begin_with("BEGIN IMMEDIATE").await.unwrap();
+            sqlx::query("ROLLBACK").execute(&mut *tx).await.unwrap();
+            assert!(tx.commit().await.is_err(), "COMMIT finds no transaction");
+        }
+        for _ in 0..3 {
+            let tx = store
+                .writer
+                .begin_with("BEGIN IMMEDIATE")
+                .await
+                .expect("a fresh transaction after the broken one");
+            tx.commit().await.unwrap();
+        }
+        assert!(store.sweep_expired().await.unwrap().is_empty());
+        store.close().await;
     }
 }

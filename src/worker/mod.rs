@@ -21,6 +21,48 @@ pub enum Outcome {
     Requeued,
     /// Another worker took the job over (our lease expired); our result was discarded.
     LeaseLost,
+    /// The attempt failed for a reason that may pass; the job waits out a backoff.
+    Retrying,
+}
+
+/// The backoff before a failed attempt's retry: `base_ms` doubled for each attempt already
+/// made, at most five minutes.
+pub fn retry_backoff_ms(base_ms: u64, attempts_made: i64) -> u64 {
+    let doublings = attempts_made.clamp(1, 20) as u32 - 1;
+    base_ms.saturating_mul(1u64 << doublings).min(300_000)
+}
+
+/// The code and message a failed attempt records: a full disk (the file system's ENOSPC or
+/// EDQUOT, or SQLite's SQLITE_FULL) is `insufficient_storage`; anything else is `internal`
+/// (the detail goes to the log, not to the user).
+fn attempt_error(e: &anyhow::Error) -> (&'static str, String) {
+    let disk_full = e.chain().any(|c| {
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            return crate::error::is_disk_full(io);
+        }
+        if let Some(crate::store::StoreError::Io(io)) = c.downcast_ref::<crate::store::StoreError>()
+        {
+            return crate::error::is_disk_full(io);
+        }
+        if let Some(crate::queue::QueueError::Db(db)) = c.downcast_ref::<crate::queue::QueueError>()
+        {
+            return match db {
+                sqlx::Error::Database(d) => d.code().as_deref() == Some("13"),
+                sqlx::Error::Io(io) => crate::error::is_disk_full(io),
+                _ => false,
+            };
+        }
+        c.downcast_ref::<RunError>()
+            .is_some_and(|r| matches!(r, RunError::Storage(_)))
+    });
+    if disk_full {
+        (
+            "insufficient_storage",
+            "the server's disk was full while the job ran".into(),
+        )
+    } else {
+        ("internal", "internal error; see the server log".into())
+    }
 }
 
 pub fn spawn_pool(state: AppState, workers: usize) -> Vec<tokio::task::JoinHandle<()>> {
@@ -29,6 +71,7 @@ pub fn spawn_pool(state: AppState, workers: usize) -> Vec<tokio::task::JoinHandl
             let state = state.clone();
             tokio::spawn(async move {
                 let worker = format!("{}/w{n}", state.instance_id);
+                let mut errors = 0i64;
                 loop {
                     if state.stop_claiming.is_cancelled() {
                         break;
@@ -41,10 +84,18 @@ pub fn spawn_pool(state: AppState, workers: usize) -> Vec<tokio::task::JoinHandl
                                 _ = state.stop_claiming.cancelled() => break,
                             }
                         }
-                        Ok(_) => {}
+                        Ok(_) => errors = 0,
                         Err(e) => {
-                            tracing::error!(error = %e, "worker loop error");
-                            tokio::time::sleep(Duration::from_millis(500)).await;
+                            // The queue itself failed (a database error): back off, doubling
+                            // up to 30 s, so a broken database does not spin the loop.
+                            errors += 1;
+                            let pause = retry_backoff_ms(500, errors).min(30_000);
+                            tracing::error!(error = %e, pause_ms = pause, "worker loop error");
+                            tokio::select! {
+                                _ = tokio::time::sleep(Duration::from_millis(pause)) => {}
+                                _ = state.stop_claiming.cancelled() => break,
+                            }
+                            continue;
                         }
                     }
                 }
@@ -162,8 +213,34 @@ async fn try_execute_one_as(state: &AppState, worker: &str) -> anyhow::Result<Ou
     metrics::gauge!("modelpress_busy_workers").increment(1.0);
     let started = Instant::now();
     state.events.job_changed(&job);
-    let (tenant, id) = (job.tenant_id.clone(), job.id);
-    let outcome = run_claimed(state, worker, job).instrument(span).await;
+    let (tenant, id, attempt) = (job.tenant_id.clone(), job.id, job.attempts);
+    let outcome = run_claimed(state, worker, job)
+        .instrument(span.clone())
+        .await;
+    // An attempt that broke off with an error (a full disk, a failed database or blob-store
+    // write) counts: the job goes back to the queue with a backoff, or fails once its
+    // attempts are spent. It never loops, and never waits out a whole lease.
+    let outcome = match outcome {
+        Err(e) => {
+            let (code, message) = attempt_error(&e);
+            let backoff = retry_backoff_ms(state.config.retry_backoff_ms, attempt);
+            let _g = span.enter();
+            tracing::error!(error = %e, code, backoff_ms = backoff, "attempt failed");
+            match state
+                .queue
+                .retry_later(id, worker, code, &message, backoff as i64)
+                .await
+            {
+                Ok(Some(crate::queue::JobState::Failed)) => Ok(Outcome::Failed),
+                Ok(Some(_)) => Ok(Outcome::Retrying),
+                Ok(None) => Ok(Outcome::LeaseLost),
+                // The database refused this too: the lease runs out and the sweeper requeues
+                // the job (the attempt was counted when it was claimed).
+                Err(db) => Err(anyhow::Error::from(db).context(e.to_string())),
+            }
+        }
+        ok => ok,
+    };
     // However the run ended (succeeded, failed, cancelled, requeued, taken over), the event
     // streams learn the state it left in the database.
     match state.queue.get_job(&tenant, id).await {
@@ -420,6 +497,8 @@ async fn run_claimed(state: &AppState, worker: &str, job: JobRecord) -> anyhow::
             tracing::error!(error = %m, "job failed");
             Err(("internal", "internal error; see the server log".into()))
         }
+        // Retried with a backoff by the caller.
+        Ok(Err(e @ RunError::Storage(_))) => return Err(e.into()),
         Ok(Ok(out)) => Ok(out),
     };
     let out = match result {
@@ -441,6 +520,46 @@ async fn run_claimed(state: &AppState, worker: &str, job: JobRecord) -> anyhow::
             tracing::warn!(error = %e, "could not cache the sensitivity table");
         }
     }
+    // The signed manifest: what went in, what came out.
+    let mut out = out;
+    let summary_json = serde_json::to_value(&out.summary)?;
+    let pipeline = match &plan.search {
+        None => serde_json::Value::Array(plan.steps_json.clone()),
+        Some(_) => summary_json
+            .pointer("/search/chosen")
+            .cloned()
+            .unwrap_or_default(),
+    };
+    let manifest = state
+        .signer
+        .sign(&crate::manifest::payload(&crate::manifest::Facts {
+            job_id: job.id,
+            tenant: &job.tenant_id,
+            model_id: model.id,
+            model_name: &model.name,
+            model_sha256: &model.sha256,
+            spec: &job.spec,
+            pipeline,
+            attempt: job.attempts,
+            created_at_ms: crate::queue::now_ms(),
+            artifacts: out
+                .artifacts
+                .iter()
+                .map(|a| crate::manifest::Entry {
+                    name: &a.name,
+                    size_bytes: a.size_bytes,
+                    sha256: &a.sha256,
+                })
+                .collect(),
+        }));
+    let manifest_path = out_dir.path().join(crate::manifest::MANIFEST);
+    tokio::fs::write(&manifest_path, &manifest).await?;
+    out.artifacts.push(runner::ArtifactFile {
+        name: crate::manifest::MANIFEST.into(),
+        path: manifest_path,
+        size_bytes: manifest.len() as u64,
+        sha256: runner::sha256_hex(&manifest),
+    });
     let mut records = Vec::with_capacity(out.artifacts.len());
     for a in &out.artifacts {
         // One key per attempt: a crashed attempt's files never collide with these.
@@ -454,7 +573,7 @@ async fn run_claimed(state: &AppState, worker: &str, job: JobRecord) -> anyhow::
             sha256: a.sha256.clone(),
         });
     }
-    let summary = serde_json::to_value(&out.summary)?;
+    let summary = summary_json;
     let outcome = if state
         .queue
         .complete(job.id, worker, &summary, &records)

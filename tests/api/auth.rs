@@ -211,6 +211,28 @@ async fn the_authorization_matrix_over_every_route() {
         ),
         ("GET", "/v1/events", "/v1/events".into(), Body::None, list),
         (
+            "GET",
+            "/v1/jobs/{id}/webhooks",
+            format!("/v1/jobs/{j}/webhooks"),
+            Body::None,
+            ok_read,
+        ),
+        // Each tenant's admin reads its own webhook secret; nobody else can.
+        (
+            "GET",
+            "/v1/webhook-secret",
+            "/v1/webhook-secret".into(),
+            Body::None,
+            [401, 200, 403, 403, 200],
+        ),
+        (
+            "GET",
+            "/v1/signing-key",
+            "/v1/signing-key".into(),
+            Body::None,
+            public,
+        ),
+        (
             "POST",
             "/v1/jobs/{id}/cancel",
             format!("/v1/jobs/{j}/cancel"),
@@ -269,6 +291,17 @@ async fn the_authorization_matrix_over_every_route() {
             );
         }
     }
+    // The two tenants' webhook secrets differ.
+    let ours = c
+        .send(Who::Admin, "GET", "/v1/webhook-secret", &Body::None)
+        .await
+        .1;
+    let theirs = c
+        .send(Who::OtherTenant, "GET", "/v1/webhook-secret", &Body::None)
+        .await
+        .1;
+    assert_eq!(ours["tenant"], "acme");
+    assert_ne!(ours["secret"], theirs["secret"]);
     // The jobs the write and admin keys submitted run, so the model is free to delete.
     app.drain().await;
     // Deletes last: nobody, the other tenant and a read key cannot; a write key can.

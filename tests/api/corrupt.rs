@@ -887,3 +887,90 @@ async fn a_full_disk_gets_507_and_recovers_when_space_is_freed() {
     assert_eq!(s, 200, "{v}");
     app.stop().await;
 }
+
+/// A job whose attempts hit a full disk: each attempt counts, the job waits out a doubling
+/// backoff between them (queued, the reason in its stage) instead of looping or waiting a
+/// whole lease, and fails with `insufficient_storage` once its attempts are spent. No
+/// artifact of a failed attempt is listed; once space is freed the same job runs.
+#[tokio::test]
+async fn a_job_that_hits_a_full_disk_is_retried_with_backoff_then_fails_insufficient_storage() {
+    use modelpress::worker::{try_execute_one, Outcome};
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    let (mnt, _guard) = small_tmpfs(dir.path());
+    let backoff = 300u64;
+    let app = crate::helpers::spawn_app_with(|c| {
+        c.data_dir = mnt.join("data");
+        c.min_free_bytes = 0;
+        c.retry_backoff_ms = backoff;
+        c.max_attempts = 3;
+    })
+    .await;
+    let m = app
+        .upload(
+            case_file("digits_mlp_control/digits_mlp.onnx"),
+            "digits.onnx",
+        )
+        .await;
+    let spec = json!({"model_id": m["id"], "preset": "fp16", "latency": false});
+    let j = app.submit_json(spec.clone()).await;
+    let id = j["id"].as_str().unwrap();
+    // Leave 160 KiB: the database's few writes fit, the job's outputs (restored.onnx alone
+    // is 200 KB) do not.
+    let (_, ready) = app.get_json("/readyz").await;
+    let free = ready["free_bytes"].as_u64().expect("free bytes reported");
+    let filler = mnt.join("filler");
+    std::fs::write(&filler, vec![1u8; (free - (160 << 10)) as usize]).unwrap();
+    let start = Instant::now();
+    let mut runs: Vec<(Outcome, Duration)> = Vec::new();
+    let mut saw_waiting = false;
+    let job = loop {
+        match try_execute_one(&app.state).await {
+            Ok(Outcome::Empty) => {}
+            Ok(o) => runs.push((o, start.elapsed())),
+            Err(e) => panic!("the queue itself failed: {e:#}"),
+        }
+        let job = app.job(id).await;
+        if job["state"] == "failed" {
+            break job;
+        }
+        if job["state"] == "queued" && !runs.is_empty() {
+            let stage = job["stage"].as_str().unwrap_or_default();
+            assert!(stage.contains("insufficient_storage"), "{job}");
+            saw_waiting = true;
+        }
+        assert!(runs.len() <= 3, "more attempts than allowed: {runs:?}");
+        assert!(start.elapsed() < Duration::from_secs(60), "{job}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let outcomes: Vec<Outcome> = runs.iter().map(|r| r.0).collect();
+    assert_eq!(
+        outcomes,
+        [Outcome::Retrying, Outcome::Retrying, Outcome::Failed],
+        "{job}"
+    );
+    assert!(saw_waiting, "between attempts the job waited, queued");
+    // The backoff doubles: at least 300 ms, then 600 ms, between attempts (with slack for
+    // the time each attempt takes to be recorded).
+    let gaps = [runs[1].1 - runs[0].1, runs[2].1 - runs[1].1];
+    assert!(
+        gaps[0] >= Duration::from_millis(backoff * 8 / 10),
+        "{gaps:?}"
+    );
+    assert!(
+        gaps[1] >= Duration::from_millis(backoff * 2 * 8 / 10),
+        "{gaps:?}"
+    );
+    assert_eq!(job["attempts"], 3, "{job}");
+    assert_eq!(error_code(&job), "insufficient_storage", "{job}");
+    assert_eq!(job["artifacts"], json!([]), "{job}");
+    // Space comes back: the same job, submitted again, succeeds without a restart.
+    std::fs::remove_file(&filler).unwrap();
+    let j = app.submit_json(spec).await;
+    app.drain().await;
+    let job = app.job(j["id"].as_str().unwrap()).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    let staged: Vec<_> = std::fs::read_dir(mnt.join("data/tmp")).unwrap().collect();
+    assert!(staged.is_empty(), "failed attempts left files: {staged:?}");
+    app.stop().await;
+}

@@ -34,7 +34,13 @@ async fn mnist8_int8_restored_runs_in_onnxruntime_within_0_3_points() {
         .collect();
     assert_eq!(
         names,
-        vec!["model.mpz", "model.onnx", "report.json", "restored.onnx"]
+        vec![
+            "manifest.json",
+            "model.mpz",
+            "model.onnx",
+            "report.json",
+            "restored.onnx"
+        ]
     );
     let restored = app.download(&job, "restored.onnx").await;
     let path = app.dir.path().join("restored.onnx");
@@ -252,7 +258,8 @@ async fn artifacts_support_range_etag_and_disposition() {
         .find(|a| a["name"] == "restored.onnx")
         .unwrap()
         .clone();
-    assert_eq!(job["artifacts"].as_array().unwrap().len(), 2);
+    // The two asked for, and the signed manifest every job carries.
+    assert_eq!(job["artifacts"].as_array().unwrap().len(), 3);
     let url = app.url(a["url"].as_str().unwrap());
     let full = app.client.get(&url).send().await.unwrap();
     assert_eq!(

@@ -28,6 +28,10 @@ async fn job_and_inventory_responses() {
         ".started_at" => "[time]",
         ".finished_at" => "[time]",
         ".artifacts[].url" => "[url]",
+        // The signed manifest names the job and its time: it differs run to run.
+        ".artifacts[0].sha256" => "[manifest sha256]",
+        ".artifacts[0].size_bytes" => "[manifest size]",
     });
+    assert_eq!(job["artifacts"][0]["name"], "manifest.json");
     app.stop().await;
 }
