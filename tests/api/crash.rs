@@ -125,6 +125,7 @@ async fn kill_9_during_a_job_then_restart_completes_it_exactly_once() {
     assert_eq!(
         names,
         vec![
+            "manifest.json",
             "model.mpz",
             "model.safetensors",
             "report.json",
