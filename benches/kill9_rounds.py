@@ -20,13 +20,13 @@ import json
 import os
 import random
 import signal
-import socket
 import sqlite3
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
+
+import _serve
+from _serve import call
 
 BIN = sys.argv[1]
 ROUNDS = int(sys.argv[2]) if len(sys.argv) > 2 else 20
@@ -35,36 +35,9 @@ CASES = os.environ.get("MODELPRESS_CASES", os.path.join(os.path.dirname(os.path.
 random.seed(20261205)
 
 
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
-
-
-def call(base, path, data=None, ctype=None, method=None, raw=False):
-    r = urllib.request.Request(base + path, data=data, method=method)
-    if ctype:
-        r.add_header("content-type", ctype)
-    with urllib.request.urlopen(r, timeout=120) as resp:
-        body = resp.read()
-        return body if raw else json.loads(body)
-
-
 def start(data):
-    port = free_port()
-    env = dict(os.environ, MODELPRESS_LEASE_MS="2000", RUST_LOG="warn")
-    p = subprocess.Popen([BIN, "serve", "--addr", f"127.0.0.1:{port}", "--data-dir", data, "--workers", "2"],
-                         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            call(base, "/healthz")
-            return p, base
-        except Exception:
-            time.sleep(0.05)
-    raise SystemExit("the server did not start")
+    # A 2 s lease: a dead process's jobs come back quickly.
+    return _serve.start(BIN, data, 2, MODELPRESS_LEASE_MS="2000")
 
 
 def all_jobs(base):

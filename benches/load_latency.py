@@ -12,38 +12,21 @@ by the server, ms). Prints one JSON object.
 """
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from datetime import datetime
 
 import numpy as np
+
+from _serve import call, start
 
 BIN = sys.argv[1]
 MB = int(sys.argv[2]) if len(sys.argv) > 2 else 200
 CLIENTS = int(sys.argv[3]) if len(sys.argv) > 3 else 8
 CASES = os.environ.get("MODELPRESS_CASES", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "cases"))
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
-
-
-def call(base, path, data=None, ctype=None):
-    r = urllib.request.Request(base + path, data=data)
-    if ctype:
-        r.add_header("content-type", ctype)
-    with urllib.request.urlopen(r, timeout=600) as resp:
-        return json.loads(resp.read())
 
 
 def ts(s):
@@ -57,17 +40,7 @@ def pct(xs, q):
 
 def main():
     with tempfile.TemporaryDirectory() as d:
-        port = free_port()
-        base = f"http://127.0.0.1:{port}"
-        p = subprocess.Popen([BIN, "serve", "--addr", f"127.0.0.1:{port}", "--data-dir", os.path.join(d, "data"),
-                              "--workers", "2"], env=dict(os.environ, RUST_LOG="warn"),
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        for _ in range(300):
-            try:
-                call(base, "/healthz")
-                break
-            except Exception:
-                time.sleep(0.05)
+        p, base = start(BIN, os.path.join(d, "data"), 2)
         from safetensors.numpy import save_file
         rng = np.random.default_rng(0)
         big = []

@@ -23,17 +23,11 @@ import threading
 import time
 import urllib.request
 
+from _serve import free_port
+
 BIN = sys.argv[1]
 N = int(sys.argv[2]) if len(sys.argv) > 2 else 200
 CASES = os.environ.get("MODELPRESS_CASES", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "cases"))
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
 
 
 def rss_kib(pid):

@@ -4,7 +4,6 @@
 //! the three (pip `schemathesis openapi-spec-validator ruamel.yaml`, Debian `prometheus`).
 
 use crate::helpers::*;
-use serde_json::json;
 use std::process::Command;
 
 fn run(cmd: &mut Command) -> (bool, String) {
@@ -49,11 +48,7 @@ print("valid", len(doc["paths"]))
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn schemathesis_finds_no_mismatch_between_the_server_and_openapi_yaml() {
     let app = spawn_app().await;
-    let m = app
-        .upload(case_file("mnist8/mnist-8.onnx"), "mnist-8.onnx")
-        .await;
-    app.submit_json(json!({"model_id": m["id"], "preset": "int8", "latency": false}))
-        .await;
+    mnist_int8_job(&app).await;
     app.drain().await;
     let base = app.base.clone();
     let report = app.dir.path().join("schemathesis");
@@ -102,22 +97,10 @@ async fn schemathesis_finds_no_mismatch_between_the_server_and_openapi_yaml() {
 #[tokio::test]
 async fn promtool_finds_metrics_clean() {
     let app = spawn_app().await;
-    let m = app
-        .upload(case_file("mnist8/mnist-8.onnx"), "mnist-8.onnx")
-        .await;
-    app.submit_json(json!({"model_id": m["id"], "preset": "int8", "latency": false}))
-        .await;
+    mnist_int8_job(&app).await;
     app.drain().await;
     let _ = app.get_json("/v1/jobs/nope").await;
-    let metrics = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.get_text("/metrics").await;
     let path = app.dir.path().join("metrics.txt");
     std::fs::write(&path, &metrics).unwrap();
     let (ok, out) = run(Command::new("sh")

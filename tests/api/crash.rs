@@ -116,12 +116,7 @@ async fn kill_9_during_a_job_then_restart_completes_it_exactly_once() {
         done["attempts"], 2,
         "one attempt died with the process, one finished"
     );
-    let names: Vec<&str> = done["artifacts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|a| a["name"].as_str().unwrap())
-        .collect();
+    let names = artifact_names(&done);
     assert_eq!(
         names,
         vec![

@@ -1,6 +1,8 @@
 //! Server-Sent Events: `/v1/jobs/{id}/events` and `/v1/events` over real HTTP.
 
-use crate::helpers::{case_file, error_code, spawn_app, spawn_app_in, spawn_app_with};
+use crate::helpers::{
+    case_file, error_code, mnist_int8_job, spawn_app, spawn_app_in, spawn_app_with,
+};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 use std::time::Duration;
@@ -59,17 +61,6 @@ pub async fn read_events(
             }
         }
     }
-}
-
-/// Uploads mnist-8 and submits an int8 job (latency off); returns the job's id.
-async fn mnist_int8_job(app: &crate::helpers::TestApp) -> String {
-    let model = app
-        .upload(case_file("mnist8/mnist-8.onnx"), "mnist-8.onnx")
-        .await;
-    let job = app
-        .submit_json(json!({"model_id": model["id"], "preset": "int8", "latency": false}))
-        .await;
-    job["id"].as_str().unwrap().to_string()
 }
 
 fn kinds(evs: &[Sse]) -> Vec<&str> {
@@ -163,12 +154,7 @@ async fn a_cancelled_queued_job_ends_its_stream_and_unknown_ids_are_404() {
         .unwrap();
     let reader = tokio::spawn(read_events(resp, Duration::from_secs(30), |_| false));
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let r = app
-        .client
-        .post(app.url(&format!("/v1/jobs/{id}/cancel")))
-        .send()
-        .await
-        .unwrap();
+    let r = app.cancel(&id).await;
     assert_eq!(r.status(), 200);
     let evs = reader.await.unwrap();
     assert_eq!(kinds(&evs), ["state", "state", "done"], "{evs:?}");

@@ -116,6 +116,21 @@ impl TestApp {
         body
     }
 
+    /// The body of a GET as text (metrics, the served openapi.yaml).
+    pub async fn get_text(&self, path: &str) -> String {
+        let r = self.client.get(self.url(path)).send().await.expect("get");
+        r.text().await.expect("text")
+    }
+
+    /// `POST /v1/jobs/{id}/cancel`.
+    pub async fn cancel(&self, id: &str) -> reqwest::Response {
+        self.client
+            .post(self.url(&format!("/v1/jobs/{id}/cancel")))
+            .send()
+            .await
+            .expect("cancel")
+    }
+
     pub async fn get_json(&self, path: &str) -> (u16, Value) {
         let r = self.client.get(self.url(path)).send().await.expect("get");
         let s = r.status().as_u16();
@@ -183,6 +198,29 @@ impl TestApp {
     }
 }
 
+/// Uploads mnist-8 and submits an int8 job (latency off); returns the job's id.
+pub async fn mnist_int8_job(app: &TestApp) -> String {
+    let model = app
+        .upload(case_file("mnist8/mnist-8.onnx"), "mnist-8.onnx")
+        .await;
+    let job = app
+        .submit_json(
+            serde_json::json!({"model_id": model["id"], "preset": "int8", "latency": false}),
+        )
+        .await;
+    job["id"].as_str().unwrap().to_string()
+}
+
+/// The names of a job's artifacts, in the order the job lists them.
+pub fn artifact_names(job: &Value) -> Vec<String> {
+    job["artifacts"]
+        .as_array()
+        .expect("artifacts")
+        .iter()
+        .map(|a| a["name"].as_str().expect("name").to_string())
+        .collect()
+}
+
 pub fn error_code(v: &Value) -> &str {
     v["error"]["code"].as_str().unwrap_or("")
 }
@@ -235,12 +273,7 @@ pub async fn cancel_when(
     while !ready(&app.job(id).await) {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    let r = app
-        .client
-        .post(app.url(&format!("/v1/jobs/{id}/cancel")))
-        .send()
-        .await
-        .unwrap();
+    let r = app.cancel(id).await;
     assert_eq!(r.status(), 202);
     runner.await.unwrap()
 }

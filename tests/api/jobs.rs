@@ -26,12 +26,7 @@ async fn mnist8_int8_restored_runs_in_onnxruntime_within_0_3_points() {
         .upload(case_file("mnist8/mnist-8.onnx"), "mnist-8.onnx")
         .await;
     let job = run_preset(&app, &m, json!({"preset": "int8"})).await;
-    let names: Vec<&str> = job["artifacts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|a| a["name"].as_str().unwrap())
-        .collect();
+    let names = artifact_names(&job);
     assert_eq!(
         names,
         vec![
@@ -387,12 +382,7 @@ async fn cancel_a_queued_job_and_filter_the_list() {
         .submit_json(json!({"model_id": m["id"], "preset": "fp16"}))
         .await;
     let id = j["id"].as_str().unwrap();
-    let r = app
-        .client
-        .post(app.url(&format!("/v1/jobs/{id}/cancel")))
-        .send()
-        .await
-        .unwrap();
+    let r = app.cancel(id).await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.json::<Value>().await.unwrap()["state"], "cancelled");
     assert_eq!(
@@ -400,12 +390,7 @@ async fn cancel_a_queued_job_and_filter_the_list() {
         vec![Outcome::Succeeded],
         "the cancelled job never runs"
     );
-    let r = app
-        .client
-        .post(app.url(&format!("/v1/jobs/{id}/cancel")))
-        .send()
-        .await
-        .unwrap();
+    let r = app.cancel(id).await;
     assert_eq!(r.status(), 409);
     assert_eq!(
         error_code(&r.json::<Value>().await.unwrap()),
@@ -506,15 +491,7 @@ async fn background_workers_pick_up_jobs_and_metrics_count_them() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    let text = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = app.get_text("/metrics").await;
     for needle in [
         "modelpress_jobs{state=\"succeeded\"}",
         "modelpress_queue_depth",

@@ -83,15 +83,7 @@ async fn openapi_matches_the_router() {
             );
         }
     }
-    let served_doc = app
-        .client
-        .get(app.url("/openapi.yaml"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let served_doc = app.get_text("/openapi.yaml").await;
     assert_eq!(served_doc, modelpress::api::health::OPENAPI);
     app.stop().await;
 }

@@ -158,12 +158,7 @@ async fn a_finished_job_is_posted_signed_and_retried_until_taken() {
         .submit_json(json!({"model_id": m["id"], "preset": "int8", "webhook": {"url": rx.url}}))
         .await;
     let cid = c["id"].as_str().unwrap();
-    let r = app
-        .client
-        .post(app.url(&format!("/v1/jobs/{cid}/cancel")))
-        .send()
-        .await
-        .unwrap();
+    let r = app.cancel(cid).await;
     assert_eq!(r.status(), 200);
     let v = deliveries_when(&app, cid, |v| v["deliveries"][0]["state"] == "delivered").await;
     assert_eq!(v["deliveries"][0]["event"], "job.cancelled");
@@ -304,12 +299,7 @@ async fn every_job_has_a_signed_manifest_that_verify_checks() {
     let job = app.job(j["id"].as_str().unwrap()).await;
     let out = app.dir.path().join("download");
     std::fs::create_dir_all(&out).unwrap();
-    let names: Vec<String> = job["artifacts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|a| a["name"].as_str().unwrap().to_string())
-        .collect();
+    let names = artifact_names(&job);
     assert!(names.contains(&"manifest.json".to_string()), "{names:?}");
     for name in &names {
         std::fs::write(out.join(name), app.download(&job, name).await).unwrap();
