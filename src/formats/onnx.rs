@@ -251,7 +251,7 @@ fn dtype_from(code: i32) -> Result<DType, FormatError> {
 
 /// The initializer's values as little-endian bytes, whichever field holds them.
 fn initializer_bytes(t: &TensorProto, dtype: DType, count: usize) -> Result<Vec<u8>, FormatError> {
-    if t.data_location == Some(1) || !t.external_data.is_empty() {
+    if is_external(t) {
         return Err(FormatError::Unsupported(format!(
             "initializer {:?} uses ONNX external data; upload a self-contained model",
             t.name
@@ -406,9 +406,72 @@ pub fn graph_inputs(model: &ModelProto) -> Vec<super::GraphInput> {
         .collect()
 }
 
+/// Whether a tensor's values live in a file beside the model (ONNX external data).
+fn is_external(t: &TensorProto) -> bool {
+    t.data_location == Some(1) || !t.external_data.is_empty()
+}
+
+/// Refuses a tensor that points at external data wherever a tensor can sit: initializers,
+/// sparse initializers, node attributes (`Constant`'s `value` and `sparse_value` included),
+/// every subgraph, and the training graphs. A reader that followed such a reference would open
+/// a path the uploader chose (`/etc/passwd`); one that kept it would hand it to the next
+/// consumer.
+fn refuse_external_data(model: &ModelProto) -> Result<(), FormatError> {
+    fn refuse(what: &str, name: &str) -> FormatError {
+        FormatError::Unsupported(format!(
+            "{what} {:?} uses ONNX external data; upload a self-contained model",
+            name.chars().take(100).collect::<String>()
+        ))
+    }
+    fn sparse(what: &str, s: &tract_onnx::pb::SparseTensorProto) -> Result<(), FormatError> {
+        for t in s.values.iter().chain(s.indices.iter()) {
+            if is_external(t) {
+                return Err(refuse(what, &t.name));
+            }
+        }
+        Ok(())
+    }
+    fn graph(g: &GraphProto) -> Result<(), FormatError> {
+        for t in &g.initializer {
+            if is_external(t) {
+                return Err(refuse("initializer", &t.name));
+            }
+        }
+        for s in &g.sparse_initializer {
+            sparse("sparse initializer", s)?;
+        }
+        for n in &g.node {
+            for a in &n.attribute {
+                for t in a.t.iter().chain(a.tensors.iter()) {
+                    if is_external(t) {
+                        return Err(refuse(&format!("{} attribute", n.op_type), &t.name));
+                    }
+                }
+                for s in a.sparse_tensor.iter().chain(a.sparse_tensors.iter()) {
+                    sparse(&format!("{} sparse attribute", n.op_type), s)?;
+                }
+                for sub in a.g.iter().chain(a.graphs.iter()) {
+                    graph(sub)?;
+                }
+            }
+        }
+        Ok(())
+    }
+    for g in model.graph.iter().chain(
+        model
+            .training_info
+            .iter()
+            .flat_map(|t| t.initialization.iter().chain(t.algorithm.iter())),
+    ) {
+        graph(g)?;
+    }
+    Ok(())
+}
+
 pub fn read(bytes: &[u8]) -> Result<TensorSet, FormatError> {
     let model = ModelProto::decode(bytes)
         .map_err(|e| FormatError::invalid(format!("not a valid ONNX model: {e}")))?;
+    refuse_external_data(&model)?;
     let Some(graph) = model.graph.as_ref() else {
         return Err(FormatError::invalid("not a valid ONNX model: no graph"));
     };

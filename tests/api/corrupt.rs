@@ -974,3 +974,151 @@ async fn a_job_that_hits_a_full_disk_is_retried_with_backoff_then_fails_insuffic
     assert!(staged.is_empty(), "failed attempts left files: {staged:?}");
     app.stop().await;
 }
+
+/// A tensor that points at external data (here `/etc/passwd`).
+fn external_tensor(name: &str) -> pb::TensorProto {
+    pb::TensorProto {
+        name: name.into(),
+        dims: vec![2],
+        data_type: 1,
+        data_location: Some(1),
+        external_data: vec![pb::StringStringEntryProto {
+            key: "location".into(),
+            value: "/etc/passwd".into(),
+        }],
+        ..Default::default()
+    }
+}
+
+fn constant_node(attr: pb::AttributeProto) -> pb::NodeProto {
+    pb::NodeProto {
+        op_type: "Constant".into(),
+        output: vec!["c".into()],
+        attribute: vec![attr],
+        ..Default::default()
+    }
+}
+
+fn onnx_with_graph(graph: pb::GraphProto) -> Vec<u8> {
+    pb::ModelProto {
+        ir_version: 8,
+        opset_import: vec![pb::OperatorSetIdProto {
+            domain: String::new(),
+            version: 17,
+        }],
+        graph: Some(graph),
+        ..Default::default()
+    }
+    .encode_to_vec()
+}
+
+/// ONNX external data is refused wherever a tensor can sit, not only in initializers: a
+/// `Constant`'s `value` and `sparse_value`, a sparse initializer, and a `Constant` inside an
+/// `If` branch. Nothing is stored, so no artifact can carry the reference on.
+#[tokio::test]
+async fn onnx_external_data_is_refused_in_attributes_sparse_tensors_and_subgraphs() {
+    let value = pb::AttributeProto {
+        name: "value".into(),
+        r#type: 4,
+        t: Some(external_tensor("c")),
+        ..Default::default()
+    };
+    let sparse = pb::SparseTensorProto {
+        values: Some(external_tensor("v")),
+        indices: Some(pb::TensorProto {
+            name: "i".into(),
+            dims: vec![1],
+            data_type: 7,
+            int64_data: vec![0],
+            ..Default::default()
+        }),
+        dims: vec![2],
+    };
+    let sparse_value = pb::AttributeProto {
+        name: "sparse_value".into(),
+        r#type: 11,
+        sparse_tensor: Some(sparse.clone()),
+        ..Default::default()
+    };
+    let branch = pb::GraphProto {
+        name: "then".into(),
+        node: vec![constant_node(value.clone())],
+        ..Default::default()
+    };
+    let if_node = pb::NodeProto {
+        op_type: "If".into(),
+        input: vec!["cond".into()],
+        output: vec!["y".into()],
+        attribute: vec![
+            pb::AttributeProto {
+                name: "then_branch".into(),
+                r#type: 5,
+                g: Some(branch.clone()),
+                ..Default::default()
+            },
+            pb::AttributeProto {
+                name: "else_branch".into(),
+                r#type: 5,
+                g: Some(branch),
+                ..Default::default()
+            },
+        ],
+        ..Default::default()
+    };
+    let cases = [
+        (
+            "Constant value",
+            pb::GraphProto {
+                node: vec![constant_node(value)],
+                ..Default::default()
+            },
+        ),
+        (
+            "Constant sparse_value",
+            pb::GraphProto {
+                node: vec![constant_node(sparse_value)],
+                ..Default::default()
+            },
+        ),
+        (
+            "sparse initializer",
+            pb::GraphProto {
+                sparse_initializer: vec![sparse],
+                ..Default::default()
+            },
+        ),
+        (
+            "Constant in an If branch",
+            pb::GraphProto {
+                node: vec![if_node],
+                ..Default::default()
+            },
+        ),
+    ];
+    let app = spawn_app().await;
+    for (what, graph) in cases {
+        let r = app
+            .client
+            .post(app.url("/v1/models?name=ext.onnx"))
+            .body(onnx_with_graph(graph))
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(
+            (status, error_code(&v)),
+            (422, "invalid_model"),
+            "{what}: {v}"
+        );
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(msg.contains("external data"), "{what}: {msg}");
+        assert!(
+            !msg.contains("/etc/passwd"),
+            "{what}: the path is not echoed: {msg}"
+        );
+    }
+    let (_, list) = app.get_json("/v1/models").await;
+    assert_eq!(list["items"], json!([]), "nothing was stored");
+    app.stop().await;
+}
