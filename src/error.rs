@@ -208,12 +208,10 @@ impl From<crate::queue::QueueError> for ApiError {
                 format!("the job is already {state}"),
             ),
             Q::NotFound => ApiError::new(ErrorCode::NotFound, "not found"),
-            // SQLITE_FULL (13): the database could not grow; the write was rolled back.
-            Q::Db(sqlx::Error::Database(d)) if d.code().as_deref() == Some("13") => {
-                tracing::warn!(error = %d, "disk full: the database refused a write");
+            full if full.is_disk_full() => {
+                tracing::warn!(error = %full, "disk full: the database refused a write");
                 ApiError::disk_full()
             }
-            Q::Db(sqlx::Error::Io(e)) if is_disk_full(&e) => ApiError::io(e),
             other => ApiError::internal(other),
         }
     }

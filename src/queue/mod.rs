@@ -25,6 +25,18 @@ pub enum QueueError {
     Corrupt(String),
 }
 
+impl QueueError {
+    /// The database could not write for want of space: SQLite's SQLITE_FULL (13; the write
+    /// was rolled back), or ENOSPC/EDQUOT from the file system.
+    pub fn is_disk_full(&self) -> bool {
+        match self {
+            QueueError::Db(sqlx::Error::Database(d)) => d.code().as_deref() == Some("13"),
+            QueueError::Db(sqlx::Error::Io(e)) => crate::error::is_disk_full(e),
+            _ => false,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum JobState {

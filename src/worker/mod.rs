@@ -44,13 +44,8 @@ fn attempt_error(e: &anyhow::Error) -> (&'static str, String) {
         {
             return crate::error::is_disk_full(io);
         }
-        if let Some(crate::queue::QueueError::Db(db)) = c.downcast_ref::<crate::queue::QueueError>()
-        {
-            return match db {
-                sqlx::Error::Database(d) => d.code().as_deref() == Some("13"),
-                sqlx::Error::Io(io) => crate::error::is_disk_full(io),
-                _ => false,
-            };
+        if let Some(q) = c.downcast_ref::<crate::queue::QueueError>() {
+            return q.is_disk_full();
         }
         c.downcast_ref::<RunError>()
             .is_some_and(|r| matches!(r, RunError::Storage(_)))
