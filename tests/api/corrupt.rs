@@ -31,20 +31,11 @@ pub fn onnx_with_initializer(init: pb::TensorProto) -> Vec<u8> {
 }
 
 pub fn onnx_with_initializers(initializer: Vec<pb::TensorProto>) -> Vec<u8> {
-    let model = pb::ModelProto {
-        ir_version: 8,
-        opset_import: vec![pb::OperatorSetIdProto {
-            domain: String::new(),
-            version: 17,
-        }],
-        graph: Some(pb::GraphProto {
-            name: "g".into(),
-            initializer,
-            ..Default::default()
-        }),
+    onnx_with_graph(pb::GraphProto {
+        name: "g".into(),
+        initializer,
         ..Default::default()
-    };
-    model.encode_to_vec()
+    })
 }
 
 fn pseudo_random(n: usize) -> Vec<u8> {
@@ -707,15 +698,7 @@ async fn duplicate_names_are_refused_with_the_name() {
         ("onnx", onnx, "\"w\""),
         ("safetensors", safetensors, "\"w\""),
     ] {
-        let r = app
-            .client
-            .post(app.url("/v1/models"))
-            .body(bytes)
-            .send()
-            .await
-            .unwrap();
-        let status = r.status().as_u16();
-        let v: Value = r.json().await.unwrap();
+        let (status, v) = app.post_bytes("/v1/models", bytes).await;
         assert_eq!(
             (status, error_code(&v)),
             (422, "invalid_model"),
@@ -1097,15 +1080,9 @@ async fn onnx_external_data_is_refused_in_attributes_sparse_tensors_and_subgraph
     ];
     let app = spawn_app().await;
     for (what, graph) in cases {
-        let r = app
-            .client
-            .post(app.url("/v1/models?name=ext.onnx"))
-            .body(onnx_with_graph(graph))
-            .send()
-            .await
-            .unwrap();
-        let status = r.status().as_u16();
-        let v: Value = r.json().await.unwrap();
+        let (status, v) = app
+            .post_bytes("/v1/models?name=ext.onnx", onnx_with_graph(graph))
+            .await;
         assert_eq!(
             (status, error_code(&v)),
             (422, "invalid_model"),

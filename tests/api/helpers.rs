@@ -116,6 +116,19 @@ impl TestApp {
         body
     }
 
+    /// POSTs raw bytes; the status and the JSON answer (an upload that may be refused).
+    pub async fn post_bytes(&self, path: &str, body: Vec<u8>) -> (u16, Value) {
+        let r = self
+            .client
+            .post(self.url(path))
+            .body(body)
+            .send()
+            .await
+            .expect("post");
+        let s = r.status().as_u16();
+        (s, r.json().await.expect("a JSON answer"))
+    }
+
     /// The body of a GET as text (metrics, the served openapi.yaml).
     pub async fn get_text(&self, path: &str) -> String {
         let r = self.client.get(self.url(path)).send().await.expect("get");
