@@ -389,3 +389,37 @@ pub fn now_ms() -> i64 {
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
 }
+
+/// The time the queue reads for leases, backoffs and timestamps. Injected so that lease
+/// expiry and backoff are tested by moving a clock instead of sleeping.
+pub trait Clock: Send + Sync + 'static {
+    /// Unix milliseconds.
+    fn now_ms(&self) -> i64;
+}
+
+/// The system's wall clock: what every server uses.
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_ms(&self) -> i64 {
+        now_ms()
+    }
+}
+
+/// A clock that moves only when told to (the queue contract tests).
+pub struct ManualClock(std::sync::atomic::AtomicI64);
+
+impl ManualClock {
+    pub fn new(start_ms: i64) -> ManualClock {
+        ManualClock(std::sync::atomic::AtomicI64::new(start_ms))
+    }
+    pub fn advance(&self, ms: i64) {
+        self.0.fetch_add(ms, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now_ms(&self) -> i64 {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}

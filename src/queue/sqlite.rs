@@ -14,6 +14,7 @@ use std::time::Duration;
 pub struct SqliteStore {
     writer: SqlitePool,
     reader: SqlitePool,
+    clock: std::sync::Arc<dyn Clock>,
 }
 
 const JOB_COLUMNS: &str = "id, tenant_id, model_id, state, spec_json, progress, stage, attempts, max_attempts, \
@@ -93,6 +94,14 @@ fn dataset_from_row(row: &SqliteRow) -> Result<DatasetRecord, QueueError> {
 impl SqliteStore {
     /// Opens (creating if needed) the database and runs the migrations.
     pub async fn open(url: &str) -> Result<SqliteStore, QueueError> {
+        SqliteStore::open_with_clock(url, std::sync::Arc::new(SystemClock)).await
+    }
+
+    /// As [`SqliteStore::open`], reading the time from `clock`.
+    pub async fn open_with_clock(
+        url: &str,
+        clock: std::sync::Arc<dyn Clock>,
+    ) -> Result<SqliteStore, QueueError> {
         let opts = SqliteConnectOptions::from_str(url)?
             .create_if_missing(true)
             // Set explicitly: sqlx no longer picks WAL for us, and it must not be set
@@ -131,7 +140,11 @@ impl SqliteStore {
             .max_connections(4)
             .connect_with(opts.read_only(true))
             .await?;
-        Ok(SqliteStore { writer, reader })
+        Ok(SqliteStore {
+            writer,
+            reader,
+            clock,
+        })
     }
 
     pub async fn close(&self) {
@@ -320,7 +333,7 @@ impl ModelCatalog for SqliteStore {
         .bind(tenant)
         .bind(key)
         .bind(doc)
-        .bind(super::now_ms())
+        .bind(self.clock.now_ms())
         .bind(model.to_string())
         .bind(dataset.to_string())
         .execute(&self.writer)
@@ -429,7 +442,7 @@ impl JobQueue for SqliteStore {
         .bind(job.max_attempts)
         .bind(&job.idempotency_key)
         .bind(&job.fingerprint)
-        .bind(now_ms())
+        .bind(self.clock.now_ms())
         .fetch_one(&mut *tx)
         .await?;
         let rec = job_from_row(&row)?;
@@ -505,7 +518,7 @@ impl JobQueue for SqliteStore {
     }
 
     async fn claim(&self, worker: &str, lease_ms: i64) -> Result<Option<JobRecord>, QueueError> {
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let row = sqlx::query(AssertSqlSafe(format!(
             "UPDATE jobs SET state = 'running', lease_owner = ?, lease_expires_at = ?, attempts = attempts + 1, \
              started_at = COALESCE(started_at, ?), stage = 'claimed', progress = 0 \
@@ -533,7 +546,7 @@ impl JobQueue for SqliteStore {
             "UPDATE jobs SET lease_expires_at = ?, progress = ?, stage = ? \
              WHERE id = ? AND lease_owner = ? AND state = 'running' RETURNING cancel_requested",
         )
-        .bind(now_ms() + lease_ms)
+        .bind(self.clock.now_ms() + lease_ms)
         .bind(progress)
         .bind(stage)
         .bind(id.to_string())
@@ -556,7 +569,7 @@ impl JobQueue for SqliteStore {
         artifacts: &[ArtifactRecord],
     ) -> Result<bool, QueueError> {
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let done = sqlx::query(
             "UPDATE jobs SET state = 'succeeded', progress = 1, stage = 'done', summary_json = ?, finished_at = ?, \
              lease_owner = NULL, lease_expires_at = NULL WHERE id = ? AND lease_owner = ? AND state = 'running'",
@@ -601,7 +614,7 @@ impl JobQueue for SqliteStore {
         )
         .bind(code)
         .bind(message)
-        .bind(now_ms())
+        .bind(self.clock.now_ms())
         .bind(id.to_string())
         .bind(worker)
         .execute(&self.writer)
@@ -617,7 +630,7 @@ impl JobQueue for SqliteStore {
         message: &str,
         backoff_ms: i64,
     ) -> Result<Option<JobState>, QueueError> {
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let state: Option<String> = sqlx::query_scalar(
             "UPDATE jobs SET \
              state = CASE WHEN attempts >= max_attempts THEN 'failed' ELSE 'queued' END, \
@@ -647,7 +660,7 @@ impl JobQueue for SqliteStore {
             "UPDATE jobs SET state = 'cancelled', finished_at = ?, stage = 'cancelled', lease_owner = NULL, \
              lease_expires_at = NULL WHERE id = ? AND lease_owner = ? AND state = 'running'",
         )
-        .bind(now_ms())
+        .bind(self.clock.now_ms())
         .bind(id.to_string())
         .bind(worker)
         .execute(&self.writer)
@@ -675,7 +688,7 @@ impl JobQueue for SqliteStore {
              stage = CASE state WHEN 'queued' THEN 'cancelled' ELSE stage END, \
              cancel_requested = 1 WHERE id = ? AND tenant_id = ? AND state IN ('queued', 'running') RETURNING {JOB_COLUMNS}"
         )))
-        .bind(now_ms())
+        .bind(self.clock.now_ms())
         .bind(id.to_string())
         .bind(tenant)
         .fetch_optional(&mut *tx)
@@ -700,7 +713,7 @@ impl JobQueue for SqliteStore {
     }
 
     async fn sweep_expired(&self) -> Result<Vec<JobRecord>, QueueError> {
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         let mut rows = sqlx::query(AssertSqlSafe(format!(
             "UPDATE jobs SET state = 'cancelled', stage = 'cancelled', finished_at = ?, lease_owner = NULL, lease_expires_at = NULL \
@@ -803,7 +816,7 @@ impl KeyStore for SqliteStore {
         let row = sqlx::query(AssertSqlSafe(format!(
             "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ? RETURNING {KEY_COLUMNS}"
         )))
-        .bind(now_ms())
+        .bind(self.clock.now_ms())
         .bind(id.to_string())
         .fetch_optional(&self.writer)
         .await?;
@@ -871,7 +884,7 @@ impl WebhookOutbox for SqliteStore {
         )
         .bind(tenant)
         .bind(fresh)
-        .bind(now_ms())
+        .bind(self.clock.now_ms())
         .execute(&self.writer)
         .await?;
         Ok(
@@ -908,7 +921,7 @@ impl WebhookOutbox for SqliteStore {
     }
 
     async fn finish_delivery(&self, id: i64, outcome: &DeliveryOutcome) -> Result<(), QueueError> {
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let (state, status, error, next) = match outcome {
             DeliveryOutcome::Delivered { status } => ("delivered", Some(*status), None, now),
             DeliveryOutcome::Retry { status, error, at } => {
