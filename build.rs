@@ -1,4 +1,5 @@
 fn main() {
-    // sqlx::migrate! embeds the folder; a new migration file must trigger a rebuild.
+    // sqlx::migrate! embeds the folders; a new migration file must trigger a rebuild.
     println!("cargo:rerun-if-changed=migrations");
+    println!("cargo:rerun-if-changed=migrations/postgres");
 }

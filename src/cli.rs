@@ -385,7 +385,6 @@ pub fn evaluate(args: EvaluateArgs) -> i32 {
 pub fn keys(args: crate::config::KeysArgs) -> i32 {
     use crate::auth::{create_key, valid_tenant, Scope};
     use crate::config::KeysCommand;
-    use crate::queue::KeyStore;
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -403,7 +402,12 @@ pub fn keys(args: crate::config::KeysArgs) -> i32 {
                 return 1;
             }
         }
-        let store = match crate::queue::sqlite::SqliteStore::open(&args.database_url()).await {
+        let store = match crate::queue::open(
+            &args.database_url(),
+            std::sync::Arc::new(crate::queue::SystemClock),
+        )
+        .await
+        {
             Ok(s) => s,
             Err(e) => {
                 eprintln!("error: the database: {e}");
@@ -420,7 +424,7 @@ pub fn keys(args: crate::config::KeysArgs) -> i32 {
                     eprintln!("error: --tenant must be 1 to 64 of A-Z a-z 0-9 _ . -");
                     return 2;
                 }
-                match create_key(&store, &tenant, scope).await {
+                match create_key(store.as_ref(), &tenant, scope).await {
                     Ok((key, rec)) => {
                         eprintln!(
                             "created key {} for tenant {} with scope {}; it is shown once, store it now:",

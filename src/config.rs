@@ -22,6 +22,9 @@ pub struct Cli {
 pub enum Command {
     /// Run the HTTP server and its workers (the default).
     Serve(ServeConfig),
+    /// Run workers only, against a shared database (PostgreSQL): no API; `--addr` serves
+    /// /healthz, /readyz and /metrics.
+    Worker(ServeConfig),
     /// Compress a model file without a server, writing the same artifacts as a job.
     Compress(CompressArgs),
     /// Print the tensor inventory of a model file.

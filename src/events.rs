@@ -8,6 +8,12 @@
 //!
 //! Event ids grow across restarts: the counter starts at the process's start time in
 //! microseconds, and each event takes the next value.
+//!
+//! When processes share a database (PostgreSQL), an event does not go straight to this
+//! process's streams: it is relayed through the database (`NOTIFY`) and comes back, with
+//! every other process's, through [`Hub::deliver_remote`]. So a stream on API process A sees
+//! the progress of a job that a worker process B runs, and each event reaches each stream
+//! once.
 
 use crate::queue::JobRecord;
 use serde_json::{json, Value};
@@ -32,6 +38,11 @@ pub enum Kind {
 }
 
 impl Kind {
+    pub fn parse(s: &str) -> Option<Kind> {
+        [Kind::State, Kind::Progress, Kind::Done]
+            .into_iter()
+            .find(|k| k.as_str() == s)
+    }
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::State => "state",
@@ -50,9 +61,15 @@ pub struct JobEvent {
     pub data: Value,
 }
 
+/// The most a relayed event's JSON text may hold (PostgreSQL's NOTIFY takes under 8000
+/// bytes). A larger progress event travels without its detail.
+pub const MAX_RELAYED_BYTES: usize = 7900;
+
 pub struct Hub {
     tx: broadcast::Sender<Arc<JobEvent>>,
     seq: AtomicU64,
+    /// Set when processes share the database: events leave through it.
+    relay: std::sync::OnceLock<tokio::sync::mpsc::Sender<String>>,
 }
 
 impl Default for Hub {
@@ -71,6 +88,32 @@ impl Hub {
         Hub {
             tx,
             seq: AtomicU64::new(start),
+            relay: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// From now on events leave through `relay` (to the shared database) and reach this
+    /// process's streams only when they come back through [`Hub::deliver_remote`].
+    pub fn relay_through(&self, relay: tokio::sync::mpsc::Sender<String>) {
+        let _ = self.relay.set(relay);
+    }
+
+    /// An event relayed by any process sharing the database (this one included), as the JSON
+    /// text [`Hub::send`] wrote. Text that is not such an event is ignored.
+    pub fn deliver_remote(&self, text: &str) {
+        let Ok(v) = serde_json::from_str::<Value>(text) else {
+            tracing::warn!("ignored a relayed event that is not JSON");
+            return;
+        };
+        let parsed = (|| {
+            let tenant = v.get("tenant")?.as_str()?.to_string();
+            let job = Uuid::parse_str(v.get("job")?.as_str()?).ok()?;
+            let kind = Kind::parse(v.get("kind")?.as_str()?)?;
+            Some((tenant, job, kind, v.get("data")?.clone()))
+        })();
+        match parsed {
+            Some((tenant, job, kind, data)) => self.broadcast(&tenant, job, kind, data),
+            None => tracing::warn!("ignored a relayed event without tenant, job, kind and data"),
         }
     }
 
@@ -89,6 +132,20 @@ impl Hub {
     }
 
     fn send(&self, tenant: &str, job: Uuid, kind: Kind, data: Value) {
+        if let Some(relay) = self.relay.get() {
+            match relay_text(tenant, job, kind, &data) {
+                Some(text) => match relay.try_send(text) {
+                    Ok(()) => return,
+                    // The relay is behind or gone: this process's streams still see it.
+                    Err(e) => tracing::warn!(error = %e, "job event not relayed"),
+                },
+                None => tracing::warn!(%job, "job event too large to relay"),
+            }
+        }
+        self.broadcast(tenant, job, kind, data);
+    }
+
+    fn broadcast(&self, tenant: &str, job: Uuid, kind: Kind, data: Value) {
         let ev = JobEvent {
             id: self.next_id(),
             tenant: tenant.to_string(),
@@ -118,6 +175,20 @@ impl Hub {
         });
         self.send(tenant, job, Kind::Progress, data);
     }
+}
+
+/// An event as relayed between processes: `{tenant, job, kind, data}`, at most
+/// [`MAX_RELAYED_BYTES`] (a progress detail that does not fit is left out).
+fn relay_text(tenant: &str, job: Uuid, kind: Kind, data: &Value) -> Option<String> {
+    let mut wire = json!({"tenant": tenant, "job": job, "kind": kind.as_str(), "data": data});
+    let mut text = wire.to_string();
+    if text.len() > MAX_RELAYED_BYTES {
+        if let Some(d) = wire["data"].as_object_mut() {
+            d.insert("detail".into(), Value::Null);
+        }
+        text = wire.to_string();
+    }
+    (text.len() <= MAX_RELAYED_BYTES).then_some(text)
 }
 
 /// What a `state` event carries: enough for a row of the job list.
@@ -150,4 +221,58 @@ pub fn done_data(j: &JobRecord) -> Value {
         "error": error,
         "ratio": j.summary.as_ref().and_then(|s| s.get("ratio")).cloned(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A relayed event comes back through `deliver_remote` as the same event; a progress
+    /// detail too large for NOTIFY is left out, and the event still travels.
+    #[tokio::test]
+    async fn events_relayed_between_processes_arrive_once_and_whole() {
+        let hub = Hub::new();
+        let (tx, mut rx) = tokio::sync::mpsc::channel(8);
+        hub.relay_through(tx);
+        let mut local = hub.subscribe();
+        let job = Uuid::now_v7();
+        hub.progress("acme", job, 0.5, "quantize", &json!({"trial": 3}));
+        let text = rx.recv().await.unwrap();
+        assert!(
+            local.try_recv().is_err(),
+            "nothing reaches the streams before the relay"
+        );
+        hub.deliver_remote(&text);
+        let ev = local.try_recv().unwrap();
+        assert_eq!(
+            (ev.tenant.as_str(), ev.job, ev.kind),
+            ("acme", job, Kind::Progress)
+        );
+        assert_eq!(ev.data["detail"], json!({"trial": 3}));
+        assert_eq!(ev.data["progress"], json!(0.5));
+
+        let big = json!({"table": "x".repeat(MAX_RELAYED_BYTES)});
+        hub.progress("acme", job, 0.6, "search", &big);
+        let text = rx.recv().await.unwrap();
+        assert!(text.len() <= MAX_RELAYED_BYTES);
+        hub.deliver_remote(&text);
+        let ev = local.try_recv().unwrap();
+        assert_eq!(
+            (ev.data["detail"].clone(), ev.data["stage"].clone()),
+            (Value::Null, json!("search"))
+        );
+
+        hub.deliver_remote("not json");
+        hub.deliver_remote("{\"tenant\":\"a\"}");
+        assert!(local.try_recv().is_err(), "what is not an event is ignored");
+    }
+
+    /// Without a relay (one process, SQLite) events go straight to the streams.
+    #[test]
+    fn without_a_relay_events_go_straight_to_the_streams() {
+        let hub = Hub::new();
+        let mut local = hub.subscribe();
+        hub.progress("t", Uuid::now_v7(), 0.1, "s", &Value::Null);
+        assert_eq!(local.try_recv().unwrap().kind, Kind::Progress);
+    }
 }

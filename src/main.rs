@@ -1,6 +1,6 @@
 use clap::Parser;
 use modelpress::config::{Cli, Command};
-use modelpress::startup::{shutdown_signal, Application};
+use modelpress::startup::{shutdown_signal, Application, Role};
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -11,19 +11,20 @@ fn main() -> anyhow::Result<()> {
         Some(Command::Evaluate(args)) => std::process::exit(modelpress::cli::evaluate(args)),
         Some(Command::Keys(args)) => std::process::exit(modelpress::cli::keys(args)),
         Some(Command::Verify(args)) => std::process::exit(modelpress::cli::verify(args)),
-        Some(Command::Serve(cfg)) => serve(cfg),
-        None => serve(cli.serve),
+        Some(Command::Serve(cfg)) => serve(cfg, Role::Serve),
+        Some(Command::Worker(cfg)) => serve(cfg, Role::Worker),
+        None => serve(cli.serve, Role::Serve),
     }
 }
 
-fn serve(cfg: modelpress::config::ServeConfig) -> anyhow::Result<()> {
+fn serve(cfg: modelpress::config::ServeConfig, role: Role) -> anyhow::Result<()> {
     modelpress::telemetry::init_logging(&cfg.log_format);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let app = Application::build(cfg).await?;
-        tracing::info!(addr = %app.local_addr(), "modelpress listening");
+        let app = Application::build_as(cfg, role).await?;
+        tracing::info!(addr = %app.local_addr(), ?role, "modelpress listening");
         app.run(shutdown_signal()).await
     })
 }

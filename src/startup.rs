@@ -3,8 +3,7 @@
 
 use crate::api;
 use crate::config::ServeConfig;
-use crate::queue::sqlite::SqliteStore;
-use crate::queue::KeyStore;
+use crate::queue::{Database, Notice};
 use crate::state::{AppState, Inner};
 use crate::store::local::LocalBlobStore;
 use crate::worker;
@@ -15,48 +14,71 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+/// What a process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The API, with `--workers` workers in the same process (0: the API alone).
+    Serve,
+    /// Workers only (`modelpress worker`): the listener serves `/healthz`, `/readyz` and
+    /// `/metrics`, nothing else.
+    Worker,
+}
+
 pub struct Application {
     pub state: AppState,
     listener: tokio::net::TcpListener,
-    sqlite: Arc<SqliteStore>,
+    db: Arc<dyn Database>,
+    role: Role,
 }
 
 impl Application {
     /// Opens storage, runs migrations and binds the listener; nothing runs until [`Application::run`].
     pub async fn build(config: ServeConfig) -> anyhow::Result<Application> {
+        Application::build_as(config, Role::Serve).await
+    }
+
+    /// As [`Application::build`], for a process that runs `role`.
+    pub async fn build_as(config: ServeConfig, role: Role) -> anyhow::Result<Application> {
+        if role == Role::Worker && config.worker_count() == 0 {
+            anyhow::bail!("`modelpress worker` needs at least one worker (--workers)");
+        }
         std::fs::create_dir_all(&config.data_dir)?;
         config
             .webhook_allow
             .parse::<crate::webhook::AllowList>()
             .map_err(|e| anyhow::anyhow!("MODELPRESS_WEBHOOK_ALLOW: {e}"))?;
-        let sqlite = Arc::new(SqliteStore::open(&config.database_url()).await?);
+        let db =
+            crate::queue::open(&config.database_url(), Arc::new(crate::queue::SystemClock)).await?;
         let blobs = Arc::new(LocalBlobStore::open(&config.data_dir)?);
         let listener = tokio::net::TcpListener::bind(&config.addr).await?;
         let loopback = listener.local_addr()?.ip().is_loopback();
-        // Secure by default: off loopback, a server with no key would serve anyone.
-        let keyed = sqlite.any_active_key().await?;
-        if !keyed && !loopback && !config.allow_anonymous {
+        // Secure by default: off loopback, a server with no key would serve anyone. (A
+        // worker's listener serves health and metrics only; `/metrics` needs an admin key
+        // off loopback whenever keys exist.)
+        let keyed = db.any_active_key().await?;
+        if role == Role::Serve && !keyed && !loopback && !config.allow_anonymous {
             anyhow::bail!(
                 "refusing to serve {} without API keys: create one with `modelpress keys create --tenant NAME` \
                  (same --data-dir or --database-url), or pass --allow-anonymous",
                 config.addr
             );
         }
-        if !keyed {
+        if role == Role::Serve && !keyed {
             tracing::warn!(
                 addr = %listener.local_addr()?,
                 "no API key exists: every request runs as the default tenant without authentication"
             );
         }
         let state = AppState(Arc::new(Inner {
-            models: sqlite.clone(),
-            queue: sqlite.clone(),
-            keys: sqlite.clone(),
-            webhooks: sqlite.clone(),
+            models: db.clone(),
+            queue: db.clone(),
+            keys: db.clone(),
+            webhooks: db.clone(),
             loopback,
             blobs,
             metrics: crate::telemetry::metrics_handle(),
             job_queued: Notify::new(),
+            wakeups: db.shared(),
             running: Mutex::new(HashMap::new()),
             stop_claiming: CancellationToken::new(),
             hard_stop: CancellationToken::new(),
@@ -65,10 +87,14 @@ impl Application {
             instance_id: format!("{}-{}", std::process::id(), Uuid::new_v4().simple()),
             config,
         }));
+        if db.shared() {
+            connect_processes(&state, &db).await?;
+        }
         Ok(Application {
             state,
             listener,
-            sqlite,
+            db,
+            role,
         })
     }
 
@@ -90,7 +116,10 @@ impl Application {
         // Webhooks keep going out until the last running job has ended.
         let deliveries_stop = CancellationToken::new();
         let deliverer = crate::webhook::spawn_deliverer(state.clone(), deliveries_stop.clone());
-        let app = api::router(state.clone());
+        let app = match self.role {
+            Role::Serve => api::router(state.clone()),
+            Role::Worker => api::health_router(state.clone()),
+        };
         let stop = state.stop_claiming.clone();
         tokio::spawn(async move {
             shutdown.await;
@@ -116,9 +145,37 @@ impl Application {
         deliveries_stop.cancel();
         let _ = deliverer.await;
         let _ = server.await;
-        self.sqlite.close().await;
+        self.db.close().await;
         Ok(())
     }
+}
+
+/// Joins the processes sharing the database: job events leave through it and come back from
+/// every process (the event streams), and a job queued anywhere wakes this process's idle
+/// workers.
+async fn connect_processes(state: &AppState, db: &Arc<dyn Database>) -> anyhow::Result<()> {
+    let (out_tx, mut out_rx) = tokio::sync::mpsc::channel::<String>(4096);
+    let (in_tx, mut in_rx) = tokio::sync::mpsc::channel::<Notice>(4096);
+    db.listen(in_tx).await?;
+    state.events.relay_through(out_tx);
+    let relay_db = db.clone();
+    tokio::spawn(async move {
+        while let Some(text) = out_rx.recv().await {
+            if let Err(e) = relay_db.announce(&text).await {
+                tracing::warn!(error = %e, "could not relay a job event");
+            }
+        }
+    });
+    let hub_state = state.clone();
+    tokio::spawn(async move {
+        while let Some(notice) = in_rx.recv().await {
+            match notice {
+                Notice::JobQueued => hub_state.job_queued.notify_waiters(),
+                Notice::Event(text) => hub_state.events.deliver_remote(&text),
+            }
+        }
+    });
+    Ok(())
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -31,6 +31,9 @@ pub struct Inner {
     pub metrics: PrometheusHandle,
     /// Wakes idle workers when a job is queued.
     pub job_queued: Notify,
+    /// Whether the database wakes idle workers when another process queues a job
+    /// (PostgreSQL's NOTIFY); without it they also look every 500 ms.
+    pub wakeups: bool,
     /// Cancel flags of the jobs running in this process.
     pub running: Mutex<HashMap<Uuid, Arc<AtomicBool>>>,
     /// Set when shutdown stops claiming new jobs.

@@ -1,6 +1,10 @@
 //! Durable job queue and model catalog. Handlers and workers use the traits; `sqlite.rs` is
-//! the embedded implementation (PostgreSQL comes later behind the same traits).
+//! the embedded implementation, `postgres.rs` the one a fleet of processes shares. The
+//! database URL picks one ([`open`]).
 
+#[cfg(test)]
+mod contract;
+pub mod postgres;
 pub mod sqlite;
 
 use async_trait::async_trait;
@@ -23,14 +27,19 @@ pub enum QueueError {
     Db(#[from] sqlx::Error),
     #[error("corrupt row: {0}")]
     Corrupt(String),
+    #[error("unsupported database URL {0:?}: use sqlite://PATH or postgres://…")]
+    UnsupportedUrl(String),
 }
 
 impl QueueError {
     /// The database could not write for want of space: SQLite's SQLITE_FULL (13; the write
-    /// was rolled back), or ENOSPC/EDQUOT from the file system.
+    /// was rolled back), PostgreSQL's disk_full, or ENOSPC/EDQUOT from the file system.
     pub fn is_disk_full(&self) -> bool {
         match self {
-            QueueError::Db(sqlx::Error::Database(d)) => d.code().as_deref() == Some("13"),
+            // SQLite's SQLITE_FULL, PostgreSQL's disk_full (53100).
+            QueueError::Db(sqlx::Error::Database(d)) => {
+                matches!(d.code().as_deref(), Some("13") | Some("53100"))
+            }
             QueueError::Db(sqlx::Error::Io(e)) => crate::error::is_disk_full(e),
             _ => false,
         }
@@ -381,6 +390,82 @@ pub trait JobQueue: Send + Sync + 'static {
     /// Returns the jobs it changed, as they are now.
     async fn sweep_expired(&self) -> Result<Vec<JobRecord>, QueueError>;
     async fn count_by_state(&self) -> Result<Vec<(JobState, i64)>, QueueError>;
+}
+
+/// What other processes announce through a database they share.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Notice {
+    /// A job became claimable: idle workers try to claim.
+    JobQueued,
+    /// A job event another process published (`crate::events`), as its JSON text.
+    Event(String),
+}
+
+/// Everything the server keeps in its database, behind one handle.
+#[async_trait]
+pub trait Database: ModelCatalog + JobQueue + KeyStore + WebhookOutbox {
+    async fn close(&self);
+    /// Whether processes on other hosts may share this database: then wake-ups and job events
+    /// travel through it ([`Database::listen`], [`Database::announce`]).
+    fn shared(&self) -> bool;
+    /// Forwards what other processes announce to `tx`, until `tx` is closed. Nothing arrives
+    /// from a database that is not shared.
+    async fn listen(&self, tx: tokio::sync::mpsc::Sender<Notice>) -> Result<(), QueueError>;
+    /// Sends a job event's JSON text to every process listening (a shared database only).
+    async fn announce(&self, payload: &str) -> Result<(), QueueError>;
+}
+
+#[async_trait]
+impl Database for sqlite::SqliteStore {
+    async fn close(&self) {
+        sqlite::SqliteStore::close(self).await
+    }
+    fn shared(&self) -> bool {
+        false
+    }
+    async fn listen(&self, _tx: tokio::sync::mpsc::Sender<Notice>) -> Result<(), QueueError> {
+        Ok(())
+    }
+    async fn announce(&self, _payload: &str) -> Result<(), QueueError> {
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Database for postgres::PgStore {
+    async fn close(&self) {
+        postgres::PgStore::close(self).await
+    }
+    fn shared(&self) -> bool {
+        true
+    }
+    async fn listen(&self, tx: tokio::sync::mpsc::Sender<Notice>) -> Result<(), QueueError> {
+        postgres::PgStore::listen(self, tx).await
+    }
+    async fn announce(&self, payload: &str) -> Result<(), QueueError> {
+        postgres::PgStore::announce(self, payload).await
+    }
+}
+
+/// Opens the database a URL names, running its migrations: `sqlite://PATH` (the embedded
+/// default) or `postgres://…` / `postgresql://…`.
+pub async fn open(
+    url: &str,
+    clock: std::sync::Arc<dyn Clock>,
+) -> Result<std::sync::Arc<dyn Database>, QueueError> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(std::sync::Arc::new(
+            postgres::PgStore::open(url, clock).await?,
+        ))
+    } else if url.starts_with("sqlite:") {
+        Ok(std::sync::Arc::new(
+            sqlite::SqliteStore::open_with_clock(url, clock).await?,
+        ))
+    } else {
+        // Never echo credentials a URL may carry.
+        let scheme = url.split(':').next().unwrap_or_default();
+        Err(QueueError::UnsupportedUrl(format!("{scheme}:…")))
+    }
 }
 
 pub fn now_ms() -> i64 {

@@ -67,6 +67,10 @@ pub fn spawn_pool(state: AppState, workers: usize) -> Vec<tokio::task::JoinHandl
             tokio::spawn(async move {
                 let worker = format!("{}/w{n}", state.instance_id);
                 let mut errors = 0i64;
+                // Without wake-ups from the database, a job another process queued is found
+                // by looking; with them, the look is only a safety net (and the moment a
+                // retry's backoff ends).
+                let idle = Duration::from_millis(if state.wakeups { 5_000 } else { 500 });
                 loop {
                     if state.stop_claiming.is_cancelled() {
                         break;
@@ -75,7 +79,7 @@ pub fn spawn_pool(state: AppState, workers: usize) -> Vec<tokio::task::JoinHandl
                         Ok(Outcome::Empty) => {
                             tokio::select! {
                                 _ = state.job_queued.notified() => {}
-                                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                                _ = tokio::time::sleep(idle) => {}
                                 _ = state.stop_claiming.cancelled() => break,
                             }
                         }

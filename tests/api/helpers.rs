@@ -1,7 +1,7 @@
 //! spawn_app(): the real server on port 0 against a fresh SQLite file in a TempDir.
 
 use modelpress::config::ServeConfig;
-use modelpress::startup::Application;
+use modelpress::startup::{Application, Role};
 use modelpress::state::AppState;
 use modelpress::worker::{self, Outcome};
 use serde_json::Value;
@@ -50,6 +50,19 @@ pub async fn spawn_app_in(
     dir: tempfile::TempDir,
     adjust: impl FnOnce(&mut ServeConfig),
 ) -> TestApp {
+    spawn_role_in(dir, Role::Serve, adjust).await
+}
+
+/// A `modelpress worker` process's application (workers, and health on its listener).
+pub async fn spawn_worker_with(adjust: impl FnOnce(&mut ServeConfig)) -> TestApp {
+    spawn_role_in(tempfile::tempdir().expect("tempdir"), Role::Worker, adjust).await
+}
+
+async fn spawn_role_in(
+    dir: tempfile::TempDir,
+    role: Role,
+    adjust: impl FnOnce(&mut ServeConfig),
+) -> TestApp {
     LOGS.call_once(|| {
         if std::env::var_os("TEST_LOG").is_some() {
             modelpress::telemetry::init_logging("text");
@@ -58,7 +71,9 @@ pub async fn spawn_app_in(
     let mut config = ServeConfig::for_data_dir(dir.path().join("data"));
     config.workers = Some(0);
     adjust(&mut config);
-    let app = Application::build(config).await.expect("build app");
+    let app = Application::build_as(config, role)
+        .await
+        .expect("build app");
     let base = format!("http://{}", app.local_addr());
     let state = app.state.clone();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -208,6 +223,31 @@ impl TestApp {
         }
         let TestApp { dir, .. } = self;
         dir
+    }
+}
+
+/// A PostgreSQL database of the test's own on the server `.ci/run` checks is up
+/// (`MODELPRESS_TEST_POSTGRES_URL`, default `postgres://postgres@127.0.0.1:5432/test`),
+/// dropped by [`PgDatabase::drop_now`].
+pub struct PgDatabase {
+    admin: String,
+    pub url: String,
+}
+
+impl PgDatabase {
+    pub async fn create() -> PgDatabase {
+        let admin = std::env::var("MODELPRESS_TEST_POSTGRES_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+        let url = modelpress::queue::postgres::scratch_database(&admin, "mp_test")
+            .await
+            .unwrap_or_else(|e| panic!("PostgreSQL at {admin} (is it running? see .ci/run): {e}"));
+        PgDatabase { admin, url }
+    }
+
+    pub async fn drop_now(self) {
+        modelpress::queue::postgres::drop_scratch_database(&self.admin, &self.url)
+            .await
+            .expect("drop the test database");
     }
 }
 

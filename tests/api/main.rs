@@ -12,6 +12,7 @@ mod deploy;
 mod distill;
 mod eval;
 mod events;
+mod fleet;
 mod formats;
 mod fuzz;
 mod helpers;
