@@ -9,11 +9,15 @@
 //! Event ids grow across restarts: the counter starts at the process's start time in
 //! microseconds, and each event takes the next value.
 //!
-//! When processes share a database (PostgreSQL), an event does not go straight to this
-//! process's streams: it is relayed through the database (`NOTIFY`) and comes back, with
-//! every other process's, through [`Hub::deliver_remote`]. So a stream on API process A sees
-//! the progress of a job that a worker process B runs, and each event reaches each stream
-//! once.
+//! When processes share a database (PostgreSQL), events do not go straight to this
+//! process's streams; they come back through [`Hub::deliver_remote`], from every process:
+//! - state changes are announced by the database itself (a trigger on `jobs`), so they arrive
+//!   in commit order: a job's `queued` before the `running` of the worker that claimed it,
+//!   whichever processes they ran in. [`Hub::job_changed`] then publishes nothing;
+//! - progress is relayed by the process that runs the job (`NOTIFY`).
+//!
+//! So a stream on API process A sees the state and progress of a job that worker process B
+//! runs, each event once.
 
 use crate::queue::JobRecord;
 use serde_json::{json, Value};
@@ -105,6 +109,13 @@ impl Hub {
             tracing::warn!("ignored a relayed event that is not JSON");
             return;
         };
+        if v.get("kind").and_then(Value::as_str) == Some("job") {
+            match job_from_notice(&v) {
+                Some(j) => self.broadcast_job(&j),
+                None => tracing::warn!("ignored a job state notice that lacks a field"),
+            }
+            return;
+        }
         let parsed = (|| {
             let tenant = v.get("tenant")?.as_str()?.to_string();
             let job = Uuid::parse_str(v.get("job")?.as_str()?).ok()?;
@@ -158,10 +169,17 @@ impl Hub {
     }
 
     /// A job's state as stored: a `state` event, and a `done` event when it is terminal.
+    /// With a shared database the database announces it instead (see the module doc).
     pub fn job_changed(&self, j: &JobRecord) {
-        self.send(&j.tenant_id, j.id, Kind::State, state_data(j));
+        if self.relay.get().is_none() {
+            self.broadcast_job(j);
+        }
+    }
+
+    fn broadcast_job(&self, j: &JobRecord) {
+        self.broadcast(&j.tenant_id, j.id, Kind::State, state_data(j));
         if j.state.is_terminal() {
-            self.send(&j.tenant_id, j.id, Kind::Done, done_data(j));
+            self.broadcast(&j.tenant_id, j.id, Kind::Done, done_data(j));
         }
     }
 
@@ -175,6 +193,38 @@ impl Hub {
         });
         self.send(tenant, job, Kind::Progress, data);
     }
+}
+
+/// The job a database trigger announced (`migrations/postgres`): the fields the events
+/// carry; of the summary only the ratio and the quality verdict.
+fn job_from_notice(v: &Value) -> Option<JobRecord> {
+    let uuid = |k: &str| v.get(k)?.as_str().and_then(|s| Uuid::parse_str(s).ok());
+    let text = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_string);
+    let int = |k: &str| v.get(k).and_then(Value::as_i64);
+    let summary = match (v.get("ratio"), v.get("quality")) {
+        (None | Some(Value::Null), None | Some(Value::Null)) => None,
+        (r, q) => Some(
+            json!({"ratio": r.cloned().unwrap_or(Value::Null), "quality": q.cloned().unwrap_or(Value::Null)}),
+        ),
+    };
+    Some(JobRecord {
+        id: uuid("id")?,
+        tenant_id: text("tenant_id")?,
+        model_id: uuid("model_id")?,
+        state: crate::queue::JobState::parse(v.get("state")?.as_str()?)?,
+        spec: Value::Null,
+        progress: v.get("progress")?.as_f64()?,
+        stage: text("stage"),
+        attempts: int("attempts")?,
+        max_attempts: int("max_attempts")?,
+        cancel_requested: v.get("cancel_requested")?.as_bool()?,
+        error_code: text("error_code"),
+        error_message: text("error_message"),
+        summary,
+        created_at: int("created_at")?,
+        started_at: int("started_at"),
+        finished_at: int("finished_at"),
+    })
 }
 
 /// An event as relayed between processes: `{tenant, job, kind, data}`, at most
@@ -265,6 +315,47 @@ mod tests {
         hub.deliver_remote("not json");
         hub.deliver_remote("{\"tenant\":\"a\"}");
         assert!(local.try_recv().is_err(), "what is not an event is ignored");
+    }
+
+    /// With a shared database, state changes come from the database's notice, never from
+    /// `job_changed` (which would race the other processes' notices).
+    #[tokio::test]
+    async fn with_a_shared_database_state_events_come_from_its_notices() {
+        let hub = Hub::new();
+        let (tx, mut rx) = tokio::sync::mpsc::channel(8);
+        hub.relay_through(tx);
+        let mut local = hub.subscribe();
+        let id = Uuid::now_v7();
+        let notice = json!({
+            "kind": "job", "id": id, "tenant_id": "acme", "model_id": Uuid::now_v7(),
+            "state": "succeeded", "progress": 1.0, "stage": "done", "cancel_requested": false,
+            "attempts": 1, "max_attempts": 3, "error_code": null, "error_message": null,
+            "created_at": 1_700_000_000_000i64, "started_at": null,
+            "finished_at": 1_700_000_001_000i64, "ratio": 3.5, "quality": null
+        });
+        let j = job_from_notice(&notice).unwrap();
+        hub.job_changed(&j);
+        assert!(
+            rx.try_recv().is_err() && local.try_recv().is_err(),
+            "nothing relayed"
+        );
+        hub.deliver_remote(&notice.to_string());
+        let state = local.try_recv().unwrap();
+        assert_eq!((state.kind, state.job), (Kind::State, id));
+        assert_eq!(state.data["state"], json!("succeeded"));
+        assert_eq!(state.data["ratio"], json!(3.5));
+        let done = local.try_recv().unwrap();
+        assert_eq!(
+            (done.kind, done.data["ratio"].clone()),
+            (Kind::Done, json!(3.5))
+        );
+        let mut partial = notice.clone();
+        partial.as_object_mut().unwrap().remove("state");
+        hub.deliver_remote(&partial.to_string());
+        assert!(
+            local.try_recv().is_err(),
+            "a notice without a state is ignored"
+        );
     }
 
     /// Without a relay (one process, SQLite) events go straight to the streams.

@@ -162,3 +162,32 @@ CREATE TRIGGER jobs_queued_notify AFTER INSERT OR UPDATE OF state ON jobs
 FOR EACH ROW
 WHEN (NEW.state = 'queued')
 EXECUTE FUNCTION jobs_queued_notify();
+
+-- Job state events for the event streams of every process, in commit order: a job's
+-- `queued` is always announced before the `running` of the worker that claimed it, whichever
+-- processes they ran in. (Progress events travel from the worker itself; see
+-- `crate::events`.) The payload stays far below NOTIFY's 8000 bytes: an error message is
+-- cut to 2000 characters, and of the summary only the ratio and the quality verdict travel.
+CREATE FUNCTION jobs_state_notify() RETURNS trigger AS $$
+DECLARE
+    summary JSONB := NEW.summary_json::jsonb;
+BEGIN
+    PERFORM pg_notify('modelpress_events', json_build_object(
+        'kind', 'job', 'id', NEW.id, 'tenant_id', NEW.tenant_id, 'model_id', NEW.model_id,
+        'state', NEW.state, 'progress', NEW.progress, 'stage', NEW.stage,
+        'cancel_requested', NEW.cancel_requested, 'attempts', NEW.attempts,
+        'max_attempts', NEW.max_attempts, 'error_code', NEW.error_code,
+        'error_message', left(NEW.error_message, 2000), 'created_at', NEW.created_at,
+        'started_at', NEW.started_at, 'finished_at', NEW.finished_at,
+        'ratio', summary -> 'ratio', 'quality', summary -> 'quality')::text);
+    RETURN NULL;
+END;
+$$ LANGUAGE plpgsql;
+
+CREATE TRIGGER jobs_state_notify_insert AFTER INSERT ON jobs
+FOR EACH ROW EXECUTE FUNCTION jobs_state_notify();
+
+CREATE TRIGGER jobs_state_notify_update AFTER UPDATE OF state, cancel_requested ON jobs
+FOR EACH ROW
+WHEN (OLD.state IS DISTINCT FROM NEW.state OR OLD.cancel_requested IS DISTINCT FROM NEW.cancel_requested)
+EXECUTE FUNCTION jobs_state_notify();

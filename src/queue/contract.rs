@@ -689,27 +689,39 @@ pub async fn notices_between_processes(db: Db, _clock: Arc<ManualClock>) {
         );
         return;
     }
-    let wait = std::time::Duration::from_secs(10);
-    let first = tokio::time::timeout(wait, rx.recv())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(first, Notice::JobQueued, "the enqueue is announced");
-    let second = tokio::time::timeout(wait, rx.recv())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(second, Notice::Event("{\"hello\":1}".into()));
-    // A retry's requeue wakes workers too; a claim does not.
+    // What arrives, in order: the wake-up and the job's state (both from triggers, in the
+    // enqueue's commit), then the announced text.
+    let state_of = |n: &Notice| match n {
+        Notice::Event(t) => {
+            let v: serde_json::Value = serde_json::from_str(t).unwrap();
+            v["state"]
+                .as_str()
+                .map(|s| format!("state {s}"))
+                .unwrap_or(t.clone())
+        }
+        Notice::JobQueued => "wake".into(),
+    };
+    async fn take(rx: &mut tokio::sync::mpsc::Receiver<Notice>, n: usize) -> Vec<Notice> {
+        let mut out = Vec::new();
+        for _ in 0..n {
+            let got = tokio::time::timeout(std::time::Duration::from_secs(10), rx.recv()).await;
+            out.push(got.expect("a notice in time").expect("the channel is open"));
+        }
+        out
+    }
+    let got: Vec<String> = take(&mut rx, 3).await.iter().map(state_of).collect();
+    assert_eq!(got, ["wake", "state queued", "{\"hello\":1}"]);
+    // A claim announces its state; a retry's requeue wakes workers and announces its state;
+    // a heartbeat announces nothing.
     db.claim("w1", 60_000).await.unwrap().unwrap();
+    db.heartbeat(job.id, "w1", 60_000, 0.5, "x").await.unwrap();
     db.retry_later(job.id, "w1", "internal", "x", 0)
         .await
         .unwrap();
-    let third = tokio::time::timeout(wait, rx.recv())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(third, Notice::JobQueued);
+    let got: Vec<String> = take(&mut rx, 3).await.iter().map(state_of).collect();
+    assert_eq!(got, ["state running", "wake", "state queued"]);
+    let quiet = tokio::time::timeout(std::time::Duration::from_millis(300), rx.recv()).await;
+    assert!(quiet.is_err(), "nothing more: {quiet:?}");
 }
 
 /// One `#[tokio::test]` per store and contract test.
