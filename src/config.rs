@@ -218,6 +218,12 @@ impl ServeConfig {
     pub fn webhook_allow_list(&self) -> crate::webhook::AllowList {
         self.webhook_allow.parse().unwrap_or_default()
     }
+    /// Files in flight: uploads being received, each job's copies of its inputs and its
+    /// outputs. Emptied when the process starts.
+    pub fn scratch_dir(&self) -> PathBuf {
+        self.data_dir.join("tmp")
+    }
+
     pub fn worker_count(&self) -> usize {
         self.workers.unwrap_or_else(|| {
             std::thread::available_parallelism()

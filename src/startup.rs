@@ -50,6 +50,12 @@ impl Application {
         let db =
             crate::queue::open(&config.database_url(), Arc::new(crate::queue::SystemClock)).await?;
         let blobs = Arc::new(LocalBlobStore::open(&config.data_dir)?);
+        // What a crashed process left in flight.
+        let scratch = config.scratch_dir();
+        if scratch.exists() {
+            std::fs::remove_dir_all(&scratch)?;
+        }
+        std::fs::create_dir_all(&scratch)?;
         let listener = tokio::net::TcpListener::bind(&config.addr).await?;
         let loopback = listener.local_addr()?.ip().is_loopback();
         // Secure by default: off loopback, a server with no key would serve anyone. (A

@@ -55,9 +55,11 @@ pub async fn chart(
             ),
         ));
     }
-    let path = state.blobs.local_path(&artifact.blob_key).await?;
+    let bytes = state
+        .blobs
+        .read_small(&artifact.blob_key, MAX_SOURCE_BYTES)
+        .await?;
     let svg = tokio::task::spawn_blocking(move || -> Result<String, ApiError> {
-        let bytes = std::fs::read(&path).map_err(ApiError::internal)?;
         let doc: serde_json::Value = serde_json::from_slice(&bytes).map_err(ApiError::internal)?;
         Ok(draw(&doc))
     })

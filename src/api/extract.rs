@@ -82,7 +82,7 @@ where
     let limit = state.config.max_upload_bytes;
     let temp = tempfile::Builder::new()
         .prefix("upload-")
-        .tempfile_in(state.blobs.staging_dir())
+        .tempfile_in(state.config.scratch_dir())
         .map_err(ApiError::io)?;
     let (file, temp) = temp.into_parts();
     let mut file = tokio::io::BufWriter::with_capacity(1 << 20, tokio::fs::File::from_std(file));

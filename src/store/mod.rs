@@ -1,10 +1,18 @@
-//! Where model files and artifacts live. Handlers and workers see only [`BlobStore`], so an
-//! object store can replace the local directory later.
+//! Where model files and artifacts live. Handlers and workers see only [`BlobStore`]: keys,
+//! files they hand over or ask for, and byte streams. Nothing in the trait says where the
+//! blobs are, so an object store can replace the local directory.
+//!
+//! Files in flight (uploads being received, a job's copies of its inputs and its outputs)
+//! live in the process's scratch directory ([`crate::config::ServeConfig::scratch_dir`]),
+//! never in the store.
 
 pub mod local;
 
 use async_trait::async_trait;
-use std::path::{Path, PathBuf};
+use bytes::Bytes;
+use futures_util::stream::BoxStream;
+use std::ops::Range;
+use std::path::Path;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -14,18 +22,35 @@ pub enum StoreError {
     Io(#[from] std::io::Error),
 }
 
+/// A blob's bytes, as they arrive.
+pub type ByteStream = BoxStream<'static, Result<Bytes, StoreError>>;
+
 #[async_trait]
 pub trait BlobStore: Send + Sync + 'static {
-    /// Moves a finished file (written under [`BlobStore::staging_dir`]) to `key`, durably.
+    /// Stores the finished local file `src` under `key`, durably; `src` is consumed.
     async fn put_file(&self, key: &str, src: &Path) -> Result<(), StoreError>;
-    /// A local path holding the blob: the blob itself for a local store, a downloaded copy
-    /// for a remote one.
-    async fn local_path(&self, key: &str) -> Result<PathBuf, StoreError>;
+    /// Writes the blob to the new local file `dest` (a job's copy of its model or dataset).
+    async fn fetch_to(&self, key: &str, dest: &Path) -> Result<(), StoreError>;
+    /// The blob's size in bytes.
+    async fn size(&self, key: &str) -> Result<u64, StoreError>;
+    /// Bytes `range` of the blob (the caller keeps the range within its size).
+    async fn read_range(&self, key: &str, range: Range<u64>) -> Result<ByteStream, StoreError>;
+    /// The whole blob in memory, refused when it holds more than `limit` bytes (a chart's
+    /// source document).
+    async fn read_small(&self, key: &str, limit: u64) -> Result<Vec<u8>, StoreError> {
+        use futures_util::TryStreamExt;
+        let size = self.size(key).await?;
+        if size > limit {
+            return Err(StoreError::Io(std::io::Error::other(format!(
+                "blob {key} has {size} bytes, more than {limit}"
+            ))));
+        }
+        let chunks: Vec<Bytes> = self.read_range(key, 0..size).await?.try_collect().await?;
+        Ok(chunks.concat())
+    }
     async fn delete(&self, key: &str) -> Result<(), StoreError>;
     /// Deletes every blob whose key starts with `prefix/` (a crashed attempt's leftovers).
     async fn delete_prefix(&self, prefix: &str) -> Result<(), StoreError>;
-    /// A directory on the same filesystem as the blobs, for uploads in flight.
-    fn staging_dir(&self) -> PathBuf;
     /// True when the store can be written to.
     async fn ready(&self) -> bool;
     /// Bytes free for the store's files, when the store can tell.

@@ -255,10 +255,11 @@ async fn try_execute_one_as(state: &AppState, worker: &str) -> anyhow::Result<Ou
     outcome
 }
 
-/// The local file of a dataset the job's `what` block names, or why there is none (checked
-/// at submit; it may have gone since).
+/// The job's scratch copy of a dataset its `what` block names, or why there is none
+/// (checked at submit; it may have gone since).
 async fn dataset_file(
     state: &AppState,
+    work: &std::path::Path,
     tenant: &str,
     id: uuid::Uuid,
     what: &str,
@@ -268,8 +269,13 @@ async fn dataset_file(
             "the dataset the job's {what} names no longer exists"
         )));
     };
-    match state.blobs.local_path(&d.blob_key).await {
-        Ok(p) => Ok(Ok(p)),
+    // One copy per dataset, however many blocks name it.
+    let dest = work.join(format!("dataset-{id}.npz"));
+    if tokio::fs::try_exists(&dest).await? {
+        return Ok(Ok(dest));
+    }
+    match state.blobs.fetch_to(&d.blob_key, &dest).await {
+        Ok(()) => Ok(Ok(dest)),
         Err(crate::store::StoreError::NotFound(_)) => Ok(Err(format!(
             "the dataset file the job's {what} names is missing from the blob store"
         ))),
@@ -293,15 +299,21 @@ async fn run_claimed(state: &AppState, worker: &str, job: JobRecord) -> anyhow::
         Some(m) => m,
         None => return fail("model_not_found", "the job's model no longer exists".into()).await,
     };
+    // The job's scratch directory: its copies of the model and datasets, and its outputs;
+    // removed however the job ends.
+    let work = tempfile::Builder::new()
+        .prefix("job-")
+        .tempdir_in(state.config.scratch_dir())?;
     // A model whose file is gone fails now (retrying cannot bring it back).
-    let input = match state.blobs.local_path(&model.blob_key).await {
-        Ok(p) => p,
+    let input = work.path().join("model");
+    match state.blobs.fetch_to(&model.blob_key, &input).await {
+        Ok(()) => {}
         Err(crate::store::StoreError::NotFound(_)) => {
             let why = "the job's model file is missing from the blob store";
             return fail("model_not_found", why.into()).await;
         }
         Err(e) => return Err(e.into()),
-    };
+    }
     // The dataset an `eval` block names (checked at submit; it may have gone since).
     let eval_spec = match crate::eval::EvalSpec::parse(&job.spec) {
         Ok(e) => e,
@@ -309,10 +321,12 @@ async fn run_claimed(state: &AppState, worker: &str, job: JobRecord) -> anyhow::
     };
     let dataset_path = match &eval_spec {
         None => None,
-        Some(e) => match dataset_file(state, &job.tenant_id, e.dataset_id, "eval").await? {
-            Ok(p) => Some(p),
-            Err(why) => return fail("dataset_not_found", why).await,
-        },
+        Some(e) => {
+            match dataset_file(state, work.path(), &job.tenant_id, e.dataset_id, "eval").await? {
+                Ok(p) => Some(p),
+                Err(why) => return fail("dataset_not_found", why).await,
+            }
+        }
     };
     // The dataset a `calibration` block names, likewise.
     let calibration_spec = match crate::calibrate::CalibrationSpec::parse(&job.spec) {
@@ -335,7 +349,7 @@ async fn run_claimed(state: &AppState, worker: &str, job: JobRecord) -> anyhow::
         .or(distill_spec.as_ref().map(|d| (&d.train, "distill")));
     if let Some((f, block)) = training {
         for id in std::iter::once(f.dataset_id).chain(f.validation_dataset_id) {
-            match dataset_file(state, &job.tenant_id, id, block).await? {
+            match dataset_file(state, work.path(), &job.tenant_id, id, block).await? {
                 Ok(p) => finetune_paths.push(p),
                 Err(why) => return fail("dataset_not_found", why).await,
             }
@@ -343,7 +357,15 @@ async fn run_claimed(state: &AppState, worker: &str, job: JobRecord) -> anyhow::
     }
     let calibration_path = match &calibration_spec {
         None => None,
-        Some(c) => match dataset_file(state, &job.tenant_id, c.dataset_id, "calibration").await? {
+        Some(c) => match dataset_file(
+            state,
+            work.path(),
+            &job.tenant_id,
+            c.dataset_id,
+            "calibration",
+        )
+        .await?
+        {
             Ok(p) => Some(p),
             Err(why) => return fail("dataset_not_found", why).await,
         },
@@ -368,9 +390,8 @@ async fn run_claimed(state: &AppState, worker: &str, job: JobRecord) -> anyhow::
             .await?
             .and_then(|doc| serde_json::from_str(&doc).ok()),
     };
-    let out_dir = tempfile::Builder::new()
-        .prefix("job-")
-        .tempdir_in(state.blobs.staging_dir())?;
+    let out_dir = work.path().join("out");
+    std::fs::create_dir(&out_dir)?;
     let cancel = Arc::new(AtomicBool::new(job.cancel_requested));
     state
         .running
@@ -426,7 +447,7 @@ async fn run_claimed(state: &AppState, worker: &str, job: JobRecord) -> anyhow::
         })
     };
     let span = tracing::Span::current();
-    let (plan2, out_path, ctl2) = (plan.clone(), out_dir.path().to_path_buf(), ctl.clone());
+    let (plan2, out_path, ctl2) = (plan.clone(), out_dir.clone(), ctl.clone());
     let result = tokio::task::spawn_blocking(move || {
         let _g = span.enter();
         let eval = eval_spec
@@ -551,7 +572,7 @@ async fn run_claimed(state: &AppState, worker: &str, job: JobRecord) -> anyhow::
                 })
                 .collect(),
         }));
-    let manifest_path = out_dir.path().join(crate::manifest::MANIFEST);
+    let manifest_path = out_dir.join(crate::manifest::MANIFEST);
     tokio::fs::write(&manifest_path, &manifest).await?;
     out.artifacts.push(runner::ArtifactFile {
         name: crate::manifest::MANIFEST.into(),

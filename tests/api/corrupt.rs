@@ -452,7 +452,7 @@ async fn stalled_and_trickled_uploads_time_out_and_odd_requests_get_clear_errors
         c.min_upload_bytes_per_sec = 1024;
     })
     .await;
-    let staging = app.state.blobs.staging_dir();
+    let staging = app.state.config.scratch_dir();
     let head = "POST /v1/models HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n";
     let stalled = raw_request(
         &app.base,
@@ -653,8 +653,7 @@ async fn upload_time_checks_and_a_missing_model_file() {
         .submit_json(json!({"model_id": good["id"], "preset": "int8"}))
         .await;
     let key = format!("models/{}", good["id"].as_str().unwrap());
-    let path = app.state.blobs.local_path(&key).await.unwrap();
-    std::fs::remove_file(path).unwrap();
+    app.state.blobs.delete(&key).await.unwrap();
     assert_eq!(app.drain().await, vec![modelpress::worker::Outcome::Failed]);
     let job = app.job(job["id"].as_str().unwrap()).await;
     assert_eq!(job["state"], "failed");

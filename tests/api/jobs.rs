@@ -615,7 +615,7 @@ async fn a_dead_attempts_stored_artifacts_are_removed_when_a_later_attempt_succe
         .await
         .unwrap()
         .expect("claimable");
-    let staged = app.state.blobs.staging_dir().join("leftover");
+    let staged = app.state.config.scratch_dir().join("leftover");
     std::fs::write(&staged, b"partial").unwrap();
     app.state
         .blobs
