@@ -53,14 +53,19 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/signing-key"),
 ];
 
-pub fn router(state: AppState) -> Router {
+/// Liveness, readiness and metrics: served by every process, API or worker.
+fn health_routes() -> Router<AppState> {
     Router::new()
-        .route("/", get(dashboard::index))
-        .route("/assets/app.js", get(dashboard::app_js))
-        .route("/assets/style.css", get(dashboard::style_css))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))
+}
+
+pub fn router(state: AppState) -> Router {
+    health_routes()
+        .route("/", get(dashboard::index))
+        .route("/assets/app.js", get(dashboard::app_js))
+        .route("/assets/style.css", get(dashboard::style_css))
         .route("/openapi.yaml", get(health::openapi))
         .route("/v1/models", post(models::upload).get(models::list))
         .route(
@@ -98,10 +103,7 @@ pub fn router(state: AppState) -> Router {
 
 /// A worker process's listener: liveness, readiness and metrics, nothing else.
 pub fn health_router(state: AppState) -> Router {
-    Router::new()
-        .route("/healthz", get(health::healthz))
-        .route("/readyz", get(health::readyz))
-        .route("/metrics", get(health::metrics))
+    health_routes()
         .route_layer(middleware::from_fn(track_metrics))
         .layer(middleware::from_fn_with_state(
             state.clone(),

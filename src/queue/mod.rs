@@ -392,6 +392,48 @@ pub trait JobQueue: Send + Sync + 'static {
     async fn count_by_state(&self) -> Result<Vec<(JobState, i64)>, QueueError>;
 }
 
+/// The columns each store reads back, in the order its row decoders expect (the same names
+/// in SQLite and PostgreSQL).
+pub(crate) mod columns {
+    pub const JOB: &str = "id, tenant_id, model_id, state, spec_json, progress, stage, attempts, max_attempts, \
+         cancel_requested, error_code, error_message, summary_json, created_at, started_at, finished_at";
+    pub const MODEL: &str =
+        "id, tenant_id, name, format, size_bytes, sha256, tensor_count, parameter_count, \
+         blob_key, tensors_json, inputs_json, created_at";
+    pub const DATASET: &str =
+        "id, tenant_id, name, size_bytes, sha256, rows, has_labels, arrays_json, blob_key, created_at";
+    pub const KEY: &str = "id, tenant_id, scope, prefix, created_at, revoked_at, last_used_at";
+    pub const DELIVERY: &str =
+        "id, job_id, tenant_id, url, event, state, attempts, next_attempt_at, last_status, \
+         last_error, created_at, delivered_at";
+}
+
+impl DeliveryOutcome {
+    /// The delivery's new state, last status, last error and next attempt time.
+    pub(crate) fn columns(&self, now: i64) -> (&'static str, Option<i64>, Option<&str>, i64) {
+        match self {
+            DeliveryOutcome::Delivered { status } => ("delivered", Some(*status), None, now),
+            DeliveryOutcome::Retry { status, error, at } => {
+                ("pending", *status, Some(error.as_str()), *at)
+            }
+            DeliveryOutcome::GaveUp { status, error } => {
+                ("gave_up", *status, Some(error.as_str()), now)
+            }
+        }
+    }
+}
+
+/// Every state with its count, from `(state, count)` rows (a state with no job counts 0).
+pub(crate) fn counts_by_state(rows: Vec<(String, i64)>) -> Vec<(JobState, i64)> {
+    let mut out: Vec<(JobState, i64)> = JobState::ALL.iter().map(|s| (*s, 0)).collect();
+    for (s, n) in rows {
+        if let Some(slot) = out.iter_mut().find(|(st, _)| st.as_str() == s) {
+            slot.1 = n;
+        }
+    }
+    out
+}
+
 /// What other processes announce through a database they share.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Notice {

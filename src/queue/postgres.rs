@@ -15,6 +15,11 @@ use sqlx::{AssertSqlSafe, PgPool, Row};
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::columns::{
+    DATASET as DATASET_COLUMNS, DELIVERY as DELIVERY_COLUMNS, JOB as JOB_COLUMNS,
+    KEY as KEY_COLUMNS, MODEL as MODEL_COLUMNS,
+};
+
 /// The channel a trigger notifies when a job becomes claimable.
 pub const QUEUED_CHANNEL: &str = "modelpress_job_queued";
 /// The channel job events travel on between processes.
@@ -26,21 +31,6 @@ pub struct PgStore {
     /// Stops the listener task (it holds a pool connection, which `close` waits for).
     closing: tokio_util::sync::CancellationToken,
 }
-
-const JOB_COLUMNS: &str = "id, tenant_id, model_id, state, spec_json, progress, stage, attempts, max_attempts, \
-     cancel_requested, error_code, error_message, summary_json, created_at, started_at, finished_at";
-
-const MODEL_COLUMNS: &str =
-    "id, tenant_id, name, format, size_bytes, sha256, tensor_count, parameter_count, blob_key, tensors_json, inputs_json, created_at";
-
-const DATASET_COLUMNS: &str =
-    "id, tenant_id, name, size_bytes, sha256, rows, has_labels, arrays_json, blob_key, created_at";
-
-const KEY_COLUMNS: &str = "id, tenant_id, scope, prefix, created_at, revoked_at, last_used_at";
-
-const DELIVERY_COLUMNS: &str =
-    "id, job_id, tenant_id, url, event, state, attempts, next_attempt_at, last_status, \
-     last_error, created_at, delivered_at";
 
 fn json_col(row: &PgRow, col: &str) -> Result<Option<serde_json::Value>, QueueError> {
     let s: Option<String> = row.try_get(col)?;
@@ -867,15 +857,11 @@ impl JobQueue for PgStore {
         let rows = sqlx::query("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")
             .fetch_all(&self.pool)
             .await?;
-        let mut out: Vec<(JobState, i64)> = JobState::ALL.iter().map(|s| (*s, 0)).collect();
-        for r in rows {
-            let s: String = r.try_get("state")?;
-            let n: i64 = r.try_get("n")?;
-            if let Some(slot) = out.iter_mut().find(|(st, _)| st.as_str() == s) {
-                slot.1 = n;
-            }
-        }
-        Ok(out)
+        let rows = rows
+            .iter()
+            .map(|r| Ok((r.try_get("state")?, r.try_get("n")?)))
+            .collect::<Result<Vec<(String, i64)>, QueueError>>()?;
+        Ok(counts_by_state(rows))
     }
 }
 
@@ -1003,15 +989,7 @@ impl WebhookOutbox for PgStore {
 
     async fn finish_delivery(&self, id: i64, outcome: &DeliveryOutcome) -> Result<(), QueueError> {
         let now = self.clock.now_ms();
-        let (state, status, error, next) = match outcome {
-            DeliveryOutcome::Delivered { status } => ("delivered", Some(*status), None, now),
-            DeliveryOutcome::Retry { status, error, at } => {
-                ("pending", *status, Some(error.as_str()), *at)
-            }
-            DeliveryOutcome::GaveUp { status, error } => {
-                ("gave_up", *status, Some(error.as_str()), now)
-            }
-        };
+        let (state, status, error, next) = outcome.columns(now);
         sqlx::query(
             "UPDATE webhook_deliveries SET state = $1, attempts = attempts + 1, last_status = $2, \
              last_error = $3, next_attempt_at = $4, locked_until = NULL, \

@@ -11,17 +11,16 @@ use sqlx::{AssertSqlSafe, Connection, Row, SqlitePool};
 use std::str::FromStr;
 use std::time::Duration;
 
+use super::columns::{
+    DATASET as DATASET_COLUMNS, DELIVERY as DELIVERY_COLUMNS, JOB as JOB_COLUMNS,
+    KEY as KEY_COLUMNS, MODEL as MODEL_COLUMNS,
+};
+
 pub struct SqliteStore {
     writer: SqlitePool,
     reader: SqlitePool,
     clock: std::sync::Arc<dyn Clock>,
 }
-
-const JOB_COLUMNS: &str = "id, tenant_id, model_id, state, spec_json, progress, stage, attempts, max_attempts, \
-     cancel_requested, error_code, error_message, summary_json, created_at, started_at, finished_at";
-
-const MODEL_COLUMNS: &str =
-    "id, tenant_id, name, format, size_bytes, sha256, tensor_count, parameter_count, blob_key, tensors_json, inputs_json, created_at";
 
 fn uuid_col(row: &SqliteRow, col: &str) -> Result<Uuid, QueueError> {
     let s: String = row.try_get(col)?;
@@ -72,9 +71,6 @@ fn model_from_row(row: &SqliteRow) -> Result<ModelRecord, QueueError> {
         created_at: row.try_get("created_at")?,
     })
 }
-
-const DATASET_COLUMNS: &str =
-    "id, tenant_id, name, size_bytes, sha256, rows, has_labels, arrays_json, blob_key, created_at";
 
 fn dataset_from_row(row: &SqliteRow) -> Result<DatasetRecord, QueueError> {
     Ok(DatasetRecord {
@@ -752,15 +748,11 @@ impl JobQueue for SqliteStore {
         let rows = sqlx::query("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")
             .fetch_all(&self.reader)
             .await?;
-        let mut out: Vec<(JobState, i64)> = JobState::ALL.iter().map(|s| (*s, 0)).collect();
-        for r in rows {
-            let s: String = r.try_get("state")?;
-            let n: i64 = r.try_get("n")?;
-            if let Some(slot) = out.iter_mut().find(|(st, _)| st.as_str() == s) {
-                slot.1 = n;
-            }
-        }
-        Ok(out)
+        let rows = rows
+            .iter()
+            .map(|r| Ok((r.try_get("state")?, r.try_get("n")?)))
+            .collect::<Result<Vec<(String, i64)>, QueueError>>()?;
+        Ok(counts_by_state(rows))
     }
 }
 
@@ -775,8 +767,6 @@ fn key_from_row(row: &SqliteRow) -> Result<KeyRecord, QueueError> {
         last_used_at: row.try_get("last_used_at")?,
     })
 }
-
-const KEY_COLUMNS: &str = "id, tenant_id, scope, prefix, created_at, revoked_at, last_used_at";
 
 #[async_trait]
 impl KeyStore for SqliteStore {
@@ -854,10 +844,6 @@ impl KeyStore for SqliteStore {
     }
 }
 
-const DELIVERY_COLUMNS: &str =
-    "id, job_id, tenant_id, url, event, state, attempts, next_attempt_at, last_status, \
-     last_error, created_at, delivered_at";
-
 fn delivery_from_row(row: &SqliteRow) -> Result<DeliveryRecord, QueueError> {
     Ok(DeliveryRecord {
         id: row.try_get("id")?,
@@ -922,15 +908,7 @@ impl WebhookOutbox for SqliteStore {
 
     async fn finish_delivery(&self, id: i64, outcome: &DeliveryOutcome) -> Result<(), QueueError> {
         let now = self.clock.now_ms();
-        let (state, status, error, next) = match outcome {
-            DeliveryOutcome::Delivered { status } => ("delivered", Some(*status), None, now),
-            DeliveryOutcome::Retry { status, error, at } => {
-                ("pending", *status, Some(error.as_str()), *at)
-            }
-            DeliveryOutcome::GaveUp { status, error } => {
-                ("gave_up", *status, Some(error.as_str()), now)
-            }
-        };
+        let (state, status, error, next) = outcome.columns(now);
         sqlx::query(
             "UPDATE webhook_deliveries SET state = ?, attempts = attempts + 1, last_status = ?, \
              last_error = ?, next_attempt_at = ?, locked_until = NULL, \
