@@ -18,7 +18,7 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends ca-certificates curl \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --system --uid 10001 --home-dir /data --shell /usr/sbin/nologin modelpress \
- && mkdir -p /data && chown modelpress /data
+ && mkdir -p /data /keys && chown modelpress /data /keys
 COPY --from=build /src/target/release/modelpress /usr/local/bin/modelpress
 USER modelpress
 ENV MODELPRESS_ADDR=0.0.0.0:8080 \

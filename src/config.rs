@@ -114,6 +114,24 @@ pub struct ServeConfig {
     /// Database URL; defaults to `sqlite://<data_dir>/modelpress.db`.
     #[arg(long, env = "MODELPRESS_DATABASE_URL")]
     pub database_url: Option<String>,
+    /// Where models and artifacts live: `s3://bucket/prefix` (S3-compatible object storage;
+    /// endpoint, region and credentials from the AWS_* variables), or by default `blobs/`
+    /// under the data directory.
+    #[arg(long, env = "MODELPRESS_BLOB_URL")]
+    pub blob_url: Option<String>,
+    /// `KEY=VALUE` settings of the object store client, over the AWS_* variables (keys as
+    /// `object_store` names them: aws_endpoint, aws_region, aws_allow_http, …). Repeat the
+    /// flag, or separate with commas in the variable. Prefer the AWS_* variables for secrets.
+    #[arg(
+        long = "blob-option",
+        env = "MODELPRESS_BLOB_OPTIONS",
+        value_delimiter = ','
+    )]
+    pub blob_options: Vec<String>,
+    /// The ed25519 key that signs every job's manifest.json (made on first start); defaults
+    /// to `<data-dir>/signing-key.ed25519`. A fleet's processes must all name the same file.
+    #[arg(long, env = "MODELPRESS_SIGNING_KEY_FILE")]
+    pub signing_key_file: Option<PathBuf>,
     /// Concurrent compression jobs; defaults to the number of available cores. 0 runs the
     /// API alone (jobs wait for a process with workers).
     #[arg(long, env = "MODELPRESS_WORKERS")]
@@ -237,6 +255,9 @@ impl ServeConfig {
             addr: "127.0.0.1:0".into(),
             data_dir: dir.into(),
             database_url: None,
+            blob_url: None,
+            blob_options: Vec::new(),
+            signing_key_file: None,
             workers: Some(2),
             max_upload_bytes: 4 << 30,
             lease_ms: 30_000,

@@ -38,7 +38,13 @@ pub struct Signer {
 impl Signer {
     /// Loads the key from `dir`, or makes one there on first start.
     pub fn load_or_create(dir: &Path) -> Result<Signer, ManifestError> {
-        let path = dir.join(KEY_FILE);
+        Signer::load_or_create_at(&dir.join(KEY_FILE))
+    }
+
+    /// Loads the key file at `path`, or makes it on first start (a fleet's processes name one
+    /// shared file, so what any worker signs verifies under the key the API serves).
+    pub fn load_or_create_at(path: &Path) -> Result<Signer, ManifestError> {
+        let path = path.to_path_buf();
         let bad = |why: String| ManifestError::Key {
             path: path.clone(),
             why,
@@ -60,7 +66,7 @@ impl Signer {
                     Ok(()) => {}
                     // Another process made it first: use that one.
                     Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                        return Signer::load_or_create(dir)
+                        return Signer::load_or_create_at(&path)
                     }
                     Err(e) => return Err(bad(e.to_string())),
                 }

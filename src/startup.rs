@@ -5,7 +5,6 @@ use crate::api;
 use crate::config::ServeConfig;
 use crate::queue::{Database, Notice};
 use crate::state::{AppState, Inner};
-use crate::store::local::LocalBlobStore;
 use crate::worker;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -49,7 +48,11 @@ impl Application {
             .map_err(|e| anyhow::anyhow!("MODELPRESS_WEBHOOK_ALLOW: {e}"))?;
         let db =
             crate::queue::open(&config.database_url(), Arc::new(crate::queue::SystemClock)).await?;
-        let blobs = Arc::new(LocalBlobStore::open(&config.data_dir)?);
+        let blobs = crate::store::open(
+            config.blob_url.as_deref(),
+            &config.blob_options,
+            &config.data_dir,
+        )?;
         // What a crashed process left in flight.
         let scratch = config.scratch_dir();
         if scratch.exists() {
@@ -89,7 +92,10 @@ impl Application {
             stop_claiming: CancellationToken::new(),
             hard_stop: CancellationToken::new(),
             events: crate::events::Hub::new(),
-            signer: Arc::new(crate::manifest::Signer::load_or_create(&config.data_dir)?),
+            signer: Arc::new(match &config.signing_key_file {
+                Some(path) => crate::manifest::Signer::load_or_create_at(path)?,
+                None => crate::manifest::Signer::load_or_create(&config.data_dir)?,
+            }),
             instance_id: format!("{}-{}", std::process::id(), Uuid::new_v4().simple()),
             config,
         }));

@@ -6,7 +6,10 @@
 //! live in the process's scratch directory ([`crate::config::ServeConfig::scratch_dir`]),
 //! never in the store.
 
+#[cfg(test)]
+mod contract;
 pub mod local;
+pub mod s3;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -20,6 +23,25 @@ pub enum StoreError {
     NotFound(String),
     #[error("blob store i/o: {0}")]
     Io(#[from] std::io::Error),
+}
+
+/// The store a process uses: `s3://bucket/prefix` (S3-compatible object storage), or
+/// without a URL the `blobs/` directory under the data directory.
+pub fn open(
+    blob_url: Option<&str>,
+    options: &[String],
+    data_dir: &Path,
+) -> Result<std::sync::Arc<dyn BlobStore>, StoreError> {
+    match blob_url {
+        None => Ok(std::sync::Arc::new(local::LocalBlobStore::open(data_dir)?)),
+        Some(url) if url.starts_with("s3://") => Ok(std::sync::Arc::new(
+            s3::S3BlobStore::with_builder(url, s3::builder_with(options)?)?,
+        )),
+        Some(url) => Err(StoreError::Io(std::io::Error::other(format!(
+            "unsupported blob URL scheme {:?}: use s3://bucket/prefix, or none for the data directory",
+            url.split(':').next().unwrap_or_default()
+        )))),
+    }
 }
 
 /// A blob's bytes, as they arrive.

@@ -124,3 +124,88 @@ async fn a_cancel_on_the_api_stops_the_run_on_the_worker() {
     api.stop().await;
     db.drop_now().await;
 }
+
+/// PostgreSQL and S3: the API process and the worker process share no directory, only the
+/// manifest signing key file (`--signing-key-file`, which an operator mounts in each). The worker pulls the model from
+/// the object store into its scratch directory, pushes the artifacts, and cleans up; the API
+/// serves them, ranges included, and they verify under the API's key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fleet_on_postgres_and_s3_shares_no_directory() {
+    let s3 = modelpress::store::s3::LocalS3::start().expect("moto[server] (see .ci/run)");
+    s3.create_bucket("fleet").await.unwrap();
+    let db = PgDatabase::create().await;
+    let blob_url = format!("s3://fleet/{}", uuid::Uuid::new_v4().simple());
+    let shared = tempfile::tempdir().unwrap();
+    let key_file = shared.path().join("fleet.key");
+    let api = spawn_app_with(|c| {
+        c.database_url = Some(db.url.clone());
+        c.blob_url = Some(blob_url.clone());
+        c.blob_options = s3.options();
+        c.signing_key_file = Some(key_file.clone());
+        c.workers = Some(0);
+    })
+    .await;
+    let worker = spawn_worker_with(|c| {
+        c.database_url = Some(db.url.clone());
+        c.blob_url = Some(blob_url.clone());
+        c.blob_options = s3.options();
+        c.signing_key_file = Some(key_file.clone());
+        c.workers = Some(1);
+    })
+    .await;
+    let worker_data = worker.state.config.data_dir.clone();
+    let model = api
+        .upload(case_file("mnist8/mnist-8.onnx"), "mnist-8.onnx")
+        .await;
+    let job = api
+        .submit_json(json!({"model_id": model["id"], "preset": "int8", "latency": false}))
+        .await;
+    let id = job["id"].as_str().unwrap().to_string();
+    let done = wait_for(&api, &id, |j| {
+        j["state"] != "queued" && j["state"] != "running"
+    })
+    .await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    // Downloaded through the API, from the object store; a range too.
+    let out = api.dir.path().join("download");
+    std::fs::create_dir_all(&out).unwrap();
+    for name in crate::helpers::artifact_names(&done) {
+        std::fs::write(out.join(&name), api.download(&done, &name).await).unwrap();
+    }
+    let url = done["artifacts"][0]["url"].as_str().unwrap().to_string();
+    let part = api
+        .client
+        .get(api.url(&url))
+        .header("range", "bytes=0-9")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(part.status(), 206);
+    assert_eq!(part.bytes().await.unwrap().len(), 10);
+    let trusted = api.state.signer.public_key();
+    let verified = modelpress::manifest::verify_dir(&out, Some(&trusted)).expect("verifies");
+    assert!(verified.missing.is_empty(), "{:?}", verified.missing);
+    // Neither process keeps blobs or a key of its own on disk, and the worker's scratch
+    // directory is empty.
+    for data in [&api.state.config.data_dir, &worker_data] {
+        assert!(!data.join("blobs").exists(), "{}", data.display());
+        assert!(!data.join(modelpress::manifest::KEY_FILE).exists());
+    }
+    let left: Vec<_> = std::fs::read_dir(worker_data.join("tmp"))
+        .unwrap()
+        .collect();
+    assert!(left.is_empty(), "scratch files left: {left:?}");
+    // Deleting the model removes its objects from the store.
+    let r = api
+        .client
+        .delete(api.url(&format!("/v1/models/{}", model["id"].as_str().unwrap())))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let (s, _) = api.get_json(&url).await;
+    assert_eq!(s, 404);
+    worker.stop().await;
+    api.stop().await;
+    db.drop_now().await;
+}
