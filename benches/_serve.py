@@ -41,3 +41,14 @@ def start(binary, data_dir, workers, **env):
         except Exception:
             time.sleep(0.05)
     raise SystemExit("the server did not start")
+
+
+def all_jobs(base):
+    """Every job the server lists, following the cursor."""
+    out, cursor = [], None
+    while True:
+        page = call(base, "/v1/jobs?limit=500" + (f"&cursor={cursor}" if cursor else ""))
+        out += page["items"]
+        cursor = page["next_cursor"]
+        if not cursor:
+            return out

@@ -34,7 +34,7 @@ import urllib.request
 import uuid
 
 import _serve
-from _serve import call
+from _serve import all_jobs, call
 
 MODE, BIN = sys.argv[1], sys.argv[2]
 JOBS = int(sys.argv[3]) if len(sys.argv) > 3 else (60 if MODE == "kill" else 40)
@@ -94,16 +94,6 @@ class Fleet:
         self.s3.kill()
         self.s3.wait()
         psql(f"DROP DATABASE IF EXISTS {self.db} WITH (FORCE)")
-
-
-def all_jobs(base):
-    out, cursor = [], None
-    while True:
-        page = call(base, "/v1/jobs?limit=500" + (f"&cursor={cursor}" if cursor else ""))
-        out += page["items"]
-        cursor = page["next_cursor"]
-        if not cursor:
-            return out
 
 
 def submit(base, n, preset):

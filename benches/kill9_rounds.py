@@ -26,7 +26,7 @@ import tempfile
 import time
 
 import _serve
-from _serve import call
+from _serve import all_jobs, call
 
 BIN = sys.argv[1]
 ROUNDS = int(sys.argv[2]) if len(sys.argv) > 2 else 20
@@ -38,16 +38,6 @@ random.seed(20261205)
 def start(data):
     # A 2 s lease: a dead process's jobs come back quickly.
     return _serve.start(BIN, data, 2, MODELPRESS_LEASE_MS="2000")
-
-
-def all_jobs(base):
-    out, cursor = [], None
-    while True:
-        page = call(base, "/v1/jobs?limit=500" + (f"&cursor={cursor}" if cursor else ""))
-        out += page["items"]
-        cursor = page["next_cursor"]
-        if not cursor:
-            return out
 
 
 def main():

@@ -61,8 +61,21 @@ fn health_routes() -> Router<AppState> {
         .route("/metrics", get(health::metrics))
 }
 
+/// Request metrics by route, authorization, and JSON answers for unknown routes and methods:
+/// every listener has them.
+fn guarded(routes: Router<AppState>, state: &AppState) -> Router<AppState> {
+    routes
+        .route_layer(middleware::from_fn(track_metrics))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            crate::auth::authorize,
+        ))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+}
+
 pub fn router(state: AppState) -> Router {
-    health_routes()
+    let routes = health_routes()
         .route("/", get(dashboard::index))
         .route("/assets/app.js", get(dashboard::app_js))
         .route("/assets/style.css", get(dashboard::style_css))
@@ -87,14 +100,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/jobs/{id}/artifacts/{name}", get(artifacts::download))
         .route("/v1/jobs/{id}/webhooks", get(webhooks::deliveries))
         .route("/v1/webhook-secret", get(webhooks::secret))
-        .route("/v1/signing-key", get(webhooks::signing_key))
-        .route_layer(middleware::from_fn(track_metrics))
-        .layer(middleware::from_fn_with_state(
-            state.clone(),
-            crate::auth::authorize,
-        ))
-        .fallback(not_found)
-        .method_not_allowed_fallback(method_not_allowed)
+        .route("/v1/signing-key", get(webhooks::signing_key));
+    guarded(routes, &state)
         // Uploads are streamed to disk with their own limit; nothing is buffered whole.
         .layer(DefaultBodyLimit::disable())
         .layer(tower_http::trace::TraceLayer::new_for_http())
@@ -103,15 +110,7 @@ pub fn router(state: AppState) -> Router {
 
 /// A worker process's listener: liveness, readiness and metrics, nothing else.
 pub fn health_router(state: AppState) -> Router {
-    health_routes()
-        .route_layer(middleware::from_fn(track_metrics))
-        .layer(middleware::from_fn_with_state(
-            state.clone(),
-            crate::auth::authorize,
-        ))
-        .fallback(not_found)
-        .method_not_allowed_fallback(method_not_allowed)
-        .with_state(state)
+    guarded(health_routes(), &state).with_state(state)
 }
 
 async fn not_found() -> ApiError {
