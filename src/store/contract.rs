@@ -16,8 +16,8 @@ async fn local() -> (Store, Box<dyn std::any::Any + Send>) {
 async fn s3() -> (Store, Box<dyn std::any::Any + Send>) {
     let server = s3::LocalS3::start().expect("moto[server] (see .ci/run)");
     server.create_bucket("contract").await.unwrap();
-    let store =
-        s3::S3BlobStore::with_builder("s3://contract/some/prefix", server.builder()).unwrap();
+    let builder = s3::builder_with(&server.options()).unwrap();
+    let store = s3::S3BlobStore::with_builder("s3://contract/some/prefix", builder).unwrap();
     (Arc::new(store), Box::new(server))
 }
 

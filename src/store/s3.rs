@@ -66,11 +66,6 @@ pub fn builder_with(options: &[String]) -> Result<AmazonS3Builder, StoreError> {
 }
 
 impl S3BlobStore {
-    /// The store `url` names, configured from the environment's AWS variables.
-    pub fn from_url(url: &str) -> Result<S3BlobStore, StoreError> {
-        S3BlobStore::with_builder(url, AmazonS3Builder::from_env())
-    }
-
     /// The store `url` names, with an explicit client configuration (tests point it at a
     /// local S3-compatible server).
     pub fn with_builder(url: &str, builder: AmazonS3Builder) -> Result<S3BlobStore, StoreError> {
@@ -263,7 +258,8 @@ impl LocalS3 {
         Ok(s3)
     }
 
-    /// The `--blob-option` settings that reach this server.
+    /// The `--blob-option` settings that reach this server (path-style requests over plain
+    /// HTTP; see [`builder_with`]).
     pub fn options(&self) -> Vec<String> {
         vec![
             format!("aws_endpoint={}", self.endpoint),
@@ -272,16 +268,6 @@ impl LocalS3 {
             "aws_access_key_id=test".into(),
             "aws_secret_access_key=test".into(),
         ]
-    }
-
-    /// A client configuration for this server (path-style requests over plain HTTP).
-    pub fn builder(&self) -> AmazonS3Builder {
-        AmazonS3Builder::new()
-            .with_endpoint(&self.endpoint)
-            .with_allow_http(true)
-            .with_region("us-east-1")
-            .with_access_key_id("test")
-            .with_secret_access_key("test")
     }
 
     /// Creates a bucket (an S3 `CreateBucket`, which moto takes unsigned).
