@@ -126,9 +126,10 @@ async fn a_cancel_on_the_api_stops_the_run_on_the_worker() {
 }
 
 /// PostgreSQL and S3: the API process and the worker process share no directory, only the
-/// manifest signing key file (`--signing-key-file`, which an operator mounts in each). The worker pulls the model from
-/// the object store into its scratch directory, pushes the artifacts, and cleans up; the API
-/// serves them, ranges included, and they verify under the API's key.
+/// manifest signing key file (`--signing-key-file`, which an operator mounts in each). The
+/// worker pulls the model from the object store into its scratch directory, pushes the
+/// artifacts, and cleans up; the API serves them, ranges included, and they verify under the
+/// API's key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_fleet_on_postgres_and_s3_shares_no_directory() {
     let s3 = modelpress::store::s3::LocalS3::start().expect("moto[server] (see .ci/run)");
@@ -137,22 +138,16 @@ async fn a_fleet_on_postgres_and_s3_shares_no_directory() {
     let blob_url = format!("s3://fleet/{}", uuid::Uuid::new_v4().simple());
     let shared = tempfile::tempdir().unwrap();
     let key_file = shared.path().join("fleet.key");
-    let api = spawn_app_with(|c| {
+    // What every process of the fleet is told; each keeps its own data directory.
+    let fleet = |c: &mut modelpress::config::ServeConfig, workers: usize| {
         c.database_url = Some(db.url.clone());
         c.blob_url = Some(blob_url.clone());
         c.blob_options = s3.options();
         c.signing_key_file = Some(key_file.clone());
-        c.workers = Some(0);
-    })
-    .await;
-    let worker = spawn_worker_with(|c| {
-        c.database_url = Some(db.url.clone());
-        c.blob_url = Some(blob_url.clone());
-        c.blob_options = s3.options();
-        c.signing_key_file = Some(key_file.clone());
-        c.workers = Some(1);
-    })
-    .await;
+        c.workers = Some(workers);
+    };
+    let api = spawn_app_with(|c| fleet(c, 0)).await;
+    let worker = spawn_worker_with(|c| fleet(c, 1)).await;
     let worker_data = worker.state.config.data_dir.clone();
     let model = api
         .upload(case_file("mnist8/mnist-8.onnx"), "mnist-8.onnx")
