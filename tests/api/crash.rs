@@ -3,52 +3,18 @@
 
 use crate::helpers::*;
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-struct Server {
-    child: Child,
-    base: String,
-}
-
-fn start(data: &std::path::Path, failpoint: Option<&str>) -> Server {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_modelpress"));
-    cmd.env("MODELPRESS_ADDR", "127.0.0.1:0")
-        .env("MODELPRESS_DATA_DIR", data)
-        .env("MODELPRESS_WORKERS", "1")
-        .env("MODELPRESS_LEASE_MS", "1500")
-        .env("MODELPRESS_LOG_FORMAT", "json")
-        .env("RUST_LOG", "info")
-        .env_remove("MODELPRESS_FAILPOINT")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+fn start(data: &std::path::Path, failpoint: Option<&str>) -> Process {
+    let mut env = vec![
+        ("MODELPRESS_DATA_DIR", data.display().to_string()),
+        ("MODELPRESS_WORKERS", "1".to_string()),
+        ("MODELPRESS_LEASE_MS", "1500".to_string()),
+    ];
     if let Some(fp) = failpoint {
-        cmd.env("MODELPRESS_FAILPOINT", fp);
+        env.push(("MODELPRESS_FAILPOINT", fp.to_string()));
     }
-    let mut child = cmd.spawn().expect("start modelpress");
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut sent = false;
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if !sent {
-                if let Ok(v) = serde_json::from_str::<Value>(&line) {
-                    if v["fields"]["message"] == "modelpress listening" {
-                        let _ = tx.send(v["fields"]["addr"].as_str().unwrap_or("").to_string());
-                        sent = true;
-                    }
-                }
-            }
-        }
-    });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("server announced its address");
-    Server {
-        child,
-        base: format!("http://{addr}"),
-    }
+    Process::start(&[], &env)
 }
 
 async fn get(client: &reqwest::Client, url: String) -> Value {
@@ -165,12 +131,7 @@ async fn sigterm_drains_and_the_server_exits() {
     let client = reqwest::Client::new();
     let h = get(&client, format!("{}/healthz", server.base)).await;
     assert_eq!(h["status"], "ok");
-    let pid = server.child.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
+    server.terminate();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if let Some(status) = server.child.try_wait().unwrap() {

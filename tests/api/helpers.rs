@@ -407,3 +407,72 @@ pub async fn assert_refused(app: &TestApp, cases: Vec<(Value, u16, &str, &str)>)
         );
     }
 }
+
+/// A `modelpress` OS process of this build: `args` (`serve` or `worker`) and `env` on top of
+/// `MODELPRESS_ADDR=127.0.0.1:0`, JSON logs at `info` on a pipe that is read until the
+/// process announces its address (and drained after). `MODELPRESS_FAILPOINT` is not
+/// inherited.
+pub struct Process {
+    pub child: std::process::Child,
+    pub base: String,
+}
+
+impl Process {
+    pub fn start(args: &[&str], env: &[(&str, String)]) -> Process {
+        use std::io::{BufRead, BufReader};
+        use std::process::Stdio;
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_modelpress"));
+        cmd.args(args)
+            .env("MODELPRESS_ADDR", "127.0.0.1:0")
+            .env("MODELPRESS_LOG_FORMAT", "json")
+            .env("RUST_LOG", "info")
+            .env_remove("MODELPRESS_FAILPOINT")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("start modelpress");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut sent = false;
+            let mut before = Vec::new();
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if !sent {
+                    if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                        if v["fields"]["message"] == "modelpress listening" {
+                            let addr = v["fields"]["addr"].as_str().unwrap_or("").to_string();
+                            let _ = tx.send(Ok(addr));
+                            sent = true;
+                        }
+                    }
+                    before.push(line);
+                }
+            }
+            if !sent {
+                let _ = tx.send(Err(before.join("\n")));
+            }
+        });
+        let addr = match rx.recv_timeout(std::time::Duration::from_secs(60)) {
+            Ok(Ok(addr)) => addr,
+            Ok(Err(log)) => panic!("modelpress {args:?} exited before listening:\n{log}"),
+            Err(e) => panic!("modelpress {args:?} did not announce its address: {e}"),
+        };
+        Process {
+            child,
+            base: format!("http://{addr}"),
+        }
+    }
+
+    /// SIGTERM (`kill -TERM`; std has no way to send it without `unsafe`).
+    pub fn terminate(&self) {
+        let pid = self.child.id().to_string();
+        assert!(Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success());
+    }
+}
+
