@@ -177,6 +177,12 @@ pub struct ServeConfig {
     /// than this is free under the data directory, so the database always has room to write.
     #[arg(long, env = "MODELPRESS_MIN_FREE_BYTES", default_value_t = 64 << 20)]
     pub min_free_bytes: u64,
+    /// Most bytes of files a worker keeps in its scratch directory (its jobs' copies of their
+    /// inputs, and their outputs; 0: no cap but MODELPRESS_MIN_FREE_BYTES). A worker at its
+    /// cap claims nothing and `/readyz` answers 503; an input that would pass it sends the
+    /// job back to the queue for a worker with room.
+    #[arg(long, env = "MODELPRESS_SCRATCH_MAX_BYTES", default_value_t = 0)]
+    pub scratch_max_bytes: u64,
     /// Per tenant: most bytes of models, datasets and artifacts stored (0: no limit). An
     /// upload past it gets 507 `quota_exceeded`.
     #[arg(long, env = "MODELPRESS_QUOTA_STORED_BYTES", default_value_t = 0)]
@@ -271,6 +277,7 @@ impl ServeConfig {
             log_format: "text".into(),
             allow_anonymous: false,
             min_free_bytes: 64 << 20,
+            scratch_max_bytes: 0,
             quota_stored_bytes: 0,
             quota_concurrent_jobs: 0,
             quota_jobs_per_hour: 0,

@@ -19,13 +19,19 @@ pub async fn readyz(State(state): State<AppState>) -> Result<Json<Value>, ApiErr
     let draining = state.stop_claiming.is_cancelled();
     let free = state.blobs.free_bytes().await;
     let disk_ok = free.is_none_or(|f| f >= state.config.min_free_bytes);
-    if db && blobs && disk_ok && !draining {
+    // A process that runs workers needs room in its scratch directory too.
+    let scratch = if state.config.worker_count() > 0 {
+        crate::worker::scratch::refuse(&state.config, 0).await
+    } else {
+        None
+    };
+    if db && blobs && disk_ok && scratch.is_none() && !draining {
         Ok(Json(json!({"status": "ready", "free_bytes": free})))
     } else {
         Err(ApiError::new(
             ErrorCode::Unavailable,
             format!(
-                "not ready: database {}, blob store {}, disk {}, draining {draining}",
+                "not ready: database {}, blob store {}, disk {}, scratch {}, draining {draining}",
                 if db { "ok" } else { "down" },
                 if blobs { "ok" } else { "down" },
                 match free {
@@ -34,7 +40,8 @@ pub async fn readyz(State(state): State<AppState>) -> Result<Json<Value>, ApiErr
                         state.config.min_free_bytes
                     ),
                     _ => "ok".into(),
-                }
+                },
+                scratch.as_deref().unwrap_or("ok"),
             ),
         ))
     }

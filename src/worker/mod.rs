@@ -9,6 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tracing::Instrument;
 
+pub mod scratch;
+
 /// What one call to [`try_execute_one`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -23,6 +25,8 @@ pub enum Outcome {
     LeaseLost,
     /// The attempt failed for a reason that may pass; the job waits out a backoff.
     Retrying,
+    /// The scratch directory has no room (see [`scratch`]): nothing was claimed.
+    NoRoom,
 }
 
 /// The backoff before a failed attempt's retry: `base_ms` doubled for each attempt already
@@ -50,7 +54,9 @@ fn attempt_error(e: &anyhow::Error) -> (&'static str, String) {
         c.downcast_ref::<RunError>()
             .is_some_and(|r| matches!(r, RunError::Storage(_)))
     });
-    if disk_full {
+    if let Some(no_room) = e.chain().find_map(|c| c.downcast_ref::<scratch::NoRoom>()) {
+        ("insufficient_storage", no_room.0.clone())
+    } else if disk_full {
         (
             "insufficient_storage",
             "the server's disk was full while the job ran".into(),
@@ -76,7 +82,7 @@ pub fn spawn_pool(state: AppState, workers: usize) -> Vec<tokio::task::JoinHandl
                         break;
                     }
                     match try_execute_one_as(&state, &worker).await {
-                        Ok(Outcome::Empty) => {
+                        Ok(Outcome::Empty | Outcome::NoRoom) => {
                             tokio::select! {
                                 _ = state.job_queued.notified() => {}
                                 _ = tokio::time::sleep(idle) => {}
@@ -205,6 +211,11 @@ impl Control for JobControl {
 
 async fn try_execute_one_as(state: &AppState, worker: &str) -> anyhow::Result<Outcome> {
     let lease_ms = state.config.lease_ms as i64;
+    // A worker whose scratch directory is full leaves the queue to workers with room.
+    if let Some(why) = scratch::refuse(&state.config, 0).await {
+        tracing::warn!(worker, "not claiming: {why}");
+        return Ok(Outcome::NoRoom);
+    }
     let Some(job) = state.queue.claim(worker, lease_ms).await? else {
         return Ok(Outcome::Empty);
     };
@@ -274,6 +285,9 @@ async fn dataset_file(
     if tokio::fs::try_exists(&dest).await? {
         return Ok(Ok(dest));
     }
+    if let Some(why) = scratch::refuse(&state.config, d.size_bytes).await {
+        return Err(scratch::NoRoom(why).into());
+    }
     match state.blobs.fetch_to(&d.blob_key, &dest).await {
         Ok(()) => Ok(Ok(dest)),
         Err(crate::store::StoreError::NotFound(_)) => Ok(Err(format!(
@@ -306,6 +320,9 @@ async fn run_claimed(state: &AppState, worker: &str, job: JobRecord) -> anyhow::
         .tempdir_in(state.config.scratch_dir())?;
     // A model whose file is gone fails now (retrying cannot bring it back).
     let input = work.path().join("model");
+    if let Some(why) = scratch::refuse(&state.config, model.size_bytes).await {
+        return Err(scratch::NoRoom(why).into());
+    }
     match state.blobs.fetch_to(&model.blob_key, &input).await {
         Ok(()) => {}
         Err(crate::store::StoreError::NotFound(_)) => {

@@ -170,7 +170,7 @@ impl TestApp {
         let mut outcomes = Vec::new();
         loop {
             match worker::try_execute_one(&self.state).await.expect("execute") {
-                Outcome::Empty => return outcomes,
+                Outcome::Empty | Outcome::NoRoom => return outcomes,
                 o => outcomes.push(o),
             }
         }

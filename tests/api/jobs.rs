@@ -684,3 +684,75 @@ async fn weights_that_collapse_warn_weight_error_high() {
     assert!(codes[1].is_empty(), "{codes:?}");
     app.stop().await;
 }
+
+async fn wait_for_state(app: &TestApp, id: &str, state: &str) -> Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let job = app.job(id).await;
+        if job["state"] == state {
+            return job;
+        }
+        assert!(std::time::Instant::now() < deadline, "never {state}: {job}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// MODELPRESS_SCRATCH_MAX_BYTES bounds what a worker holds in its scratch directory. At its
+/// cap it claims nothing and `/readyz` says why; once room comes back the job runs. A model
+/// that alone would pass the cap sends its job back to the queue with a backoff
+/// (`insufficient_storage`), and fails once its attempts are spent, leaving nothing behind.
+#[tokio::test]
+async fn a_bounded_scratch_directory_holds_jobs_back_and_refuses_inputs_past_its_cap() {
+    let app = spawn_app_with(|c| {
+        c.workers = Some(1);
+        c.scratch_max_bytes = 100_000;
+        c.max_attempts = 2;
+        c.retry_backoff_ms = 50;
+    })
+    .await;
+    let scratch = app.state.config.scratch_dir();
+    let filler = scratch.join("filler");
+    std::fs::write(&filler, vec![0u8; 100_000]).unwrap();
+    let (status, body) = app.get_json("/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("MODELPRESS_SCRATCH_MAX_BYTES"),
+        "{body}"
+    );
+    let id = mnist_int8_job(&app).await;
+    // The worker polls twice a second; over three polls it claims nothing.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let job = app.job(&id).await;
+    assert_eq!(job["state"], "queued", "{job}");
+    assert_eq!(job["attempts"], 0, "{job}");
+    // Room again: the same worker runs it.
+    std::fs::remove_file(&filler).unwrap();
+    assert_eq!(app.get_json("/readyz").await.0, 200);
+    wait_for_state(&app, &id, "succeeded").await;
+    // digits_mlp.onnx (204,592 B) alone passes the 100,000 B cap.
+    let m = app
+        .upload(
+            case_file("digits_mlp_control/digits_mlp.onnx"),
+            "digits.onnx",
+        )
+        .await;
+    let j = app
+        .submit_json(json!({"model_id": m["id"], "preset": "fp16", "latency": false}))
+        .await;
+    let job = wait_for_state(&app, j["id"].as_str().unwrap(), "failed").await;
+    assert_eq!(error_code(&job), "insufficient_storage", "{job}");
+    assert!(
+        job["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("MODELPRESS_SCRATCH_MAX_BYTES"),
+        "{job}"
+    );
+    assert_eq!(job["attempts"], 2, "{job}");
+    let left: Vec<_> = std::fs::read_dir(&scratch).unwrap().collect();
+    assert!(left.is_empty(), "scratch files left: {left:?}");
+    app.stop().await;
+}
