@@ -476,3 +476,10 @@ impl Process {
     }
 }
 
+/// A test that fails leaves no process behind (SIGKILL; a no-op for one that has exited).
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -19,6 +19,7 @@ mod helpers;
 mod jobs;
 mod models;
 mod openapi;
+mod processes;
 mod readme;
 mod snapshots;
 mod train;
