@@ -15,9 +15,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
+
+import _serve
 
 BIN, OUT = os.path.abspath(sys.argv[1]), os.path.abspath(sys.argv[2])
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -85,14 +86,6 @@ def bench_minilm():
     }
 
 
-def rss_mib(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
-
-
 def bench_upload():
     data = tempfile.mkdtemp(prefix="mp-bench-", dir=OUT)
     port = 18000 + os.getpid() % 1000
@@ -108,39 +101,7 @@ def bench_upload():
                 break
             except OSError:
                 time.sleep(0.1)
-        time.sleep(0.5)
-        idle = rss_mib(srv.pid)
-        # A 1 GiB float32 .npy: header + 2^28 floats, written sparsely.
-        path = os.path.join(OUT, "big.npy")
-        n = (1 << 30) // 4
-        header = "{'descr': '<f4', 'fortran_order': False, 'shape': (%d,), }" % n
-        header += " " * (64 - (10 + len(header) + 1) % 64) + "\n"
-        with open(path, "wb") as f:
-            f.write(b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode())
-            f.truncate(f.tell() + n * 4)
-        peak = [idle]
-        done = threading.Event()
-
-        def sample():
-            while not done.is_set():
-                peak[0] = max(peak[0], rss_mib(srv.pid))
-                time.sleep(0.02)
-
-        th = threading.Thread(target=sample)
-        th.start()
-        t0 = time.perf_counter()
-        out = subprocess.run(
-            ["curl", "-sS", "-T", path, "-X", "POST", "-H", "content-type: application/octet-stream",
-             base + "/v1/models?name=big.npy"], capture_output=True, text=True, check=True)
-        secs = time.perf_counter() - t0
-        done.set()
-        th.join()
-        size = os.path.getsize(path)
-        os.remove(path)
-        body = json.loads(out.stdout)
-        assert body.get("size_bytes") == size and body.get("format") == "npy", body
-        return {"idle_rss_mib": idle, "peak_rss_mib": peak[0], "above_idle_mib": peak[0] - idle,
-                "upload_s": secs, "throughput_mib_s": 1024 / secs, "response": body}
+        return _serve.upload_1gib(srv.pid, base, OUT)
     finally:
         srv.terminate()
         srv.wait()
