@@ -3,6 +3,7 @@
 
     python3 benches/fleet.py kill BINARY [JOBS]        # default 60 jobs
     python3 benches/fleet.py throughput BINARY [JOBS]  # default 40 jobs per run
+    python3 benches/fleet.py upload BINARY             # 1 GiB upload into S3
 
 BINARY is a modelpress built with the `failpoints` feature (the `cargo test --all-features`
 build, target/debug/modelpress) for `kill`; any build for `throughput`. Each run makes its own
@@ -21,6 +22,11 @@ killed worker's job copy stays until it starts again). Prints one JSON object.
 
 throughput: JOBS small jobs (mnist-8 int8) with 1 and then 2 worker processes (one worker
 each), jobs per minute from the first submit to the last job's end. Prints one JSON object.
+
+upload: the API process alone on PostgreSQL + S3; a 1 GiB float32 .npy uploaded with
+`curl -T` while the process's RSS is sampled every 20 ms (as benches/e2e.py does on the local
+store); then the bucket's objects and the API's scratch directory are listed. Prints one JSON
+object.
 """
 import hashlib
 import json
@@ -50,12 +56,20 @@ class Fleet:
     def __init__(self, d, lease_ms, failpoint=None):
         self.d = d
         self.db = f"mp_fleet_{uuid.uuid4().hex}"
+        self.s3, self.api, self.workers = None, None, {}
+        try:
+            self._start(d, lease_ms, failpoint)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, d, lease_ms, failpoint):
         psql(f"CREATE DATABASE {self.db}")
         self.db_url = ADMIN.rsplit("/", 1)[0] + "/" + self.db
         port = _serve.free_port()
         self.s3 = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        endpoint = f"http://127.0.0.1:{port}"
+        endpoint = self.endpoint = f"http://127.0.0.1:{port}"
         for _ in range(600):
             try:
                 urllib.request.urlopen(urllib.request.Request(endpoint + "/fleet", method="PUT"), timeout=2)
@@ -70,7 +84,6 @@ class Fleet:
         if failpoint:
             self.env["MODELPRESS_FAILPOINT"] = failpoint
         self.api, self.base = _serve.start(BIN, os.path.join(d, "api"), 0, **self.env)
-        self.workers = {}
 
     def start_worker(self, name):
         port = _serve.free_port()
@@ -88,11 +101,12 @@ class Fleet:
 
     def stop(self):
         for p in list(self.workers.values()) + [self.api]:
-            if p.poll() is None:
+            if p is not None and p.poll() is None:
                 p.send_signal(signal.SIGTERM)
                 p.wait()
-        self.s3.kill()
-        self.s3.wait()
+        if self.s3 is not None:
+            self.s3.kill()
+            self.s3.wait()
         psql(f"DROP DATABASE IF EXISTS {self.db} WITH (FORCE)")
 
 
@@ -180,4 +194,23 @@ def throughput():
     print(json.dumps(out, indent=1))
 
 
-{"kill": kill, "throughput": throughput}[MODE]()
+def upload():
+    with tempfile.TemporaryDirectory() as d:
+        f = Fleet(d, lease_ms=30000)
+        try:
+            out = _serve.upload_1gib(f.api.pid, f.base, d)
+            model = out.pop("response")
+            # The object in the bucket (boto3 comes with moto), against what the API answered.
+            import boto3
+            s3 = boto3.client("s3", endpoint_url=f.endpoint, region_name="us-east-1",
+                              aws_access_key_id="test", aws_secret_access_key="test")
+            objects = s3.list_objects_v2(Bucket="fleet", Prefix="run/").get("Contents", [])
+            out["size_bytes"] = model["size_bytes"]
+            out["bucket_objects"] = [{"key": o["Key"], "size": o["Size"]} for o in objects]
+            out["scratch_entries_left"] = os.listdir(os.path.join(d, "api", "tmp"))
+            print(json.dumps(out, indent=1))
+        finally:
+            f.stop()
+
+
+{"kill": kill, "throughput": throughput, "upload": upload}[MODE]()
