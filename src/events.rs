@@ -39,6 +39,9 @@ pub enum Kind {
     Progress,
     /// The job reached a terminal state; the stream ends after it.
     Done,
+    /// Not a job's event: events from other processes may have been lost (see
+    /// [`Hub::gap`]); every stream catches up from the database. Never relayed.
+    Gap,
 }
 
 impl Kind {
@@ -52,6 +55,7 @@ impl Kind {
             Kind::State => "state",
             Kind::Progress => "progress",
             Kind::Done => "done",
+            Kind::Gap => "gap",
         }
     }
 }
@@ -192,6 +196,18 @@ impl Hub {
             "detail": detail,
         });
         self.send(tenant, job, Kind::Progress, data);
+    }
+
+    /// The connection that brings other processes' events was lost and reopened: what they
+    /// announced meanwhile is gone. Every stream of this process catches up (a job's stream
+    /// reads its job again; `/v1/events` gets `resync`).
+    pub fn gap(&self) {
+        self.broadcast(
+            "",
+            Uuid::nil(),
+            Kind::Gap,
+            json!({"reason": "notifications between processes were interrupted"}),
+        );
     }
 }
 

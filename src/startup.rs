@@ -184,6 +184,10 @@ async fn connect_processes(state: &AppState, db: &Arc<dyn Database>) -> anyhow::
             match notice {
                 Notice::JobQueued => hub_state.job_queued.notify_waiters(),
                 Notice::Event(text) => hub_state.events.deliver_remote(&text),
+                Notice::Gap => {
+                    hub_state.job_queued.notify_waiters();
+                    hub_state.events.gap();
+                }
             }
         }
     });

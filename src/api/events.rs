@@ -73,7 +73,9 @@ impl Follow {
                 // Shutdown closes the streams so the server can drain; clients reconnect.
                 _ = stop.cancelled() => return None,
             };
-            match got {
+            // What this stream may have missed, when it did.
+            let missed = match got {
+                Ok(ev) if ev.kind == Kind::Gap => ev.data.clone(),
                 Ok(ev) => {
                     if ev.tenant != self.tenant || self.job.is_some_and(|j| j != ev.job) {
                         continue;
@@ -83,23 +85,24 @@ impl Follow {
                     }
                     return Some(from_hub(&ev));
                 }
-                Err(RecvError::Lagged(skipped)) => match self.job {
-                    // This stream fell behind: read the job again and carry on from there.
-                    Some(id) => match self.state.queue.get_job(&self.tenant, id).await {
-                        Ok(Some(j)) => self.snapshot(&j),
-                        Ok(None) => return None,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "event stream could not re-read its job");
-                            return None;
-                        }
-                    },
-                    None => {
-                        let data = serde_json::json!({"skipped": skipped});
-                        let id = self.state.events.next_id();
-                        return Some(sse(id, "resync", &data));
+                // This stream fell behind.
+                Err(RecvError::Lagged(skipped)) => serde_json::json!({"skipped": skipped}),
+                Err(RecvError::Closed) => return None,
+            };
+            match self.job {
+                // Read the job again and carry on from there.
+                Some(id) => match self.state.queue.get_job(&self.tenant, id).await {
+                    Ok(Some(j)) => self.snapshot(&j),
+                    Ok(None) => return None,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "event stream could not re-read its job");
+                        return None;
                     }
                 },
-                Err(RecvError::Closed) => return None,
+                None => {
+                    let id = self.state.events.next_id();
+                    return Some(sse(id, "resync", &missed));
+                }
             }
         }
     }

@@ -700,6 +700,7 @@ pub async fn notices_between_processes(db: Db, _clock: Arc<ManualClock>) {
                 .unwrap_or(t.clone())
         }
         Notice::JobQueued => "wake".into(),
+        Notice::Gap => "gap".into(),
     };
     async fn take(rx: &mut tokio::sync::mpsc::Receiver<Notice>, n: usize) -> Vec<Notice> {
         let mut out = Vec::new();

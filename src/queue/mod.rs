@@ -441,6 +441,9 @@ pub enum Notice {
     JobQueued,
     /// A job event another process published (`crate::events`), as its JSON text.
     Event(String),
+    /// The connection that listens was lost and has been reopened: whatever was announced
+    /// meanwhile is gone (idle workers look for jobs, event streams catch up).
+    Gap,
 }
 
 /// Everything the server keeps in its database, behind one handle.

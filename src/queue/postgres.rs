@@ -158,9 +158,8 @@ impl PgStore {
         self.pool.close().await;
     }
 
-    /// Listens on both channels and forwards what arrives. A lost connection is reopened (its
-    /// notices are gone: idle workers also poll, and event streams re-read the job when they
-    /// reconnect).
+    /// Listens on both channels and forwards what arrives. A lost connection is reopened at
+    /// once, and [`Notice::Gap`] says that what was announced meanwhile is gone.
     pub async fn listen(&self, tx: tokio::sync::mpsc::Sender<Notice>) -> Result<(), QueueError> {
         let mut listener = PgListener::connect_with(&self.pool).await?;
         listener
@@ -169,27 +168,29 @@ impl PgStore {
         let closing = self.closing.clone();
         tokio::spawn(async move {
             loop {
+                // `try_recv` (not `recv`, which reconnects silently) tells of a lost
+                // connection; the next call reconnects and listens again.
                 let next = tokio::select! {
-                    n = listener.recv() => n,
+                    n = listener.try_recv() => n,
                     _ = closing.cancelled() => break,
                     _ = tx.closed() => break,
                 };
-                match next {
+                let notice = match next {
                     Err(sqlx::Error::PoolClosed) => break,
-                    Ok(n) => {
-                        let notice = if n.channel() == QUEUED_CHANNEL {
-                            Notice::JobQueued
-                        } else {
-                            Notice::Event(n.payload().to_string())
-                        };
-                        if tx.send(notice).await.is_err() {
-                            break;
-                        }
+                    Ok(Some(n)) if n.channel() == QUEUED_CHANNEL => Notice::JobQueued,
+                    Ok(Some(n)) => Notice::Event(n.payload().to_string()),
+                    Ok(None) => {
+                        tracing::warn!("database notifications interrupted; listening again");
+                        Notice::Gap
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "database notifications interrupted; reconnecting");
                         tokio::time::sleep(Duration::from_secs(1)).await;
+                        Notice::Gap
                     }
+                };
+                if tx.send(notice).await.is_err() {
+                    break;
                 }
             }
         });

@@ -102,6 +102,71 @@ async fn a_worker_process_runs_what_the_api_queued_and_the_api_streams_its_progr
     db.drop_now().await;
 }
 
+/// The connection that listens for other processes' notices is cut (PostgreSQL terminates
+/// it). What was announced meanwhile is gone, so the API's `/v1/events` stream gets `resync`
+/// (the client lists the jobs again); the listener reconnects at once, and a job queued
+/// afterwards is run by the worker and streamed by the API as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cut_notification_connection_resyncs_the_streams_and_reconnects() {
+    let db = PgDatabase::create().await;
+    let (api, worker) = fleet(&db, 0).await;
+    let resp = api.client.get(api.url("/v1/events")).send().await.unwrap();
+    let reader = tokio::spawn(read_events(resp, Duration::from_secs(120), |evs| {
+        evs.iter().any(|e| e.event == "done")
+    }));
+    let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+    let cut: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = current_database() AND pid <> pg_backend_pid() AND query ILIKE '%LISTEN%'",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(cut.len(), 2, "one listening connection per process");
+    pool.close().await;
+    // Both processes listen again; then a job goes through as usual.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let admin = sqlx::PgPool::connect(&db.url).await.unwrap();
+    loop {
+        let listening: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND query ILIKE '%LISTEN%' AND pid <> pg_backend_pid()",
+        )
+        .fetch_one(&admin)
+        .await
+        .unwrap();
+        if listening == 2 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the listeners did not reconnect"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    admin.close().await;
+    let model = api
+        .upload(case_file("mnist8/mnist-8.onnx"), "mnist-8.onnx")
+        .await;
+    let job = api
+        .submit_json(json!({"model_id": model["id"], "preset": "int8", "latency": false}))
+        .await;
+    let id = job["id"].as_str().unwrap().to_string();
+    let evs = reader.await.unwrap();
+    let resync: Vec<_> = evs.iter().filter(|e| e.event == "resync").collect();
+    assert_eq!(resync.len(), 1, "{evs:?}");
+    assert!(resync[0].data["reason"].is_string(), "{evs:?}");
+    let states: Vec<&str> = evs
+        .iter()
+        .filter(|e| e.event == "state" && e.data["job_id"] == *id)
+        .filter_map(|e| e.data["state"].as_str())
+        .collect();
+    assert_eq!(states, ["queued", "running", "succeeded"], "{evs:?}");
+    worker.stop().await;
+    api.stop().await;
+    db.drop_now().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_cancel_on_the_api_stops_the_run_on_the_worker() {
     if !cfg!(feature = "failpoints") {
