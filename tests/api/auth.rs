@@ -440,14 +440,13 @@ async fn off_loopback_the_server_needs_a_key_or_allow_anonymous() {
     task.abort();
 }
 
-fn cli(data: &std::path::Path, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_modelpress"))
-        .arg("keys")
-        .args(args)
-        .arg("--data-dir")
-        .arg(data)
-        .output()
-        .unwrap();
+fn cli(data: &std::path::Path, db: Option<&str>, args: &[&str]) -> (i32, String, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_modelpress"));
+    cmd.arg("keys").args(args).arg("--data-dir").arg(data);
+    if let Some(url) = db {
+        cmd.arg("--database-url").arg(url);
+    }
+    let out = cmd.output().unwrap();
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).trim().to_string(),
@@ -459,12 +458,25 @@ fn cli(data: &std::path::Path, args: &[&str]) -> (i32, String, String) {
 /// `keys list` never shows a key, only its first characters, and records its last use.
 #[tokio::test]
 async fn the_keys_cli_creates_lists_and_revokes() {
+    keys_cli_round_trip(None).await;
+}
+
+/// The same against PostgreSQL (`--database-url`), where a fleet keeps its keys.
+#[tokio::test]
+async fn the_keys_cli_creates_lists_and_revokes_on_postgres() {
+    let db = crate::helpers::PgDatabase::create().await;
+    keys_cli_round_trip(Some(&db.url)).await;
+    db.drop_now().await;
+}
+
+async fn keys_cli_round_trip(db: Option<&str>) {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let (code, key, err) = cli(&data, &["create", "--tenant", "acme", "--scope", "write"]);
+    let cli = |args: &[&str]| cli(&data, db, args);
+    let (code, key, err) = cli(&["create", "--tenant", "acme", "--scope", "write"]);
     assert_eq!(code, 0, "{err}");
     assert!(key.starts_with("mp_") && key.len() == 67, "{key}");
-    let app = spawn_app_in(dir, |_| {}).await;
+    let app = spawn_app_in(dir, |c| c.database_url = db.map(str::to_string)).await;
     let get = |k: &str| {
         app.client
             .get(app.url("/v1/models"))
@@ -481,7 +493,7 @@ async fn the_keys_cli_creates_lists_and_revokes() {
             .status(),
         401
     );
-    let (code, listed, _) = cli(&data, &["list", "--json"]);
+    let (code, listed, _) = cli(&["list", "--json"]);
     assert_eq!(code, 0);
     assert!(!listed.contains(&key), "the key itself is never listed");
     let list: Value = serde_json::from_str(&listed).unwrap();
@@ -489,7 +501,7 @@ async fn the_keys_cli_creates_lists_and_revokes() {
     assert_eq!(list[0]["prefix"], key[..11]);
     assert!(list[0]["last_used_at"].is_string(), "{list}");
     let id = list[0]["id"].as_str().unwrap();
-    let (code, _, err) = cli(&data, &["revoke", id]);
+    let (code, _, err) = cli(&["revoke", id]);
     assert_eq!(code, 0, "{err}");
     assert_eq!(get(&key).await.unwrap().status(), 401);
     // With every key revoked the loopback server is open again, as before the first key.
@@ -502,9 +514,9 @@ async fn the_keys_cli_creates_lists_and_revokes() {
             .status(),
         200
     );
-    let (code, _, err) = cli(&data, &["create", "--tenant", "no spaces"]);
+    let (code, _, err) = cli(&["create", "--tenant", "no spaces"]);
     assert_eq!(code, 2, "{err}");
-    let (code, _, err) = cli(&data, &["revoke", "not-an-id"]);
+    let (code, _, err) = cli(&["revoke", "not-an-id"]);
     assert_eq!(code, 2, "{err}");
     app.stop().await;
 }
