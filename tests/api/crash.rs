@@ -94,20 +94,7 @@ async fn kill_9_during_a_job_then_restart_completes_it_exactly_once() {
         ],
         "no duplicate artifacts"
     );
-    for a in done["artifacts"].as_array().unwrap() {
-        let bytes = client
-            .get(format!("{}{}", server.base, a["url"].as_str().unwrap()))
-            .send()
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap();
-        assert_eq!(
-            modelpress::runner::sha256_hex(&bytes),
-            a["sha256"].as_str().unwrap()
-        );
-    }
+    assert_artifacts_download(&client, &server.base, &done).await;
     let jobs = get(&client, format!("{}/v1/jobs", server.base)).await;
     assert_eq!(
         jobs["items"].as_array().unwrap().len(),

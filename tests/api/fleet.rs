@@ -5,7 +5,9 @@
 //! removes that.)
 
 use crate::events::read_events;
-use crate::helpers::{case_file, spawn_app_with, spawn_worker_with, PgDatabase, TestApp};
+use crate::helpers::{
+    case_file, mnist_int8_job, spawn_app_with, spawn_worker_with, PgDatabase, TestApp,
+};
 use serde_json::{json, Value};
 use std::time::Duration;
 
@@ -62,13 +64,7 @@ async fn a_worker_process_runs_what_the_api_queued_and_the_api_streams_its_progr
     let reader = tokio::spawn(read_events(resp, Duration::from_secs(120), |evs| {
         evs.iter().any(|e| e.event == "done")
     }));
-    let model = api
-        .upload(case_file("mnist8/mnist-8.onnx"), "mnist-8.onnx")
-        .await;
-    let job = api
-        .submit_json(json!({"model_id": model["id"], "preset": "int8", "latency": false}))
-        .await;
-    let id = job["id"].as_str().unwrap().to_string();
+    let id = mnist_int8_job(&api).await;
     let evs = reader.await.unwrap();
     let mine: Vec<_> = evs.iter().filter(|e| e.data["job_id"] == *id).collect();
     let states: Vec<&str> = mine
@@ -145,13 +141,7 @@ async fn a_cut_notification_connection_resyncs_the_streams_and_reconnects() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     admin.close().await;
-    let model = api
-        .upload(case_file("mnist8/mnist-8.onnx"), "mnist-8.onnx")
-        .await;
-    let job = api
-        .submit_json(json!({"model_id": model["id"], "preset": "int8", "latency": false}))
-        .await;
-    let id = job["id"].as_str().unwrap().to_string();
+    let id = mnist_int8_job(&api).await;
     let evs = reader.await.unwrap();
     let resync: Vec<_> = evs.iter().filter(|e| e.event == "resync").collect();
     assert_eq!(resync.len(), 1, "{evs:?}");
@@ -174,13 +164,7 @@ async fn a_cancel_on_the_api_stops_the_run_on_the_worker() {
     }
     let db = PgDatabase::create().await;
     let (api, worker) = fleet(&db, 400).await;
-    let model = api
-        .upload(case_file("mnist8/mnist-8.onnx"), "mnist-8.onnx")
-        .await;
-    let job = api
-        .submit_json(json!({"model_id": model["id"], "preset": "int8", "latency": false}))
-        .await;
-    let id = job["id"].as_str().unwrap().to_string();
+    let id = mnist_int8_job(&api).await;
     wait_for(&api, &id, |j| j["state"] == "running").await;
     assert_eq!(api.cancel(&id).await.status(), 202);
     let end = wait_for(&api, &id, |j| j["state"] != "running").await;

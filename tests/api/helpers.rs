@@ -264,6 +264,27 @@ pub async fn mnist_int8_job(app: &TestApp) -> String {
     job["id"].as_str().unwrap().to_string()
 }
 
+/// Downloads each of `job`'s artifacts from the server at `base` and checks it against the
+/// sha256 the job lists.
+pub async fn assert_artifacts_download(client: &reqwest::Client, base: &str, job: &Value) {
+    for a in job["artifacts"].as_array().unwrap() {
+        let bytes = client
+            .get(format!("{base}{}", a["url"].as_str().unwrap()))
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        assert_eq!(
+            modelpress::runner::sha256_hex(&bytes),
+            a["sha256"].as_str().unwrap(),
+            "{}",
+            a["name"]
+        );
+    }
+}
+
 /// The names of a job's artifacts, in the order the job lists them.
 pub fn artifact_names(job: &Value) -> Vec<String> {
     job["artifacts"]

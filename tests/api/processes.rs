@@ -11,7 +11,7 @@
 #![cfg(feature = "failpoints")]
 
 use crate::events::read_events;
-use crate::helpers::{case_file, PgDatabase, Process};
+use crate::helpers::{assert_artifacts_download, case_file, PgDatabase, Process};
 use serde_json::{json, Value};
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -209,20 +209,7 @@ async fn one_api_and_three_worker_processes_survive_a_sigkill_and_a_restart() {
     );
     // Every artifact downloads through the API process, with the sha256 the job lists.
     for j in &jobs {
-        for a in j["artifacts"].as_array().unwrap() {
-            let bytes = client
-                .get(format!("{base}{}", a["url"].as_str().unwrap()))
-                .send()
-                .await
-                .unwrap()
-                .bytes()
-                .await
-                .unwrap();
-            assert_eq!(
-                modelpress::runner::sha256_hex(&bytes),
-                a["sha256"].as_str().unwrap()
-            );
-        }
+        assert_artifacts_download(&client, &base, j).await;
     }
     // Only the finishing attempt's artifacts are recorded.
     let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
