@@ -22,14 +22,7 @@ impl LocalBlobStore {
     }
 
     fn path(&self, key: &str) -> Result<PathBuf, StoreError> {
-        // Keys are built by this program, but never let one escape the root.
-        if key.is_empty()
-            || key
-                .split('/')
-                .any(|p| p.is_empty() || p == "." || p == "..")
-        {
-            return Err(StoreError::NotFound(key.to_string()));
-        }
+        super::check_key(key)?;
         Ok(self.root.join("blobs").join(key))
     }
 

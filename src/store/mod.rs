@@ -25,6 +25,19 @@ pub enum StoreError {
     Io(#[from] std::io::Error),
 }
 
+/// Refuses a key that could escape the store's root (keys are built by this program, but
+/// never let one): empty, or with an empty, `.` or `..` segment. Such a key is NotFound.
+pub(crate) fn check_key(key: &str) -> Result<(), StoreError> {
+    if key.is_empty()
+        || key
+            .split('/')
+            .any(|p| p.is_empty() || p == "." || p == "..")
+    {
+        return Err(StoreError::NotFound(key.to_string()));
+    }
+    Ok(())
+}
+
 /// The store a process uses: `s3://bucket/prefix` (S3-compatible object storage), or
 /// without a URL the `blobs/` directory under the data directory.
 pub fn open(

@@ -81,14 +81,7 @@ impl S3BlobStore {
     }
 
     fn path(&self, key: &str) -> Result<ObjectPath, StoreError> {
-        // Keys are built by this program, but never let one escape the prefix.
-        if key.is_empty()
-            || key
-                .split('/')
-                .any(|p| p.is_empty() || p == "." || p == "..")
-        {
-            return Err(StoreError::NotFound(key.to_string()));
-        }
+        super::check_key(key)?;
         let full = if self.prefix.is_empty() {
             key.to_string()
         } else {
