@@ -26,9 +26,7 @@ impl Room {
     pub fn measure(dir: &Path) -> Room {
         Room {
             used: tree_bytes(dir),
-            free: rustix::fs::statvfs(dir)
-                .ok()
-                .map(|v| v.f_bavail.saturating_mul(v.f_frsize)),
+            free: free_bytes(dir),
         }
     }
 
@@ -54,22 +52,33 @@ impl Room {
     }
 }
 
-/// The scratch directory's room now.
-pub async fn room(config: &ServeConfig) -> Room {
-    let dir = config.scratch_dir();
-    tokio::task::spawn_blocking(move || Room::measure(&dir))
-        .await
-        .unwrap_or(Room {
-            used: 0,
-            free: None,
-        })
+/// Why `need` more bytes do not fit in the scratch directory under `config`'s limits. It runs
+/// before every claim: without a cap only the file system is asked (the walk that counts the
+/// directory's files is needed for a cap alone).
+pub async fn refuse(config: &ServeConfig, need: u64) -> Option<String> {
+    let (dir, cap) = (config.scratch_dir(), config.scratch_max_bytes);
+    let room = tokio::task::spawn_blocking(move || {
+        if cap > 0 {
+            Room::measure(&dir)
+        } else {
+            Room {
+                used: 0,
+                free: free_bytes(&dir),
+            }
+        }
+    })
+    .await
+    .unwrap_or(Room {
+        used: 0,
+        free: None,
+    });
+    room.refuse(need, config.min_free_bytes, cap)
 }
 
-/// Why `need` more bytes do not fit in the scratch directory under `config`'s limits.
-pub async fn refuse(config: &ServeConfig, need: u64) -> Option<String> {
-    room(config)
-        .await
-        .refuse(need, config.min_free_bytes, config.scratch_max_bytes)
+fn free_bytes(dir: &Path) -> Option<u64> {
+    rustix::fs::statvfs(dir)
+        .ok()
+        .map(|v| v.f_bavail.saturating_mul(v.f_frsize))
 }
 
 /// A claimed job's input that does not fit: the attempt goes back to the queue with a
