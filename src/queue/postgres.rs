@@ -20,6 +20,15 @@ use super::columns::{
     KEY as KEY_COLUMNS, MODEL as MODEL_COLUMNS,
 };
 
+/// A connection of `pool` that listens on both channels.
+async fn open_listener(pool: &PgPool) -> Result<PgListener, sqlx::Error> {
+    let mut listener = PgListener::connect_with(pool).await?;
+    listener
+        .listen_all([QUEUED_CHANNEL, EVENTS_CHANNEL])
+        .await?;
+    Ok(listener)
+}
+
 /// The channel a trigger notifies when a job becomes claimable.
 pub const QUEUED_CHANNEL: &str = "modelpress_job_queued";
 /// The channel job events travel on between processes.
@@ -158,18 +167,16 @@ impl PgStore {
         self.pool.close().await;
     }
 
-    /// Listens on both channels and forwards what arrives. A lost connection is reopened at
-    /// once, and [`Notice::Gap`] says that what was announced meanwhile is gone.
+    /// Listens on both channels and forwards what arrives. A lost connection is reopened, and
+    /// once this process listens again, [`Notice::Gap`] says that what was announced
+    /// meanwhile is gone (sent then, not before: what a stream re-reads on it is current).
     pub async fn listen(&self, tx: tokio::sync::mpsc::Sender<Notice>) -> Result<(), QueueError> {
-        let mut listener = PgListener::connect_with(&self.pool).await?;
-        listener
-            .listen_all([QUEUED_CHANNEL, EVENTS_CHANNEL])
-            .await?;
-        let closing = self.closing.clone();
+        let mut listener = open_listener(&self.pool).await?;
+        let (closing, pool) = (self.closing.clone(), self.pool.clone());
         tokio::spawn(async move {
             loop {
                 // `try_recv` (not `recv`, which reconnects silently) tells of a lost
-                // connection; the next call reconnects and listens again.
+                // connection.
                 let next = tokio::select! {
                     n = listener.try_recv() => n,
                     _ = closing.cancelled() => break,
@@ -179,13 +186,28 @@ impl PgStore {
                     Err(sqlx::Error::PoolClosed) => break,
                     Ok(Some(n)) if n.channel() == QUEUED_CHANNEL => Notice::JobQueued,
                     Ok(Some(n)) => Notice::Event(n.payload().to_string()),
+                    // Lost, and already listening again on a new connection (sqlx reconnects
+                    // at once).
                     Ok(None) => {
                         tracing::warn!("database notifications interrupted; listening again");
                         Notice::Gap
                     }
+                    // Lost, and the new connection failed too: retry every second until this
+                    // process listens again.
                     Err(e) => {
                         tracing::warn!(error = %e, "database notifications interrupted; reconnecting");
-                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        listener = loop {
+                            tokio::select! {
+                                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                                _ = closing.cancelled() => return,
+                            }
+                            match open_listener(&pool).await {
+                                Ok(l) => break l,
+                                Err(sqlx::Error::PoolClosed) => return,
+                                Err(e) => tracing::debug!(error = %e, "still reconnecting"),
+                            }
+                        };
+                        tracing::warn!("database notifications listening again");
                         Notice::Gap
                     }
                 };

@@ -157,6 +157,74 @@ async fn a_cut_notification_connection_resyncs_the_streams_and_reconnects() {
     db.drop_now().await;
 }
 
+/// A longer outage: the database refuses every new connection for 3 s while all of the
+/// fleet's connections are cut, so reconnecting fails a few times. The API's `/v1/events`
+/// stream gets one `resync`, once its process listens again (not one per failed attempt,
+/// sent while nothing was listening), and a job queued afterwards goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn after_an_outage_the_streams_resync_once_the_processes_listen_again() {
+    let db = PgDatabase::create().await;
+    let (api, worker) = fleet(&db, 0).await;
+    let resp = api.client.get(api.url("/v1/events")).send().await.unwrap();
+    let reader = tokio::spawn(read_events(resp, Duration::from_secs(120), |evs| {
+        evs.iter().any(|e| e.event == "done")
+    }));
+    // From the server's maintenance database, not the fleet's.
+    let name = db.url.rsplit('/').next().unwrap().to_string();
+    let admin_url = format!("{}/test", db.url.rsplit_once('/').unwrap().0);
+    let admin = sqlx::PgPool::connect(&admin_url).await.unwrap();
+    let allow = |on: bool| {
+        let sql = format!("ALTER DATABASE {name} ALLOW_CONNECTIONS {on}");
+        let admin = admin.clone();
+        async move {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+                .execute(&admin)
+                .await
+                .unwrap()
+        }
+    };
+    allow(false).await;
+    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1")
+        .bind(&name)
+        .execute(&admin)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    allow(true).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let listening: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = $1 AND query ILIKE '%LISTEN%'",
+        )
+        .bind(&name)
+        .fetch_one(&admin)
+        .await
+        .unwrap();
+        if listening == 2 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the listeners did not come back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    admin.close().await;
+    let id = mnist_int8_job(&api).await;
+    let evs = reader.await.unwrap();
+    let resync = evs.iter().filter(|e| e.event == "resync").count();
+    assert_eq!(resync, 1, "{evs:?}");
+    let states: Vec<&str> = evs
+        .iter()
+        .filter(|e| e.event == "state" && e.data["job_id"] == *id)
+        .filter_map(|e| e.data["state"].as_str())
+        .collect();
+    assert_eq!(states, ["queued", "running", "succeeded"], "{evs:?}");
+    worker.stop().await;
+    api.stop().await;
+    db.drop_now().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_cancel_on_the_api_stops_the_run_on_the_worker() {
     if !cfg!(feature = "failpoints") {
