@@ -2,6 +2,7 @@
 //! compressed size. `compress/` says how each tensor is encoded; `formats/` knows the bytes
 //! of each container; this module joins the two (it depends on both, neither on it).
 
+pub mod compact;
 pub mod latency;
 pub mod onnx;
 pub mod opset;

@@ -21,6 +21,7 @@
 //! Every op used exists from opset 7 with numpy broadcasting; a model below that keeps dense
 //! weights, and the report says so.
 
+use super::compact::Names;
 use super::TensorForm;
 use crate::compress::{
     cast::CastType, cast::Halves, kmeans::Clustered, lowrank::Factors, pack, quantize::GroupLayout,
@@ -31,9 +32,8 @@ use crate::formats::{DType, FormatError, Tensor};
 use prost::Message;
 use std::collections::HashSet;
 use tract_onnx::pb::{
-    attribute_proto::AttributeType, tensor_proto::DataType, tensor_shape_proto, type_proto,
-    AttributeProto, GraphProto, ModelProto, NodeProto, TensorProto, TensorShapeProto, TypeProto,
-    ValueInfoProto,
+    attribute_proto::AttributeType, tensor_proto::DataType, AttributeProto, GraphProto, ModelProto,
+    NodeProto, TensorProto,
 };
 
 /// Cast with an integer `to` and Floor exist from opset 6; numpy broadcasting in
@@ -83,51 +83,6 @@ pub fn default_opset(model: &ModelProto) -> i64 {
         .unwrap_or(0)
 }
 
-/// Every value and node name in the model, subgraphs included, so new names never clash.
-struct Names {
-    taken: HashSet<String>,
-}
-
-impl Names {
-    fn of(model: &ModelProto) -> Names {
-        fn walk(g: &GraphProto, taken: &mut HashSet<String>) {
-            for v in g.input.iter().chain(&g.output).chain(&g.value_info) {
-                taken.insert(v.name.clone());
-            }
-            for i in &g.initializer {
-                taken.insert(i.name.clone());
-            }
-            for n in &g.node {
-                taken.insert(n.name.clone());
-                for x in n.input.iter().chain(&n.output) {
-                    taken.insert(x.clone());
-                }
-                for a in &n.attribute {
-                    for sub in a.g.iter().chain(&a.graphs) {
-                        walk(sub, taken);
-                    }
-                }
-            }
-        }
-        let mut taken = HashSet::new();
-        if let Some(g) = &model.graph {
-            walk(g, &mut taken);
-        }
-        Names { taken }
-    }
-
-    fn fresh(&mut self, base: &str, suffix: &str) -> String {
-        let mut name = format!("{base}__mp_{suffix}");
-        let mut i = 1;
-        while self.taken.contains(&name) {
-            name = format!("{base}__mp_{suffix}{i}");
-            i += 1;
-        }
-        self.taken.insert(name.clone());
-        name
-    }
-}
-
 fn attr_int(name: &str, i: i64) -> AttributeProto {
     AttributeProto {
         name: name.into(),
@@ -153,6 +108,7 @@ fn dims_i64(dims: &[usize]) -> Vec<i64> {
 /// The graph edits that rebuild one weight.
 struct Edit<'a> {
     names: &'a mut Names,
+    pools: &'a mut Pools,
     opset: i64,
     style: DeployStyle,
     /// The value the last node writes: the weight's name as its consumers read it.
@@ -168,47 +124,78 @@ struct Edit<'a> {
 }
 
 impl Edit<'_> {
-    fn init(&mut self, suffix: &str, dt: DataType, dims: &[usize], raw: Vec<u8>) -> String {
-        let name = self.names.fresh(&self.weight, suffix);
+    fn init(&mut self, dt: DataType, dims: &[usize], raw: Vec<u8>) -> String {
         self.bytes += raw.len() as u64;
-        let tensor = TensorProto {
-            name: name.clone(),
+        self.place(TensorProto {
             data_type: dt as i32,
             dims: dims_i64(dims),
             raw_data: raw,
             ..Default::default()
-        };
+        })
+    }
+
+    /// An int64 vector (shapes, split sizes, slice bounds), stored as varints in
+    /// `int64_data`: a small value takes one or two bytes there, against eight raw.
+    fn int64s(&mut self, values: &[i64]) -> String {
+        self.bytes += values
+            .iter()
+            .map(|&v| prost::encoding::encoded_len_varint(v as u64) as u64)
+            .sum::<u64>();
+        self.place(TensorProto {
+            data_type: DataType::Int64 as i32,
+            dims: vec![values.len() as i64],
+            int64_data: values.to_vec(),
+            ..Default::default()
+        })
+    }
+
+    /// Names a compact part and puts it in the model: an initializer, or a `Constant` node
+    /// where the weight was one.
+    fn place(&mut self, tensor: TensorProto) -> String {
+        let name = self.names.fresh();
         if self.as_constants {
-            let node = self.names.fresh(&self.weight, "Constant_node");
             self.nodes.push(NodeProto {
                 output: vec![name.clone()],
-                name: node,
                 op_type: "Constant".into(),
                 attribute: vec![AttributeProto {
                     name: "value".into(),
                     r#type: AttributeType::Tensor as i32,
-                    t: Some(TensorProto {
-                        name: String::new(),
-                        ..tensor
-                    }),
+                    t: Some(tensor),
                     ..Default::default()
                 }],
                 ..Default::default()
             });
         } else {
-            self.inits.push(tensor);
+            self.inits.push(TensorProto {
+                name: name.clone(),
+                ..tensor
+            });
         }
         name
     }
 
-    fn floats(&mut self, suffix: &str, dims: &[usize], values: &[f32]) -> String {
+    fn floats(&mut self, dims: &[usize], values: &[f32]) -> String {
         let raw = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        self.init(suffix, DataType::Float, dims, raw)
+        self.init(DataType::Float, dims, raw)
     }
 
-    fn int64s(&mut self, suffix: &str, values: &[i64]) -> String {
-        let raw = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        self.init(suffix, DataType::Int64, &[values.len()], raw)
+    /// Adds a node writing `output`, or a fresh name when None; returns the name.
+    fn emit(
+        &mut self,
+        op_type: &str,
+        inputs: Vec<String>,
+        attribute: Vec<AttributeProto>,
+        output: Option<String>,
+    ) -> String {
+        let output = output.unwrap_or_else(|| self.names.fresh());
+        self.nodes.push(NodeProto {
+            input: inputs,
+            output: vec![output.clone()],
+            op_type: op_type.into(),
+            attribute,
+            ..Default::default()
+        });
+        output
     }
 
     /// Adds a node; its output is a fresh name, or the weight's own name when `last`.
@@ -219,22 +206,8 @@ impl Edit<'_> {
         attribute: Vec<AttributeProto>,
         last: bool,
     ) -> String {
-        let output = if last {
-            self.weight.clone()
-        } else {
-            self.names
-                .fresh(&self.weight, &op_type.to_ascii_lowercase())
-        };
-        let name = self.names.fresh(&self.weight, &format!("{op_type}_node"));
-        self.nodes.push(NodeProto {
-            input: inputs,
-            output: vec![output.clone()],
-            name,
-            op_type: op_type.into(),
-            attribute,
-            ..Default::default()
-        });
-        output
+        let output = last.then(|| self.weight.clone());
+        self.emit(op_type, inputs, attribute, output)
     }
 
     fn cast(&mut self, x: String, to: DataType, last: bool) -> String {
@@ -246,25 +219,26 @@ impl Edit<'_> {
     }
 
     fn reshape(&mut self, x: String, dims: &[usize], last: bool) -> String {
-        let shape = self.int64s("shape", &dims_i64(dims));
+        let shape = self.int64s(&dims_i64(dims));
         self.op("Reshape", vec![x, shape], Vec::new(), last)
     }
 
-    /// The first `len` elements along `axis` (Slice takes attributes before opset 10).
-    fn head(&mut self, x: String, axis: usize, len: usize) -> String {
+    /// Elements `start..end` along `axis` (Slice takes attributes before opset 10).
+    fn slice(&mut self, x: String, axis: usize, start: usize, end: usize) -> String {
         let axis = axis as i64;
+        let (start, end) = (start as i64, end as i64);
         if self.opset >= 10 {
-            let starts = self.int64s("starts", &[0]);
-            let ends = self.int64s("ends", &[len as i64]);
-            let axes = self.int64s("axes", &[axis]);
+            let starts = self.int64s(&[start]);
+            let ends = self.int64s(&[end]);
+            let axes = self.int64s(&[axis]);
             self.op("Slice", vec![x, starts, ends, axes], Vec::new(), false)
         } else {
             self.op(
                 "Slice",
                 vec![x],
                 vec![
-                    attr_ints("starts", vec![0]),
-                    attr_ints("ends", vec![len as i64]),
+                    attr_ints("starts", vec![start]),
+                    attr_ints("ends", vec![end]),
                     attr_ints("axes", vec![axis]),
                 ],
                 false,
@@ -272,46 +246,234 @@ impl Edit<'_> {
         }
     }
 
-    /// `count` symbols of `width` bits, packed least significant bit first (`pack::pack`),
-    /// as float32 values [count]. Every step is exact: the values are small integers.
-    fn unpack(&mut self, packed: Vec<u8>, width: u8, count: usize) -> String {
-        let n = packed.len();
-        if width == 8 {
-            let codes = self.init("codes", DataType::Uint8, &[n], packed);
-            return self.cast(codes, DataType::Float, false);
+    /// Every digit of `digit` bits in `packed`, least significant first, as float32 values
+    /// [words · digits per word] (see [`word`]), the last node writing `output` when given.
+    /// A word of three bytes is first joined into one number below 2^24 by a product with
+    /// (1, 256, 65536). Every step is exact: the values are integers below 2^24.
+    fn digits(&mut self, mut packed: Vec<u8>, digit: u8, output: Option<String>) -> String {
+        let (word_bytes, per_word) = word(digit);
+        packed.resize(packed.len().div_ceil(word_bytes) * word_bytes, 0);
+        let words = packed.len() / word_bytes;
+        if digit == 8 {
+            let codes = self.init(DataType::Uint8, &[words], packed);
+            let to = vec![attr_int("to", DataType::Float as i64)];
+            return self.emit("Cast", vec![codes], to, output);
         }
-        // A width that divides 8 takes whole digits of base 2^width from each byte; any other
-        // width goes through single bits, regrouped by a product with powers of two.
-        let digit = if 8 % width == 0 { width } else { 1 };
-        let per_byte = usize::from(8 / digit);
-        let bytes = self.init("packed", DataType::Uint8, &[n, 1], packed);
-        let x = self.cast(bytes, DataType::Float, false);
-        let shifts: Vec<f32> = (0..per_byte)
+        let bytes = self.init(DataType::Uint8, &[words, word_bytes], packed);
+        let mut x = self.cast(bytes, DataType::Float, false);
+        if word_bytes > 1 {
+            let places: Vec<f32> = (0..word_bytes).map(|j| (1u32 << (8 * j)) as f32).collect();
+            let places = self.floats(&[word_bytes, 1], &places);
+            x = self.binary("MatMul", x, places, false);
+        }
+        let shifts: Vec<f32> = (0..per_word)
             .map(|j| (1u32 << (j * usize::from(digit))) as f32)
             .collect();
-        let shifts = self.floats("shifts", &[per_byte], &shifts);
+        let shifts = self.floats(&[per_word], &shifts);
         let shifted = self.binary("Div", x, shifts, false);
         let shifted = self.op("Floor", vec![shifted], Vec::new(), false);
-        let base = self.floats("base", &[], &[(1u32 << digit) as f32]);
+        let base = self.floats(&[], &[(1u32 << digit) as f32]);
         let above = self.binary("Div", shifted.clone(), base.clone(), false);
         let above = self.op("Floor", vec![above], Vec::new(), false);
         let above = self.binary("Mul", above, base, false);
         let digits = self.binary("Sub", shifted, above, false);
-        let flat_len = n * per_byte;
-        let flat = self.reshape(digits, &[flat_len], false);
-        let needed = count * usize::from(width / digit);
-        let flat = if needed < flat_len {
-            self.head(flat, 0, needed)
+        let shape = self.int64s(&[(words * per_word) as i64]);
+        self.emit("Reshape", vec![digits, shape], Vec::new(), output)
+    }
+
+    /// `symbols` of `width` bits, less `minus`, as float32 values [count]. A width that
+    /// divides 8 or 24 is stored as digits of that width (see [`word`]); 5 and 7 bits go
+    /// through single bits, regrouped by a product with powers of two.
+    ///
+    /// The digits of an initializer weight join the [`Pools`]: every weight with the same
+    /// digit width shares one `uint8` initializer and one unpacking subgraph, and a `Split`
+    /// hands each its part, so a model with several small weights pays for the subgraph
+    /// once. A weight that was a
+    /// `Constant` node unpacks its own, in its own graph.
+    fn unpack(&mut self, symbols: &[u32], width: u8, minus: f32) -> String {
+        let digit = if 8 % width == 0 || 24 % width == 0 {
+            width
         } else {
-            flat
+            1
         };
-        if digit == width {
-            return flat;
+        let whole = digit == width;
+        let digits: Vec<u32> = if whole {
+            symbols.to_vec()
+        } else {
+            symbols
+                .iter()
+                .flat_map(|&s| (0..width).map(move |j| (s >> j) & 1))
+                .collect()
+        };
+        let value = self.names.fresh();
+        let pool = Pool {
+            members: vec![Member {
+                value: value.clone(),
+                count: digits.len(),
+                minus: if whole { minus } else { 0.0 },
+            }],
+            digits,
+        };
+        if self.as_constants {
+            self.pool(digit, pool);
+        } else {
+            self.bytes += pack::packed_len(pool.digits.len(), digit) as u64;
+            self.pools.join(digit, pool);
         }
-        let bits = self.reshape(flat, &[count, usize::from(width)], false);
+        if whole {
+            return value;
+        }
+        let bits = self.reshape(value, &[symbols.len(), usize::from(width)], false);
         let powers: Vec<f32> = (0..width).map(|j| (1u32 << j) as f32).collect();
-        let powers = self.floats("powers", &[usize::from(width)], &powers);
-        self.binary("MatMul", bits, powers, false)
+        let powers = self.floats(&[usize::from(width)], &powers);
+        let x = self.binary("MatMul", bits, powers, false);
+        if minus == 0.0 {
+            return x;
+        }
+        let minus = self.floats(&[], &[minus]);
+        self.binary("Sub", x, minus, false)
+    }
+
+    /// Writes a pool: its digits packed and unpacked, then split among its members, each
+    /// less its `minus`: once before the split when every member subtracts the same, else
+    /// after it. A pool of one member that fills its last word writes the member directly.
+    fn pool(&mut self, digit: u8, pool: Pool) {
+        let (word_bytes, per_word) = word(digit);
+        let total: usize = pool.members.iter().map(|m| m.count).sum();
+        let packed = pack::pack(&pool.digits, digit);
+        let pad = packed.len().div_ceil(word_bytes) * per_word - total;
+        let first = pool.members[0].minus;
+        let shared = pool.members.iter().all(|m| m.minus == first);
+        let subtract = |e: &mut Edit, x: String, minus: f32, output: Option<String>| {
+            if minus == 0.0 {
+                return x;
+            }
+            let m = e.floats(&[], &[minus]);
+            e.emit("Sub", vec![x, m], Vec::new(), output)
+        };
+        if pool.members.len() == 1 && pad == 0 {
+            let member = &pool.members[0];
+            if member.minus == 0.0 {
+                self.digits(packed, digit, Some(member.value.clone()));
+            } else {
+                let d = self.digits(packed, digit, None);
+                subtract(self, d, member.minus, Some(member.value.clone()));
+            }
+            return;
+        }
+        let mut flat = self.digits(packed, digit, None);
+        if shared {
+            flat = subtract(self, flat, first, None);
+        }
+        // Each member's part: its value itself, or a fresh name its own Sub reads.
+        let parts: Vec<String> = pool
+            .members
+            .iter()
+            .map(|m| {
+                if shared || m.minus == 0.0 {
+                    m.value.clone()
+                } else {
+                    self.names.fresh()
+                }
+            })
+            .collect();
+        let mut outputs = parts.clone();
+        let mut sizes: Vec<i64> = pool.members.iter().map(|m| m.count as i64).collect();
+        if pad > 0 {
+            outputs.push(self.names.fresh());
+            sizes.push(pad as i64);
+        }
+        // Split's sizes are an attribute before opset 13 and an input from it; axis 0 is
+        // the default.
+        let mut input = vec![flat];
+        let mut attribute = Vec::new();
+        if self.opset >= 13 {
+            input.push(self.int64s(&sizes));
+        } else {
+            attribute.push(attr_ints("split", sizes));
+        }
+        self.nodes.push(NodeProto {
+            input,
+            output: outputs,
+            op_type: "Split".into(),
+            attribute,
+            ..Default::default()
+        });
+        if !shared {
+            for (m, part) in pool.members.iter().zip(parts) {
+                if part != m.value {
+                    subtract(self, part, m.minus, Some(m.value.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// How digits of `digit` bits sit in the packed bytes: (bytes per word, digits per word). A
+/// width that divides 8 takes whole digits from each byte; 3 and 6 bits take 8 and 4 digits
+/// from each three bytes (24 bits, still exact in float32).
+fn word(digit: u8) -> (usize, usize) {
+    if 8 % digit == 0 {
+        (1, usize::from(8 / digit))
+    } else {
+        (3, usize::from(24 / digit))
+    }
+}
+
+/// Digits of one width, every member's in order.
+struct Pool {
+    digits: Vec<u32>,
+    members: Vec<Member>,
+}
+
+/// A weight's part of a pool: the value its digits are written to, how many, and what is
+/// subtracted from each (whole-symbol digits: the symbols' offset).
+struct Member {
+    value: String,
+    count: usize,
+    minus: f32,
+}
+
+/// The pools of a model's initializer weights, by digit width (see [`Edit::unpack`]),
+/// written by [`Pools::write`] once every weight has joined.
+#[derive(Default)]
+struct Pools {
+    by_digit: std::collections::BTreeMap<u8, Pool>,
+}
+
+impl Pools {
+    fn join(&mut self, digit: u8, pool: Pool) {
+        match self.by_digit.entry(digit) {
+            std::collections::btree_map::Entry::Vacant(v) => {
+                v.insert(pool);
+            }
+            std::collections::btree_map::Entry::Occupied(mut o) => {
+                let p = o.get_mut();
+                p.digits.extend(pool.digits);
+                p.members.extend(pool.members);
+            }
+        }
+    }
+
+    /// Each pool's initializer and the nodes that unpack it.
+    fn write(self, names: &mut Names, opset: i64) -> (Vec<TensorProto>, Vec<NodeProto>) {
+        let mut none = Pools::default();
+        let mut e = Edit {
+            names,
+            pools: &mut none,
+            opset,
+            style: DeployStyle::Folded,
+            weight: String::new(),
+            as_constants: false,
+            as_operator: false,
+            inits: Vec::new(),
+            nodes: Vec::new(),
+            bytes: 0,
+        };
+        for (digit, pool) in self.by_digit {
+            e.pool(digit, pool);
+        }
+        (e.inits, e.nodes)
     }
 }
 
@@ -331,11 +493,10 @@ fn quantized(e: &mut Edit, q: &Quantized, shape: &[usize]) -> String {
     if let Some(g) = q.group_size {
         return grouped(e, q, shape, g);
     }
-    let count = q.codes.len();
     let dims = channel_dims(shape, q.axis);
     if q.bits == 8 {
         let codes = q.codes.iter().map(|&c| c as u8).collect();
-        let codes = e.init("quantized", DataType::Int8, shape, codes);
+        let codes = e.init(DataType::Int8, shape, codes);
         let per_axis = q.axis.is_some() && q.scales.len() > 1;
         if (e.style == DeployStyle::Operators || e.as_operator)
             && (e.opset >= 13 || (!per_axis && e.opset >= 10))
@@ -345,10 +506,10 @@ fn quantized(e: &mut Edit, q: &Quantized, shape: &[usize]) -> String {
             } else {
                 Vec::new()
             };
-            let mut inputs = vec![codes, e.floats("scale", &vec_dims, &q.scales)];
+            let mut inputs = vec![codes, e.floats(&vec_dims, &q.scales)];
             if !q.zero_points.is_empty() {
                 let zp = q.zero_points.iter().map(|&z| z as u8).collect();
-                inputs.push(e.init("zero_point", DataType::Int8, &vec_dims, zp));
+                inputs.push(e.init(DataType::Int8, &vec_dims, zp));
             }
             let attrs = match (per_axis, q.axis) {
                 (true, Some(a)) => vec![attr_int("axis", a as i64)],
@@ -360,48 +521,38 @@ fn quantized(e: &mut Edit, q: &Quantized, shape: &[usize]) -> String {
         let mut x = e.cast(codes, DataType::Float, false);
         if !q.zero_points.is_empty() {
             let zp: Vec<f32> = q.zero_points.iter().map(|&z| f32::from(z)).collect();
-            let zp = e.floats("zero_point", &dims, &zp);
+            let zp = e.floats(&dims, &zp);
             x = e.binary("Sub", x, zp, false);
         }
-        let scale = e.floats("scale", &dims, &q.scales);
+        let scale = e.floats(&dims, &q.scales);
         e.binary("Mul", x, scale, true);
         return "Cast+Mul".into();
     }
+    // (s - offset - zero_point) · scale: small integers until the scale, so the result
+    // equals dequantize() bit for bit. One bit is the sign: (s - ½) · 2.
     let (symbols, offset) = unsigned_symbols(&q.codes, q.bits);
-    let packed = pack::pack(&symbols, q.bits);
-    let mut x = e.unpack(packed, q.bits, count);
+    let mut x = e.unpack(&symbols, q.bits, offset);
     x = e.reshape(x, shape, false);
     if q.bits == 1 {
-        let two = e.floats("two", &[], &[2.0]);
+        let two = e.floats(&[], &[2.0]);
         x = e.binary("Mul", x, two, false);
     }
-    // (s - offset - zero_point) · scale, the offset and zero point summed first: all small
-    // integers, so the sum is exact and the result equals dequantize() bit for bit.
-    let bias: Vec<f32> = if q.zero_points.is_empty() {
-        vec![offset]
-    } else {
-        q.zero_points
-            .iter()
-            .map(|&z| offset + f32::from(z))
-            .collect()
-    };
-    let bias_dims = if q.zero_points.is_empty() {
-        Vec::new()
-    } else {
-        dims.clone()
-    };
-    let bias = e.floats("offset", &bias_dims, &bias);
-    x = e.binary("Sub", x, bias, false);
-    let scale = e.floats("scale", &dims, &q.scales);
+    if !q.zero_points.is_empty() {
+        let zp: Vec<f32> = q.zero_points.iter().map(|&z| f32::from(z)).collect();
+        let zp = e.floats(&dims, &zp);
+        x = e.binary("Sub", x, zp, false);
+    }
+    let scale = e.floats(&dims, &q.scales);
     e.binary("Mul", x, scale, true);
     format!("unpack(int{})+Mul", q.bits)
 }
 
 /// Symbols as `model.<ext>` stores them: 1 bit is the sign, wider codes are offset by
-/// 2^(bits-1) to be unsigned. Returns the symbols and the offset to subtract.
+/// 2^(bits-1) to be unsigned. Returns the symbols and the offset to subtract (½ for a sign
+/// bit, which is then doubled).
 fn unsigned_symbols(codes: &[i8], bits: u8) -> (Vec<u32>, f32) {
     if bits == 1 {
-        (codes.iter().map(|&c| u32::from(c > 0)).collect(), 1.0)
+        (codes.iter().map(|&c| u32::from(c > 0)).collect(), 0.5)
     } else {
         let off = 1i32 << (bits - 1);
         (
@@ -446,38 +597,32 @@ fn grouped(e: &mut Edit, q: &Quantized, shape: &[usize], group_size: usize) -> S
         }
     };
     let zero_points: Vec<f32> = q.zero_points.iter().map(|&z| f32::from(z)).collect();
-    let (mut x, offset, form) = if q.bits == 8 {
+    let (mut x, form) = if q.bits == 8 {
         let raw = codes.iter().map(|&c| c as u8).collect();
-        let init = e.init("quantized", DataType::Int8, &view, raw);
+        let init = e.init(DataType::Int8, &view, raw);
         (
             e.cast(init, DataType::Float, false),
-            0.0,
             format!("Cast+Mul(group {g})"),
         )
     } else {
         let (symbols, offset) = unsigned_symbols(&codes, q.bits);
-        let packed = pack::pack(&symbols, q.bits);
-        let x = e.unpack(packed, q.bits, codes.len());
+        let x = e.unpack(&symbols, q.bits, offset);
         let mut x = e.reshape(x, &view, false);
         if q.bits == 1 {
-            let two = e.floats("two", &[], &[2.0]);
+            let two = e.floats(&[], &[2.0]);
             x = e.binary("Mul", x, two, false);
         }
-        (x, offset, format!("unpack(int{})+Mul(group {g})", q.bits))
+        (x, format!("unpack(int{})+Mul(group {g})", q.bits))
     };
     if !zero_points.is_empty() {
-        let bias: Vec<f32> = reorder(&zero_points).iter().map(|z| offset + z).collect();
-        let bias = e.floats("offset", &scale_dims, &bias);
-        x = e.binary("Sub", x, bias, false);
-    } else if offset != 0.0 {
-        let bias = e.floats("offset", &[], &[offset]);
-        x = e.binary("Sub", x, bias, false);
+        let zp = e.floats(&scale_dims, &reorder(&zero_points));
+        x = e.binary("Sub", x, zp, false);
     }
-    let scale = e.floats("scale", &scale_dims, &reorder(&q.scales));
+    let scale = e.floats(&scale_dims, &reorder(&q.scales));
     x = e.binary("Mul", x, scale, false);
     if kp > k {
         x = e.reshape(x, &flat, false);
-        x = e.head(x, usize::from(rows_first), k);
+        x = e.slice(x, usize::from(rows_first), 0, k);
     }
     e.reshape(x, shape, true);
     form
@@ -486,8 +631,7 @@ fn grouped(e: &mut Edit, q: &Quantized, shape: &[usize], group_size: usize) -> S
 fn clustered(e: &mut Edit, c: &Clustered, shape: &[usize]) -> String {
     let width = pack::width_for(c.symbols());
     let symbols: Vec<u32> = c.indices.iter().map(|&i| u32::from(i)).collect();
-    let packed = pack::pack(&symbols, width);
-    let mut x = e.unpack(packed, width, c.indices.len());
+    let mut x = e.unpack(&symbols, width, 0.0);
     x = e.reshape(x, shape, false);
     // Each group's book gains a zero at index k, the code of weights kept out of clustering.
     let k = c.k.max(1);
@@ -499,18 +643,18 @@ fn clustered(e: &mut Edit, c: &Clustered, shape: &[usize]) -> String {
     }
     if groups > 1 {
         let offsets: Vec<f32> = (0..groups).map(|g| (g * (k + 1)) as f32).collect();
-        let offsets = e.floats("book_offset", &channel_dims(shape, c.axis), &offsets);
+        let offsets = e.floats(&channel_dims(shape, c.axis), &offsets);
         x = e.binary("Add", x, offsets, false);
     }
     let idx = e.cast(x, DataType::Int64, false);
-    let book = e.floats("codebook", &[book.len()], &book);
+    let book = e.floats(&[book.len()], &book);
     e.op("Gather", vec![book, idx], vec![attr_int("axis", 0)], true);
     format!("unpack(uint{width})+Gather(codebook)")
 }
 
 fn factors(e: &mut Edit, f: &Factors, shape: &[usize]) -> String {
-    let a = e.floats("lowrank_a", &[f.rows, f.rank], &f.a);
-    let b = e.floats("lowrank_b", &[f.rank, f.cols], &f.b);
+    let a = e.floats(&[f.rows, f.rank], &f.a);
+    let b = e.floats(&[f.rank, f.cols], &f.b);
     let same = shape == [f.rows, f.cols];
     let w = e.binary("MatMul", a, b, same);
     if !same {
@@ -621,8 +765,8 @@ fn nbits(e: &mut Edit, q: &Quantized, shape: &[usize]) -> NBits {
     }
     let packed = pack::pack(&symbols, q.bits);
     let blob = g * usize::from(q.bits) / 8;
-    let b = e.init("nbits_b", DataType::Uint8, &[n, blocks, blob], packed);
-    let scales = e.floats("nbits_scales", &[n * blocks], &q.scales);
+    let b = e.init(DataType::Uint8, &[n, blocks, blob], packed);
+    let scales = e.floats(&[n * blocks], &q.scales);
     let zero_points = (!q.zero_points.is_empty()).then(|| {
         let per_col = (blocks * usize::from(q.bits)).div_ceil(8);
         let mut raw = Vec::with_capacity(n * per_col);
@@ -634,7 +778,7 @@ fn nbits(e: &mut Edit, q: &Quantized, shape: &[usize]) -> NBits {
             p.resize(per_col, 0);
             raw.extend(p);
         }
-        e.init("nbits_zero_points", DataType::Uint8, &[n * per_col], raw)
+        e.init(DataType::Uint8, &[n * per_col], raw)
     });
     NBits {
         b,
@@ -694,11 +838,10 @@ fn apply_rewrite(graph: &mut GraphProto, names: &mut Names, weight: &str, rewrit
                 b,
             } => {
                 // X·A first, then the consumer multiplies by B.
-                let inner = names.fresh(weight, "factor_out");
+                let inner = names.fresh();
                 out.push(NodeProto {
                     input: vec![x, a.clone()],
                     output: vec![inner.clone()],
-                    name: names.fresh(weight, "first_factor_node"),
                     op_type: "MatMul".into(),
                     ..Default::default()
                 });
@@ -711,18 +854,17 @@ fn apply_rewrite(graph: &mut GraphProto, names: &mut Names, weight: &str, rewrit
                 b,
             } => {
                 // The original convolution with r filters (B), then a 1×1 one with A.
-                out.extend(conv_then_pointwise(n, names, weight, x, b, a));
+                out.extend(conv_then_pointwise(n, names, x, b, a));
             }
             Rewrite::Tucker { first, core, last } => {
-                let reduced = names.fresh(weight, "tucker_in");
+                let reduced = names.fresh();
                 out.push(NodeProto {
                     input: vec![x, first.clone()],
                     output: vec![reduced.clone()],
-                    name: names.fresh(weight, "tucker_in_node"),
                     op_type: "Conv".into(),
                     ..Default::default()
                 });
-                out.extend(conv_then_pointwise(n, names, weight, reduced, core, last));
+                out.extend(conv_then_pointwise(n, names, reduced, core, last));
             }
         }
     }
@@ -735,14 +877,13 @@ fn apply_rewrite(graph: &mut GraphProto, names: &mut Names, weight: &str, rewrit
 fn conv_then_pointwise(
     mut n: NodeProto,
     names: &mut Names,
-    weight: &str,
     x: String,
     spatial: &str,
     pointwise: &str,
 ) -> [NodeProto; 2] {
-    let inner = names.fresh(weight, "factor_out");
+    let inner = names.fresh();
     let mut first = n.clone();
-    first.name = names.fresh(weight, "first_factor_node");
+    first.name = String::new();
     first.input = vec![x, spatial.into()];
     first.output = vec![inner.clone()];
     first.attribute.retain(|a| a.name != "kernel_shape");
@@ -755,8 +896,8 @@ fn conv_then_pointwise(
 
 fn separable(e: &mut Edit, s: &Separable, shape: &[usize]) -> String {
     let [o, c, kh, kw] = s.shape;
-    let v = e.floats("vertical", &[o, c, kh, s.rank], &s.v);
-    let h = e.floats("horizontal", &[o, c, s.rank, kw], &s.h);
+    let v = e.floats(&[o, c, kh, s.rank], &s.v);
+    let h = e.floats(&[o, c, s.rank, kw], &s.h);
     let same = shape == s.shape;
     let w = e.binary("MatMul", v, h, same);
     if !same {
@@ -766,9 +907,9 @@ fn separable(e: &mut Edit, s: &Separable, shape: &[usize]) -> String {
 }
 
 fn tucker(e: &mut Edit, k: &Tucker2, shape: &[usize]) -> String {
-    let u_in = e.floats("u_in", &[k.in_channels, k.rank_in], &k.u_in);
-    let core = e.floats("core", &[k.rank_out, k.rank_in, k.window], &k.core);
-    let u_out = e.floats("u_out", &[k.out_channels, k.rank_out], &k.u_out);
+    let u_in = e.floats(&[k.in_channels, k.rank_in], &k.u_in);
+    let core = e.floats(&[k.rank_out, k.rank_in, k.window], &k.core);
+    let u_out = e.floats(&[k.out_channels, k.rank_out], &k.u_out);
     // [C, R_in] · [R_out, R_in, window] broadcasts to [R_out, C, window].
     let t = e.binary("MatMul", u_in, core, false);
     let t = e.reshape(t, &[k.rank_out, k.in_channels * k.window], false);
@@ -783,7 +924,7 @@ fn cast(e: &mut Edit, dtype: CastType, bits: &[u16], shape: &[usize]) -> String 
         CastType::Float16 => DataType::Float16,
         CastType::Bfloat16 => DataType::Bfloat16,
     };
-    let x = e.init(dtype.name(), dt, shape, raw);
+    let x = e.init(dt, shape, raw);
     e.cast(x, DataType::Float, true);
     "Cast".into()
 }
@@ -863,6 +1004,7 @@ pub fn write(
         original_opset
     };
     let mut names = Names::of(&c.model);
+    let mut pools = Pools::default();
     let mut leave_out = vec![false; restored.len()];
     let mut forms = Vec::new();
     let mut inits = Vec::new();
@@ -885,6 +1027,7 @@ pub fn write(
         let slot = i.checked_sub(n_inits).and_then(|k| c.constants.get(k));
         let mut e = Edit {
             names: &mut names,
+            pools: &mut pools,
             opset,
             style,
             weight: slot.map_or_else(|| t.name.clone(), |s| s.output.clone()),
@@ -936,8 +1079,8 @@ pub fn write(
                                 (a, b)
                             }
                         };
-                        let a = e.floats("lowrank_a", &a_dims, &f.a);
-                        let b = e.floats("lowrank_b", &b_dims, &f.b);
+                        let a = e.floats(&a_dims, &f.a);
+                        let b = e.floats(&b_dims, &f.b);
                         rewrites.push((t.name.clone(), Rewrite::Factors { split, a, b }));
                         match split {
                             Split::MatMul => "MatMul·MatMul (factors in the compute path)".into(),
@@ -967,13 +1110,13 @@ pub fn write(
                         first.push(k.u_in[ci * k.rank_in + b]);
                     }
                 }
-                let first = e.floats("tucker_u_in", &first_dims, &first);
+                let first = e.floats(&first_dims, &first);
                 let mut core_dims = vec![k.rank_out, k.rank_in];
                 core_dims.extend_from_slice(&t.shape[2..]);
-                let core = e.floats("tucker_core", &core_dims, &k.core);
+                let core = e.floats(&core_dims, &k.core);
                 let mut last_dims = vec![k.out_channels, k.rank_out];
                 last_dims.extend(std::iter::repeat_n(1, ones));
-                let last = e.floats("tucker_u_out", &last_dims, &k.u_out);
+                let last = e.floats(&last_dims, &k.u_out);
                 rewrites.push((t.name.clone(), Rewrite::Tucker { first, core, last }));
                 "Conv1x1·Conv·Conv1x1 (Tucker-2 in the compute path)".into()
             }
@@ -992,8 +1135,12 @@ pub fn write(
             None => nodes.extend(e.nodes),
         }
     }
+    // The shared unpacking subgraphs come first: the weights' slices read them.
+    let (pool_inits, mut pool_nodes) = pools.write(&mut names, opset);
+    inits.extend(pool_inits);
+    pool_nodes.append(&mut nodes);
+    let mut nodes = pool_nodes;
     let mut model = onnx_format::fill(c, restored, &leave_out)?;
-    let old_ir = model.ir_version < 4;
     let graph = model
         .graph
         .as_mut()
@@ -1008,10 +1155,6 @@ pub fn write(
         .map(|(t, _)| t.name.as_str())
         .collect();
     graph.input.retain(|v| !replaced.contains(v.name.as_str()));
-    if old_ir {
-        // ...and before IR 4 the new initializers need their input entries.
-        graph.input.extend(inits.iter().map(value_info));
-    }
     graph.initializer.extend(inits);
     // A Constant's replacement goes where it stood. Last slot first: splicing never moves a
     // node that a later-processed slot's path goes through.
@@ -1044,6 +1187,15 @@ pub fn write(
         written.activations = quantize_activations(graph, &mut names, &statics.values);
         super::opset::raise(&mut model, opset);
     }
+    // Short names for the model's own intermediate values; the weights keep theirs (the
+    // report names them), and a model below IR 4 no longer lists them as inputs.
+    let keep: HashSet<String> = restored
+        .iter()
+        .zip(&leave_out)
+        .filter(|(t, &out)| out || t.dtype.is_float())
+        .map(|(t, _)| t.name.clone())
+        .collect();
+    super::compact::compact(&mut model, &mut names, &keep);
     Ok(Deployed {
         bytes: model.encode_to_vec(),
         tensors: forms,
@@ -1072,8 +1224,8 @@ fn quantize_activations(
         if producer.is_none() && !is_input {
             continue;
         }
-        let s = names.fresh(value, "act_scale");
-        let z = names.fresh(value, "act_zero_point");
+        let s = names.fresh();
+        let z = names.fresh();
         graph.initializer.push(TensorProto {
             name: s.clone(),
             data_type: DataType::Float as i32,
@@ -1086,8 +1238,8 @@ fn quantize_activations(
             raw_data: vec![*zero],
             ..Default::default()
         });
-        let q = names.fresh(value, "act_quantized");
-        let dq = names.fresh(value, "act_dequantized");
+        let q = names.fresh();
+        let dq = names.fresh();
         for n in &mut graph.node {
             for i in n.input.iter_mut().filter(|i| *i == value) {
                 i.clone_from(&dq);
@@ -1097,14 +1249,12 @@ fn quantize_activations(
             NodeProto {
                 input: vec![value.clone(), s.clone(), z.clone()],
                 output: vec![q.clone()],
-                name: names.fresh(value, "QuantizeLinear_node"),
                 op_type: "QuantizeLinear".into(),
                 ..Default::default()
             },
             NodeProto {
                 input: vec![q, s, z],
                 output: vec![dq],
-                name: names.fresh(value, "DequantizeLinear_node"),
                 op_type: "DequantizeLinear".into(),
                 ..Default::default()
             },
@@ -1114,27 +1264,4 @@ fn quantize_activations(
         done += 1;
     }
     done
-}
-
-fn value_info(t: &TensorProto) -> ValueInfoProto {
-    ValueInfoProto {
-        name: t.name.clone(),
-        r#type: Some(TypeProto {
-            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
-                elem_type: t.data_type,
-                shape: Some(TensorShapeProto {
-                    dim: t
-                        .dims
-                        .iter()
-                        .map(|&d| tensor_shape_proto::Dimension {
-                            value: Some(tensor_shape_proto::dimension::Value::DimValue(d)),
-                            ..Default::default()
-                        })
-                        .collect(),
-                }),
-            })),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
 }

@@ -559,3 +559,88 @@ fn tucker2_kernels_run_as_three_convolutions() {
         );
     }
 }
+
+/// Every bit width unpacks exactly (onnxruntime and tract against `restored.onnx`), and the
+/// weights of one digit width share one packed initializer and one unpacking subgraph:
+/// 3 and 6 bits as words of three bytes, 5 and 7 bits as single bits, 1, 2, 4 and 8 bits
+/// as whole digits of a byte.
+#[test]
+fn every_bit_width_unpacks_exactly_and_each_width_shares_one_subgraph() {
+    use prost::Message;
+    let step = |method: &str, bits: u8, name: &str| {
+        let mut s = match method {
+            "kmeans" => json!({"method": "kmeans", "bits": bits}),
+            "binary" => json!({"method": "binary", "granularity": "channel"}),
+            _ => {
+                json!({"method": "quantize", "bits": bits, "scheme": "symmetric", "granularity": "channel"})
+            }
+        };
+        s["include"] = json!([name]);
+        s["min_params"] = json!(1);
+        s
+    };
+    let mnist = (
+        "mnist8",
+        "mnist8/mnist-8.onnx",
+        ["Parameter193", "Parameter87", "Parameter5"],
+    );
+    let digits = (
+        "digits_mlp_control",
+        "digits_mlp_control/digits_mlp.onnx",
+        ["coefficient", "coefficient1", "coefficient2"],
+    );
+    // (case, a step per weight, packed uint8 initializers expected)
+    let runs = [
+        (
+            mnist,
+            [("quantize", 3), ("quantize", 3), ("quantize", 3)],
+            1,
+        ),
+        (mnist, [("quantize", 5), ("quantize", 7), ("binary", 1)], 1),
+        (mnist, [("quantize", 4), ("kmeans", 4), ("quantize", 4)], 1),
+        (digits, [("quantize", 6), ("quantize", 2), ("kmeans", 8)], 3),
+        (digits, [("quantize", 3), ("kmeans", 3), ("quantize", 6)], 2),
+    ];
+    let tmp = tempfile::tempdir().unwrap();
+    let mut pairs = Vec::new();
+    for (i, ((case, file, weights), steps, pools)) in runs.into_iter().enumerate() {
+        let dir = tmp.path().join(format!("{case}-{i}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pipeline: Vec<Value> = steps
+            .iter()
+            .zip(weights)
+            .map(|((m, b), w)| step(m, *b, w))
+            .collect();
+        let report = compress_to(
+            &cases().join(file),
+            json!({"latency": false, "pipeline": pipeline}),
+            &dir,
+        );
+        let forms = report["deployable"]["tensors"].as_array().unwrap();
+        assert_eq!(forms.len(), 3, "{case} {steps:?}: {forms:?}");
+        assert!(forms.iter().all(|f| f["form"] != "dense"), "{forms:?}");
+        let model = dir.join("model.onnx");
+        let proto =
+            tract_onnx::pb::ModelProto::decode(std::fs::read(&model).unwrap().as_slice()).unwrap();
+        let packed = proto
+            .graph
+            .unwrap()
+            .initializer
+            .iter()
+            .filter(|t| t.data_type == tract_onnx::pb::tensor_proto::DataType::Uint8 as i32)
+            .count();
+        assert_eq!(packed, pools, "{case} {steps:?}: packed initializers");
+        let got = tract_run(&model);
+        let want = tract_run(&dir.join("restored.onnx"));
+        assert!(got == want, "{case} {steps:?}: tract differs from restored");
+        pairs.push((case.to_string(), model, dir.join("restored.onnx")));
+    }
+    for m in compare(&pairs, 200) {
+        let err = m["output_rel_l2"].as_f64().unwrap();
+        assert!(
+            err <= DEPLOYED_VS_RESTORED_REL_L2,
+            "{}: onnxruntime output differs from restored.onnx by {err}",
+            m["candidate"]
+        );
+    }
+}
