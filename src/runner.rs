@@ -257,7 +257,7 @@ fn analyze(
         &original,
         &data,
         spec,
-        compress::DEFAULT_MIN_PARAMS,
+        crate::search::DEFAULT_MIN_PARAMS,
         max_seconds,
         ctl,
         (0.0, SEARCH_SHARE),

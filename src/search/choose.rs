@@ -109,6 +109,57 @@ fn grow(profile: &Profile, aim: Aim, mut choice: Vec<Option<usize>>) -> Vec<Opti
     }
 }
 
+/// Moves each layer whose setting shares its packed width with no other layer (or that is
+/// left as it is, or stored as bytes) to the narrowest setting (then the one that saves the
+/// most) among those of a width another layer already uses and no wider than its own, while
+/// the predicted drop stays within `budget`. In `model.onnx` the weights of one width share one unpacking
+/// subgraph, so a lone width pays for a subgraph of its own: a saving the profile, which
+/// measures each layer alone, cannot see. `widths[o]` is option `o`'s packed width, None
+/// where it is not packed (int8 is stored as bytes, so counts as 8 bits).
+pub fn share(
+    profile: &Profile,
+    choice: &[Option<usize>],
+    widths: &[Option<u8>],
+    budget: f64,
+) -> Vec<Option<usize>> {
+    let width = |c: Option<usize>| c.and_then(|o| widths.get(o).copied().flatten());
+    let mut out = choice.to_vec();
+    for layer in 0..out.len() {
+        let others: Vec<u8> = out
+            .iter()
+            .enumerate()
+            .filter(|&(l, _)| l != layer)
+            .filter_map(|(_, &c)| width(c))
+            .collect();
+        let own = width(out[layer]);
+        if own.is_some_and(|w| others.contains(&w)) {
+            continue;
+        }
+        let widest = match (out[layer], own) {
+            (None, _) => u8::MAX,
+            (Some(_), None) => 8,
+            (Some(_), Some(w)) => w,
+        };
+        let best = profile[layer]
+            .iter()
+            .enumerate()
+            .filter_map(|(o, m)| m.map(|m| (o, m)))
+            .filter(|&(o, _)| width(Some(o)).is_some_and(|w| w <= widest && others.contains(&w)))
+            .filter(|&(o, _)| {
+                let mut moved = out.clone();
+                moved[layer] = Some(o);
+                predict(profile, &moved).0 <= budget + 1e-12
+            })
+            // The narrowest width first: once its subgraph is shared, fewer bits are fewer
+            // bytes, whatever each setting saved alone (where it paid for its own).
+            .min_by_key(|&(o, m)| (width(Some(o)), -m.saved));
+        if let Some((o, _)) = best {
+            out[layer] = Some(o);
+        }
+    }
+    out
+}
+
 /// Every assignment, for small profiles: the most bytes saved within the budget.
 pub fn reference(profile: &Profile, budget: f64) -> (f64, i64) {
     fn walk(
@@ -150,6 +201,46 @@ mod tests {
         let m = (0i64..10_000, -0.01f64..0.2).prop_map(|(saved, drop)| Measured { saved, drop });
         let layer = prop::collection::vec(prop::option::weighted(0.8, m), 1..4);
         (prop::collection::vec(layer, 1..5), 0.0f64..0.3)
+    }
+
+    #[test]
+    fn a_lone_width_joins_a_shared_one_within_the_budget() {
+        let m = |saved, drop| Some(Measured { saved, drop });
+        // Options: 0 = unpacked (int8), 1 = width 4, 2 = width 3.
+        let widths = [None, Some(4), Some(3)];
+        let profile: Profile = vec![
+            vec![m(100, 0.0), m(150, 0.001), m(160, 0.002)],
+            vec![m(100, 0.0), m(150, 0.001), m(160, 0.002)],
+            vec![m(10, 0.0), m(-5, 0.0005), m(-8, 0.001)],
+        ];
+        // Layers 0 and 1 at width 3; layer 2 alone at int8 moves to width 3.
+        let choice = [Some(2), Some(2), Some(0)];
+        assert_eq!(
+            share(&profile, &choice, &widths, 0.01),
+            [Some(2), Some(2), Some(2)]
+        );
+        // Not when the budget has no room for it.
+        assert_eq!(share(&profile, &choice, &widths, 0.0045), choice);
+        // A layer left as it is joins too; layers that already share stay.
+        let choice = [Some(1), Some(1), None];
+        assert_eq!(
+            share(&profile, &choice, &widths, 0.01),
+            [Some(1), Some(1), Some(1)]
+        );
+        // A lone width never moves to a wider one: layer 1 stays at width 3 beside layer 0
+        // at width 4 (whose width 3 costs too much), and layer 2 joins the narrowest.
+        let mut costly = profile.clone();
+        costly[0][2] = m(160, 0.02);
+        let choice = [Some(1), Some(2), None];
+        assert_eq!(
+            share(&costly, &choice, &widths, 0.01),
+            [Some(1), Some(2), Some(2)]
+        );
+        // With no other packed layer there is nothing to join.
+        assert_eq!(
+            share(&profile, &[Some(0), Some(0), None], &widths, 1.0),
+            [Some(0), Some(0), None]
+        );
     }
 
     proptest! {

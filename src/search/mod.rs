@@ -2,12 +2,15 @@
 //! a job spec, with an `eval` block). Each candidate is a real `model.onnx`, built by the
 //! compression core and the deploy writer and scored on the dataset in tract, like a job's
 //! own evaluation:
-//! 1. baselines: every layer at int8 per channel, and at int8 per tensor;
+//! 1. baselines: every layer at int8 per channel, int8 per tensor, int4 and int3 per channel;
 //! 2. sensitivity: each layer alone at each setting of [`LADDER`] (int8, int4 per channel,
-//!    int4 in groups of 32 and 128): bytes saved in
-//!    `model.onnx` and metric drop;
+//!    int4 in groups of 32 and 128, int3 per channel): bytes saved in `model.onnx` and
+//!    metric drop;
 //! 3. [`choose`]: per-layer settings from the profile, assuming drops add up; each choice is
-//!    verified end to end, and the budget halves after a miss or grows after a pass.
+//!    verified end to end, and the budget halves after a miss or grows after a pass;
+//! 4. the smallest mixed choice that met the goal, with each lone packed width moved to one
+//!    another layer uses ([`choose::share`]): layers of one width share one unpacking
+//!    subgraph in `model.onnx`.
 //!
 //! The best candidate that meets the goal is the job's result; when none does, the closest
 //! one, with `verdict: "not_met"`. Every candidate is in `search.json` with the Pareto
@@ -82,7 +85,7 @@ impl SearchSpec {
                     max_metric_drop: AUTO_MAX_METRIC_DROP,
                 },
                 max_seconds,
-                min_params: compress::DEFAULT_MIN_PARAMS,
+                min_params: DEFAULT_MIN_PARAMS,
             }));
         };
         let c: Constraints = serde_path_to_error::deserialize(c.clone()).map_err(|e| {
@@ -133,7 +136,7 @@ impl SearchSpec {
         Ok(Some(SearchSpec {
             goal,
             max_seconds,
-            min_params: c.min_params.unwrap_or(compress::DEFAULT_MIN_PARAMS),
+            min_params: c.min_params.unwrap_or(DEFAULT_MIN_PARAMS),
         }))
     }
 }
@@ -144,6 +147,8 @@ const INT8_TENSOR: &str =
     r#"{"method": "quantize", "bits": 8, "scheme": "symmetric", "granularity": "tensor"}"#;
 const INT4: &str =
     r#"{"method": "quantize", "bits": 4, "scheme": "symmetric", "granularity": "channel"}"#;
+const INT3: &str =
+    r#"{"method": "quantize", "bits": 3, "scheme": "symmetric", "granularity": "channel"}"#;
 const INT4_G32: &str = r#"{"method": "quantize", "bits": 4, "scheme": "affine", "granularity": "channel", "group_size": 32}"#;
 const INT4_G128: &str = r#"{"method": "quantize", "bits": 4, "scheme": "affine", "granularity": "channel", "group_size": 128}"#;
 
@@ -153,6 +158,7 @@ pub const LADDER: &[(&str, &str)] = &[
     ("int4", INT4),
     ("int4-g32", INT4_G32),
     ("int4-g128", INT4_G128),
+    ("int3", INT3),
 ];
 
 /// The strengths `"analyze": true` measures each layer at (NNI's SensitivityAnalysis and
@@ -165,10 +171,7 @@ pub const ANALYSIS: &[(&str, &str)] = &[
     ),
     ("int4", INT4),
     ("int4-g32", INT4_G32),
-    (
-        "int3",
-        r#"{"method": "quantize", "bits": 3, "scheme": "symmetric", "granularity": "channel"}"#,
-    ),
+    ("int3", INT3),
     (
         "int2",
         r#"{"method": "quantize", "bits": 2, "scheme": "symmetric", "granularity": "channel"}"#,
@@ -194,11 +197,29 @@ pub const ANALYSIS: &[(&str, &str)] = &[
     ("energy-0.9", r#"{"method": "lowrank", "energy": 0.9}"#),
 ];
 
-/// The uniform candidates verified first.
+/// The uniform candidates verified first. Besides the int8 references, int4 and int3 on
+/// every layer: weights of one bit width share one unpacking subgraph in `model.onnx`, a
+/// saving the per-layer profile (each layer alone pays for its own) cannot predict.
 const BASELINES: &[(&str, &str)] = &[
     ("int8 per channel, every layer", INT8),
     ("int8 per tensor, every layer", INT8_TENSOR),
+    ("int4 per channel, every layer", INT4),
+    ("int3 per channel, every layer", INT3),
 ];
+
+/// Layers smaller than this stay as they are in a search or an analysis. Lower than a
+/// plain job's floor ([`compress::DEFAULT_MIN_PARAMS`]): the search measures what each
+/// small layer costs in metric and saves in bytes instead of sparing it on principle, and
+/// in a small model the small layers are a large share (mnist-8's first convolution, 200
+/// weights, is 800 of the 4,409 bytes a 6× smaller file may take).
+pub const DEFAULT_MIN_PARAMS: usize = 128;
+
+/// The width a setting's codes are packed at in `model.onnx` (None: stored as bytes).
+fn packed_width(text: &str) -> Option<u8> {
+    let step = step_json(text);
+    let bits = step.get("bits").and_then(Value::as_u64)?;
+    (step.get("method") == Some(&json!("quantize")) && bits < 8).then_some(bits as u8)
+}
 
 fn step_json(text: &str) -> Map<String, Value> {
     match serde_json::from_str(text) {
@@ -655,7 +676,7 @@ pub fn search(
     } else {
         layers.len() * LADDER.len()
     };
-    let planned = BASELINES.len() + measured + 6;
+    let planned = BASELINES.len() + measured + 7;
     let mut trials = 0usize;
     let mut cands: Vec<Candidate> = Vec::new();
     let report = |trials: usize, cands: &[Candidate]| {
@@ -728,6 +749,8 @@ pub fn search(
     // 3. Choose from the profile and verify; adjust the budget on the outcome.
     let mut scale = 1.0f64;
     let mut seen: Vec<Vec<Option<usize>>> = Vec::new();
+    // (index in cands, choice) of each mixed round.
+    let mut mixed: Vec<(usize, Vec<Option<usize>>)> = Vec::new();
     for round in 0..6 {
         if out_of_time() {
             complete = false;
@@ -751,6 +774,7 @@ pub fn search(
             continue;
         }
         seen.push(choice.clone());
+        mixed.push((cands.len(), choice.clone()));
         let settings: Vec<(String, String)> = choice
             .iter()
             .zip(&layers)
@@ -773,6 +797,29 @@ pub fn search(
             (Goal::BestMetric { .. }, true) => break,
             (Goal::BestMetric { .. }, false) => scale * 1.1,
         };
+    }
+    // 4. Widths shared: the smallest mixed candidate that met the goal, with each lone
+    //    packed width moved to one another layer uses (see `choose::share`).
+    if let (Goal::Smallest { max_metric_drop }, false) = (spec.goal, out_of_time()) {
+        let best = mixed
+            .iter()
+            .filter(|(i, _)| cands[*i].meets)
+            .min_by_key(|(i, _)| cands[*i].bytes);
+        if let Some((_, choice)) = best {
+            let widths: Vec<Option<u8>> =
+                LADDER.iter().map(|(_, text)| packed_width(text)).collect();
+            let shared = choose::share(&profile, choice, &widths, max_metric_drop);
+            if !seen.contains(&shared) {
+                let settings: Vec<(String, String)> = shared
+                    .iter()
+                    .zip(&layers)
+                    .filter_map(|(c, t)| c.map(|o| (t.name.clone(), LADDER[o].0.to_string())))
+                    .collect();
+                verify("mixed, widths shared".into(), settings, LADDER, &mut cands)?;
+                trials += 1;
+                report(trials, &cands);
+            }
+        }
     }
     mark_frontier(&mut cands);
     let chosen = pick(spec.goal, &cands);
