@@ -47,6 +47,38 @@ async fn wait_for(app: &TestApp, id: &str, done: impl Fn(&Value) -> bool) -> Val
     }
 }
 
+/// Waits until both fleet processes hold a `LISTEN` connection to `database` (the
+/// connection asking is left out: its own query text names LISTEN).
+async fn await_listeners(admin: &sqlx::PgPool, database: &str, within: Duration, fail: &str) {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let listening: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM pg_stat_activity \
+             WHERE datname = $1 AND query ILIKE '%LISTEN%' AND pid <> pg_backend_pid()",
+        )
+        .bind(database)
+        .fetch_one(admin)
+        .await
+        .unwrap();
+        if listening == 2 {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the listeners {fail}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The states a `/v1/events` stream reported for one job, in order.
+fn job_states<'a>(evs: &'a [crate::events::Sse], id: &str) -> Vec<&'a str> {
+    evs.iter()
+        .filter(|e| e.event == "state" && e.data["job_id"] == *id)
+        .filter_map(|e| e.data["state"].as_str())
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_worker_process_runs_what_the_api_queued_and_the_api_streams_its_progress() {
     let db = PgDatabase::create().await;
@@ -121,37 +153,20 @@ async fn a_cut_notification_connection_resyncs_the_streams_and_reconnects() {
     assert_eq!(cut.len(), 2, "one listening connection per process");
     pool.close().await;
     // Both processes listen again; then a job goes through as usual.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let admin = sqlx::PgPool::connect(&db.url).await.unwrap();
-    loop {
-        let listening: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM pg_stat_activity \
-             WHERE datname = current_database() AND query ILIKE '%LISTEN%' AND pid <> pg_backend_pid()",
-        )
-        .fetch_one(&admin)
-        .await
-        .unwrap();
-        if listening == 2 {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the listeners did not reconnect"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let name = db.url.rsplit('/').next().unwrap();
+    await_listeners(&admin, name, Duration::from_secs(30), "did not reconnect").await;
     admin.close().await;
     let id = mnist_int8_job(&api).await;
     let evs = reader.await.unwrap();
     let resync: Vec<_> = evs.iter().filter(|e| e.event == "resync").collect();
     assert_eq!(resync.len(), 1, "{evs:?}");
     assert!(resync[0].data["reason"].is_string(), "{evs:?}");
-    let states: Vec<&str> = evs
-        .iter()
-        .filter(|e| e.event == "state" && e.data["job_id"] == *id)
-        .filter_map(|e| e.data["state"].as_str())
-        .collect();
-    assert_eq!(states, ["queued", "running", "succeeded"], "{evs:?}");
+    assert_eq!(
+        job_states(&evs, &id),
+        ["queued", "running", "succeeded"],
+        "{evs:?}"
+    );
     worker.stop().await;
     api.stop().await;
     db.drop_now().await;
@@ -191,35 +206,17 @@ async fn after_an_outage_the_streams_resync_once_the_processes_listen_again() {
         .unwrap();
     tokio::time::sleep(Duration::from_secs(3)).await;
     allow(true).await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let listening: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = $1 AND query ILIKE '%LISTEN%'",
-        )
-        .bind(&name)
-        .fetch_one(&admin)
-        .await
-        .unwrap();
-        if listening == 2 {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the listeners did not come back"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    await_listeners(&admin, &name, Duration::from_secs(60), "did not come back").await;
     admin.close().await;
     let id = mnist_int8_job(&api).await;
     let evs = reader.await.unwrap();
     let resync = evs.iter().filter(|e| e.event == "resync").count();
     assert_eq!(resync, 1, "{evs:?}");
-    let states: Vec<&str> = evs
-        .iter()
-        .filter(|e| e.event == "state" && e.data["job_id"] == *id)
-        .filter_map(|e| e.data["state"].as_str())
-        .collect();
-    assert_eq!(states, ["queued", "running", "succeeded"], "{evs:?}");
+    assert_eq!(
+        job_states(&evs, &id),
+        ["queued", "running", "succeeded"],
+        "{evs:?}"
+    );
     worker.stop().await;
     api.stop().await;
     db.drop_now().await;
