@@ -45,6 +45,19 @@ fn compare(pairs: &[(String, PathBuf, PathBuf)], rows: usize) -> Vec<Value> {
     serde_json::from_str(&out).expect("json")
 }
 
+/// Each (case, model.onnx, restored.onnx) gives restored.onnx's output in onnxruntime on the
+/// case's first `rows` rows, up to [`DEPLOYED_VS_RESTORED_REL_L2`].
+fn assert_runs_as_restored(pairs: &[(String, PathBuf, PathBuf)], rows: usize) {
+    for m in compare(pairs, rows) {
+        let err = m["output_rel_l2"].as_f64().unwrap();
+        assert!(
+            err <= DEPLOYED_VS_RESTORED_REL_L2,
+            "{}: onnxruntime output differs from restored.onnx by {err}",
+            m["candidate"]
+        );
+    }
+}
+
 #[test]
 fn every_onnx_case_and_preset_deploys_and_runs_in_onnxruntime() {
     let tmp = tempfile::tempdir().unwrap();
@@ -129,14 +142,7 @@ fn every_onnx_case_and_preset_deploys_and_runs_in_onnxruntime() {
         "only {} deployable models",
         pairs.len()
     );
-    for m in compare(&pairs, 300) {
-        let err = m["output_rel_l2"].as_f64().unwrap();
-        assert!(
-            err <= DEPLOYED_VS_RESTORED_REL_L2,
-            "{}: output differs from restored.onnx by {err}",
-            m["candidate"]
-        );
-    }
+    assert_runs_as_restored(&pairs, 300);
 }
 
 #[test]
@@ -635,12 +641,5 @@ fn every_bit_width_unpacks_exactly_and_each_width_shares_one_subgraph() {
         assert!(got == want, "{case} {steps:?}: tract differs from restored");
         pairs.push((case.to_string(), model, dir.join("restored.onnx")));
     }
-    for m in compare(&pairs, 200) {
-        let err = m["output_rel_l2"].as_f64().unwrap();
-        assert!(
-            err <= DEPLOYED_VS_RESTORED_REL_L2,
-            "{}: onnxruntime output differs from restored.onnx by {err}",
-            m["candidate"]
-        );
-    }
+    assert_runs_as_restored(&pairs, 200);
 }
