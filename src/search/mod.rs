@@ -748,9 +748,18 @@ pub fn search(
     let mut complete = complete;
     // 3. Choose from the profile and verify; adjust the budget on the outcome.
     let mut scale = 1.0f64;
-    let mut seen: Vec<Vec<Option<usize>>> = Vec::new();
     // (index in cands, choice) of each mixed round.
     let mut mixed: Vec<(usize, Vec<Option<usize>>)> = Vec::new();
+    let seen = |mixed: &[(usize, Vec<Option<usize>>)], choice: &[Option<usize>]| {
+        mixed.iter().any(|(_, c)| c == choice)
+    };
+    let settings_of = |choice: &[Option<usize>]| -> Vec<(String, String)> {
+        choice
+            .iter()
+            .zip(&layers)
+            .filter_map(|(c, t)| c.map(|o| (t.name.clone(), LADDER[o].0.to_string())))
+            .collect()
+    };
     for round in 0..6 {
         if out_of_time() {
             complete = false;
@@ -765,7 +774,7 @@ pub fn search(
             },
         };
         let choice = choose::choose(&profile, aim);
-        if choice.iter().all(Option::is_none) || seen.contains(&choice) {
+        if choice.iter().all(Option::is_none) || seen(&mixed, &choice) {
             // Nothing new to try at this budget: grow it once more, or stop.
             if scale > 1.0 && matches!(spec.goal, Goal::Smallest { .. }) {
                 break;
@@ -773,13 +782,8 @@ pub fn search(
             scale *= 2.0;
             continue;
         }
-        seen.push(choice.clone());
-        mixed.push((cands.len(), choice.clone()));
-        let settings: Vec<(String, String)> = choice
-            .iter()
-            .zip(&layers)
-            .filter_map(|(c, t)| c.map(|o| (t.name.clone(), LADDER[o].0.to_string())))
-            .collect();
+        let settings = settings_of(&choice);
+        mixed.push((cands.len(), choice));
         verify(
             format!("mixed, round {}", round + 1),
             settings,
@@ -809,12 +813,8 @@ pub fn search(
             let widths: Vec<Option<u8>> =
                 LADDER.iter().map(|(_, text)| packed_width(text)).collect();
             let shared = choose::share(&profile, choice, &widths, max_metric_drop);
-            if !seen.contains(&shared) {
-                let settings: Vec<(String, String)> = shared
-                    .iter()
-                    .zip(&layers)
-                    .filter_map(|(c, t)| c.map(|o| (t.name.clone(), LADDER[o].0.to_string())))
-                    .collect();
+            if !seen(&mixed, &shared) {
+                let settings = settings_of(&shared);
                 verify("mixed, widths shared".into(), settings, LADDER, &mut cands)?;
                 trials += 1;
                 report(trials, &cands);
