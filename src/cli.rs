@@ -113,7 +113,7 @@ pub fn compress(args: CompressArgs) -> i32 {
             return 2;
         }
     };
-    let plan = match compress::parse_spec(&spec) {
+    let plan = match crate::job::parse_spec(&spec) {
         Ok(p) => p,
         Err(e) => {
             eprintln!("error: invalid spec: {e}");
@@ -121,7 +121,7 @@ pub fn compress(args: CompressArgs) -> i32 {
         }
     };
     if args.dry_run {
-        return dry_run(&args.input, &plan);
+        return dry_run(&args.input, &plan.compress);
     }
     let Some(output) = args.output.as_deref() else {
         eprintln!("error: give -o OUTDIR");
@@ -295,7 +295,7 @@ pub fn decompress(args: DecompressArgs) -> i32 {
             return 1;
         }
     };
-    let set = match formats::mpz::read(&bytes) {
+    let set = match crate::compress::archive::read(&bytes) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("error: {e}");
@@ -320,7 +320,7 @@ pub fn decompress(args: DecompressArgs) -> i32 {
         set.tensors.len(),
         set.format.as_str(),
         out.len(),
-        runner::sha256_hex(&out)
+        crate::util::sha256_hex(&out)
     );
     0
 }
@@ -441,14 +441,14 @@ pub fn keys(args: crate::config::KeysArgs) -> i32 {
             }
             KeysCommand::List { json } => match store.list_keys().await {
                 Ok(keys) => {
-                    let time = |t: Option<i64>| t.map(crate::api::rfc3339);
+                    let time = |t: Option<i64>| t.map(crate::util::rfc3339);
                     if json {
                         let items: Vec<serde_json::Value> = keys
                             .iter()
                             .map(|k| {
                                 serde_json::json!({
                                     "id": k.id, "tenant": k.tenant_id, "scope": k.scope,
-                                    "prefix": k.prefix, "created_at": crate::api::rfc3339(k.created_at),
+                                    "prefix": k.prefix, "created_at": crate::util::rfc3339(k.created_at),
                                     "revoked_at": time(k.revoked_at), "last_used_at": time(k.last_used_at),
                                 })
                             })
@@ -463,7 +463,7 @@ pub fn keys(args: crate::config::KeysArgs) -> i32 {
                                 k.tenant_id,
                                 k.scope,
                                 format!("{}…", k.prefix),
-                                crate::api::rfc3339(k.created_at),
+                                crate::util::rfc3339(k.created_at),
                                 time(k.revoked_at).unwrap_or_else(|| "-".into()),
                                 time(k.last_used_at).unwrap_or_else(|| "-".into())
                             );

@@ -187,45 +187,6 @@ pub fn is_disk_full(e: &std::io::Error) -> bool {
     )
 }
 
-impl From<crate::queue::QueueError> for ApiError {
-    fn from(e: crate::queue::QueueError) -> Self {
-        use crate::queue::QueueError as Q;
-        match e {
-            Q::IdempotencyConflict => ApiError::new(
-                ErrorCode::IdempotencyConflict,
-                "this Idempotency-Key was already used with a different request",
-            ),
-            Q::ModelInUse => ApiError::new(
-                ErrorCode::ModelInUse,
-                "a queued or running job uses this model",
-            ),
-            Q::DatasetInUse => ApiError::new(
-                ErrorCode::DatasetInUse,
-                "a queued or running job evaluates on this dataset",
-            ),
-            Q::NotCancellable(state) => ApiError::new(
-                ErrorCode::JobNotCancellable,
-                format!("the job is already {state}"),
-            ),
-            Q::NotFound => ApiError::new(ErrorCode::NotFound, "not found"),
-            full if full.is_disk_full() => {
-                tracing::warn!(error = %full, "disk full: the database refused a write");
-                ApiError::disk_full()
-            }
-            other => ApiError::internal(other),
-        }
-    }
-}
-
-impl From<crate::store::StoreError> for ApiError {
-    fn from(e: crate::store::StoreError) -> Self {
-        match e {
-            crate::store::StoreError::Io(e) => ApiError::io(e),
-            other => ApiError::internal(other),
-        }
-    }
-}
-
 impl ApiError {
     /// Adds a `Retry-After` of `secs` seconds.
     pub fn retry_after(mut self, secs: u64) -> ApiError {

@@ -181,9 +181,9 @@ impl Hub {
     }
 
     fn broadcast_job(&self, j: &JobRecord) {
-        self.broadcast(&j.tenant_id, j.id, Kind::State, state_data(j));
+        self.broadcast(&j.tenant_id, j.id, Kind::State, crate::views::state_data(j));
         if j.state.is_terminal() {
-            self.broadcast(&j.tenant_id, j.id, Kind::Done, done_data(j));
+            self.broadcast(&j.tenant_id, j.id, Kind::Done, crate::views::done_data(j));
         }
     }
 
@@ -255,38 +255,6 @@ fn relay_text(tenant: &str, job: Uuid, kind: Kind, data: &Value) -> Option<Strin
         text = wire.to_string();
     }
     (text.len() <= MAX_RELAYED_BYTES).then_some(text)
-}
-
-/// What a `state` event carries: enough for a row of the job list.
-pub fn state_data(j: &JobRecord) -> Value {
-    let s = j.summary.as_ref();
-    json!({
-        "job_id": j.id,
-        "model_id": j.model_id,
-        "state": j.state,
-        "progress": j.progress,
-        "stage": j.stage,
-        "cancel_requested": j.cancel_requested,
-        "created_at": crate::api::rfc3339(j.created_at),
-        "finished_at": j.finished_at.map(crate::api::rfc3339),
-        "ratio": s.and_then(|s| s.get("ratio")).cloned(),
-        "quality": s.and_then(|s| s.get("quality")).cloned(),
-    })
-}
-
-/// What a `done` event carries: the terminal state, the error of a failed job, the ratio of
-/// a succeeded one.
-pub fn done_data(j: &JobRecord) -> Value {
-    let error = match (&j.error_code, &j.error_message) {
-        (Some(code), msg) => json!({"code": code, "message": msg.clone().unwrap_or_default()}),
-        _ => Value::Null,
-    };
-    json!({
-        "job_id": j.id,
-        "state": j.state,
-        "error": error,
-        "ratio": j.summary.as_ref().and_then(|s| s.get("ratio")).cloned(),
-    })
 }
 
 #[cfg(test)]

@@ -172,7 +172,7 @@ pub fn payload(f: &Facts) -> Value {
         "job_id": f.job_id,
         "tenant": f.tenant,
         "attempt": f.attempt,
-        "created_at": crate::api::rfc3339(f.created_at_ms),
+        "created_at": crate::util::rfc3339(f.created_at_ms),
         "input": {
             "model_id": f.model_id,
             "name": f.model_name,

@@ -5,7 +5,6 @@ use crate::compress::{self, report::Warning, CompressError, Control, Plan};
 use crate::deploy::{self, TensorForm};
 use crate::formats::{self, FormatError};
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
@@ -148,10 +147,6 @@ impl From<CompressError> for RunError {
     }
 }
 
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    hex::encode(Sha256::digest(bytes))
-}
-
 fn write_artifact(dir: &Path, name: String, bytes: &[u8]) -> Result<ArtifactFile, RunError> {
     let path = dir.join(&name);
     std::fs::write(&path, bytes).map_err(|e| {
@@ -165,7 +160,7 @@ fn write_artifact(dir: &Path, name: String, bytes: &[u8]) -> Result<ArtifactFile
         name,
         path,
         size_bytes: bytes.len() as u64,
-        sha256: sha256_hex(bytes),
+        sha256: crate::util::sha256_hex(bytes),
     })
 }
 
@@ -333,7 +328,7 @@ fn search(
     if let Some(b) = block {
         chosen_spec["calibration"] = b;
     }
-    let mut chosen = compress::parse_spec(&chosen_spec)?;
+    let mut chosen = compress::parse_plan(&chosen_spec, false)?;
     chosen.outputs = plan.outputs.clone();
     chosen.outputs_explicit = plan.outputs_explicit;
     chosen.latency = plan.latency;
@@ -835,7 +830,7 @@ fn static_plan(
 /// Compresses `input` by `plan` and writes the requested artifacts into `out_dir`.
 pub fn execute(
     input: &Path,
-    plan: &Plan,
+    job: &crate::job::JobPlan,
     out_dir: &Path,
     ctl: &dyn Control,
     data: Data,
@@ -868,7 +863,8 @@ pub fn execute(
     };
     // A search chooses the pipeline first; the job then runs it as if it had been sent.
     let mut search_measured = None;
-    let searched = match &plan.search {
+    let plan = &job.compress;
+    let searched = match &job.search {
         None => None,
         Some(s) => {
             let (chosen, found, measured) = search(
@@ -885,7 +881,7 @@ pub fn execute(
         }
     };
     // An analysis (with a search, the search's own table stands in for it).
-    let analysis = match (plan.analyze, &searched) {
+    let analysis = match (job.analyze, &searched) {
         (Some(max_seconds), None) => Some(analyze(input, &set, max_seconds, eval.as_ref(), ctl)?),
         _ => None,
     };
@@ -1059,7 +1055,7 @@ pub fn execute(
     }
     let wants = |o: &str| plan.outputs.iter().any(|x| x == o);
     let archive = if wants("archive") {
-        Some(formats::mpz::write(
+        Some(compress::archive::write(
             &set,
             &restored.tensors,
             &outcome.archive,

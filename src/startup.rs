@@ -127,7 +127,17 @@ impl Application {
         let sweeper = worker::spawn_sweeper(state.clone());
         // Webhooks keep going out until the last running job has ended.
         let deliveries_stop = CancellationToken::new();
-        let deliverer = crate::webhook::spawn_deliverer(state.clone(), deliveries_stop.clone());
+        let deliverer = crate::webhook::spawn_deliverer(
+            crate::webhook::Deliverer {
+                outbox: state.webhooks.clone(),
+                jobs: state.queue.clone(),
+                allow: state.config.webhook_allow_list(),
+                poll_ms: state.config.webhook_poll_ms,
+                retry_base_ms: state.config.webhook_retry_base_ms,
+                give_up_secs: state.config.webhook_give_up_secs,
+            },
+            deliveries_stop.clone(),
+        );
         let app = match self.role {
             Role::Serve => api::router(state.clone()),
             Role::Worker => api::health_router(state.clone()),

@@ -13,8 +13,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-/// The tenant of anonymous requests (no key exists yet, or `--allow-anonymous`).
-pub const DEFAULT_TENANT: &str = "default";
+pub use crate::queue::DEFAULT_TENANT;
 
 pub struct Inner {
     pub config: ServeConfig,

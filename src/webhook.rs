@@ -14,12 +14,12 @@
 //!   the addresses that were checked (pinned, no second lookup), through no proxy, and
 //!   redirects are not followed.
 
-use crate::queue::{DeliveryOutcome, DeliveryRecord};
-use crate::state::AppState;
+use crate::queue::{DeliveryOutcome, DeliveryRecord, JobQueue, WebhookOutbox};
 use hmac::{KeyInit, Mac};
 use serde_json::{json, Value};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 type HmacSha256 = hmac::Hmac<sha2_11::Sha256>;
@@ -38,7 +38,7 @@ pub fn parse(spec: &Value) -> Result<Option<reqwest::Url>, String> {
     if let Some(k) = obj.keys().find(|k| k.as_str() != "url") {
         return Err(format!(
             "webhook.{}: unknown field (expected url)",
-            crate::api::extract::clip(k)
+            crate::util::clip(k)
         ));
     }
     let raw = obj
@@ -271,16 +271,30 @@ pub fn backoff_ms(base_ms: u64, attempts: i64) -> i64 {
         .min(3_600_000) as i64
 }
 
+/// What sends webhooks: the outbox, the jobs it posts, and the delivery settings.
+#[derive(Clone)]
+pub struct Deliverer {
+    pub outbox: Arc<dyn WebhookOutbox>,
+    pub jobs: Arc<dyn JobQueue>,
+    pub allow: AllowList,
+    /// How often the outbox is read (`MODELPRESS_WEBHOOK_POLL_MS`).
+    pub poll_ms: u64,
+    /// The first retry's delay; each later one doubles it.
+    pub retry_base_ms: u64,
+    /// A delivery not made this long after its job ended is given up.
+    pub give_up_secs: u64,
+}
+
 /// Sends due deliveries every second until shutdown.
 pub fn spawn_deliverer(
-    state: AppState,
+    state: Deliverer,
     stop: tokio_util::sync::CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         loop {
             match state
-                .webhooks
-                .due_deliveries(crate::queue::now_ms(), 60_000, 16)
+                .outbox
+                .due_deliveries(crate::util::now_ms(), 60_000, 16)
                 .await
             {
                 Ok(due) => {
@@ -291,7 +305,7 @@ pub fn spawn_deliverer(
                 Err(e) => tracing::warn!(error = %e, "could not read the webhook outbox"),
             }
             tokio::select! {
-                _ = tokio::time::sleep(Duration::from_millis(state.config.webhook_poll_ms)) => {}
+                _ = tokio::time::sleep(Duration::from_millis(state.poll_ms)) => {}
                 _ = stop.cancelled() => break,
             }
         }
@@ -299,11 +313,11 @@ pub fn spawn_deliverer(
 }
 
 /// One attempt at one delivery; its outcome is recorded.
-async fn deliver(state: &AppState, d: DeliveryRecord) {
+async fn deliver(state: &Deliverer, d: DeliveryRecord) {
     let attempt = d.attempts + 1;
     let result = attempt_delivery(state, &d).await;
-    let now = crate::queue::now_ms();
-    let give_up_at = d.created_at + (state.config.webhook_give_up_secs as i64) * 1000;
+    let now = crate::util::now_ms();
+    let give_up_at = d.created_at + (state.give_up_secs as i64) * 1000;
     let outcome = match result {
         Ok(status) => {
             metrics::counter!("modelpress_webhook_deliveries_total", "outcome" => "delivered")
@@ -312,7 +326,7 @@ async fn deliver(state: &AppState, d: DeliveryRecord) {
             DeliveryOutcome::Delivered { status }
         }
         Err((status, error, permanent)) => {
-            let next = now + backoff_ms(state.config.webhook_retry_base_ms, attempt);
+            let next = now + backoff_ms(state.retry_base_ms, attempt);
             if permanent || next > give_up_at {
                 metrics::counter!("modelpress_webhook_deliveries_total", "outcome" => "gave_up")
                     .increment(1);
@@ -330,47 +344,45 @@ async fn deliver(state: &AppState, d: DeliveryRecord) {
             }
         }
     };
-    if let Err(e) = state.webhooks.finish_delivery(d.id, &outcome).await {
+    if let Err(e) = state.outbox.finish_delivery(d.id, &outcome).await {
         tracing::warn!(error = %e, delivery = d.id, "could not record a webhook delivery");
     }
 }
 
 /// The status of a 2xx answer, or (status, why, whether retrying is pointless).
 async fn attempt_delivery(
-    state: &AppState,
+    state: &Deliverer,
     d: &DeliveryRecord,
 ) -> Result<i64, (Option<i64>, String, bool)> {
     let url = reqwest::Url::parse(&d.url).map_err(|e| (None, e.to_string(), true))?;
-    let addrs = resolve(&url, &state.config.webhook_allow_list())
-        .await
-        .map_err(|e| {
-            // A blocked address is the policy's answer, not a passing failure.
-            let permanent = e.contains("webhooks go to public addresses only");
-            (None, e, permanent)
-        })?;
+    let addrs = resolve(&url, &state.allow).await.map_err(|e| {
+        // A blocked address is the policy's answer, not a passing failure.
+        let permanent = e.contains("webhooks go to public addresses only");
+        (None, e, permanent)
+    })?;
     let job = state
-        .queue
+        .jobs
         .get_job(&d.tenant_id, d.job_id)
         .await
         .map_err(|e| (None, e.to_string(), false))?
         .ok_or_else(|| (None, "the job no longer exists".to_string(), true))?;
     let artifacts = state
-        .queue
+        .jobs
         .artifacts(d.job_id)
         .await
         .map_err(|e| (None, e.to_string(), false))?;
     let body = serde_json::to_vec(&json!({
         "event": d.event,
         "delivery_id": d.id,
-        "job": crate::api::jobs::job_view(&job, &artifacts),
+        "job": crate::views::job_view(&job, &artifacts),
     }))
     .map_err(|e| (None, e.to_string(), true))?;
     let secret = state
-        .webhooks
+        .outbox
         .webhook_secret(&d.tenant_id, &new_secret())
         .await
         .map_err(|e| (None, e.to_string(), false))?;
-    let t = crate::queue::now_ms() / 1000;
+    let t = crate::util::now_ms() / 1000;
     let client = client_for(&url, &addrs).map_err(|e| (None, e, false))?;
     let resp = client
         .post(url)
@@ -394,22 +406,6 @@ async fn attempt_delivery(
     } else {
         Err((Some(status), format!("answered {status}"), false))
     }
-}
-
-/// A delivery as `GET /v1/jobs/{id}/webhooks` shows it.
-pub fn view(d: &DeliveryRecord) -> Value {
-    json!({
-        "id": d.id,
-        "url": d.url,
-        "event": d.event,
-        "state": d.state,
-        "attempts": d.attempts,
-        "next_attempt_at": (d.state == "pending").then(|| crate::api::rfc3339(d.next_attempt_at)),
-        "last_status": d.last_status,
-        "last_error": d.last_error,
-        "created_at": crate::api::rfc3339(d.created_at),
-        "delivered_at": d.delivered_at.map(crate::api::rfc3339),
-    })
 }
 
 #[cfg(test)]

@@ -4,7 +4,8 @@
 //! lets mutations reach the header and payload parsers.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use modelpress::formats::{self, mpz};
+use modelpress::compress::archive as mpz;
+use modelpress::formats;
 use sha2::{Digest, Sha256};
 
 fuzz_target!(|data: &[u8]| {

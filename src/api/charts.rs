@@ -26,7 +26,7 @@ pub async fn chart(
             ErrorCode::ChartNotFound,
             format!(
                 "no chart named {:?}; the charts are {}",
-                super::extract::clip(&name),
+                crate::util::clip(&name),
                 CHART_NAMES.join(", ")
             ),
         )

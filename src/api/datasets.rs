@@ -3,12 +3,13 @@
 //! optional int64 `labels`).
 
 use super::extract;
-use super::{page_params, parse_id, rfc3339};
+use super::{page_params, parse_id};
 use crate::auth::Caller;
 use crate::error::{ApiError, ErrorCode};
 use crate::eval::run::{ArrayInfo, Dataset};
 use crate::queue::{DatasetRecord, QueueError};
 use crate::state::AppState;
+use crate::util::rfc3339;
 use axum::extract::{Extension, Path, Query, Request, State};
 use axum::http::StatusCode;
 use axum::Json;
@@ -84,7 +85,7 @@ pub async fn upload(
         has_labels,
         arrays_json: serde_json::to_string(&arrays).map_err(ApiError::internal)?,
         blob_key: format!("datasets/{id}"),
-        created_at: crate::queue::now_ms(),
+        created_at: crate::util::now_ms(),
     };
     state.blobs.put_file(&record.blob_key, &file.temp).await?;
     let _ = file.temp.keep();

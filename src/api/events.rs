@@ -5,8 +5,9 @@
 use super::parse_id;
 use crate::auth::Caller;
 use crate::error::{ApiError, ErrorCode};
-use crate::events::{done_data, state_data, JobEvent, Kind};
+use crate::events::{JobEvent, Kind};
 use crate::state::AppState;
+use crate::views::{done_data, state_data};
 use axum::extract::{Extension, Path, State};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use futures_util::Stream;

@@ -219,14 +219,3 @@ pub async fn small_body(state: &AppState, body: Body, limit: usize) -> Result<By
             )
         })
 }
-
-/// At most 64 characters of something the client sent, for an error message.
-pub fn clip(raw: &str) -> String {
-    const MAX: usize = 64;
-    if raw.chars().count() <= MAX {
-        format!("{raw:?}")
-    } else {
-        let head: String = raw.chars().take(MAX).collect();
-        format!("{head:?}… ({} bytes)", raw.len())
-    }
-}

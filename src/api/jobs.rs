@@ -2,7 +2,7 @@
 
 use super::extract;
 use super::models::store_model;
-use super::{page_params, parse_id, rfc3339};
+use super::{page_params, parse_id};
 use crate::auth::Caller;
 use crate::calibrate::CalibrationSpec;
 use crate::compress;
@@ -10,50 +10,21 @@ use crate::error::{ApiError, ErrorCode};
 use crate::eval::run::ArrayInfo;
 use crate::eval::EvalSpec;
 use crate::formats::{GraphInput, TensorInfo};
+use crate::job::JobPlan;
 use crate::model::{DType, Role, TensorFacts};
 use crate::queue::{
-    ArtifactRecord, DatasetRecord, Enqueued, JobFilter, JobRecord, JobState, ModelRecord, NewJob,
-    QueueError,
+    DatasetRecord, Enqueued, JobFilter, JobRecord, JobState, ModelRecord, NewJob, QueueError,
 };
 use crate::state::AppState;
 use crate::train::FinetuneSpec;
+use crate::views::job_view;
 use axum::extract::{Extension, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde_json::{json, Value};
+use serde_json::Value;
 use std::collections::HashMap;
 use uuid::Uuid;
-
-pub fn job_view(j: &JobRecord, artifacts: &[ArtifactRecord]) -> Value {
-    let error = match (&j.error_code, &j.error_message) {
-        (Some(code), msg) => json!({"code": code, "message": msg.clone().unwrap_or_default()}),
-        _ => Value::Null,
-    };
-    json!({
-        "id": j.id,
-        "model_id": j.model_id,
-        "state": j.state,
-        "progress": j.progress,
-        "stage": j.stage,
-        "attempts": j.attempts,
-        "cancel_requested": j.cancel_requested,
-        "spec": j.spec,
-        "created_at": rfc3339(j.created_at),
-        "started_at": j.started_at.map(rfc3339),
-        "finished_at": j.finished_at.map(rfc3339),
-        "error": error,
-        "summary": j.summary,
-        "quality": j.summary.as_ref().and_then(|s| s.get("quality")).cloned().unwrap_or(Value::Null),
-        "warnings": j.summary.as_ref().and_then(|s| s.get("warnings")).cloned().unwrap_or_else(|| json!([])),
-        "artifacts": artifacts.iter().map(|a| json!({
-            "name": a.name,
-            "size_bytes": a.size_bytes,
-            "sha256": a.sha256,
-            "url": format!("/v1/jobs/{}/artifacts/{}", j.id, a.name),
-        })).collect::<Vec<_>>(),
-    })
-}
 
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     match headers.get("idempotency-key") {
@@ -287,7 +258,7 @@ fn check_fits(model: &ModelRecord, eval: &Option<(EvalSpec, DatasetRecord)>) -> 
 /// A search or an analysis runs the model on the dataset: it needs both.
 fn check_search(
     model: &ModelRecord,
-    plan: &compress::Plan,
+    plan: &JobPlan,
     eval: &Option<(EvalSpec, DatasetRecord)>,
 ) -> Result<(), ApiError> {
     let what = if plan.search.is_some() {
@@ -320,12 +291,12 @@ fn check_search(
 /// a search or an analysis.
 fn check_against_model(
     model: &ModelRecord,
-    plan: &compress::Plan,
+    plan: &JobPlan,
     eval: &Option<(EvalSpec, DatasetRecord)>,
     calibration: &Option<(CalibrationSpec, DatasetRecord)>,
     finetune: &Training,
 ) -> Result<(), ApiError> {
-    check_orderings(model, plan).map_err(invalid_spec)?;
+    check_orderings(model, &plan.compress).map_err(invalid_spec)?;
     check_fits(model, eval).map_err(|m| ApiError::new(ErrorCode::DatasetMismatch, m))?;
     check_calibration_fits(model, calibration)?;
     check_finetune_fits(model, finetune)?;
@@ -405,7 +376,7 @@ pub async fn create(
                 "model_id: not allowed when the form carries the model file",
             ));
         }
-        let plan = compress::parse_spec(&spec).map_err(invalid_spec)?;
+        let plan = crate::job::parse_spec(&spec).map_err(invalid_spec)?;
         check_webhook(&state, &spec).await?;
         let eval = check_eval(&state, &caller.tenant, &spec).await?;
         let calibration = check_calibration(&state, &caller.tenant, &spec).await?;
@@ -414,7 +385,7 @@ pub async fn create(
             ApiError::new(ErrorCode::InvalidRequest, "the form has no `file` field")
         })?;
         let fingerprint =
-            crate::runner::sha256_hex(format!("upload:{}:{}", file.sha256, spec).as_bytes());
+            crate::util::sha256_hex(format!("upload:{}:{}", file.sha256, spec).as_bytes());
         // A retried upload+submit with the same key must not store the model twice.
         if let Some(k) = &key {
             if let Some(resp) = replay(&state, &caller.tenant, k, &fingerprint).await? {
@@ -439,7 +410,7 @@ pub async fn create(
                     ErrorCode::UnsupportedMediaType,
                     format!(
                         "POST /v1/jobs takes application/json (a spec) or multipart/form-data (file and spec), not {}",
-                        extract::clip(essence)
+                        crate::util::clip(essence)
                     ),
                 ));
             }
@@ -455,10 +426,10 @@ pub async fn create(
         let model_id = Uuid::parse_str(raw_id).map_err(|_| {
             ApiError::new(
                 ErrorCode::ModelNotFound,
-                format!("no model with id {}", extract::clip(raw_id)),
+                format!("no model with id {}", crate::util::clip(raw_id)),
             )
         })?;
-        let plan = compress::parse_spec(&spec).map_err(invalid_spec)?;
+        let plan = crate::job::parse_spec(&spec).map_err(invalid_spec)?;
         check_webhook(&state, &spec).await?;
         let eval = check_eval(&state, &caller.tenant, &spec).await?;
         let calibration = check_calibration(&state, &caller.tenant, &spec).await?;
@@ -478,7 +449,7 @@ pub async fn create(
         if let Some(o) = spec.as_object_mut() {
             o.remove("model_id");
         }
-        let fingerprint = crate::runner::sha256_hex(format!("model:{model_id}:{spec}").as_bytes());
+        let fingerprint = crate::util::sha256_hex(format!("model:{model_id}:{spec}").as_bytes());
         (model_id, spec, fingerprint)
     };
     // A replay answers with the earlier job; anything else counts against the quotas.

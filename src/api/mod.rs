@@ -1,6 +1,7 @@
 //! HTTP routes, one module per resource.
 
 pub mod artifacts;
+pub mod auth;
 pub mod charts;
 pub mod dashboard;
 pub mod datasets;
@@ -68,7 +69,7 @@ fn guarded(routes: Router<AppState>, state: &AppState) -> Router<AppState> {
         .route_layer(middleware::from_fn(track_metrics))
         .layer(middleware::from_fn_with_state(
             state.clone(),
-            crate::auth::authorize,
+            auth::authorize,
         ))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -142,21 +143,14 @@ async fn track_metrics(req: Request, next: Next) -> Response {
     resp
 }
 
-/// RFC 3339 from unix milliseconds.
-pub fn rfc3339(ms: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_default()
-}
-
 /// Parses an id from the path; a malformed id is simply not found.
 pub fn parse_id(raw: &str, code: ErrorCode, what: &str) -> Result<uuid::Uuid, ApiError> {
-    uuid::Uuid::parse_str(raw)
-        .map_err(|_| ApiError::new(code, format!("no {what} with id {}", extract::clip(raw))))
+    uuid::Uuid::parse_str(raw).map_err(|_| {
+        ApiError::new(
+            code,
+            format!("no {what} with id {}", crate::util::clip(raw)),
+        )
+    })
 }
 
 /// A list route's page: the items as viewed, and the cursor of the next page when this one

@@ -1,12 +1,13 @@
 //! `/v1/models`: upload, list, inspect, delete.
 
 use super::extract::{self, Received};
-use super::{page_params, parse_id, rfc3339};
+use super::{page_params, parse_id};
 use crate::auth::Caller;
 use crate::error::{ApiError, ErrorCode};
 use crate::formats;
 use crate::queue::{ModelRecord, QueueError};
 use crate::state::AppState;
+use crate::util::rfc3339;
 use axum::extract::{Extension, Path, Query, Request, State};
 use axum::http::StatusCode;
 use axum::Json;
@@ -79,7 +80,7 @@ pub async fn store_model(
             .map(|i| serde_json::to_string(&i))
             .transpose()
             .map_err(ApiError::internal)?,
-        created_at: crate::queue::now_ms(),
+        created_at: crate::util::now_ms(),
     };
     state.blobs.put_file(&record.blob_key, &file.temp).await?;
     // The file now lives under its key; the temp path no longer exists.

@@ -4,8 +4,8 @@
 //! and restarts. Messages give the limit and the usage.
 
 use crate::error::{ApiError, ErrorCode};
-use crate::queue::now_ms;
 use crate::state::AppState;
+use crate::util::now_ms;
 
 const HOUR_MS: i64 = 3_600_000;
 /// What a client is told to wait when a running job must finish first.

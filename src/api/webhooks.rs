@@ -19,7 +19,7 @@ pub async fn deliveries(
     Ok(Json(json!({
         "job_id": job.id,
         "webhook": job.spec.get("webhook").cloned().unwrap_or(Value::Null),
-        "deliveries": list.iter().map(crate::webhook::view).collect::<Vec<_>>(),
+        "deliveries": list.iter().map(crate::views::delivery_view).collect::<Vec<_>>(),
     })))
 }
 

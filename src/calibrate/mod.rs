@@ -56,7 +56,7 @@ impl CalibrationSpec {
         let dataset_id = Uuid::parse_str(&p.dataset_id).map_err(|_| {
             format!(
                 "calibration.dataset_id: {:?} is not a dataset id",
-                crate::api::extract::clip(&p.dataset_id)
+                crate::util::clip(&p.dataset_id)
             )
         })?;
         let feed = Feed::parse_field(p.feed.as_deref(), "calibration.feed")?;

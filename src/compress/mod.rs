@@ -5,6 +5,7 @@
 //! No HTTP, SQL or file paths here.
 
 pub mod activations;
+pub mod archive;
 pub mod cast;
 pub mod coding;
 pub mod form;
@@ -32,7 +33,7 @@ pub use method::{Applied, Kind, Method, Working};
 use report::{Report, StageTotals, TensorReport, Totals};
 use serde_json::{Map, Value};
 pub use spec::{
-    parse_spec, preset, preset_needs_calibration, AUTO_PRESET, OUTPUT_NAMES, PRESET_NAMES,
+    parse_plan, preset, preset_needs_calibration, AUTO_PRESET, OUTPUT_NAMES, PRESET_NAMES,
 };
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -113,10 +114,6 @@ pub struct Plan {
     pub latency: bool,
     /// Which ONNX forms `model.onnx` uses where there is a choice.
     pub deploy: DeployStyle,
-    /// `constraints` / preset `auto`: the runner searches for the pipeline (steps is empty).
-    pub search: Option<crate::search::SearchSpec>,
-    /// `"analyze": true`: the per-layer sensitivity table, within this many seconds.
-    pub analyze: Option<f64>,
     /// The spec has a `finetune` block: the steps' forms must be trainable.
     pub finetune: bool,
 }

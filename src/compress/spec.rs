@@ -1,5 +1,5 @@
-//! Parsing and validating a job spec (`preset` or `pipeline`, `options`, `outputs`) into a
-//! [`Plan`]. Every refusal names the field.
+//! Parsing and validating the compression half of a job spec (`preset` or `pipeline`,
+//! `options`, `outputs`) into a [`Plan`] (the rest is `job::spec`'s). Every refusal names the field.
 
 use super::method::{self, spec_err};
 use super::{CompressError, DeployStyle, Plan, Selector, Step, DEFAULT_MIN_PARAMS};
@@ -287,88 +287,22 @@ fn parse_step(index: usize, v: &Value) -> Result<Step, CompressError> {
     })
 }
 
-/// Validates a job spec (`preset` or `pipeline`, optional `options` and `outputs`).
-/// `model_id` is allowed and ignored here; any other key is refused by name.
-pub fn parse_spec(spec: &Value) -> Result<Plan, CompressError> {
+/// The compression half of a job spec: the steps (`preset` with its `options`, or
+/// `pipeline`), `outputs`, `latency` and `deploy`, and whether a `calibration` block goes
+/// with the steps. `searching`: a search chooses the steps (there are none here). Keys that
+/// are not the compression's are the caller's to check (`job::spec`).
+pub fn parse_plan(spec: &Value, searching: bool) -> Result<Plan, CompressError> {
     let obj = spec
         .as_object()
         .ok_or_else(|| spec_err("spec", "must be a JSON object"))?;
-    for key in obj.keys() {
-        if ![
-            "model_id",
-            "preset",
-            "pipeline",
-            "outputs",
-            "options",
-            "latency",
-            "deploy",
-            "eval",
-            "gate",
-            "constraints",
-            "max_seconds",
-            "analyze",
-            "calibration",
-            "finetune",
-            "distill",
-            "webhook",
-        ]
-        .contains(&key.as_str())
-        {
-            return Err(spec_err(
-                key,
-                "unknown field (expected preset, options, pipeline, outputs, latency, deploy, eval, gate, calibration, finetune, distill, constraints, max_seconds, analyze, webhook)",
-            ));
-        }
-    }
-    crate::webhook::parse(spec).map_err(CompressError::InvalidSpec)?;
     let empty = Map::new();
     let options = match obj.get("options") {
         None => &empty,
         Some(Value::Object(o)) => o,
         Some(_) => return Err(spec_err("options", "must be an object")),
     };
-    let auto = obj.get("preset").and_then(Value::as_str) == Some(AUTO_PRESET);
-    let search =
-        crate::search::SearchSpec::parse(obj.get("constraints"), obj.get("max_seconds"), auto)
-            .map_err(|(field, m)| spec_err(&field, m))?;
-    let analyze = match obj.get("analyze") {
-        None | Some(Value::Bool(false)) => None,
-        Some(Value::Bool(true)) => Some(
-            search
-                .as_ref()
-                .map_or(crate::search::DEFAULT_MAX_SECONDS, |s| s.max_seconds),
-        ),
-        Some(_) => return Err(spec_err("analyze", "must be true or false")),
-    };
-    let analyze = match (analyze, obj.get("max_seconds")) {
-        (Some(_), Some(v)) if search.is_none() => Some(
-            v.as_f64()
-                .filter(|s| s.is_finite() && *s > 0.0 && *s <= 86_400.0)
-                .ok_or_else(|| {
-                    spec_err("max_seconds", "must be a number of seconds in (0, 86400]")
-                })?,
-        ),
-        (a, _) => a,
-    };
-    if search.is_none() && analyze.is_none() && obj.contains_key("max_seconds") {
-        return Err(spec_err(
-            "max_seconds",
-            "bounds a search or an analysis: give `constraints`, preset \"auto\" or \"analyze\": true",
-        ));
-    }
     let steps_json = match (obj.get("preset"), obj.get("pipeline")) {
-        _ if search.is_some() => {
-            if obj.contains_key("pipeline") || (obj.contains_key("preset") && !auto) {
-                return Err(spec_err(
-                    "constraints",
-                    "a search chooses the pipeline: give constraints (or preset \"auto\") without a pipeline or another preset",
-                ));
-            }
-            if obj.contains_key("options") {
-                return Err(spec_err("options", "a search takes no options"));
-            }
-            Vec::new()
-        }
+        _ if searching => Vec::new(),
         (Some(_), Some(_)) => {
             return Err(spec_err(
                 "preset",
@@ -470,45 +404,13 @@ pub fn parse_spec(spec: &Value) -> Result<Plan, CompressError> {
                 "a calibrated or static quantize step needs a `calibration` block (the dataset to calibrate on: {\"dataset_id\": …})",
             ))
         }
-        (None, true) if search.is_none() => {
+        (None, true) if !searching => {
             return Err(spec_err(
                 "calibration",
                 "no step uses it: give a quantize step \"calibrated\": true or \"activations\" (or constraints: a search then quantizes by GPTQ)",
             ))
         }
         _ => {}
-    }
-    if obj.contains_key("finetune") && search.is_some() {
-        return Err(spec_err(
-            "finetune",
-            "goes with a preset or pipeline, not with a search",
-        ));
-    }
-    if obj.contains_key("distill") {
-        // The student is a different model from the upload: what reads the upload itself
-        // (a search, an analysis, calibration) cannot follow it yet.
-        for (key, why) in [
-            (
-                "finetune",
-                "the distilled student is trained already: give distill or finetune, not both",
-            ),
-            (
-                "constraints",
-                "goes with a preset or pipeline, not with distill",
-            ),
-            (
-                "analyze",
-                "measures the uploaded model, not the distilled student: not with distill",
-            ),
-            (
-                "calibration",
-                "calibrates on the uploaded model, not the distilled student: not with distill",
-            ),
-        ] {
-            if obj.contains_key(key) || (key == "constraints" && search.is_some()) {
-                return Err(spec_err(key, why));
-            }
-        }
     }
     Ok(Plan {
         steps,
@@ -517,8 +419,6 @@ pub fn parse_spec(spec: &Value) -> Result<Plan, CompressError> {
         outputs_explicit,
         latency,
         deploy,
-        search,
-        analyze,
         finetune: obj.contains_key("finetune"),
     })
 }

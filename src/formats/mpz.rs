@@ -1,10 +1,13 @@
 //! `model.mpz`, the modelpress archive: a self-describing, versioned, checksummed container
-//! holding each tensor in its compressed representation (see `compress::coding`) plus what
-//! the original format needs to be rebuilt. The byte format is documented in
-//! `docs/ARCHIVE.md`; [`read`] treats every length in it as hostile.
+//! holding each tensor in its compressed representation plus what the original format needs
+//! to be rebuilt. The byte format is documented in `docs/ARCHIVE.md`; [`read`] treats every
+//! length in it as hostile.
+//!
+//! This is the container only: the representations are the compression forms' own
+//! (`compress::archive` writes and reads them through [`Representation`]).
 
 use super::{limits, onnx, Container, DType, Format, FormatError, Tensor, TensorSet};
-use crate::compress::coding::{self, Payload, Repr};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -44,23 +47,41 @@ enum ContainerEntry {
 }
 
 #[derive(Debug, Serialize, Deserialize)]
-struct TensorEntry {
+struct TensorEntry<R> {
     name: String,
     dtype: String,
     shape: Vec<usize>,
-    repr: Repr,
+    repr: R,
     sections: BTreeMap<String, SectionRef>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Header {
+struct Header<R> {
     format_version: u32,
     producer: String,
     source_format: Format,
     container: ContainerEntry,
-    tensors: Vec<TensorEntry>,
+    tensors: Vec<TensorEntry<R>>,
     payload_bytes: u64,
+}
+
+/// A tensor's stored representation, as the archive's header records it.
+pub trait Representation: Serialize + DeserializeOwned {
+    /// Rebuilds the tensor's values; `section` fetches a named section of its bytes. None:
+    /// the tensor is stored as it is, in its `data` section.
+    fn decode<'a>(
+        &self,
+        shape: &[usize],
+        section: &dyn Fn(&str) -> Result<&'a [u8], String>,
+    ) -> Result<Option<Vec<f32>>, String>;
+}
+
+/// One tensor to write: its representation and its named sections, in the order they are
+/// laid out.
+pub struct Stored<'a, R> {
+    pub repr: &'a R,
+    pub sections: Vec<(&'a str, &'a [u8])>,
 }
 
 fn deflate(bytes: &[u8]) -> Result<Vec<u8>, FormatError> {
@@ -88,14 +109,14 @@ fn inflate(bytes: &[u8], expected: u64, what: &str) -> Result<Vec<u8>, FormatErr
     Ok(out)
 }
 
-/// Writes the archive for a run: `restored` are the dense restored tensors (a `Raw` payload
-/// without sections stores the restored tensor's bytes), `payloads` one per tensor.
-pub fn write(
+/// Writes the archive for a run: `restored` are the dense restored tensors (their names,
+/// dtypes and shapes), `stored` one per tensor.
+pub fn write<R: Serialize>(
     set: &TensorSet,
     restored: &[Tensor],
-    payloads: &[Payload],
+    stored: &[Stored<R>],
 ) -> Result<Vec<u8>, FormatError> {
-    if restored.len() != payloads.len() {
+    if restored.len() != stored.len() {
         return Err(FormatError::Write(
             "one payload per tensor is needed".into(),
         ));
@@ -130,20 +151,16 @@ pub fn write(
         },
     };
     let mut tensors = Vec::with_capacity(restored.len());
-    for (t, p) in restored.iter().zip(payloads) {
+    for (t, p) in restored.iter().zip(stored) {
         let mut sections = BTreeMap::new();
-        if p.repr == Repr::Raw && p.sections.is_empty() {
-            sections.insert("data".to_string(), put(&t.data));
-        } else {
-            for (name, bytes) in &p.sections {
-                sections.insert(name.clone(), put(bytes));
-            }
+        for (name, bytes) in &p.sections {
+            sections.insert(name.to_string(), put(bytes));
         }
         tensors.push(TensorEntry {
             name: t.name.clone(),
             dtype: t.dtype.name().into(),
             shape: t.shape.clone(),
-            repr: p.repr.clone(),
+            repr: p.repr,
             sections,
         });
     }
@@ -179,7 +196,7 @@ fn le_u64(b: &[u8]) -> u64 {
 
 /// Parses an archive and rebuilds the dense model: the tensors equal the job's `restored`
 /// artifact bit for bit, and [`super::write_bytes`] of the result writes the same file.
-pub fn read(bytes: &[u8]) -> Result<TensorSet, FormatError> {
+pub fn read<R: Representation>(bytes: &[u8]) -> Result<TensorSet, FormatError> {
     if bytes.len() < PREAMBLE + CHECKSUM || &bytes[..8] != MAGIC {
         return Err(FormatError::invalid(
             "not a modelpress archive (bad magic or too short)",
@@ -205,7 +222,7 @@ pub fn read(bytes: &[u8]) -> Result<TensorSet, FormatError> {
     }
     let head_end = PREAMBLE + head_len as usize;
     let json = inflate(&bytes[PREAMBLE..head_end], json_len, "header")?;
-    let header: Header = serde_json::from_slice(&json)
+    let header: Header<R> = serde_json::from_slice(&json)
         .map_err(|e| FormatError::invalid(format!("archive header: {e}")))?;
     let payload = &body[head_end..];
     if header.format_version != VERSION || header.payload_bytes != payload.len() as u64 {
@@ -233,14 +250,15 @@ pub fn read(bytes: &[u8]) -> Result<TensorSet, FormatError> {
                 e.name
             )));
         }
-        let section = |name: &str| -> Result<&[u8], coding::DecodeError> {
-            e.sections.get(name).and_then(slice).ok_or_else(|| {
-                coding::DecodeError(format!("section {name} missing or out of bounds"))
-            })
+        let section = |name: &str| -> Result<&[u8], String> {
+            e.sections
+                .get(name)
+                .and_then(slice)
+                .ok_or_else(|| format!("section {name} missing or out of bounds"))
         };
         let bad = |m: String| FormatError::invalid(format!("tensor {:?}: {m}", e.name));
-        let data = match coding::decode(&e.repr, &e.shape, &section).map_err(|x| bad(x.0))? {
-            None => section("data").map_err(|x| bad(x.0))?.to_vec(),
+        let data = match e.repr.decode(&e.shape, &section).map_err(bad)? {
+            None => section("data").map_err(bad)?.to_vec(),
             Some(values) => {
                 if !dtype.is_float() {
                     return Err(bad(

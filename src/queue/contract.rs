@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 type Db = Arc<dyn Database>;
 
-const T: &str = crate::state::DEFAULT_TENANT;
+const T: &str = super::DEFAULT_TENANT;
 
 fn admin_url() -> String {
     std::env::var("MODELPRESS_TEST_POSTGRES_URL")
@@ -732,7 +732,7 @@ macro_rules! contract_tests {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
-                    let clock = std::sync::Arc::new(super::ManualClock::new(super::now_ms()));
+                    let clock = std::sync::Arc::new(super::ManualClock::new(crate::util::now_ms()));
                     let (db, _guard) = super::sqlite(clock.clone()).await;
                     super::$name(db.clone(), clock).await;
                     db.close().await;
@@ -743,7 +743,7 @@ macro_rules! contract_tests {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
-                    let clock = std::sync::Arc::new(super::ManualClock::new(super::now_ms()));
+                    let clock = std::sync::Arc::new(super::ManualClock::new(crate::util::now_ms()));
                     let (db, _guard) = super::postgres(clock.clone()).await;
                     super::$name(db.clone(), clock).await;
                     db.close().await;

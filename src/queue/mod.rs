@@ -4,12 +4,49 @@
 
 #[cfg(test)]
 mod contract;
+
 pub mod postgres;
 pub mod sqlite;
 
+use crate::error::{ApiError, ErrorCode};
 use async_trait::async_trait;
 use serde::Serialize;
 use uuid::Uuid;
+
+/// The tenant of anonymous requests (no key exists yet, or `--allow-anonymous`); the
+/// migrations create it.
+pub const DEFAULT_TENANT: &str = "default";
+
+/// What a client is told of a database error.
+impl From<QueueError> for ApiError {
+    fn from(e: QueueError) -> Self {
+        use QueueError as Q;
+        match e {
+            Q::IdempotencyConflict => ApiError::new(
+                ErrorCode::IdempotencyConflict,
+                "this Idempotency-Key was already used with a different request",
+            ),
+            Q::ModelInUse => ApiError::new(
+                ErrorCode::ModelInUse,
+                "a queued or running job uses this model",
+            ),
+            Q::DatasetInUse => ApiError::new(
+                ErrorCode::DatasetInUse,
+                "a queued or running job evaluates on this dataset",
+            ),
+            Q::NotCancellable(state) => ApiError::new(
+                ErrorCode::JobNotCancellable,
+                format!("the job is already {state}"),
+            ),
+            Q::NotFound => ApiError::new(ErrorCode::NotFound, "not found"),
+            full if full.is_disk_full() => {
+                tracing::warn!(error = %full, "disk full: the database refused a write");
+                ApiError::disk_full()
+            }
+            other => ApiError::internal(other),
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
@@ -513,13 +550,6 @@ pub async fn open(
     }
 }
 
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
 /// The time the queue reads for leases, backoffs and timestamps. Injected so that lease
 /// expiry and backoff are tested by moving a clock instead of sleeping.
 pub trait Clock: Send + Sync + 'static {
@@ -532,7 +562,7 @@ pub struct SystemClock;
 
 impl Clock for SystemClock {
     fn now_ms(&self) -> i64 {
-        now_ms()
+        crate::util::now_ms()
     }
 }
 

@@ -451,7 +451,8 @@ impl<'a> Ctx<'a> {
             }
             None => &none,
         };
-        let plan = compress::parse_spec(&spec).map_err(|e| TrialError::Failed(e.to_string()))?;
+        let plan =
+            compress::parse_plan(&spec, false).map_err(|e| TrialError::Failed(e.to_string()))?;
         let quiet = Quiet(self.ctl);
         let outcome =
             compress::run_calibrated(self.tensors, &plan, &quiet, core).map_err(|e| match e {
@@ -602,7 +603,7 @@ pub fn cache_key(eval: &EvalSpec, min_params: usize, calibration: Option<uuid::U
     if let Some(id) = calibration {
         what["calibration"] = json!(id);
     }
-    crate::runner::sha256_hex(what.to_string().as_bytes())
+    crate::util::sha256_hex(what.to_string().as_bytes())
 }
 
 /// A cached table's profile, when it was measured on these layers with [`LADDER`].
@@ -978,7 +979,7 @@ mod tests {
         assert_eq!(p[0]["include"], json!(["a[[]0[]]", "c"]));
         assert_eq!(p[1]["group_size"], 32);
         assert_eq!(p[1]["include"], json!(["b"]));
-        let plan = compress::parse_spec(&json!({ "pipeline": p })).unwrap();
+        let plan = compress::parse_plan(&json!({ "pipeline": p }), false).unwrap();
         assert!(plan.steps[0].select.include[0].matches("a[0]"));
     }
 }

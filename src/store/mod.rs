@@ -11,6 +11,7 @@ mod contract;
 pub mod local;
 pub mod s3;
 
+use crate::error::ApiError;
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::stream::BoxStream;
@@ -91,5 +92,15 @@ pub trait BlobStore: Send + Sync + 'static {
     /// Bytes free for the store's files, when the store can tell.
     async fn free_bytes(&self) -> Option<u64> {
         None
+    }
+}
+
+/// What a client is told of a blob store error.
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Io(e) => ApiError::io(e),
+            other => ApiError::internal(other),
+        }
     }
 }

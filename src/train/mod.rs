@@ -101,12 +101,8 @@ struct Params {
 }
 
 fn id(v: &str, field: &str) -> Result<Uuid, String> {
-    Uuid::parse_str(v).map_err(|_| {
-        format!(
-            "{field}: {:?} is not a dataset id",
-            crate::api::extract::clip(v)
-        )
-    })
+    Uuid::parse_str(v)
+        .map_err(|_| format!("{field}: {:?} is not a dataset id", crate::util::clip(v)))
 }
 
 fn within(v: Option<f64>, field: &str, lo: f64, hi: f64, default: f64) -> Result<f64, String> {

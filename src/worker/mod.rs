@@ -1,6 +1,6 @@
 //! The worker pool: tasks that claim jobs and run the CPU work on tokio's blocking pool.
 
-use crate::compress::{self, Control};
+use crate::compress::Control;
 use crate::queue::{ArtifactRecord, Heartbeat, JobRecord};
 use crate::runner::{self, RunError};
 use crate::state::AppState;
@@ -305,7 +305,7 @@ async fn run_claimed(state: &AppState, worker: &str, job: JobRecord) -> anyhow::
         state.queue.fail(job.id, worker, code, &message).await?;
         anyhow::Ok(Outcome::Failed)
     };
-    let plan = match compress::parse_spec(&job.spec) {
+    let plan = match crate::job::parse_spec(&job.spec) {
         Ok(p) => p,
         Err(e) => return fail("invalid_spec", e.to_string()).await,
     };
@@ -561,7 +561,7 @@ async fn run_claimed(state: &AppState, worker: &str, job: JobRecord) -> anyhow::
     let mut out = out;
     let summary_json = serde_json::to_value(&out.summary)?;
     let pipeline = match &plan.search {
-        None => serde_json::Value::Array(plan.steps_json.clone()),
+        None => serde_json::Value::Array(plan.compress.steps_json.clone()),
         Some(_) => summary_json
             .pointer("/search/chosen")
             .cloned()
@@ -578,7 +578,7 @@ async fn run_claimed(state: &AppState, worker: &str, job: JobRecord) -> anyhow::
             spec: &job.spec,
             pipeline,
             attempt: job.attempts,
-            created_at_ms: crate::queue::now_ms(),
+            created_at_ms: crate::util::now_ms(),
             artifacts: out
                 .artifacts
                 .iter()
@@ -595,7 +595,7 @@ async fn run_claimed(state: &AppState, worker: &str, job: JobRecord) -> anyhow::
         name: crate::manifest::MANIFEST.into(),
         path: manifest_path,
         size_bytes: manifest.len() as u64,
-        sha256: runner::sha256_hex(&manifest),
+        sha256: crate::util::sha256_hex(&manifest),
     });
     let mut records = Vec::with_capacity(out.artifacts.len());
     for a in &out.artifacts {

@@ -3,8 +3,9 @@
 //! truncated archives are errors, never panics.
 
 use crate::helpers::*;
+use modelpress::compress::archive as mpz;
 use modelpress::compress::{self, NoControl};
-use modelpress::formats::{self, mpz};
+use modelpress::formats;
 use modelpress::runner;
 use proptest::prelude::*;
 use serde_json::{json, Value};
@@ -20,7 +21,7 @@ const CASE_FILES: &[&str] = &[
 ];
 
 fn compress_to(input: &std::path::Path, spec: Value, dir: &std::path::Path) -> Value {
-    let plan = compress::parse_spec(&spec).expect("spec");
+    let plan = modelpress::job::parse_spec(&spec).expect("spec");
     runner::execute(input, &plan, dir, &NoControl, runner::Data::default()).expect("compress");
     serde_json::from_slice(&std::fs::read(dir.join("report.json")).unwrap()).unwrap()
 }

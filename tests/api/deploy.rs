@@ -22,7 +22,7 @@ const ONNX_CASES: &[(&str, &str)] = &[
 ];
 
 fn compress_to(input: &Path, spec: Value, dir: &Path) -> Value {
-    let plan = compress::parse_spec(&spec).expect("spec");
+    let plan = modelpress::job::parse_spec(&spec).expect("spec");
     runner::execute(input, &plan, dir, &NoControl, runner::Data::default()).expect("compress");
     serde_json::from_slice(&std::fs::read(dir.join("report.json")).unwrap()).unwrap()
 }
@@ -336,9 +336,10 @@ fn constant_weights_inside_both_branches_of_an_if_are_compressed_and_run() {
         }
         // The archive rebuilds restored.onnx bit for bit, Constant nodes included.
         let archive = std::fs::read(dir.join("model.mpz")).unwrap();
-        let rebuilt =
-            modelpress::formats::write_bytes(&modelpress::formats::mpz::read(&archive).unwrap())
-                .unwrap();
+        let rebuilt = modelpress::formats::write_bytes(
+            &modelpress::compress::archive::read(&archive).unwrap(),
+        )
+        .unwrap();
         assert!(rebuilt == std::fs::read(&restored).unwrap(), "{preset}");
     }
     // Untouched, the model is written back byte for byte as prost re-encodes it.

@@ -18,7 +18,7 @@ fn roundtrip(rel: &str, format: Format) {
         assert!(a.data == b.data, "{rel}: {} changed", a.name);
     }
     // A compression leaves every tensor it does not select bit for bit.
-    let plan = compress::parse_spec(&json!({"preset": "int8"})).unwrap();
+    let plan = compress::parse_plan(&json!({"preset": "int8"}), false).unwrap();
     let out = compress::run(&set.tensors, &plan, &NoControl).unwrap();
     let restored =
         formats::read_bytes(&formats::write_bytes(&set.with_tensors(out.restored)).unwrap())
@@ -120,7 +120,7 @@ fn plan_predicts_what_the_run_does() {
         ),
     ] {
         let set = formats::read_bytes(&case_file(rel)).unwrap();
-        let plan = compress::parse_spec(&spec).unwrap();
+        let plan = compress::parse_plan(&spec, false).unwrap();
         let planned = compress::plan(&set.tensors, &plan);
         let out = compress::run(&set.tensors, &plan, &NoControl).unwrap();
         for (p, r) in planned.iter().zip(&out.report.tensors) {

@@ -277,7 +277,7 @@ pub async fn assert_artifacts_download(client: &reqwest::Client, base: &str, job
             .await
             .unwrap();
         assert_eq!(
-            modelpress::runner::sha256_hex(&bytes),
+            modelpress::util::sha256_hex(&bytes),
             a["sha256"].as_str().unwrap(),
             "{}",
             a["name"]
@@ -375,7 +375,7 @@ pub fn compress_case(input: &Path, spec: Value, dir: &Path) -> Option<Value> {
     if calibrated {
         spec["calibration"] = serde_json::json!({"dataset_id": uuid::Uuid::nil().to_string()});
     }
-    let plan = compress::parse_spec(&spec).expect("spec");
+    let plan = modelpress::job::parse_spec(&spec).expect("spec");
     let weight_only =
         modelpress::formats::read_path(input).unwrap().format != modelpress::formats::Format::Onnx;
     let data = calibration_data(input).filter(|_| calibrated && !weight_only);

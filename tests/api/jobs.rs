@@ -271,7 +271,7 @@ async fn artifacts_support_range_etag_and_disposition() {
         .contains("restored.onnx"));
     let body = full.bytes().await.unwrap();
     assert_eq!(
-        modelpress::runner::sha256_hex(&body),
+        modelpress::util::sha256_hex(&body),
         a["sha256"].as_str().unwrap()
     );
     let part = app
