@@ -25,7 +25,7 @@ LAYERS = [
     ("deploy", ["deploy"]),
     ("running a model", ["eval", "calibrate"]),
     ("search and training", ["search", "train"]),
-    ("jobs", ["job", "runner"]),
+    ("jobs", ["job"]),
     ("process state", ["config", "state"]),
     ("workers", ["worker"]),
     ("http", ["api"]),

@@ -3,7 +3,7 @@
 use crate::compress::{self, Control};
 use crate::config::{CompressArgs, DecompressArgs, EvaluateArgs, InspectArgs};
 use crate::formats;
-use crate::runner;
+
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// `println!` that stops quietly when stdout is closed (`modelpress inspect | head`) instead
@@ -31,15 +31,14 @@ impl Control for BarControl {
 /// The spec's `key` block when a file option stands for its dataset (`given`): the block,
 /// created if the spec has none, names a placeholder id, loses the fields in `drop` (datasets
 /// the CLI has no file for), and is parsed. A block without its file is an error.
-fn data_block<T>(
+fn data_block(
     spec: &mut serde_json::Value,
     key: &str,
     given: bool,
     drop: &[&str],
-    parse: fn(&serde_json::Value) -> Result<Option<T>, String>,
-) -> Result<Option<T>, String> {
+) -> Result<(), String> {
     let Some(obj) = spec.as_object_mut() else {
-        return Ok(None);
+        return Ok(());
     };
     if !given {
         // The block names a stored dataset, which the CLI has no way to read: without its
@@ -48,7 +47,7 @@ fn data_block<T>(
             true => Err(format!(
                 "{key}: the CLI reads this block's dataset from --{key}-data FILE.npz"
             )),
-            false => Ok(None),
+            false => Ok(()),
         };
     }
     let block = obj.entry(key).or_insert_with(|| serde_json::json!({}));
@@ -58,7 +57,7 @@ fn data_block<T>(
             b.remove(*field);
         }
     }
-    parse(spec)
+    Ok(())
 }
 
 pub fn compress(args: CompressArgs) -> i32 {
@@ -87,32 +86,26 @@ pub fn compress(args: CompressArgs) -> i32 {
         "calibration",
         args.calibration_data.is_some(),
         &[],
-        crate::calibrate::CalibrationSpec::parse,
     )
-    .and_then(|c| {
-        let f = data_block(
+    .and_then(|()| {
+        let validation = &["validation_dataset_id"];
+        data_block(
             &mut spec,
             "finetune",
             args.finetune_data.is_some(),
-            &["validation_dataset_id"],
-            crate::train::FinetuneSpec::parse,
+            validation,
         )?;
-        let d = data_block(
+        data_block(
             &mut spec,
             "distill",
             args.distill_data.is_some(),
-            &["validation_dataset_id"],
-            crate::train::DistillSpec::parse,
-        )?;
-        Ok((c, f, d))
+            validation,
+        )
     });
-    let (calibration_spec, finetune_spec, distill_spec) = match blocks {
-        Ok(b) => b,
-        Err(e) => {
-            eprintln!("error: invalid spec: {e}");
-            return 2;
-        }
-    };
+    if let Err(e) = blocks {
+        eprintln!("error: invalid spec: {e}");
+        return 2;
+    }
     let plan = match crate::job::parse_spec(&spec) {
         Ok(p) => p,
         Err(e) => {
@@ -141,33 +134,36 @@ pub fn compress(args: CompressArgs) -> i32 {
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let ctl = BarControl(bar);
-    let calibration = calibration_spec
+    let calibration = plan
+        .calibration
         .as_ref()
         .zip(args.calibration_data.as_deref())
-        .map(|(spec, dataset)| runner::CalibrationInput { spec, dataset });
-    let finetune = finetune_spec
+        .map(|(spec, dataset)| crate::job::CalibrationInput { spec, dataset });
+    let finetune = plan
+        .finetune
         .as_ref()
         .zip(args.finetune_data.as_deref())
-        .map(|(spec, dataset)| runner::FinetuneInput {
+        .map(|(spec, dataset)| crate::job::FinetuneInput {
             spec,
             dataset,
             validation: None,
         });
-    let distill = distill_spec
+    let distill = plan
+        .distill
         .as_ref()
         .zip(args.distill_data.as_deref())
-        .map(|(spec, dataset)| runner::DistillInput {
+        .map(|(spec, dataset)| crate::job::DistillInput {
             spec,
             dataset,
             validation: None,
         });
-    let data = runner::Data {
+    let data = crate::job::Data {
         eval: None,
         calibration,
         finetune,
         distill,
     };
-    let result = runner::execute(&args.input, &plan, output, &ctl, data);
+    let result = crate::job::execute(&args.input, &plan, output, &ctl, data);
     ctl.0.finish_and_clear();
     match result {
         Ok(out) => {
@@ -200,12 +196,12 @@ pub fn compress(args: CompressArgs) -> i32 {
             }
             0
         }
-        Err(runner::RunError::InvalidModel(m)) => {
+        Err(crate::job::RunError::InvalidModel(m)) => {
             eprintln!("error: invalid model: {m}");
             2
         }
         Err(e) => {
-            eprintln!("error: {e}");
+            eprintln!("error: {}", crate::util::error_chain(&e));
             1
         }
     }

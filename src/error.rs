@@ -64,6 +64,9 @@ pub enum ErrorCode {
     RangeNotSatisfiable,
     /// 503: the database or blob store is not reachable.
     Unavailable,
+    /// A job's failure code, never an HTTP answer (500 if it were one): the job's worker
+    /// stopped responding on each of its attempts.
+    AttemptsExhausted,
     /// 500: our bug; details are logged, not returned.
     Internal,
 }
@@ -98,6 +101,7 @@ impl ErrorCode {
             ErrorCode::JobNotCancellable => "job_not_cancellable",
             ErrorCode::RangeNotSatisfiable => "range_not_satisfiable",
             ErrorCode::Unavailable => "unavailable",
+            ErrorCode::AttemptsExhausted => "attempts_exhausted",
             ErrorCode::Internal => "internal",
         }
     }
@@ -132,7 +136,7 @@ impl ErrorCode {
             | ErrorCode::JobNotCancellable => StatusCode::CONFLICT,
             ErrorCode::RangeNotSatisfiable => StatusCode::RANGE_NOT_SATISFIABLE,
             ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-            ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorCode::Internal | ErrorCode::AttemptsExhausted => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 }

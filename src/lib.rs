@@ -1,6 +1,6 @@
 //! modelpress: a service that compresses trained neural networks.
 //!
-//! A job flows: `api` (upload, submit) → `queue` (durable, leased) → `worker` → `runner` →
+//! A job flows: `api` (upload, submit) → `queue` (durable, leased) → `worker` → `job` (stages) →
 //! `formats` (bytes ↔ [`formats::TensorSet`]) and `compress` (pure methods over
 //! [`model::Tensor`]s) →
 //! `store` (artifacts) → `api` (status, download).
@@ -21,7 +21,6 @@ pub mod job;
 pub mod manifest;
 pub mod model;
 pub mod queue;
-pub mod runner;
 pub mod search;
 pub mod startup;
 pub mod state;

@@ -86,10 +86,9 @@ async fn stored_dataset(
 async fn check_eval(
     state: &AppState,
     tenant: &str,
-    spec: &Value,
+    plan: &JobPlan,
 ) -> Result<Option<(EvalSpec, DatasetRecord)>, ApiError> {
-    let Some(e) = EvalSpec::parse(spec).map_err(|m| ApiError::new(ErrorCode::InvalidSpec, m))?
-    else {
+    let Some(e) = plan.eval.clone() else {
         return Ok(None);
     };
     let d = stored_dataset(state, tenant, e.dataset_id, "eval").await?;
@@ -107,13 +106,11 @@ async fn check_eval(
 
 /// The spec's `webhook` URL resolves to addresses the SSRF guard lets through (checked
 /// again, and pinned, at each delivery).
-async fn check_webhook(state: &AppState, spec: &Value) -> Result<(), ApiError> {
-    let Some(url) =
-        crate::webhook::parse(spec).map_err(|m| ApiError::new(ErrorCode::InvalidSpec, m))?
-    else {
+async fn check_webhook(state: &AppState, plan: &JobPlan) -> Result<(), ApiError> {
+    let Some(url) = &plan.webhook else {
         return Ok(());
     };
-    crate::webhook::resolve(&url, &state.config.webhook_allow_list())
+    crate::webhook::resolve(url, &state.config.webhook_allow_list())
         .await
         .map(|_| ())
         .map_err(|m| ApiError::new(ErrorCode::InvalidSpec, format!("webhook.url: {m}")))
@@ -123,11 +120,9 @@ async fn check_webhook(state: &AppState, spec: &Value) -> Result<(), ApiError> {
 async fn check_calibration(
     state: &AppState,
     tenant: &str,
-    spec: &Value,
+    plan: &JobPlan,
 ) -> Result<Option<(CalibrationSpec, DatasetRecord)>, ApiError> {
-    let Some(c) =
-        CalibrationSpec::parse(spec).map_err(|m| ApiError::new(ErrorCode::InvalidSpec, m))?
-    else {
+    let Some(c) = plan.calibration.clone() else {
         return Ok(None);
     };
     let d = stored_dataset(state, tenant, c.dataset_id, "calibration").await?;
@@ -142,15 +137,12 @@ type Training = Option<(&'static str, FinetuneSpec, Vec<DatasetRecord>)>;
 async fn check_finetune(
     state: &AppState,
     tenant: &str,
-    spec: &Value,
+    plan: &JobPlan,
 ) -> Result<Training, ApiError> {
-    let invalid = |m| ApiError::new(ErrorCode::InvalidSpec, m);
-    let (name, f) = match FinetuneSpec::parse(spec).map_err(invalid)? {
-        Some(f) => ("finetune", f),
-        None => match crate::train::DistillSpec::parse(spec).map_err(invalid)? {
-            Some(d) => ("distill", d.train),
-            None => return Ok(None),
-        },
+    let (name, f) = match (&plan.finetune, &plan.distill) {
+        (Some(f), _) => ("finetune", f.clone()),
+        (None, Some(d)) => ("distill", d.train.clone()),
+        (None, None) => return Ok(None),
     };
     let mut sets = vec![stored_dataset(state, tenant, f.dataset_id, name).await?];
     if let Some(v) = f.validation_dataset_id {
@@ -181,13 +173,12 @@ fn check_finetune_fits(model: &ModelRecord, finetune: &Training) -> Result<(), A
         return Ok(());
     };
     runnable(model, &format!("{name} trains the model"))?;
-    let inputs: Vec<GraphInput> = model
-        .inputs_json
-        .as_deref()
-        .and_then(|i| serde_json::from_str(i).ok())
-        .unwrap_or_default();
+    let inputs: Vec<GraphInput> = match model.inputs_json.as_deref() {
+        Some(i) => stored(i, "a model's graph inputs")?,
+        None => Vec::new(),
+    };
     for d in sets {
-        let arrays: Vec<ArrayInfo> = serde_json::from_str(&d.arrays_json).unwrap_or_default();
+        let arrays: Vec<ArrayInfo> = stored(&d.arrays_json, "a dataset's arrays")?;
         // A dataset whose arrays do not share axis 0 is one sequence fed whole (a stateful
         // model's): training cuts it into windows of consecutive steps.
         let feed = match d.rows {
@@ -222,8 +213,8 @@ fn check_calibration_fits(
     let Some(inputs) = model.inputs_json.as_deref() else {
         return Ok(());
     };
-    let inputs: Vec<GraphInput> = serde_json::from_str(inputs).unwrap_or_default();
-    let arrays: Vec<ArrayInfo> = serde_json::from_str(&d.arrays_json).unwrap_or_default();
+    let inputs: Vec<GraphInput> = stored(inputs, "a model's graph inputs")?;
+    let arrays: Vec<ArrayInfo> = stored(&d.arrays_json, "a dataset's arrays")?;
     crate::eval::check::fits(&inputs, &arrays, d.rows, c.feed).map_err(|diffs| {
         ApiError::new(
             ErrorCode::DatasetMismatch,
@@ -239,20 +230,33 @@ fn check_calibration_fits(
 
 /// The eval dataset against the model's graph inputs (recorded at upload; a weight-only model
 /// is not run, so any dataset goes: its report says so).
-fn check_fits(model: &ModelRecord, eval: &Option<(EvalSpec, DatasetRecord)>) -> Result<(), String> {
+fn check_fits(
+    model: &ModelRecord,
+    eval: &Option<(EvalSpec, DatasetRecord)>,
+) -> Result<(), ApiError> {
     let (Some((e, d)), Some(inputs)) = (eval, model.inputs_json.as_deref()) else {
         return Ok(());
     };
-    let inputs: Vec<GraphInput> = serde_json::from_str(inputs).unwrap_or_default();
-    let arrays: Vec<ArrayInfo> = serde_json::from_str(&d.arrays_json).unwrap_or_default();
+    let inputs: Vec<GraphInput> = stored(inputs, "a model's graph inputs")?;
+    let arrays: Vec<ArrayInfo> = stored(&d.arrays_json, "a dataset's arrays")?;
     crate::eval::check::fits(&inputs, &arrays, d.rows, e.feed).map_err(|diffs| {
-        format!(
-            "eval.dataset_id: dataset {} does not fit model {}: {}",
-            d.id,
-            model.id,
-            diffs.join("; ")
+        ApiError::new(
+            ErrorCode::DatasetMismatch,
+            format!(
+                "eval.dataset_id: dataset {} does not fit model {}: {}",
+                d.id,
+                model.id,
+                diffs.join("; ")
+            ),
         )
     })
+}
+
+/// JSON this server stored: a row that does not parse is corrupt, our fault, and never read
+/// as empty (a check on nothing passes).
+fn stored<T: serde::de::DeserializeOwned>(json: &str, what: &str) -> Result<T, ApiError> {
+    serde_json::from_str(json)
+        .map_err(|e| ApiError::internal(format!("{what} as stored do not parse: {e}")))
 }
 
 /// A search or an analysis runs the model on the dataset: it needs both.
@@ -296,8 +300,9 @@ fn check_against_model(
     calibration: &Option<(CalibrationSpec, DatasetRecord)>,
     finetune: &Training,
 ) -> Result<(), ApiError> {
-    check_orderings(model, &plan.compress).map_err(invalid_spec)?;
-    check_fits(model, eval).map_err(|m| ApiError::new(ErrorCode::DatasetMismatch, m))?;
+    let inventory: Vec<TensorInfo> = stored(&model.tensors_json, "a model's tensors")?;
+    check_orderings(&inventory, &plan.compress).map_err(invalid_spec)?;
+    check_fits(model, eval)?;
     check_calibration_fits(model, calibration)?;
     check_finetune_fits(model, finetune)?;
     check_search(model, plan, eval)
@@ -306,10 +311,9 @@ fn check_against_model(
 /// Refuses, at submit time, an ordering that some tensor of the model cannot take (e.g.
 /// quantizing float32 factors, pruning binary weights): checked on the stored inventory.
 fn check_orderings(
-    model: &ModelRecord,
+    inventory: &[TensorInfo],
     plan: &compress::Plan,
 ) -> Result<(), compress::CompressError> {
-    let inventory: Vec<TensorInfo> = serde_json::from_str(&model.tensors_json).unwrap_or_default();
     let facts: Vec<(TensorFacts, u64)> = inventory
         .iter()
         .filter_map(|t| {
@@ -377,10 +381,10 @@ pub async fn create(
             ));
         }
         let plan = crate::job::parse_spec(&spec).map_err(invalid_spec)?;
-        check_webhook(&state, &spec).await?;
-        let eval = check_eval(&state, &caller.tenant, &spec).await?;
-        let calibration = check_calibration(&state, &caller.tenant, &spec).await?;
-        let finetune = check_finetune(&state, &caller.tenant, &spec).await?;
+        check_webhook(&state, &plan).await?;
+        let eval = check_eval(&state, &caller.tenant, &plan).await?;
+        let calibration = check_calibration(&state, &caller.tenant, &plan).await?;
+        let finetune = check_finetune(&state, &caller.tenant, &plan).await?;
         let file = up.file.ok_or_else(|| {
             ApiError::new(ErrorCode::InvalidRequest, "the form has no `file` field")
         })?;
@@ -430,10 +434,10 @@ pub async fn create(
             )
         })?;
         let plan = crate::job::parse_spec(&spec).map_err(invalid_spec)?;
-        check_webhook(&state, &spec).await?;
-        let eval = check_eval(&state, &caller.tenant, &spec).await?;
-        let calibration = check_calibration(&state, &caller.tenant, &spec).await?;
-        let finetune = check_finetune(&state, &caller.tenant, &spec).await?;
+        check_webhook(&state, &plan).await?;
+        let eval = check_eval(&state, &caller.tenant, &plan).await?;
+        let calibration = check_calibration(&state, &caller.tenant, &plan).await?;
+        let finetune = check_finetune(&state, &caller.tenant, &plan).await?;
         let model = state
             .models
             .get_model(&caller.tenant, model_id)

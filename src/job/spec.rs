@@ -1,8 +1,12 @@
 //! A job's spec, parsed once: the compression plan and what the job does around it (a
-//! search for the pipeline, a sensitivity analysis).
+//! search for the pipeline, a sensitivity analysis, the blocks that name datasets, the
+//! webhook). The API checks it at submit; the worker and the CLI run what it says.
 
+use crate::calibrate::CalibrationSpec;
 use crate::compress::{self, method::spec_err, CompressError, AUTO_PRESET};
+use crate::eval::EvalSpec;
 use crate::search::SearchSpec;
+use crate::train::{DistillSpec, FinetuneSpec};
 use serde_json::Value;
 
 /// A job's spec, validated.
@@ -14,6 +18,16 @@ pub struct JobPlan {
     pub search: Option<SearchSpec>,
     /// `"analyze": true`: the per-layer sensitivity table, within this many seconds.
     pub analyze: Option<f64>,
+    /// `eval`: the dataset and metric the result is scored on, and its gate.
+    pub eval: Option<EvalSpec>,
+    /// `calibration`: the dataset calibrated steps (and a search's GPTQ) learn from.
+    pub calibration: Option<CalibrationSpec>,
+    /// `finetune`: training the compressed model on a dataset.
+    pub finetune: Option<FinetuneSpec>,
+    /// `distill`: a narrower student trained on the model's outputs.
+    pub distill: Option<DistillSpec>,
+    /// `webhook.url`, checked for form (resolved at submit and at each delivery).
+    pub webhook: Option<reqwest::Url>,
 }
 
 /// Validates a job spec (`preset` or `pipeline`, optional `options` and `outputs`, and the
@@ -50,7 +64,7 @@ pub fn parse_spec(spec: &Value) -> Result<JobPlan, CompressError> {
             ));
         }
     }
-    crate::webhook::parse(spec).map_err(CompressError::InvalidSpec)?;
+    let webhook = crate::webhook::parse(spec).map_err(CompressError::InvalidSpec)?;
     if obj.get("options").is_some_and(|o| !o.is_object()) {
         return Err(spec_err("options", "must be an object"));
     }
@@ -126,9 +140,15 @@ pub fn parse_spec(spec: &Value) -> Result<JobPlan, CompressError> {
             }
         }
     }
+    let invalid = CompressError::InvalidSpec;
     Ok(JobPlan {
         compress,
         search,
         analyze,
+        eval: EvalSpec::parse(spec).map_err(invalid)?,
+        calibration: CalibrationSpec::parse(spec).map_err(invalid)?,
+        finetune: FinetuneSpec::parse(spec).map_err(invalid)?,
+        distill: DistillSpec::parse(spec).map_err(invalid)?,
+        webhook,
     })
 }

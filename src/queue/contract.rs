@@ -7,6 +7,7 @@
 //! and drop it when they pass, so they run in parallel.
 
 use super::*;
+use crate::error::ErrorCode;
 use std::collections::HashSet;
 use std::sync::Arc;
 
@@ -290,7 +291,10 @@ pub async fn an_expired_lease_is_requeued_then_exhausted(db: Db, clock: Arc<Manu
         .complete(job.id, "w1", &serde_json::json!({}), &[])
         .await
         .unwrap());
-    assert!(!db.fail(job.id, "w1", "internal", "x").await.unwrap());
+    assert!(!db
+        .fail(job.id, "w1", ErrorCode::Internal, "x")
+        .await
+        .unwrap());
     let c2 = db.claim("w2", 1_000).await.unwrap().unwrap();
     assert_eq!((c2.id, c2.attempts), (job.id, 2));
     clock.advance(5_000);
@@ -372,7 +376,13 @@ pub async fn a_failed_attempt_waits_out_its_backoff(db: Db, clock: Arc<ManualClo
     let job = enqueue(&db, T, m.id, 2).await;
     db.claim("w1", 60_000).await.unwrap().unwrap();
     let left = db
-        .retry_later(job.id, "w1", "insufficient_storage", "disk full", 1_000)
+        .retry_later(
+            job.id,
+            "w1",
+            ErrorCode::InsufficientStorage,
+            "disk full",
+            1_000,
+        )
         .await
         .unwrap();
     assert_eq!(left, Some(JobState::Queued));
@@ -394,14 +404,20 @@ pub async fn a_failed_attempt_waits_out_its_backoff(db: Db, clock: Arc<ManualClo
     let c = db.claim("w2", 60_000).await.unwrap().unwrap();
     assert_eq!(c.attempts, 2);
     assert_eq!(
-        db.retry_later(job.id, "w1", "internal", "x", 1_000)
+        db.retry_later(job.id, "w1", ErrorCode::Internal, "x", 1_000)
             .await
             .unwrap(),
         None,
         "not the owner"
     );
     let left = db
-        .retry_later(job.id, "w2", "insufficient_storage", "disk full", 1_000)
+        .retry_later(
+            job.id,
+            "w2",
+            ErrorCode::InsufficientStorage,
+            "disk full",
+            1_000,
+        )
         .await
         .unwrap();
     assert_eq!(left, Some(JobState::Failed));
@@ -446,7 +462,10 @@ pub async fn completion_records_artifacts_once(db: Db, _clock: Arc<ManualClock>)
         !db.complete(job.id, "w1", &summary, &arts).await.unwrap(),
         "only once"
     );
-    assert!(!db.fail(job.id, "w1", "internal", "x").await.unwrap());
+    assert!(!db
+        .fail(job.id, "w1", ErrorCode::Internal, "x")
+        .await
+        .unwrap());
     let j = db.get_job(T, job.id).await.unwrap().unwrap();
     assert_eq!(
         (j.state, j.progress, j.summary),
@@ -615,7 +634,10 @@ pub async fn the_webhook_outbox(db: Db, clock: Arc<ManualClock>) {
     let plain = enqueue(&db, T, m.id, 3).await;
     db.claim("w1", 60_000).await.unwrap().unwrap();
     db.claim("w1", 60_000).await.unwrap().unwrap();
-    assert!(db.fail(job.id, "w1", "invalid_model", "bad").await.unwrap());
+    assert!(db
+        .fail(job.id, "w1", ErrorCode::InvalidModel, "bad")
+        .await
+        .unwrap());
     assert!(db
         .complete(plain.id, "w1", &serde_json::json!({}), &[])
         .await
@@ -716,7 +738,7 @@ pub async fn notices_between_processes(db: Db, _clock: Arc<ManualClock>) {
     // a heartbeat announces nothing.
     db.claim("w1", 60_000).await.unwrap().unwrap();
     db.heartbeat(job.id, "w1", 60_000, 0.5, "x").await.unwrap();
-    db.retry_later(job.id, "w1", "internal", "x", 0)
+    db.retry_later(job.id, "w1", ErrorCode::Internal, "x", 0)
         .await
         .unwrap();
     let got: Vec<String> = take(&mut rx, 3).await.iter().map(state_of).collect();

@@ -403,7 +403,7 @@ pub trait JobQueue: Send + Sync + 'static {
         &self,
         id: Uuid,
         worker: &str,
-        code: &str,
+        code: ErrorCode,
         message: &str,
     ) -> Result<bool, QueueError>;
     /// An attempt failed for a reason that may pass (a full disk, a failed database or
@@ -414,7 +414,7 @@ pub trait JobQueue: Send + Sync + 'static {
         &self,
         id: Uuid,
         worker: &str,
-        code: &str,
+        code: ErrorCode,
         message: &str,
         backoff_ms: i64,
     ) -> Result<Option<JobState>, QueueError>;

@@ -10,6 +10,7 @@
 //! events for the event streams (`modelpress_events`, see `crate::events`).
 
 use super::*;
+use crate::error::ErrorCode;
 use sqlx::postgres::{PgListener, PgPoolOptions, PgRow};
 use sqlx::{AssertSqlSafe, PgPool, Row};
 use std::sync::Arc;
@@ -736,14 +737,14 @@ impl JobQueue for PgStore {
         &self,
         id: Uuid,
         worker: &str,
-        code: &str,
+        code: ErrorCode,
         message: &str,
     ) -> Result<bool, QueueError> {
         let r = sqlx::query(
             "UPDATE jobs SET state = 'failed', error_code = $1, error_message = $2, finished_at = $3, stage = 'failed', \
              lease_owner = NULL, lease_expires_at = NULL WHERE id = $4 AND lease_owner = $5 AND state = 'running'",
         )
-        .bind(code)
+        .bind(code.as_str())
         .bind(message)
         .bind(self.clock.now_ms())
         .bind(id)
@@ -757,7 +758,7 @@ impl JobQueue for PgStore {
         &self,
         id: Uuid,
         worker: &str,
-        code: &str,
+        code: ErrorCode,
         message: &str,
         backoff_ms: i64,
     ) -> Result<Option<JobState>, QueueError> {
@@ -775,7 +776,7 @@ impl JobQueue for PgStore {
              lease_owner = NULL, lease_expires_at = NULL \
              WHERE id = $5 AND lease_owner = $6 AND state = 'running' RETURNING state",
         )
-        .bind(code)
+        .bind(code.as_str())
         .bind(message)
         .bind(now)
         .bind(now + backoff_ms.max(0))
@@ -852,9 +853,11 @@ impl JobQueue for PgStore {
         .bind(now)
         .fetch_all(&mut *tx)
         .await?;
+        // A constant of ErrorCode, not client input.
+        let exhausted = ErrorCode::AttemptsExhausted.as_str();
         rows.extend(
             sqlx::query(AssertSqlSafe(format!(
-                "UPDATE jobs SET state = 'failed', error_code = 'attempts_exhausted', \
+                "UPDATE jobs SET state = 'failed', error_code = '{exhausted}', \
              error_message = 'the job''s worker stopped responding on each of its ' || attempts || ' attempts', \
              stage = 'failed', finished_at = $1, lease_owner = NULL, lease_expires_at = NULL \
              WHERE state = 'running' AND lease_expires_at < $1 AND attempts >= max_attempts RETURNING {JOB_COLUMNS}",

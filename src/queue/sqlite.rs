@@ -4,6 +4,7 @@
 //! the lease owner and checked with `rows_affected`.
 
 use super::*;
+use crate::error::ErrorCode;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
 };
@@ -601,14 +602,14 @@ impl JobQueue for SqliteStore {
         &self,
         id: Uuid,
         worker: &str,
-        code: &str,
+        code: ErrorCode,
         message: &str,
     ) -> Result<bool, QueueError> {
         let r = sqlx::query(
             "UPDATE jobs SET state = 'failed', error_code = ?, error_message = ?, finished_at = ?, stage = 'failed', \
              lease_owner = NULL, lease_expires_at = NULL WHERE id = ? AND lease_owner = ? AND state = 'running'",
         )
-        .bind(code)
+        .bind(code.as_str())
         .bind(message)
         .bind(self.clock.now_ms())
         .bind(id.to_string())
@@ -622,7 +623,7 @@ impl JobQueue for SqliteStore {
         &self,
         id: Uuid,
         worker: &str,
-        code: &str,
+        code: ErrorCode,
         message: &str,
         backoff_ms: i64,
     ) -> Result<Option<JobState>, QueueError> {
@@ -640,7 +641,7 @@ impl JobQueue for SqliteStore {
              lease_owner = NULL, lease_expires_at = NULL \
              WHERE id = ?5 AND lease_owner = ?6 AND state = 'running' RETURNING state",
         )
-        .bind(code)
+        .bind(code.as_str())
         .bind(message)
         .bind(now)
         .bind(now + backoff_ms.max(0))
@@ -719,9 +720,11 @@ impl JobQueue for SqliteStore {
         .bind(now)
         .fetch_all(&mut *tx)
         .await?;
+        // A constant of ErrorCode, not client input.
+        let exhausted = ErrorCode::AttemptsExhausted.as_str();
         rows.extend(
             sqlx::query(AssertSqlSafe(format!(
-                "UPDATE jobs SET state = 'failed', error_code = 'attempts_exhausted', \
+                "UPDATE jobs SET state = 'failed', error_code = '{exhausted}', \
              error_message = 'the job''s worker stopped responding on each of its ' || attempts || ' attempts', \
              stage = 'failed', finished_at = ?, lease_owner = NULL, lease_expires_at = NULL \
              WHERE state = 'running' AND lease_expires_at < ? AND attempts >= max_attempts RETURNING {JOB_COLUMNS}",

@@ -1,8 +1,9 @@
 //! The worker pool: tasks that claim jobs and run the CPU work on tokio's blocking pool.
 
 use crate::compress::Control;
+use crate::error::ErrorCode;
+use crate::job::RunError;
 use crate::queue::{ArtifactRecord, Heartbeat, JobRecord};
-use crate::runner::{self, RunError};
 use crate::state::AppState;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -39,7 +40,7 @@ pub fn retry_backoff_ms(base_ms: u64, attempts_made: i64) -> u64 {
 /// The code and message a failed attempt records: a full disk (the file system's ENOSPC or
 /// EDQUOT, or SQLite's SQLITE_FULL) is `insufficient_storage`; anything else is `internal`
 /// (the detail goes to the log, not to the user).
-fn attempt_error(e: &anyhow::Error) -> (&'static str, String) {
+fn attempt_error(e: &anyhow::Error) -> (ErrorCode, String) {
     let disk_full = e.chain().any(|c| {
         if let Some(io) = c.downcast_ref::<std::io::Error>() {
             return crate::error::is_disk_full(io);
@@ -52,17 +53,20 @@ fn attempt_error(e: &anyhow::Error) -> (&'static str, String) {
             return q.is_disk_full();
         }
         c.downcast_ref::<RunError>()
-            .is_some_and(|r| matches!(r, RunError::Storage(_)))
+            .is_some_and(|r| matches!(r, RunError::Storage { .. }))
     });
     if let Some(no_room) = e.chain().find_map(|c| c.downcast_ref::<scratch::NoRoom>()) {
-        ("insufficient_storage", no_room.0.clone())
+        (ErrorCode::InsufficientStorage, no_room.0.clone())
     } else if disk_full {
         (
-            "insufficient_storage",
+            ErrorCode::InsufficientStorage,
             "the server's disk was full while the job ran".into(),
         )
     } else {
-        ("internal", "internal error; see the server log".into())
+        (
+            ErrorCode::Internal,
+            "internal error; see the server log".into(),
+        )
     }
 }
 
@@ -235,7 +239,7 @@ async fn try_execute_one_as(state: &AppState, worker: &str) -> anyhow::Result<Ou
             let (code, message) = attempt_error(&e);
             let backoff = retry_backoff_ms(state.config.retry_backoff_ms, attempt);
             let _g = span.enter();
-            tracing::error!(error = %e, code, backoff_ms = backoff, "attempt failed");
+            tracing::error!(error = %e, code = code.as_str(), backoff_ms = backoff, "attempt failed");
             match state
                 .queue
                 .retry_later(id, worker, code, &message, backoff as i64)
@@ -301,17 +305,23 @@ async fn run_claimed(state: &AppState, worker: &str, job: JobRecord) -> anyhow::
     tracing::info!("job claimed");
     let lease_ms = state.config.lease_ms as i64;
     // A job that cannot run ends here, failed with a code and a message.
-    let fail = |code: &'static str, message: String| async move {
+    let fail = |code: ErrorCode, message: String| async move {
         state.queue.fail(job.id, worker, code, &message).await?;
         anyhow::Ok(Outcome::Failed)
     };
     let plan = match crate::job::parse_spec(&job.spec) {
         Ok(p) => p,
-        Err(e) => return fail("invalid_spec", e.to_string()).await,
+        Err(e) => return fail(ErrorCode::InvalidSpec, e.to_string()).await,
     };
     let model = match state.models.get_model(&job.tenant_id, job.model_id).await? {
         Some(m) => m,
-        None => return fail("model_not_found", "the job's model no longer exists".into()).await,
+        None => {
+            return fail(
+                ErrorCode::ModelNotFound,
+                "the job's model no longer exists".into(),
+            )
+            .await
+        }
     };
     // The job's scratch directory: its copies of the model and datasets, and its outputs;
     // removed however the job ends.
@@ -327,38 +337,26 @@ async fn run_claimed(state: &AppState, worker: &str, job: JobRecord) -> anyhow::
         Ok(()) => {}
         Err(crate::store::StoreError::NotFound(_)) => {
             let why = "the job's model file is missing from the blob store";
-            return fail("model_not_found", why.into()).await;
+            return fail(ErrorCode::ModelNotFound, why.into()).await;
         }
         Err(e) => return Err(e.into()),
     }
     // The dataset an `eval` block names (checked at submit; it may have gone since).
-    let eval_spec = match crate::eval::EvalSpec::parse(&job.spec) {
-        Ok(e) => e,
-        Err(e) => return fail("invalid_spec", e).await,
-    };
+    let eval_spec = plan.eval.clone();
     let dataset_path = match &eval_spec {
         None => None,
         Some(e) => {
             match dataset_file(state, work.path(), &job.tenant_id, e.dataset_id, "eval").await? {
                 Ok(p) => Some(p),
-                Err(why) => return fail("dataset_not_found", why).await,
+                Err(why) => return fail(ErrorCode::DatasetNotFound, why).await,
             }
         }
     };
     // The dataset a `calibration` block names, likewise.
-    let calibration_spec = match crate::calibrate::CalibrationSpec::parse(&job.spec) {
-        Ok(c) => c,
-        Err(e) => return fail("invalid_spec", e).await,
-    };
+    let calibration_spec = plan.calibration.clone();
     // The datasets a `finetune` block names, likewise.
-    let finetune_spec = match crate::train::FinetuneSpec::parse(&job.spec) {
-        Ok(f) => f,
-        Err(e) => return fail("invalid_spec", e).await,
-    };
-    let distill_spec = match crate::train::DistillSpec::parse(&job.spec) {
-        Ok(d) => d,
-        Err(e) => return fail("invalid_spec", e).await,
-    };
+    let finetune_spec = plan.finetune.clone();
+    let distill_spec = plan.distill.clone();
     let mut finetune_paths = Vec::new();
     let training = finetune_spec
         .as_ref()
@@ -368,7 +366,7 @@ async fn run_claimed(state: &AppState, worker: &str, job: JobRecord) -> anyhow::
         for id in std::iter::once(f.dataset_id).chain(f.validation_dataset_id) {
             match dataset_file(state, work.path(), &job.tenant_id, id, block).await? {
                 Ok(p) => finetune_paths.push(p),
-                Err(why) => return fail("dataset_not_found", why).await,
+                Err(why) => return fail(ErrorCode::DatasetNotFound, why).await,
             }
         }
     }
@@ -384,7 +382,7 @@ async fn run_claimed(state: &AppState, worker: &str, job: JobRecord) -> anyhow::
         .await?
         {
             Ok(p) => Some(p),
-            Err(why) => return fail("dataset_not_found", why).await,
+            Err(why) => return fail(ErrorCode::DatasetNotFound, why).await,
         },
     };
     // A search reuses the sensitivity table an earlier search measured on this model and
@@ -470,7 +468,7 @@ async fn run_claimed(state: &AppState, worker: &str, job: JobRecord) -> anyhow::
         let eval = eval_spec
             .as_ref()
             .zip(dataset_path.as_deref())
-            .map(|(spec, dataset)| runner::EvalInput {
+            .map(|(spec, dataset)| crate::job::EvalInput {
                 spec,
                 dataset,
                 cached_sensitivity: cached_sensitivity.as_ref(),
@@ -478,24 +476,26 @@ async fn run_claimed(state: &AppState, worker: &str, job: JobRecord) -> anyhow::
         let calibration = calibration_spec
             .as_ref()
             .zip(calibration_path.as_deref())
-            .map(|(spec, dataset)| runner::CalibrationInput { spec, dataset });
-        let finetune = finetune_spec.as_ref().map(|spec| runner::FinetuneInput {
+            .map(|(spec, dataset)| crate::job::CalibrationInput { spec, dataset });
+        let finetune = finetune_spec
+            .as_ref()
+            .map(|spec| crate::job::FinetuneInput {
+                spec,
+                dataset: &finetune_paths[0],
+                validation: finetune_paths.get(1).map(|p| p.as_path()),
+            });
+        let distill = distill_spec.as_ref().map(|spec| crate::job::DistillInput {
             spec,
             dataset: &finetune_paths[0],
             validation: finetune_paths.get(1).map(|p| p.as_path()),
         });
-        let distill = distill_spec.as_ref().map(|spec| runner::DistillInput {
-            spec,
-            dataset: &finetune_paths[0],
-            validation: finetune_paths.get(1).map(|p| p.as_path()),
-        });
-        let data = runner::Data {
+        let data = crate::job::Data {
             eval,
             calibration,
             finetune,
             distill,
         };
-        runner::execute(&input, &plan2, &out_path, ctl2.as_ref(), data)
+        crate::job::execute(&input, &plan2, &out_path, ctl2.as_ref(), data)
     })
     .await;
     hb.abort();
@@ -505,7 +505,7 @@ async fn run_claimed(state: &AppState, worker: &str, job: JobRecord) -> anyhow::
         return Ok(Outcome::LeaseLost);
     }
     // Every failure is recorded the same way: a stable code and a message for the user.
-    let result: Result<_, (&str, String)> = match result {
+    let result: Result<_, (ErrorCode, String)> = match result {
         Err(join) => {
             let why = if join.is_panic() {
                 "panicked"
@@ -514,7 +514,7 @@ async fn run_claimed(state: &AppState, worker: &str, job: JobRecord) -> anyhow::
             };
             tracing::error!(error = %join, "compression {why}");
             Err((
-                "internal",
+                ErrorCode::Internal,
                 format!("the compression {why}; see the server log"),
             ))
         }
@@ -528,14 +528,18 @@ async fn run_claimed(state: &AppState, worker: &str, job: JobRecord) -> anyhow::
             };
             return Ok(outcome);
         }
-        Ok(Err(RunError::InvalidModel(m))) => Err(("invalid_model", m)),
-        Ok(Err(RunError::InvalidSpec(m))) => Err(("invalid_spec", m)),
-        Ok(Err(RunError::Internal(m))) => {
-            tracing::error!(error = %m, "job failed");
-            Err(("internal", "internal error; see the server log".into()))
-        }
         // Retried with a backoff by the caller.
-        Ok(Err(e @ RunError::Storage(_))) => return Err(e.into()),
+        Ok(Err(e @ RunError::Storage { .. })) => return Err(e.into()),
+        Ok(Err(e)) => match e.code() {
+            ErrorCode::Internal => {
+                tracing::error!(error = %crate::util::error_chain(&e), "job failed");
+                Err((
+                    ErrorCode::Internal,
+                    "internal error; see the server log".into(),
+                ))
+            }
+            code => Err((code, e.to_string())),
+        },
         Ok(Ok(out)) => Ok(out),
     };
     let out = match result {
@@ -591,7 +595,7 @@ async fn run_claimed(state: &AppState, worker: &str, job: JobRecord) -> anyhow::
         }));
     let manifest_path = out_dir.join(crate::manifest::MANIFEST);
     tokio::fs::write(&manifest_path, &manifest).await?;
-    out.artifacts.push(runner::ArtifactFile {
+    out.artifacts.push(crate::job::ArtifactFile {
         name: crate::manifest::MANIFEST.into(),
         path: manifest_path,
         size_bytes: manifest.len() as u64,

@@ -6,7 +6,7 @@ use crate::helpers::*;
 use modelpress::compress::archive as mpz;
 use modelpress::compress::{self, NoControl};
 use modelpress::formats;
-use modelpress::runner;
+use modelpress::job;
 use proptest::prelude::*;
 use serde_json::{json, Value};
 use std::process::Command;
@@ -22,7 +22,7 @@ const CASE_FILES: &[&str] = &[
 
 fn compress_to(input: &std::path::Path, spec: Value, dir: &std::path::Path) -> Value {
     let plan = modelpress::job::parse_spec(&spec).expect("spec");
-    runner::execute(input, &plan, dir, &NoControl, runner::Data::default()).expect("compress");
+    job::execute(input, &plan, dir, &NoControl, job::Data::default()).expect("compress");
     serde_json::from_slice(&std::fs::read(dir.join("report.json")).unwrap()).unwrap()
 }
 

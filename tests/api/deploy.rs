@@ -4,7 +4,7 @@
 
 use crate::helpers::*;
 use modelpress::compress::{self, NoControl};
-use modelpress::runner;
+use modelpress::job;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -23,7 +23,7 @@ const ONNX_CASES: &[(&str, &str)] = &[
 
 fn compress_to(input: &Path, spec: Value, dir: &Path) -> Value {
     let plan = modelpress::job::parse_spec(&spec).expect("spec");
-    runner::execute(input, &plan, dir, &NoControl, runner::Data::default()).expect("compress");
+    job::execute(input, &plan, dir, &NoControl, job::Data::default()).expect("compress");
     serde_json::from_slice(&std::fs::read(dir.join("report.json")).unwrap()).unwrap()
 }
 

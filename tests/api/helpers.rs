@@ -367,7 +367,7 @@ pub fn calibration_data(input: &Path) -> Option<PathBuf> {
 /// is weight-only (the run refuses it: such a model cannot be run).
 pub fn compress_case(input: &Path, spec: Value, dir: &Path) -> Option<Value> {
     use modelpress::compress::{self, NoControl};
-    use modelpress::runner;
+    use modelpress::job;
     let calibrated = spec["preset"]
         .as_str()
         .is_some_and(compress::preset_needs_calibration);
@@ -383,16 +383,16 @@ pub fn compress_case(input: &Path, spec: Value, dir: &Path) -> Option<Value> {
     let calibration = cspec
         .as_ref()
         .zip(data.as_deref())
-        .map(|(spec, dataset)| runner::CalibrationInput { spec, dataset });
-    let data = runner::Data {
+        .map(|(spec, dataset)| job::CalibrationInput { spec, dataset });
+    let data = job::Data {
         eval: None,
         calibration,
         finetune: None,
         distill: None,
     };
-    match runner::execute(input, &plan, dir, &NoControl, data) {
+    match job::execute(input, &plan, dir, &NoControl, data) {
         Ok(_) => {}
-        Err(runner::RunError::InvalidSpec(m)) if calibrated && weight_only => {
+        Err(job::RunError::InvalidSpec(m)) if calibrated && weight_only => {
             assert!(m.contains("needs an ONNX model"), "{m}");
             return None;
         }
