@@ -2,7 +2,7 @@
 //! and its [`Halves`] form.
 
 use super::coding::{self, CodingStats, Payload, Repr, StageBytes};
-use super::form::{Encoding, Form, Parts, Stored};
+use super::form::{Encoding, Form, Parts, Stored, Trained};
 use super::method::{params, spec_err, Applied, Kind, Method, Registration, Working};
 use super::CompressError;
 use crate::model::{DType, Tensor};
@@ -72,6 +72,9 @@ pub struct Halves {
 impl Form for Halves {
     fn decode(&self, _shape: &[usize]) -> Vec<f32> {
         widen(&self.bits, self.dtype)
+    }
+    fn trained(&self, _shape: &[usize]) -> Trained {
+        Trained::Dense
     }
     fn rezero(&mut self, values: &[f32], _shape: &[usize]) -> Result<(), String> {
         self.bits = cast_bits(values, self.dtype);

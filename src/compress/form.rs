@@ -61,9 +61,24 @@ pub struct Stored {
     pub description: Value,
 }
 
+/// What fine-tuning updates in a tensor of a form.
+#[derive(Debug, Clone)]
+pub enum Trained {
+    /// The dense weight, seen through the form (fake quantization): the pipeline encodes
+    /// the trained weight again.
+    Dense,
+    /// The low-rank factors themselves; the pipeline factorizes their product again at the
+    /// same rank.
+    Factors(Factors),
+    /// The shared values (a codebook) with each weight's slot fixed.
+    Shared(super::SharedValues),
+}
+
 pub trait Form {
     /// The dense values, bit for bit the working values of the run.
     fn decode(&self, shape: &[usize]) -> Vec<f32>;
+    /// What fine-tuning updates in a tensor of this form.
+    fn trained(&self, shape: &[usize]) -> Trained;
     /// A later pruning step zeroed some of `values`: make the form agree, or say why it
     /// cannot hold them.
     fn rezero(&mut self, values: &[f32], shape: &[usize]) -> Result<(), String>;

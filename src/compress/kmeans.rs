@@ -25,7 +25,7 @@
 //! The `kmeans` method, and its [`Clustered`] form (packed indices plus codebooks).
 
 use super::coding::{self, f32_bytes, CodingStats, Payload, Repr, StageBytes};
-use super::form::{Encoding, Form, Parts, Stored};
+use super::form::{Encoding, Form, Parts, Stored, Trained};
 use super::method::{int_in, params, Applied, Kind, Method, Registration, Working};
 use super::quantize::Granularity;
 use super::{is_conv, pack, CompressError};
@@ -148,6 +148,9 @@ impl Method for Kmeans {
 impl Form for Clustered {
     fn decode(&self, shape: &[usize]) -> Vec<f32> {
         Clustered::decode(self, shape)
+    }
+    fn trained(&self, shape: &[usize]) -> Trained {
+        Trained::Shared(self.shared(shape))
     }
     fn rezero(&mut self, values: &[f32], _shape: &[usize]) -> Result<(), String> {
         for (j, v) in values.iter().enumerate() {

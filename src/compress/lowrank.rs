@@ -9,7 +9,7 @@
 //! The `lowrank` method, and its [`Factors`] form.
 
 use super::coding::{self, f32_bytes, CodingStats, Payload, Repr, StageBytes};
-use super::form::{Encoding, Form, Parts, Stored};
+use super::form::{Encoding, Form, Parts, Stored, Trained};
 use super::method::{
     fraction, int_in, params, spec_err, Applied, Kind, Method, Registration, Working,
 };
@@ -146,6 +146,9 @@ impl Method for LowRank {
 impl Form for Factors {
     fn decode(&self, _shape: &[usize]) -> Vec<f32> {
         self.reconstruct()
+    }
+    fn trained(&self, _shape: &[usize]) -> Trained {
+        Trained::Factors(self.clone())
     }
     fn rezero(&mut self, _values: &[f32], _shape: &[usize]) -> Result<(), String> {
         Err("a factorization; prune first".into())

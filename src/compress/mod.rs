@@ -406,10 +406,11 @@ pub fn trained_factors(
     let outcome = run(tensors, &prefix, &NoControl)?;
     Ok(outcome
         .encodings
-        .into_iter()
-        .map(|e| match e {
-            Some(form::Encoding::LowRank(f)) => Some(f),
-            _ => None,
+        .iter()
+        .zip(tensors)
+        .map(|(e, t)| match e.as_ref()?.form().trained(&t.shape) {
+            form::Trained::Factors(f) => Some(f),
+            form::Trained::Dense | form::Trained::Shared(_) => None,
         })
         .collect())
 }
@@ -455,9 +456,9 @@ pub fn shared_values(
         .encodings
         .iter()
         .zip(tensors)
-        .map(|(e, t)| match e {
-            Some(form::Encoding::Clustered(c)) => Some(c.shared(&t.shape)),
-            _ => None,
+        .map(|(e, t)| match e.as_ref()?.form().trained(&t.shape) {
+            form::Trained::Shared(s) => Some(s),
+            form::Trained::Dense | form::Trained::Factors(_) => None,
         })
         .collect())
 }

@@ -4,7 +4,7 @@
 
 use super::activations::{ActivationSpec, RangeMethod, DEFAULT_PERCENTILE};
 use super::coding::{self, f32_bytes, CodingStats, Payload, Repr, StageBytes};
-use super::form::{Form, Parts, Stored};
+use super::form::{Form, Parts, Stored, Trained};
 use super::gptq::{gptq, Grid, DEFAULT_DAMP};
 use super::method::{self, int_in, spec_err, Applied, Kind, Method, Needs, Registration, Working};
 use super::{pack, CompressError};
@@ -247,6 +247,9 @@ impl Quantized {
 impl Form for Quantized {
     fn decode(&self, shape: &[usize]) -> Vec<f32> {
         dequantize(self, shape)
+    }
+    fn trained(&self, _shape: &[usize]) -> Trained {
+        Trained::Dense
     }
     fn rezero(&mut self, values: &[f32], shape: &[usize]) -> Result<(), String> {
         if self.bits == 1 {

@@ -11,7 +11,7 @@
 //! The `separable` and `tucker2` methods, and their forms.
 
 use super::coding::{self, f32_bytes, CodingStats, Payload, Repr, StageBytes};
-use super::form::{Encoding, Form, Parts, Stored};
+use super::form::{Encoding, Form, Parts, Stored, Trained};
 use super::lowrank::{choose_rank, rank_rule, singular_values, thin_svd, RankRule};
 use super::method::{params, Applied, Kind, Method, Registration, Working};
 use super::{is_conv, CompressError};
@@ -144,6 +144,9 @@ impl Form for Separable {
     fn decode(&self, _shape: &[usize]) -> Vec<f32> {
         self.reconstruct()
     }
+    fn trained(&self, _shape: &[usize]) -> Trained {
+        Trained::Dense
+    }
     fn rezero(&mut self, _values: &[f32], _shape: &[usize]) -> Result<(), String> {
         Err("a factorization; prune first".into())
     }
@@ -180,6 +183,9 @@ impl Form for Separable {
 impl Form for Tucker2 {
     fn decode(&self, _shape: &[usize]) -> Vec<f32> {
         self.reconstruct()
+    }
+    fn trained(&self, _shape: &[usize]) -> Trained {
+        Trained::Dense
     }
     fn rezero(&mut self, _values: &[f32], _shape: &[usize]) -> Result<(), String> {
         Err("a factorization; prune first".into())
