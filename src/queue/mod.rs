@@ -4,6 +4,8 @@
 
 #[cfg(test)]
 mod contract;
+#[cfg(test)]
+mod schema;
 
 pub mod postgres;
 pub mod sqlite;
