@@ -160,6 +160,28 @@ pub fn cast_bits_reference(values: &[f32], to: CastType) -> Vec<u16> {
         .collect()
 }
 
+/// A float16 or bfloat16 tensor from its archive entry (`model.mpz`).
+pub(super) fn decode_archive<'a>(
+    dtype: &str,
+    n: usize,
+    section: &coding::Section<'_, 'a>,
+) -> Result<Vec<f32>, coding::DecodeError> {
+    let t = match dtype {
+        "float16" => CastType::Float16,
+        "bfloat16" => CastType::Bfloat16,
+        _ => return Err(coding::err("unknown cast dtype")),
+    };
+    let data = section("data")?;
+    if Some(data.len()) != n.checked_mul(2) {
+        return Err(coding::err("cast data length differs from the shape"));
+    }
+    let bits: Vec<u16> = data
+        .chunks_exact(2)
+        .map(|c| u16::from_le_bytes([c[0], c[1]]))
+        .collect();
+    Ok(widen(&bits, t))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 /// hostile header cannot claim terabytes from a few bytes.
 pub const MAX_FACTOR_EXPANSION: u128 = 1 << 16;
 
-fn check_expansion(n: usize, stored: &[usize]) -> Result<(), DecodeError> {
+pub(super) fn check_expansion(n: usize, stored: &[usize]) -> Result<(), DecodeError> {
     let stored: u128 = stored.iter().map(|&s| s as u128).sum();
     if n as u128 > stored.max(1) * MAX_FACTOR_EXPANSION {
         return Err(err("factors too small for the shape they claim"));
@@ -527,11 +527,14 @@ pub fn f32_bytes(v: &[f32]) -> Vec<u8> {
 #[error("{0}")]
 pub struct DecodeError(pub String);
 
-fn err(msg: impl Into<String>) -> DecodeError {
+/// Fetches an archive entry's named section.
+pub type Section<'s, 'a> = dyn Fn(&str) -> Result<&'a [u8], DecodeError> + 's;
+
+pub(super) fn err(msg: impl Into<String>) -> DecodeError {
     DecodeError(msg.into())
 }
 
-fn f32_section(bytes: &[u8], count: usize, what: &str) -> Result<Vec<f32>, DecodeError> {
+pub(super) fn f32_section(bytes: &[u8], count: usize, what: &str) -> Result<Vec<f32>, DecodeError> {
     if Some(bytes.len()) != count.checked_mul(4) {
         return Err(err(format!(
             "section {what}: {} bytes, expected {count} f32",
@@ -585,7 +588,7 @@ fn check_coverage(gaps: &[u32], n: usize, b: u8) -> Result<(), DecodeError> {
 }
 
 /// Decodes a stream into `n` symbols (zero symbol where a sparse stream has no entry).
-fn read_stream<'a>(
+pub(super) fn read_stream<'a>(
     s: &Stream,
     n: usize,
     section: &dyn Fn(&str) -> Result<&'a [u8], DecodeError>,
@@ -617,15 +620,7 @@ fn read_stream<'a>(
             let gaps = read_symbols(section, "gaps", 1 << b, s.huffman, entries)?;
             let syms = read_symbols(section, "symbols", alphabet, s.huffman, entries)?;
             check_coverage(&gaps, n, b)?;
-            let mut out = vec![z; n];
-            let mut next = 0usize;
-            for (&g, &v) in gaps.iter().zip(&syms) {
-                let p = next + g as usize;
-                *out.get_mut(p)
-                    .ok_or_else(|| err("sparse entry beyond the tensor"))? = v;
-                next = p + 1;
-            }
-            Ok(out)
+            scatter(&gaps, &syms, n, z)
         }
     }
 }
@@ -635,105 +630,23 @@ fn read_stream<'a>(
 pub fn decode<'a>(
     repr: &Repr,
     shape: &[usize],
-    section: &dyn Fn(&str) -> Result<&'a [u8], DecodeError>,
+    section: &Section<'_, 'a>,
 ) -> Result<Option<Vec<f32>>, DecodeError> {
     let n = crate::model::element_count(shape).ok_or_else(|| err("shape overflows"))?;
-    let rank_axis_ok = |axis: Option<usize>| axis.is_none_or(|a| a < shape.len());
-    let channels = |axis: Option<usize>| axis.map_or(1, |a| shape[a]);
     Ok(Some(match repr {
         Repr::Raw => return Ok(None),
-        Repr::Cast { dtype } => {
-            let t = match dtype.as_str() {
-                "float16" => super::cast::CastType::Float16,
-                "bfloat16" => super::cast::CastType::Bfloat16,
-                _ => return Err(err("unknown cast dtype")),
-            };
-            let data = section("data")?;
-            if Some(data.len()) != n.checked_mul(2) {
-                return Err(err("cast data length differs from the shape"));
-            }
-            let bits: Vec<u16> = data
-                .chunks_exact(2)
-                .map(|c| u16::from_le_bytes([c[0], c[1]]))
-                .collect();
-            super::cast::widen(&bits, t)
-        }
-        Repr::SparseFloat { stream } => {
-            if stream.layout != Layout::Sparse
-                || stream.alphabet != 2
-                || stream.zero_symbol != Some(0)
-            {
-                return Err(err("sparse_float needs a sparse binary stream"));
-            }
-            let entries = usize::try_from(stream.entries).map_err(|_| err("too many entries"))?;
-            let b = stream.gap_bits.unwrap_or(0);
-            if !(1..=MAX_GAP_BITS).contains(&b) || (n as u128) > (entries as u128 + 1) << b {
-                return Err(err("sparse stream parameters out of range"));
-            }
-            let gaps = read_symbols(section, "gaps", 1 << b, stream.huffman, entries)?;
-            check_coverage(&gaps, n, b)?;
-            let vals = f32_section(section("values")?, entries, "values")?;
-            let mut out = vec![0f32; n];
-            let mut next = 0usize;
-            for (&g, &v) in gaps.iter().zip(&vals) {
-                let p = next + g as usize;
-                *out.get_mut(p)
-                    .ok_or_else(|| err("sparse entry beyond the tensor"))? = v;
-                next = p + 1;
-            }
-            out
-        }
+        Repr::Cast { dtype } => super::cast::decode_archive(dtype, n, section)?,
+        Repr::SparseFloat { stream } => decode_sparse_float(stream, n, section)?,
         Repr::Linear {
             bits,
             scheme,
             axis,
             stream,
             group_size,
-        } => {
-            if !(1..=8).contains(bits)
-                || !rank_axis_ok(*axis)
-                || stream.alphabet != 1 << bits
-                || group_size.is_some_and(|g| g == 0 || g > n.max(1))
-            {
-                return Err(err("linear parameters out of range"));
-            }
-            let syms = read_stream(stream, n, section)?;
-            let ch = match group_size {
-                Some(g) => quantize::GroupLayout::new(shape, *axis, *g).groups(),
-                None => channels(*axis),
-            };
-            let scales = f32_section(section("scales")?, ch, "scales")?;
-            let zero_points: Vec<i8> = match scheme {
-                Scheme::Symmetric => Vec::new(),
-                Scheme::Affine => {
-                    let z = section("zero_points")?;
-                    if z.len() != ch {
-                        return Err(err("zero_points length differs from the channels"));
-                    }
-                    z.iter().map(|&b| b as i8).collect()
-                }
-            };
-            let codes = if *bits == 1 {
-                syms.iter()
-                    .map(|&s| if s == 1 { 1i8 } else { -1 })
-                    .collect()
-            } else {
-                let off = 1i32 << (bits - 1);
-                syms.iter().map(|&s| (s as i32 - off) as i8).collect()
-            };
-            quantize::dequantize(
-                &Quantized {
-                    bits: *bits,
-                    scheme: *scheme,
-                    axis: *axis,
-                    scales,
-                    zero_points,
-                    codes,
-                    group_size: *group_size,
-                },
-                shape,
-            )
-        }
+        } => quantize::dequantize(
+            &Quantized::from_archive(*bits, *scheme, *axis, *group_size, stream, shape, section)?,
+            shape,
+        ),
         Repr::Codebook {
             bits,
             axis,
@@ -741,112 +654,55 @@ pub fn decode<'a>(
             zeros_fixed,
             algorithm,
             stream,
-        } => {
-            if !(1..=8).contains(bits)
-                || *k != 1 << bits
-                || !rank_axis_ok(*axis)
-                || stream.alphabet as usize != k + usize::from(*zeros_fixed)
-            {
-                return Err(err("codebook parameters out of range"));
-            }
-            let syms = read_stream(stream, n, section)?;
-            let groups = channels(*axis);
-            let centroids = f32_section(
-                section("centroids")?,
-                groups
-                    .checked_mul(*k)
-                    .ok_or_else(|| err("codebook too large"))?,
-                "centroids",
-            )?;
-            Clustered {
-                bits: *bits,
-                axis: *axis,
-                k: *k,
-                centroids,
-                indices: syms.iter().map(|&s| s as u16).collect(),
-                zeros_fixed: *zeros_fixed,
-                algorithm: *algorithm,
-            }
-            .decode(shape)
-        }
+        } => Clustered::from_archive(
+            (*bits, *axis, *k, *zeros_fixed, *algorithm),
+            stream,
+            shape,
+            section,
+        )?
+        .decode(shape),
         Repr::LowRank { rows, cols, rank } => {
-            if rows.checked_mul(*cols) != Some(n) || *rank == 0 {
-                return Err(err("low-rank shape differs from the tensor"));
-            }
-            let a = f32_section(
-                section("a")?,
-                rows.checked_mul(*rank)
-                    .ok_or_else(|| err("rank too large"))?,
-                "a",
-            )?;
-            let b = f32_section(
-                section("b")?,
-                rank.checked_mul(*cols)
-                    .ok_or_else(|| err("rank too large"))?,
-                "b",
-            )?;
-            check_expansion(n, &[a.len(), b.len()])?;
-            Factors {
-                rows: *rows,
-                cols: *cols,
-                rank: *rank,
-                a,
-                b,
-            }
-            .reconstruct()
+            Factors::from_archive(*rows, *cols, *rank, n, section)?.reconstruct()
         }
-        Repr::Separable { rank } => {
-            let [o, c, kh, kw] = <[usize; 4]>::try_from(shape)
-                .map_err(|_| err("separable filters need a 4-D shape"))?;
-            let filters = o * c;
-            let count = |x: usize| filters.checked_mul(x).and_then(|v| v.checked_mul(*rank));
-            let v = f32_section(
-                section("v")?,
-                count(kh).ok_or_else(|| err("rank too large"))?,
-                "v",
-            )?;
-            let h = f32_section(
-                section("h")?,
-                count(kw).ok_or_else(|| err("rank too large"))?,
-                "h",
-            )?;
-            check_expansion(n, &[v.len(), h.len()])?;
-            Separable {
-                shape: [o, c, kh, kw],
-                rank: *rank,
-                v,
-                h,
-            }
-            .reconstruct()
-        }
+        Repr::Separable { rank } => Separable::from_archive(*rank, shape, section)?.reconstruct(),
         Repr::Tucker2 { rank_out, rank_in } => {
-            if shape.len() < 3 {
-                return Err(err("Tucker-2 needs a kernel of rank ≥ 3"));
-            }
-            let (o, c) = (shape[0], shape[1]);
-            let window: usize = shape[2..].iter().product();
-            let mul = |a: usize, b: usize| a.checked_mul(b).ok_or_else(|| err("rank too large"));
-            let u_out = f32_section(section("u_out")?, mul(o, *rank_out)?, "u_out")?;
-            let core = f32_section(
-                section("core")?,
-                mul(mul(*rank_out, *rank_in)?, window)?,
-                "core",
-            )?;
-            let u_in = f32_section(section("u_in")?, mul(c, *rank_in)?, "u_in")?;
-            check_expansion(n, &[u_out.len(), core.len(), u_in.len()])?;
-            Tucker2 {
-                out_channels: o,
-                in_channels: c,
-                window,
-                rank_out: *rank_out,
-                rank_in: *rank_in,
-                u_out,
-                core,
-                u_in,
-            }
-            .reconstruct()
+            Tucker2::from_archive(*rank_out, *rank_in, shape, section)?.reconstruct()
         }
     }))
+}
+
+/// A pruned float tensor: its non-zero values at the positions its gap stream gives.
+fn decode_sparse_float<'a>(
+    stream: &Stream,
+    n: usize,
+    section: &Section<'_, 'a>,
+) -> Result<Vec<f32>, DecodeError> {
+    if stream.layout != Layout::Sparse || stream.alphabet != 2 || stream.zero_symbol != Some(0) {
+        return Err(err("sparse_float needs a sparse binary stream"));
+    }
+    let entries = usize::try_from(stream.entries).map_err(|_| err("too many entries"))?;
+    let b = stream.gap_bits.unwrap_or(0);
+    if !(1..=MAX_GAP_BITS).contains(&b) || (n as u128) > (entries as u128 + 1) << b {
+        return Err(err("sparse stream parameters out of range"));
+    }
+    let gaps = read_symbols(section, "gaps", 1 << b, stream.huffman, entries)?;
+    check_coverage(&gaps, n, b)?;
+    let vals = f32_section(section("values")?, entries, "values")?;
+    scatter(&gaps, &vals, n, 0.0)
+}
+
+/// The `n` elements of a sparse stream: each value `gaps[i]` places after the previous one,
+/// `fill` elsewhere.
+fn scatter<T: Copy>(gaps: &[u32], values: &[T], n: usize, fill: T) -> Result<Vec<T>, DecodeError> {
+    let mut out = vec![fill; n];
+    let mut next = 0usize;
+    for (&g, &v) in gaps.iter().zip(values) {
+        let p = next + g as usize;
+        *out.get_mut(p)
+            .ok_or_else(|| err("sparse entry beyond the tensor"))? = v;
+        next = p + 1;
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -717,6 +717,45 @@ pub fn inertia_f64(values: &[f32], centroids: &[f64]) -> f64 {
         .sum()
 }
 
+impl Clustered {
+    /// The form from its archive entry (`model.mpz`): `(bits, axis, k, zeros_fixed,
+    /// algorithm)` from the header, every length checked against the shape.
+    pub(super) fn from_archive<'a>(
+        (bits, axis, k, zeros_fixed, algorithm): (u8, Option<usize>, usize, bool, Algorithm),
+        stream: &coding::Stream,
+        shape: &[usize],
+        section: &coding::Section<'_, 'a>,
+    ) -> Result<Clustered, coding::DecodeError> {
+        let err = coding::err;
+        let n = crate::model::element_count(shape).ok_or_else(|| err("shape overflows"))?;
+        if !(1..=8).contains(&bits)
+            || k != 1 << bits
+            || axis.is_some_and(|a| a >= shape.len())
+            || stream.alphabet as usize != k + usize::from(zeros_fixed)
+        {
+            return Err(err("codebook parameters out of range"));
+        }
+        let syms = coding::read_stream(stream, n, section)?;
+        let groups = axis.map_or(1, |a| shape[a]);
+        let centroids = coding::f32_section(
+            section("centroids")?,
+            groups
+                .checked_mul(k)
+                .ok_or_else(|| err("codebook too large"))?,
+            "centroids",
+        )?;
+        Ok(Clustered {
+            bits,
+            axis,
+            k,
+            centroids,
+            indices: syms.iter().map(|&s| s as u16).collect(),
+            zeros_fixed,
+            algorithm,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

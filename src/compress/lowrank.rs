@@ -492,6 +492,33 @@ pub fn singular_values(values: &[f32], rows: usize, cols: usize) -> Vec<f64> {
     exact_svd(&to_mat(values, rows, cols)).map_or_else(Vec::new, |d| d.s)
 }
 
+impl Factors {
+    /// The form from its archive entry (`model.mpz`) for a tensor of `n` elements.
+    pub(super) fn from_archive<'a>(
+        rows: usize,
+        cols: usize,
+        rank: usize,
+        n: usize,
+        section: &coding::Section<'_, 'a>,
+    ) -> Result<Factors, coding::DecodeError> {
+        let err = coding::err;
+        if rows.checked_mul(cols) != Some(n) || rank == 0 {
+            return Err(err("low-rank shape differs from the tensor"));
+        }
+        let count = |x: usize| x.checked_mul(rank).ok_or_else(|| err("rank too large"));
+        let a = coding::f32_section(section("a")?, count(rows)?, "a")?;
+        let b = coding::f32_section(section("b")?, count(cols)?, "b")?;
+        coding::check_expansion(n, &[a.len(), b.len()])?;
+        Ok(Factors {
+            rows,
+            cols,
+            rank,
+            a,
+            b,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -603,23 +603,7 @@ fn assemble(tensors: &[Tensor], plan: &Plan, work: Vec<Option<Working>>) -> Outc
                 let stats = report::error_stats(&original, &w.values);
                 // Pruning removes weights on purpose: its error is the user's choice, and
                 // whole zero channels are what structured pruning makes.
-                let collapsed = if w.pruned || t.shape.len() < 2 {
-                    0
-                } else {
-                    report::collapsed_channels(&original, &w.values, &t.shape, t.channel_axis())
-                };
-                if collapsed > 0 {
-                    broken.push(format!(
-                        "{:?}: {collapsed} of {} output channels became all zeros",
-                        t.name,
-                        t.shape[t.channel_axis()]
-                    ));
-                } else if let Some(db) = stats
-                    .sqnr_db
-                    .filter(|db| !w.pruned && *db < report::WEIGHT_SQNR_FLOOR_DB)
-                {
-                    broken.push(format!("{:?}: SQNR {db:.1} dB", t.name));
-                }
+                broken.extend(likely_broken(t, &original, w, &stats));
                 restored[i].set_f32(&w.values);
                 let nonzero = w.values.iter().filter(|v| **v != 0.0).count() as u64;
                 let (bytes_after, axis) = match &w.encoding {
@@ -682,35 +666,9 @@ fn assemble(tensors: &[Tensor], plan: &Plan, work: Vec<Option<Working>>) -> Outc
             }
         };
         totals.tensors_compressed += u64::from(!methods.is_empty());
-        reports.push(TensorReport {
-            name: t.name.clone(),
-            shape: t.shape.clone(),
-            dtype: t.dtype.name().into(),
-            role: t.role.name().to_string(),
-            methods,
-            skipped,
-            quantization_axis: axis,
-            parameters: params,
-            nonzero,
-            sparsity: if params > 0 {
-                1.0 - nonzero as f64 / params as f64
-            } else {
-                0.0
-            },
-            bits_per_weight: if params > 0 {
-                bytes_after as f64 * 8.0 / params as f64
-            } else {
-                0.0
-            },
-            bytes_before,
-            bytes_after,
-            archive_bytes,
-            coding: coding_stats,
-            relative_l2_error: stats.relative_l2_error,
-            sqnr_db: stats.sqnr_db,
-            max_abs_error: stats.max_abs_error,
-            details,
-        });
+        let sizes = (bytes_before, bytes_after, archive_bytes, nonzero);
+        let done = (methods, skipped, details);
+        reports.push(tensor_report(t, done, axis, sizes, coding_stats, &stats));
         archive.push(payload);
     }
     totals.mean_bits_per_weight = if float_params > 0 {
@@ -727,6 +685,107 @@ fn assemble(tensors: &[Tensor], plan: &Plan, work: Vec<Option<Working>>) -> Outc
     {
         notes.push("no tensor matched the pipeline's selection: the model is unchanged".into());
     }
+    let warnings = run_warnings(tensors.len(), &totals, &broken, &missed);
+    let report = Report {
+        format: String::new(),
+        steps: plan.steps_json.clone(),
+        tensors: reports,
+        totals,
+        deep_compression: stages.finish(),
+        notes,
+        warnings,
+    };
+    Outcome {
+        restored,
+        encoded: any_encoded.then(|| EncodedModel {
+            tensors: encoded_tensors,
+            description: serde_json::json!({"format_version": 1, "tensors": Value::Object(description)}),
+        }),
+        archive,
+        encodings,
+        activations: statics,
+        report,
+    }
+}
+
+/// Why a compressed tensor makes the model likely broken: output channels that became all
+/// zeros, or a signal-to-noise ratio below the floor (pruning's errors are the user's choice).
+fn likely_broken(
+    t: &Tensor,
+    original: &[f32],
+    w: &Working,
+    stats: &report::ErrorStats,
+) -> Option<String> {
+    // Pruning removes weights on purpose: its error is the user's choice, and whole zero
+    // channels are what structured pruning makes.
+    let collapsed = if w.pruned || t.shape.len() < 2 {
+        0
+    } else {
+        report::collapsed_channels(original, &w.values, &t.shape, t.channel_axis())
+    };
+    if collapsed > 0 {
+        Some(format!(
+            "{:?}: {collapsed} of {} output channels became all zeros",
+            t.name,
+            t.shape[t.channel_axis()]
+        ))
+    } else {
+        stats
+            .sqnr_db
+            .filter(|db| !w.pruned && *db < report::WEIGHT_SQNR_FLOOR_DB)
+            .map(|db| format!("{:?}: SQNR {db:.1} dB", t.name))
+    }
+}
+
+/// One tensor's line of the report: what was done to it (methods, skipped, details), its
+/// axis, its sizes (bytes before, after, in the archive, and non-zero parameters) and errors.
+fn tensor_report(
+    t: &Tensor,
+    (methods, skipped, details): (Vec<String>, Vec<String>, Map<String, Value>),
+    axis: Option<usize>,
+    (bytes_before, bytes_after, archive_bytes, nonzero): (u64, u64, u64, u64),
+    coding: Option<CodingStats>,
+    stats: &report::ErrorStats,
+) -> TensorReport {
+    let params = t.len() as u64;
+    TensorReport {
+        name: t.name.clone(),
+        shape: t.shape.clone(),
+        dtype: t.dtype.name().into(),
+        role: t.role.name().to_string(),
+        methods,
+        skipped,
+        quantization_axis: axis,
+        parameters: params,
+        nonzero,
+        sparsity: if params > 0 {
+            1.0 - nonzero as f64 / params as f64
+        } else {
+            0.0
+        },
+        bits_per_weight: if params > 0 {
+            bytes_after as f64 * 8.0 / params as f64
+        } else {
+            0.0
+        },
+        bytes_before,
+        bytes_after,
+        archive_bytes,
+        coding,
+        relative_l2_error: stats.relative_l2_error,
+        sqnr_db: stats.sqnr_db,
+        max_abs_error: stats.max_abs_error,
+        details,
+    }
+}
+
+/// The run's warnings: nothing compressed, weights likely broken, calibration missed.
+fn run_warnings(
+    tensor_count: usize,
+    totals: &Totals,
+    broken: &[String],
+    missed: &[String],
+) -> Vec<report::Warning> {
     let mut warnings = Vec::new();
     if totals.tensors_compressed == 0 {
         warnings.push(report::Warning::new(
@@ -734,7 +793,7 @@ fn assemble(tensors: &[Tensor], plan: &Plan, work: Vec<Option<Working>>) -> Outc
             format!(
                 "no tensor was compressed: the pipeline selected none of the model's {} tensors ({} parameters); \
                  the artifacts hold the model unchanged",
-                tensors.len(),
+                tensor_count,
                 totals.parameters
             ),
         ));
@@ -765,26 +824,7 @@ fn assemble(tensors: &[Tensor], plan: &Plan, work: Vec<Option<Working>>) -> Outc
             ),
         ));
     }
-    let report = Report {
-        format: String::new(),
-        steps: plan.steps_json.clone(),
-        tensors: reports,
-        totals,
-        deep_compression: stages.finish(),
-        notes,
-        warnings,
-    };
-    Outcome {
-        restored,
-        encoded: any_encoded.then(|| EncodedModel {
-            tensors: encoded_tensors,
-            description: serde_json::json!({"format_version": 1, "tensors": Value::Object(description)}),
-        }),
-        archive,
-        encodings,
-        activations: statics,
-        report,
-    }
+    warnings
 }
 
 fn count_nonzero(t: &Tensor) -> u64 {

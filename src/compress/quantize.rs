@@ -785,6 +785,62 @@ pub fn quantize_reference(
     )
 }
 
+impl Quantized {
+    /// The form from its archive entry (`model.mpz`): every length checked against the shape.
+    pub(super) fn from_archive<'a>(
+        bits: u8,
+        scheme: Scheme,
+        axis: Option<usize>,
+        group_size: Option<usize>,
+        stream: &coding::Stream,
+        shape: &[usize],
+        section: &coding::Section<'_, 'a>,
+    ) -> Result<Quantized, coding::DecodeError> {
+        let err = coding::err;
+        let n = crate::model::element_count(shape).ok_or_else(|| err("shape overflows"))?;
+        if !(1..=8).contains(&bits)
+            || axis.is_some_and(|a| a >= shape.len())
+            || stream.alphabet != 1 << bits
+            || group_size.is_some_and(|g| g == 0 || g > n.max(1))
+        {
+            return Err(err("linear parameters out of range"));
+        }
+        let syms = coding::read_stream(stream, n, section)?;
+        let ch = match group_size {
+            Some(g) => GroupLayout::new(shape, axis, g).groups(),
+            None => axis.map_or(1, |a| shape[a]),
+        };
+        let scales = coding::f32_section(section("scales")?, ch, "scales")?;
+        let zero_points: Vec<i8> = match scheme {
+            Scheme::Symmetric => Vec::new(),
+            Scheme::Affine => {
+                let z = section("zero_points")?;
+                if z.len() != ch {
+                    return Err(err("zero_points length differs from the channels"));
+                }
+                z.iter().map(|&b| b as i8).collect()
+            }
+        };
+        let codes = if bits == 1 {
+            syms.iter()
+                .map(|&s| if s == 1 { 1i8 } else { -1 })
+                .collect()
+        } else {
+            let off = 1i32 << (bits - 1);
+            syms.iter().map(|&s| (s as i32 - off) as i8).collect()
+        };
+        Ok(Quantized {
+            bits,
+            scheme,
+            axis,
+            scales,
+            zero_points,
+            codes,
+            group_size,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -572,6 +572,74 @@ pub fn separable_optimal_error(values: &[f32], shape: &[usize], rank: usize) -> 
         .sum()
 }
 
+impl Separable {
+    /// The form from its archive entry (`model.mpz`): a 4-D kernel's vertical and
+    /// horizontal filters.
+    pub(super) fn from_archive<'a>(
+        rank: usize,
+        shape: &[usize],
+        section: &coding::Section<'_, 'a>,
+    ) -> Result<Separable, coding::DecodeError> {
+        let err = coding::err;
+        let [o, c, kh, kw] =
+            <[usize; 4]>::try_from(shape).map_err(|_| err("separable filters need a 4-D shape"))?;
+        let n = crate::model::element_count(shape).ok_or_else(|| err("shape overflows"))?;
+        let filters = o * c;
+        let count = |x: usize| {
+            filters
+                .checked_mul(x)
+                .and_then(|v| v.checked_mul(rank))
+                .ok_or_else(|| err("rank too large"))
+        };
+        let v = coding::f32_section(section("v")?, count(kh)?, "v")?;
+        let h = coding::f32_section(section("h")?, count(kw)?, "h")?;
+        coding::check_expansion(n, &[v.len(), h.len()])?;
+        Ok(Separable {
+            shape: [o, c, kh, kw],
+            rank,
+            v,
+            h,
+        })
+    }
+}
+
+impl Tucker2 {
+    /// The form from its archive entry (`model.mpz`): the two projections and the core.
+    pub(super) fn from_archive<'a>(
+        rank_out: usize,
+        rank_in: usize,
+        shape: &[usize],
+        section: &coding::Section<'_, 'a>,
+    ) -> Result<Tucker2, coding::DecodeError> {
+        let err = coding::err;
+        if shape.len() < 3 {
+            return Err(err("Tucker-2 needs a kernel of rank ≥ 3"));
+        }
+        let n = crate::model::element_count(shape).ok_or_else(|| err("shape overflows"))?;
+        let (o, c) = (shape[0], shape[1]);
+        let window: usize = shape[2..].iter().product();
+        let mul = |a: usize, b: usize| a.checked_mul(b).ok_or_else(|| err("rank too large"));
+        let u_out = coding::f32_section(section("u_out")?, mul(o, rank_out)?, "u_out")?;
+        let core = coding::f32_section(
+            section("core")?,
+            mul(mul(rank_out, rank_in)?, window)?,
+            "core",
+        )?;
+        let u_in = coding::f32_section(section("u_in")?, mul(c, rank_in)?, "u_in")?;
+        coding::check_expansion(n, &[u_out.len(), core.len(), u_in.len()])?;
+        Ok(Tucker2 {
+            out_channels: o,
+            in_channels: c,
+            window,
+            rank_out,
+            rank_in,
+            u_out,
+            core,
+            u_in,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1037,91 +1037,7 @@ pub fn write(
             nodes: Vec::new(),
             bytes: 0,
         };
-        let form = match enc {
-            Encoding::Quantized(q)
-                if slot.is_none()
-                    && style != DeployStyle::Folded
-                    && c.model
-                        .graph
-                        .as_ref()
-                        .is_some_and(|g| nbits_fits(g, &t.name, q, &t.shape)) =>
-            {
-                let nb = nbits(&mut e, q, &t.shape);
-                let form = format!(
-                    "com.microsoft.MatMulNBits (int{}, block {})",
-                    nb.bits, nb.block
-                );
-                rewrites.push((t.name.clone(), Rewrite::NBits(nb)));
-                form
-            }
-            Encoding::Quantized(q) => quantized(&mut e, q, &t.shape),
-            Encoding::Cast(h) => cast(&mut e, h.dtype, &h.bits, &t.shape),
-            Encoding::Clustered(k) => clustered(&mut e, k, &t.shape),
-            Encoding::LowRank(f) => {
-                let split = match (slot, c.model.graph.as_ref()) {
-                    // The factors' rows are the weight's first axis: MatMul's inputs, Conv's
-                    // output channels.
-                    (None, Some(g)) if t.shape.first() == Some(&f.rows) => {
-                        split_for(g, &t.name, &t.shape)
-                    }
-                    _ => None,
-                };
-                match split {
-                    Some(split) => {
-                        // A [O, r, 1…] and B [r, C, k…] for a Conv; A, B as they are for MatMul.
-                        let (a_dims, b_dims) = match split {
-                            Split::MatMul => (vec![f.rows, f.rank], vec![f.rank, f.cols]),
-                            Split::Conv => {
-                                let mut a = vec![f.rows, f.rank];
-                                a.extend(std::iter::repeat_n(1, t.shape.len() - 2));
-                                let mut b = vec![f.rank];
-                                b.extend_from_slice(&t.shape[1..]);
-                                (a, b)
-                            }
-                        };
-                        let a = e.floats(&a_dims, &f.a);
-                        let b = e.floats(&b_dims, &f.b);
-                        rewrites.push((t.name.clone(), Rewrite::Factors { split, a, b }));
-                        match split {
-                            Split::MatMul => "MatMul·MatMul (factors in the compute path)".into(),
-                            Split::Conv => "Conv·Conv1x1 (factors in the compute path)".into(),
-                        }
-                    }
-                    None => factors(&mut e, f, &t.shape),
-                }
-            }
-            Encoding::Separable(s) => separable(&mut e, s, &t.shape),
-            Encoding::Tucker(k)
-                if slot.is_none()
-                    && t.shape.len() >= 3
-                    && t.shape[..2] == [k.out_channels, k.in_channels]
-                    && c.model
-                        .graph
-                        .as_ref()
-                        .is_some_and(|g| split_for(g, &t.name, &t.shape) == Some(Split::Conv)) =>
-            {
-                let ones = t.shape.len() - 2;
-                let mut first_dims = vec![k.rank_in, k.in_channels];
-                first_dims.extend(std::iter::repeat_n(1, ones));
-                // u_in is [C, R_in]; the first convolution's filters are its columns.
-                let mut first = Vec::with_capacity(k.u_in.len());
-                for b in 0..k.rank_in {
-                    for ci in 0..k.in_channels {
-                        first.push(k.u_in[ci * k.rank_in + b]);
-                    }
-                }
-                let first = e.floats(&first_dims, &first);
-                let mut core_dims = vec![k.rank_out, k.rank_in];
-                core_dims.extend_from_slice(&t.shape[2..]);
-                let core = e.floats(&core_dims, &k.core);
-                let mut last_dims = vec![k.out_channels, k.rank_out];
-                last_dims.extend(std::iter::repeat_n(1, ones));
-                let last = e.floats(&last_dims, &k.u_out);
-                rewrites.push((t.name.clone(), Rewrite::Tucker { first, core, last }));
-                "Conv1x1·Conv·Conv1x1 (Tucker-2 in the compute path)".into()
-            }
-            Encoding::Tucker(k) => tucker(&mut e, k, &t.shape),
-        };
+        let form = lower(&mut e, c, t, enc, slot.is_some(), &mut rewrites);
         leave_out[i] = true;
         forms.push(TensorForm {
             name: t.name.clone(),
@@ -1202,6 +1118,104 @@ pub fn write(
         opset,
         statics: written,
     })
+}
+
+/// Lowers one compact weight into the graph: its parts and the nodes that rebuild it (or, in
+/// the compute path, a rewrite of its consumer); returns the form's name for the report.
+/// `in_constant`: the weight is a `Constant` node's value, not an initializer.
+fn lower(
+    e: &mut Edit,
+    c: &OnnxContainer,
+    t: &Tensor,
+    enc: &Encoding,
+    in_constant: bool,
+    rewrites: &mut Vec<(String, Rewrite)>,
+) -> String {
+    match enc {
+        Encoding::Quantized(q)
+            if !in_constant
+                && e.style != DeployStyle::Folded
+                && c.model
+                    .graph
+                    .as_ref()
+                    .is_some_and(|g| nbits_fits(g, &t.name, q, &t.shape)) =>
+        {
+            let nb = nbits(e, q, &t.shape);
+            let form = format!(
+                "com.microsoft.MatMulNBits (int{}, block {})",
+                nb.bits, nb.block
+            );
+            rewrites.push((t.name.clone(), Rewrite::NBits(nb)));
+            form
+        }
+        Encoding::Quantized(q) => quantized(e, q, &t.shape),
+        Encoding::Cast(h) => cast(e, h.dtype, &h.bits, &t.shape),
+        Encoding::Clustered(k) => clustered(e, k, &t.shape),
+        Encoding::LowRank(f) => {
+            let split = match (in_constant, c.model.graph.as_ref()) {
+                // The factors' rows are the weight's first axis: MatMul's inputs, Conv's
+                // output channels.
+                (false, Some(g)) if t.shape.first() == Some(&f.rows) => {
+                    split_for(g, &t.name, &t.shape)
+                }
+                _ => None,
+            };
+            match split {
+                Some(split) => {
+                    // A [O, r, 1…] and B [r, C, k…] for a Conv; A, B as they are for MatMul.
+                    let (a_dims, b_dims) = match split {
+                        Split::MatMul => (vec![f.rows, f.rank], vec![f.rank, f.cols]),
+                        Split::Conv => {
+                            let mut a = vec![f.rows, f.rank];
+                            a.extend(std::iter::repeat_n(1, t.shape.len() - 2));
+                            let mut b = vec![f.rank];
+                            b.extend_from_slice(&t.shape[1..]);
+                            (a, b)
+                        }
+                    };
+                    let a = e.floats(&a_dims, &f.a);
+                    let b = e.floats(&b_dims, &f.b);
+                    rewrites.push((t.name.clone(), Rewrite::Factors { split, a, b }));
+                    match split {
+                        Split::MatMul => "MatMul·MatMul (factors in the compute path)".into(),
+                        Split::Conv => "Conv·Conv1x1 (factors in the compute path)".into(),
+                    }
+                }
+                None => factors(e, f, &t.shape),
+            }
+        }
+        Encoding::Separable(s) => separable(e, s, &t.shape),
+        Encoding::Tucker(k)
+            if !in_constant
+                && t.shape.len() >= 3
+                && t.shape[..2] == [k.out_channels, k.in_channels]
+                && c.model
+                    .graph
+                    .as_ref()
+                    .is_some_and(|g| split_for(g, &t.name, &t.shape) == Some(Split::Conv)) =>
+        {
+            let ones = t.shape.len() - 2;
+            let mut first_dims = vec![k.rank_in, k.in_channels];
+            first_dims.extend(std::iter::repeat_n(1, ones));
+            // u_in is [C, R_in]; the first convolution's filters are its columns.
+            let mut first = Vec::with_capacity(k.u_in.len());
+            for b in 0..k.rank_in {
+                for ci in 0..k.in_channels {
+                    first.push(k.u_in[ci * k.rank_in + b]);
+                }
+            }
+            let first = e.floats(&first_dims, &first);
+            let mut core_dims = vec![k.rank_out, k.rank_in];
+            core_dims.extend_from_slice(&t.shape[2..]);
+            let core = e.floats(&core_dims, &k.core);
+            let mut last_dims = vec![k.out_channels, k.rank_out];
+            last_dims.extend(std::iter::repeat_n(1, ones));
+            let last = e.floats(&last_dims, &k.u_out);
+            rewrites.push((t.name.clone(), Rewrite::Tucker { first, core, last }));
+            "Conv1x1·Conv·Conv1x1 (Tucker-2 in the compute path)".into()
+        }
+        Encoding::Tucker(k) => tucker(e, k, &t.shape),
+    }
 }
 
 /// `QuantizeLinear → DequantizeLinear` (uint8, per tensor) right after each value's
