@@ -187,25 +187,24 @@ impl PgStore {
                     Err(sqlx::Error::PoolClosed) => break,
                     Ok(Some(n)) if n.channel() == QUEUED_CHANNEL => Notice::JobQueued,
                     Ok(Some(n)) => Notice::Event(n.payload().to_string()),
-                    // Lost, and already listening again on a new connection (sqlx reconnects
-                    // at once).
-                    Ok(None) => {
-                        tracing::warn!("database notifications interrupted; listening again");
-                        Notice::Gap
-                    }
-                    // Lost, and the new connection failed too: retry every second until this
-                    // process listens again.
-                    Err(e) => {
-                        tracing::warn!(error = %e, "database notifications interrupted; reconnecting");
+                    // Lost: the connection closed (Ok(None); sqlx would reconnect only on the
+                    // next call, which may fail in turn) or failed. Either way a new listener
+                    // is opened, at once and then every second, and the gap is said once,
+                    // when this process listens again: saying it on the loss as well gave a
+                    // stream two resyncs for one outage when the socket's end was seen before
+                    // the server's error.
+                    lost => {
+                        let why = lost.err().map(|e| e.to_string());
+                        tracing::warn!(error = ?why, "database notifications interrupted; reconnecting");
                         listener = loop {
-                            tokio::select! {
-                                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                                _ = closing.cancelled() => return,
-                            }
                             match open_listener(&pool).await {
                                 Ok(l) => break l,
                                 Err(sqlx::Error::PoolClosed) => return,
                                 Err(e) => tracing::debug!(error = %e, "still reconnecting"),
+                            }
+                            tokio::select! {
+                                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                                _ = closing.cancelled() => return,
                             }
                         };
                         tracing::warn!("database notifications listening again");
