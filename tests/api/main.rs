@@ -4,6 +4,7 @@ mod archive;
 mod auth;
 mod calibrate;
 mod cli;
+mod client;
 mod contract;
 mod corrupt;
 mod crash;
