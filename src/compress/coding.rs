@@ -124,6 +124,17 @@ pub struct StageBytes {
     pub huffman: u64,
 }
 
+impl StageBytes {
+    /// A tensor no stage changed: its own size in every column.
+    pub fn unchanged(bytes: u64) -> StageBytes {
+        StageBytes {
+            pruned: bytes,
+            quantized: bytes,
+            huffman: bytes,
+        }
+    }
+}
+
 /// What coding a tensor achieved, for the report.
 #[derive(Debug, Clone, Serialize)]
 pub struct CodingStats {

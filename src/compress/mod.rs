@@ -400,7 +400,24 @@ pub fn trained_factors(
     tensors: &[Tensor],
     plan: &Plan,
 ) -> Result<Vec<Option<lowrank::Factors>>, CompressError> {
-    let Some(prefix) = through_last(plan, |m| m.trains_factors()) else {
+    Ok(trained_views(tensors, plan, |m| m.trains_factors())?
+        .into_iter()
+        .map(|v| match v? {
+            form::Trained::Factors(f) => Some(f),
+            form::Trained::Dense | form::Trained::Shared(_) => None,
+        })
+        .collect())
+}
+
+/// What training updates in each tensor's form when the plan runs on `tensors` up to its
+/// last step that `is` picks (None for tensors left as they are, and for every tensor when
+/// no step is picked).
+fn trained_views(
+    tensors: &[Tensor],
+    plan: &Plan,
+    is: impl Fn(&dyn Method) -> bool,
+) -> Result<Vec<Option<form::Trained>>, CompressError> {
+    let Some(prefix) = through_last(plan, is) else {
         return Ok(vec![None; tensors.len()]);
     };
     let outcome = run(tensors, &prefix, &NoControl)?;
@@ -408,10 +425,7 @@ pub fn trained_factors(
         .encodings
         .iter()
         .zip(tensors)
-        .map(|(e, t)| match e.as_ref()?.form().trained(&t.shape) {
-            form::Trained::Factors(f) => Some(f),
-            form::Trained::Dense | form::Trained::Shared(_) => None,
-        })
+        .map(|(e, t)| Some(e.as_ref()?.form().trained(&t.shape)))
         .collect())
 }
 
@@ -448,15 +462,9 @@ pub fn shared_values(
     tensors: &[Tensor],
     plan: &Plan,
 ) -> Result<Vec<Option<SharedValues>>, CompressError> {
-    let Some(prefix) = through_last(plan, |m| m.shares_values()) else {
-        return Ok(vec![None; tensors.len()]);
-    };
-    let outcome = run(tensors, &prefix, &NoControl)?;
-    Ok(outcome
-        .encodings
-        .iter()
-        .zip(tensors)
-        .map(|(e, t)| match e.as_ref()?.form().trained(&t.shape) {
+    Ok(trained_views(tensors, plan, |m| m.shares_values())?
+        .into_iter()
+        .map(|v| match v? {
             form::Trained::Shared(s) => Some(s),
             form::Trained::Dense | form::Trained::Factors(_) => None,
         })
@@ -568,10 +576,6 @@ fn assemble(tensors: &[Tensor], plan: &Plan, work: Vec<Option<Working>>) -> Outc
     for (i, (t, w)) in tensors.iter().zip(work).enumerate() {
         let params = t.len() as u64;
         let bytes_before = t.data.len() as u64;
-        let raw = || Payload {
-            repr: coding::Repr::Raw,
-            sections: Vec::new(),
-        };
         let (bytes_after, nonzero, stats, axis, payload, coding_stats, stage): (
             u64,
             u64,
@@ -583,17 +587,16 @@ fn assemble(tensors: &[Tensor], plan: &Plan, work: Vec<Option<Working>>) -> Outc
         ) = match &w {
             None => {
                 encoded_tensors.push(t.clone());
-                let same = StageBytes {
-                    pruned: bytes_before,
-                    quantized: bytes_before,
-                    huffman: bytes_before,
-                };
+                let same = StageBytes::unchanged(bytes_before);
                 (
                     bytes_before,
                     count_nonzero(t),
                     report::error_stats(&[], &[]),
                     None,
-                    raw(),
+                    Payload {
+                        repr: coding::Repr::Raw,
+                        sections: Vec::new(),
+                    },
                     None,
                     same,
                 )
@@ -645,12 +648,7 @@ fn assemble(tensors: &[Tensor], plan: &Plan, work: Vec<Option<Working>>) -> Outc
             float_bits += bytes_after as f64 * 8.0;
             float_params += params;
         }
-        totals.tensors += 1;
-        totals.parameters += params;
-        totals.nonzero_parameters += nonzero;
-        totals.bytes_before += bytes_before;
-        totals.bytes_after += bytes_after;
-        totals.archive_tensor_bytes += archive_bytes;
+        totals.add(params, nonzero, (bytes_before, bytes_after, archive_bytes));
         stages.add(bytes_before, &stage);
         let (methods, skipped, details) = match w {
             Some(w) => {

@@ -51,6 +51,24 @@ pub struct Totals {
     pub archive_tensor_bytes: u64,
 }
 
+impl Totals {
+    /// Counts one tensor: its parameters, the non-zero ones, and its bytes before, after and
+    /// in the archive.
+    pub fn add(
+        &mut self,
+        parameters: u64,
+        nonzero: u64,
+        (before, after, archive): (u64, u64, u64),
+    ) {
+        self.tensors += 1;
+        self.parameters += parameters;
+        self.nonzero_parameters += nonzero;
+        self.bytes_before += before;
+        self.bytes_after += after;
+        self.archive_tensor_bytes += archive;
+    }
+}
+
 /// Deep Compression's columns over all tensors (Han et al., Table 1): bytes and ratio after
 /// pruning (sparse, relative indices, f32 values), after quantization (fixed-width codes,
 /// codebooks and scales included) and after Huffman coding. Untouched tensors count at their
