@@ -41,17 +41,7 @@ pub async fn upload(
     Query(q): Query<HashMap<String, String>>,
     req: Request,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    super::quota::check_storage(&state, &caller.tenant, 0).await?;
-    let up = extract::receive(&state, req).await?;
-    if up.spec.is_some() {
-        return Err(ApiError::new(
-            ErrorCode::InvalidRequest,
-            "a `spec` field belongs to POST /v1/jobs",
-        ));
-    }
-    let file = up
-        .file
-        .ok_or_else(|| ApiError::new(ErrorCode::InvalidRequest, "the form has no `file` field"))?;
+    let (file, file_name) = extract::receive_file(&state, &caller.tenant, req).await?;
     if file.size == 0 {
         return Err(invalid("the upload is empty"));
     }
@@ -72,7 +62,7 @@ pub async fn upload(
     .map_err(ApiError::internal)?;
     let (arrays, rows, has_labels): (Vec<ArrayInfo>, Option<u64>, bool) = described?;
     let id = Uuid::now_v7();
-    let name = extract::display_name(q.get("name").cloned().or(up.file_name), || {
+    let name = extract::display_name(q.get("name").cloned().or(file_name), || {
         "dataset.npz".into()
     });
     let record = DatasetRecord {

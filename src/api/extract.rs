@@ -219,3 +219,25 @@ pub async fn small_body(state: &AppState, body: Body, limit: usize) -> Result<By
             )
         })
 }
+
+/// The one file of a model or dataset upload (raw body or multipart `file`), with the
+/// multipart file name: the tenant's storage quota is checked before the body is read, and a
+/// form's `spec` field is refused (it belongs to `POST /v1/jobs`).
+pub async fn receive_file(
+    state: &AppState,
+    tenant: &str,
+    req: Request,
+) -> Result<(Received, Option<String>), ApiError> {
+    super::quota::check_storage(state, tenant, 0).await?;
+    let up = receive(state, req).await?;
+    if up.spec.is_some() {
+        return Err(ApiError::new(
+            ErrorCode::InvalidRequest,
+            "a `spec` field belongs to POST /v1/jobs",
+        ));
+    }
+    let file = up
+        .file
+        .ok_or_else(|| ApiError::new(ErrorCode::InvalidRequest, "the form has no `file` field"))?;
+    Ok((file, up.file_name))
+}

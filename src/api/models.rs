@@ -99,18 +99,8 @@ pub async fn upload(
     Query(q): Query<HashMap<String, String>>,
     req: Request,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    super::quota::check_storage(&state, &caller.tenant, 0).await?;
-    let up = extract::receive(&state, req).await?;
-    if up.spec.is_some() {
-        return Err(ApiError::new(
-            ErrorCode::InvalidRequest,
-            "a `spec` field belongs to POST /v1/jobs",
-        ));
-    }
-    let file = up
-        .file
-        .ok_or_else(|| ApiError::new(ErrorCode::InvalidRequest, "the form has no `file` field"))?;
-    let name = q.get("name").cloned().or(up.file_name);
+    let (file, file_name) = extract::receive_file(&state, &caller.tenant, req).await?;
+    let name = q.get("name").cloned().or(file_name);
     let record = store_model(&state, &caller.tenant, file, name).await?;
     Ok((StatusCode::CREATED, Json(model_view(&record))))
 }
