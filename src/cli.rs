@@ -498,9 +498,10 @@ pub fn keys(args: crate::config::KeysArgs) -> i32 {
     })
 }
 
-/// `modelpress verify DIR`: 0 when manifest.json is signed by the trusted key (or, with no
-/// key given, by the key it names, which is printed to compare) and every artifact present
-/// matches; 1 when anything does not; 2 when the key cannot be had.
+/// `modelpress verify DIR`: 0 when manifest.json is signed by the trusted key (or, with
+/// `--trust-embedded-key`, by the key it names, which is printed to compare) and every
+/// artifact present matches; 1 when anything does not, or when no key is trusted; 2 when the
+/// key cannot be had.
 pub fn verify(args: crate::config::VerifyArgs) -> i32 {
     use crate::manifest::{parse_public_key, verify_dir};
     let trusted = match (&args.key, &args.server) {
@@ -518,7 +519,14 @@ pub fn verify(args: crate::config::VerifyArgs) -> i32 {
                 return 2;
             }
         },
-        (None, None) => None,
+        (None, None) if args.trust_embedded_key => None,
+        (None, None) => {
+            eprintln!(
+                "verification FAILED: no trusted key: pass --key (from GET /v1/signing-key) or --server; \
+                 --trust-embedded-key checks the manifest against the key it names, which anyone can re-sign with"
+            );
+            return 1;
+        }
     };
     match verify_dir(&args.dir, trusted.as_ref()) {
         Ok(v) => {
@@ -531,7 +539,7 @@ pub fn verify(args: crate::config::VerifyArgs) -> i32 {
             let trust = if trusted.is_some() {
                 "the trusted key"
             } else {
-                "the key it names (pass --key or --server to pin the server's)"
+                "the key it names, trusted as asked (pass --key or --server to pin the server's)"
             };
             say!(
                 "manifest of job {} signed by {trust} {}: {} artifacts match",

@@ -54,6 +54,11 @@ pub struct VerifyArgs {
     /// must still match).
     #[arg(long)]
     pub allow_missing: bool,
+    /// Without --key or --server, check the manifest against the key it names itself. That
+    /// proves nothing about who signed it (anyone can re-sign tampered artifacts with a key
+    /// of their own), so it must be asked for.
+    #[arg(long, conflicts_with_all = ["key", "server"])]
+    pub trust_embedded_key: bool,
 }
 
 #[derive(Debug, Args)]

@@ -167,6 +167,11 @@ fn blocked_v4(ip: Ipv4Addr) -> Option<&'static str> {
     }
 }
 
+/// The IPv4 address two 16-bit groups of an IPv6 address spell.
+fn v4_of(high: u16, low: u16) -> Ipv4Addr {
+    Ipv4Addr::from((u32::from(high) << 16) | u32::from(low))
+}
+
 fn blocked_v6(ip: Ipv6Addr) -> Option<&'static str> {
     let s = ip.segments();
     if ip.is_loopback() {
@@ -183,8 +188,19 @@ fn blocked_v6(ip: Ipv6Addr) -> Option<&'static str> {
     } else if s[0] == 0x2001 && s[1] == 0x0db8 {
         Some("documentation")
     } else if s[0] == 0x64 && s[1] == 0xff9b {
-        // NAT64 can reach any IPv4 address, private ones included.
+        // NAT64 (64:ff9b::/96, and the local-use 64:ff9b:1::/48) can reach any IPv4
+        // address, private ones included.
         Some("NAT64")
+    } else if s[0] == 0x2002 && blocked_v4(v4_of(s[1], s[2])).is_some() {
+        // 6to4 carries the IPv4 address it reaches in its second and third groups.
+        Some("6to4 of a non-public IPv4 address")
+    } else if s[0] == 0x2001
+        && s[1] == 0
+        && (blocked_v4(v4_of(s[2], s[3])).is_some() || blocked_v4(v4_of(!s[6], !s[7])).is_some())
+    {
+        // Teredo: the server's IPv4 address in the third and fourth groups, the client's
+        // (bits inverted) in the last two.
+        Some("Teredo with a non-public IPv4 address")
     } else if ip.to_ipv4().is_some() {
         Some("IPv4-compatible")
     } else {
@@ -411,6 +427,31 @@ async fn attempt_delivery(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// 6to4 and Teredo carry an IPv4 address, NAT64 reaches one: each is judged by it.
+    #[test]
+    fn six_to_four_teredo_and_nat64_are_judged_by_the_ipv4_address_they_carry() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        for refused in [
+            "2002:7f00:1::",                        // 6to4 of 127.0.0.1
+            "2002:a9fe:a9fe::1",                    // 6to4 of 169.254.169.254 (cloud metadata)
+            "2002:c0a8:101::",                      // 6to4 of 192.168.1.1
+            "2001:0:7f00:1::ffff:fffe",             // Teredo, server 127.0.0.1
+            "2001:0:4136:e378:8000:63bf:f5ff:fffe", // Teredo, client 10.0.0.1 (inverted)
+            "64:ff9b::a00:1",                       // NAT64 of 10.0.0.1
+            "64:ff9b::808:808", // NAT64 reaches anything: refused whatever it carries
+            "64:ff9b:1::a00:1", // local-use NAT64
+        ] {
+            assert!(blocked(ip(refused)).is_some(), "{refused} passed");
+        }
+        for passed in [
+            "2002:808:808::",                       // 6to4 of 8.8.8.8
+            "2001:0:4136:e378:8000:63bf:f7f7:f7f7", // Teredo, server 65.54.227.120, client 8.8.8.8
+            "2606:4700:4700::1111",
+        ] {
+            assert_eq!(blocked(ip(passed)), None, "{passed}");
+        }
+    }
 
     #[test]
     fn private_and_metadata_addresses_are_blocked_and_public_ones_pass() {

@@ -413,7 +413,7 @@ fn is_external(t: &TensorProto) -> bool {
 
 /// Refuses a tensor that points at external data wherever a tensor can sit: initializers,
 /// sparse initializers, node attributes (`Constant`'s `value` and `sparse_value` included),
-/// every subgraph, and the training graphs. A reader that followed such a reference would open
+/// every subgraph, the training graphs and the bodies of the model's local functions. A reader that followed such a reference would open
 /// a path the uploader chose (`/etc/passwd`); one that kept it would hand it to the next
 /// consumer.
 fn refuse_external_data(model: &ModelProto) -> Result<(), FormatError> {
@@ -440,7 +440,10 @@ fn refuse_external_data(model: &ModelProto) -> Result<(), FormatError> {
         for s in &g.sparse_initializer {
             sparse("sparse initializer", s)?;
         }
-        for n in &g.node {
+        nodes(&g.node)
+    }
+    fn nodes(nodes: &[tract_onnx::pb::NodeProto]) -> Result<(), FormatError> {
+        for n in nodes {
             for a in &n.attribute {
                 for t in a.t.iter().chain(a.tensors.iter()) {
                     if is_external(t) {
@@ -464,6 +467,10 @@ fn refuse_external_data(model: &ModelProto) -> Result<(), FormatError> {
             .flat_map(|t| t.initialization.iter().chain(t.algorithm.iter())),
     ) {
         graph(g)?;
+    }
+    // The model's local functions: their bodies' Constants are tensors too.
+    for f in &model.functions {
+        nodes(&f.node)?;
     }
     Ok(())
 }

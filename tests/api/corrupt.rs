@@ -1098,3 +1098,63 @@ async fn onnx_external_data_is_refused_in_attributes_sparse_tensors_and_subgraph
     assert_eq!(list["items"], json!([]), "nothing was stored");
     app.stop().await;
 }
+
+/// A model-local function whose body's `Constant` points at external data is refused like
+/// any other such tensor (issue 30: it was accepted), over HTTP, with nothing stored.
+#[tokio::test]
+async fn onnx_external_data_in_a_local_functions_body_is_refused() {
+    let value = pb::AttributeProto {
+        name: "value".into(),
+        r#type: 4,
+        t: Some(external_tensor("c")),
+        ..Default::default()
+    };
+    let model = pb::ModelProto {
+        ir_version: 8,
+        opset_import: vec![
+            pb::OperatorSetIdProto {
+                domain: String::new(),
+                version: 17,
+            },
+            pb::OperatorSetIdProto {
+                domain: "local".into(),
+                version: 1,
+            },
+        ],
+        graph: Some(pb::GraphProto {
+            node: vec![pb::NodeProto {
+                op_type: "Leak".into(),
+                domain: "local".into(),
+                output: vec!["y".into()],
+                ..Default::default()
+            }],
+            output: vec![pb::ValueInfoProto {
+                name: "y".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        functions: vec![pb::FunctionProto {
+            name: Some("Leak".into()),
+            domain: Some("local".into()),
+            output: vec!["c".into()],
+            node: vec![constant_node(value)],
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let app = spawn_app().await;
+    let (status, v) = app
+        .post_bytes("/v1/models?name=fn.onnx", model.encode_to_vec())
+        .await;
+    assert_eq!((status, error_code(&v)), (422, "invalid_model"), "{v}");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("external data"), "{msg}");
+    assert!(
+        !msg.contains("/etc/passwd"),
+        "the path is not echoed: {msg}"
+    );
+    let (_, list) = app.get_json("/v1/models").await;
+    assert_eq!(list["items"], json!([]), "nothing was stored");
+    app.stop().await;
+}

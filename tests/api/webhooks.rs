@@ -192,6 +192,10 @@ async fn webhook_urls_to_private_addresses_are_refused_at_submit() {
         ("http://10.0.0.8/hook", "private"),
         ("http://[::ffff:192.168.0.1]/hook", "private"),
         ("http://[fd00:ec2::254]/", "unique local"),
+        // IPv6 forms that carry or reach an IPv4 address (issue 30: 6to4 passed).
+        ("http://[2002:7f00:1::]/", "6to4"),
+        ("http://[2001:0:7f00:1::ffff:fffe]/", "Teredo"),
+        ("http://[64:ff9b::a00:1]/", "NAT64"),
         ("gopher://example.com/", "not http or https"),
         ("file:///etc/passwd", "not http or https"),
     ] {
@@ -335,6 +339,14 @@ async fn every_job_has_a_signed_manifest_that_verify_checks() {
         said.contains(&format!("{} artifacts match", listed.len())),
         "{said}"
     );
+    // Without a trusted key, a manifest re-signed by anyone would pass: refused unless the
+    // user says to trust the key the manifest names (issue 30: it passed with a warning).
+    let (code, said) = verify(&out, &[]);
+    assert_eq!(code, 1, "{said}");
+    assert!(said.contains("--trust-embedded-key"), "{said}");
+    let (code, said) = verify(&out, &["--trust-embedded-key"]);
+    assert_eq!(code, 0, "{said}");
+    assert!(said.contains("trusted as asked"), "{said}");
     // Another server's key is refused.
     let other = spawn_app().await;
     let (code, said) = verify(&out, &["--server", &other.base]);
