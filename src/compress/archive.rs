@@ -33,7 +33,7 @@ pub fn write(
         .zip(payloads)
         .map(|(t, p)| Stored {
             repr: &p.repr,
-            sections: if p.repr == Repr::Raw && p.sections.is_empty() {
+            sections: if p.repr.is_raw() && p.sections.is_empty() {
                 vec![("data", t.data.as_slice())]
             } else {
                 p.sections

@@ -3,7 +3,8 @@
 
 use super::coding::{self, CodingStats, Payload, Repr, StageBytes};
 use super::form::{Encoding, Form, Parts, Stored, Trained};
-use super::method::{params, spec_err, Applied, Kind, Method, Registration, Working};
+use super::lower::{Elem, Graph};
+use super::method::{params, spec_err, Applied, Decoder, Kind, Method, Registration, Working};
 use super::CompressError;
 use crate::model::{DType, Tensor};
 use half::slice::HalfFloatSliceExt;
@@ -16,7 +17,17 @@ pub const METHOD: Registration = Registration {
     about: "float16 or bfloat16 weights",
     file: "src/compress/cast.rs",
     parse,
+    forms: &[Decoder {
+        encoding: "cast",
+        decode: decode_archive,
+    }],
 };
+
+/// The archive entry: float16/bfloat16 bit patterns. Section `data` (u16 LE).
+#[derive(Serialize, serde::Deserialize)]
+struct CastRepr {
+    dtype: String,
+}
 
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -54,7 +65,7 @@ impl Method for Cast {
     fn apply(&self, _t: &Tensor, w: &mut Working) -> Result<Applied, CompressError> {
         let bits = cast_bits(&w.values, self.dtype);
         w.values = widen(&bits, self.dtype);
-        w.encoding = Some(Encoding::Cast(Halves {
+        w.encoding = Some(Encoding::new(Halves {
             dtype: self.dtype,
             bits,
         }));
@@ -101,11 +112,28 @@ impl Form for Halves {
     ) -> (Payload, Option<CodingStats>, StageBytes) {
         let data: Vec<u8> = self.bits.iter().flat_map(|b| b.to_le_bytes()).collect();
         coding::plain(
-            Repr::Cast {
-                dtype: self.dtype.name().into(),
-            },
+            Repr::new(
+                "cast",
+                &CastRepr {
+                    dtype: self.dtype.name().into(),
+                },
+            ),
             vec![("data".into(), data)],
         )
+    }
+    fn deploy_refusal(&self, _shape: &[usize], opset: i64) -> Option<String> {
+        (self.dtype == CastType::Bfloat16 && opset < 13)
+            .then(|| format!("Cast from bfloat16 needs opset 13; the model has {opset}"))
+    }
+    fn lower(&self, g: &mut dyn Graph, shape: &[usize]) -> String {
+        let raw = self.bits.iter().flat_map(|b| b.to_le_bytes()).collect();
+        let elem = match self.dtype {
+            CastType::Float16 => Elem::F16,
+            CastType::Bfloat16 => Elem::Bf16,
+        };
+        let x = g.part(elem, shape, raw);
+        g.cast(x, Elem::F32, true);
+        "Cast".into()
     }
 }
 
@@ -161,12 +189,14 @@ pub fn cast_bits_reference(values: &[f32], to: CastType) -> Vec<u16> {
 }
 
 /// A float16 or bfloat16 tensor from its archive entry (`model.mpz`).
-pub(super) fn decode_archive<'a>(
-    dtype: &str,
-    n: usize,
-    section: &coding::Section<'_, 'a>,
+fn decode_archive(
+    repr: &Repr,
+    shape: &[usize],
+    section: &coding::Section<'_, '_>,
 ) -> Result<Vec<f32>, coding::DecodeError> {
-    let t = match dtype {
+    let n = crate::model::element_count(shape).ok_or_else(|| coding::err("shape overflows"))?;
+    let p: CastRepr = repr.params()?;
+    let t = match p.dtype.as_str() {
         "float16" => CastType::Float16,
         "bfloat16" => CastType::Bfloat16,
         _ => return Err(coding::err("unknown cast dtype")),

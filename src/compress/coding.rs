@@ -12,12 +12,10 @@
 //! functions, so the values equal `restored` bit for bit.
 
 use super::huffman;
-use super::kmeans::{Algorithm, Clustered};
-use super::lowrank::Factors;
 use super::pack;
-use super::quantize::{self, Quantized, Scheme};
-use super::separable::{Separable, Tucker2};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
 
 /// Most elements a factorized tensor may rebuild per stored factor element: far above any
 /// real factorization (a rank-1 65536×65536 matrix reaches 32768), low enough that a
@@ -58,48 +56,201 @@ pub struct Stream {
     pub entries: u64,
 }
 
-/// A tensor's representation in the archive.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "encoding", rename_all = "snake_case")]
-pub enum Repr {
+/// A tensor's representation in the archive: `{"encoding": name, …parameters}` in the
+/// archive header. `raw` and `sparse_float` are this file's; every other encoding is a
+/// form's, written by its [`super::form::Form::payload`] and decoded by the decoder its
+/// method registers ([`super::method::Registration::forms`]), so a new form needs no change
+/// here. The parameters keep the order the form declares them in, so the header's bytes do
+/// not depend on how a JSON map orders its keys.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Repr {
+    encoding: String,
+    params: Vec<(String, Ordered)>,
+}
+
+impl Repr {
     /// The tensor's bytes in its own dtype. Section `data`.
-    Raw,
-    /// Float values with zeros left out. Sections `gaps` (+`gap_lengths`), `values` (f32).
-    SparseFloat { stream: Stream },
-    /// float16/bfloat16 bit patterns. Section `data` (u16 LE).
-    Cast { dtype: String },
-    /// Integer codes `q`, `w = (q - zero_point)·scale`; symbol = q + 2^(bits-1) (bits ≥ 2) or
-    /// (q + 1)/2 (bits = 1). Sections: the stream's, `scales` (f32), `zero_points` (i8).
-    Linear {
-        bits: u8,
-        scheme: Scheme,
-        axis: Option<usize>,
-        stream: Stream,
-        /// Group-wise quantization: inputs per scale within each channel (absent in
-        /// archives written before it existed).
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        group_size: Option<usize>,
-    },
-    /// Codebook indices; symbol k is an exact zero. Sections: the stream's, `centroids`
-    /// (f32, groups × k).
-    Codebook {
-        bits: u8,
-        axis: Option<usize>,
-        k: usize,
-        zeros_fixed: bool,
-        algorithm: Algorithm,
-        stream: Stream,
-    },
-    /// W [rows, cols] = A·B. Sections `a` [rows, rank], `b` [rank, cols] (f32).
-    LowRank {
-        rows: usize,
-        cols: usize,
-        rank: usize,
-    },
-    /// Per-filter kh×1 and 1×kw factors. Sections `v` [O,C,kh,r], `h` [O,C,r,kw] (f32).
-    Separable { rank: usize },
-    /// Sections `u_out` [O,R_out], `core` [R_out,R_in,window], `u_in` [C,R_in] (f32).
-    Tucker2 { rank_out: usize, rank_in: usize },
+    pub fn raw() -> Repr {
+        Repr {
+            encoding: "raw".into(),
+            params: Vec::new(),
+        }
+    }
+
+    /// A form's representation: `params` must serialize to a JSON object.
+    pub fn new(encoding: &str, params: &impl Serialize) -> Repr {
+        let params = serde_json::to_string(params)
+            .ok()
+            .and_then(|text| serde_json::from_str::<Ordered>(&text).ok());
+        Repr {
+            encoding: encoding.into(),
+            params: match params {
+                Some(Ordered::Object(fields)) => fields,
+                _ => Vec::new(),
+            },
+        }
+    }
+
+    pub fn encoding(&self) -> &str {
+        &self.encoding
+    }
+
+    pub fn is_raw(&self) -> bool {
+        self.encoding == "raw"
+    }
+
+    /// The parameters as the form's own type.
+    pub fn params<T: DeserializeOwned>(&self) -> Result<T, DecodeError> {
+        let object = Ordered::Object(self.params.clone()).into_value();
+        serde_json::from_value(object).map_err(|e| DecodeError(format!("{}: {e}", self.encoding)))
+    }
+}
+
+impl Serialize for Repr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(Some(self.params.len() + 1))?;
+        m.serialize_entry("encoding", &self.encoding)?;
+        for (k, v) in &self.params {
+            m.serialize_entry(k, v)?;
+        }
+        m.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for Repr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Repr, D::Error> {
+        let Ordered::Object(mut fields) = Ordered::deserialize(d)? else {
+            return Err(serde::de::Error::custom("a representation is an object"));
+        };
+        let at = fields.iter().position(|(k, _)| k == "encoding");
+        match at.map(|i| fields.remove(i)) {
+            Some((_, Ordered::String(encoding))) => Ok(Repr {
+                encoding,
+                params: fields,
+            }),
+            _ => Err(serde::de::Error::missing_field("encoding")),
+        }
+    }
+}
+
+/// A JSON value whose objects keep their keys in order (serde_json's map sorts them).
+#[derive(Debug, Clone, PartialEq)]
+enum Ordered {
+    Null,
+    Bool(bool),
+    Number(serde_json::Number),
+    String(String),
+    Array(Vec<Ordered>),
+    Object(Vec<(String, Ordered)>),
+}
+
+impl Ordered {
+    fn into_value(self) -> Value {
+        match self {
+            Ordered::Null => Value::Null,
+            Ordered::Bool(b) => Value::Bool(b),
+            Ordered::Number(n) => Value::Number(n),
+            Ordered::String(s) => Value::String(s),
+            Ordered::Array(a) => Value::Array(a.into_iter().map(Ordered::into_value).collect()),
+            Ordered::Object(o) => Value::Object(
+                o.into_iter()
+                    .map(|(k, v)| (k, v.into_value()))
+                    .collect::<Map<_, _>>(),
+            ),
+        }
+    }
+}
+
+impl Serialize for Ordered {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::{SerializeMap, SerializeSeq};
+        match self {
+            Ordered::Null => s.serialize_unit(),
+            Ordered::Bool(b) => s.serialize_bool(*b),
+            Ordered::Number(n) => n.serialize(s),
+            Ordered::String(x) => s.serialize_str(x),
+            Ordered::Array(a) => {
+                let mut seq = s.serialize_seq(Some(a.len()))?;
+                for v in a {
+                    seq.serialize_element(v)?;
+                }
+                seq.end()
+            }
+            Ordered::Object(o) => {
+                let mut m = s.serialize_map(Some(o.len()))?;
+                for (k, v) in o {
+                    m.serialize_entry(k, v)?;
+                }
+                m.end()
+            }
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Ordered {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Ordered, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Ordered;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON value")
+            }
+            fn visit_unit<E>(self) -> Result<Ordered, E> {
+                Ok(Ordered::Null)
+            }
+            fn visit_none<E>(self) -> Result<Ordered, E> {
+                Ok(Ordered::Null)
+            }
+            fn visit_bool<E>(self, b: bool) -> Result<Ordered, E> {
+                Ok(Ordered::Bool(b))
+            }
+            fn visit_i64<E>(self, n: i64) -> Result<Ordered, E> {
+                Ok(Ordered::Number(n.into()))
+            }
+            fn visit_u64<E>(self, n: u64) -> Result<Ordered, E> {
+                Ok(Ordered::Number(n.into()))
+            }
+            fn visit_f64<E: serde::de::Error>(self, n: f64) -> Result<Ordered, E> {
+                serde_json::Number::from_f64(n)
+                    .map(Ordered::Number)
+                    .ok_or_else(|| E::custom("not a finite number"))
+            }
+            fn visit_str<E>(self, s: &str) -> Result<Ordered, E> {
+                Ok(Ordered::String(s.into()))
+            }
+            fn visit_string<E>(self, s: String) -> Result<Ordered, E> {
+                Ok(Ordered::String(s))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> Result<Ordered, A::Error> {
+                let mut out = Vec::new();
+                while let Some(v) = a.next_element()? {
+                    out.push(v);
+                }
+                Ok(Ordered::Array(out))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> Result<Ordered, A::Error> {
+                let mut out = Vec::new();
+                while let Some((k, v)) = a.next_entry::<String, Ordered>()? {
+                    out.push((k, v));
+                }
+                Ok(Ordered::Object(out))
+            }
+        }
+        d.deserialize_any(Visit)
+    }
+}
+
+/// Float values with zeros left out. Sections `gaps` (+`gap_lengths`), `values` (f32).
+#[derive(Serialize, Deserialize)]
+struct SparseFloat {
+    stream: Stream,
 }
 
 /// One tensor's representation with its sections, ready to write.
@@ -368,7 +519,7 @@ pub fn floats(
     if zeros == 0 || values.is_empty() {
         return (
             Payload {
-                repr: Repr::Raw,
+                repr: Repr::raw(),
                 sections: vec![("data".into(), restored_bytes.to_vec())],
             },
             None,
@@ -407,7 +558,7 @@ pub fn floats(
     let (Some(b), true) = (b, bytes < raw) else {
         return (
             Payload {
-                repr: Repr::Raw,
+                repr: Repr::raw(),
                 sections: vec![("data".into(), restored_bytes.to_vec())],
             },
             Some(stats),
@@ -428,16 +579,19 @@ pub fn floats(
     sections.push(("values".into(), f32_bytes(&kept)));
     (
         Payload {
-            repr: Repr::SparseFloat {
-                stream: Stream {
-                    alphabet: 2,
-                    layout: Layout::Sparse,
-                    huffman: use_h,
-                    gap_bits: Some(b),
-                    zero_symbol: Some(0),
-                    entries: gaps.len() as u64,
+            repr: Repr::new(
+                "sparse_float",
+                &SparseFloat {
+                    stream: Stream {
+                        alphabet: 2,
+                        layout: Layout::Sparse,
+                        huffman: use_h,
+                        gap_bits: Some(b),
+                        zero_symbol: Some(0),
+                        entries: gaps.len() as u64,
+                    },
                 },
-            },
+            ),
             sections,
         },
         Some(stats),
@@ -637,47 +791,24 @@ pub(super) fn read_stream<'a>(
 }
 
 /// Rebuilds a tensor's values from its representation; `section` fetches a named section.
-/// Returns None for `Raw` (the caller takes the bytes as they are).
+/// Returns None for `raw` (the caller takes the bytes as they are). A form's encoding is
+/// decoded by the decoder its method registers.
 pub fn decode<'a>(
     repr: &Repr,
     shape: &[usize],
     section: &Section<'_, 'a>,
 ) -> Result<Option<Vec<f32>>, DecodeError> {
     let n = crate::model::element_count(shape).ok_or_else(|| err("shape overflows"))?;
-    Ok(Some(match repr {
-        Repr::Raw => return Ok(None),
-        Repr::Cast { dtype } => super::cast::decode_archive(dtype, n, section)?,
-        Repr::SparseFloat { stream } => decode_sparse_float(stream, n, section)?,
-        Repr::Linear {
-            bits,
-            scheme,
-            axis,
-            stream,
-            group_size,
-        } => quantize::dequantize(
-            &Quantized::from_archive(*bits, *scheme, *axis, *group_size, stream, shape, section)?,
-            shape,
-        ),
-        Repr::Codebook {
-            bits,
-            axis,
-            k,
-            zeros_fixed,
-            algorithm,
-            stream,
-        } => Clustered::from_archive(
-            (*bits, *axis, *k, *zeros_fixed, *algorithm),
-            stream,
-            shape,
-            section,
-        )?
-        .decode(shape),
-        Repr::LowRank { rows, cols, rank } => {
-            Factors::from_archive(*rows, *cols, *rank, n, section)?.reconstruct()
+    Ok(Some(match repr.encoding() {
+        "raw" => return Ok(None),
+        "sparse_float" => {
+            let p: SparseFloat = repr.params()?;
+            decode_sparse_float(&p.stream, n, section)?
         }
-        Repr::Separable { rank } => Separable::from_archive(*rank, shape, section)?.reconstruct(),
-        Repr::Tucker2 { rank_out, rank_in } => {
-            Tucker2::from_archive(*rank_out, *rank_in, shape, section)?.reconstruct()
+        other => {
+            let decoder = super::method::decoder(other)
+                .ok_or_else(|| err(format!("unknown encoding {other:?}")))?;
+            (decoder.decode)(repr, shape, section)?
         }
     }))
 }

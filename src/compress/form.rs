@@ -1,53 +1,50 @@
 //! The form a method leaves a tensor in. A [`Form`] knows how to decode itself, how to stay
-//! exact when a later step prunes, and how it is stored: its parts in `model.<ext>` (with the
-//! description a loader reads) and its payload in `model.mpz`. Each form is implemented in
-//! the file of the method that makes it; [`Encoding`] is the closed list, matched in one
-//! place here (and in `deploy::onnx` for the graph forms), so a new form is a compile error
-//! everywhere it needs handling.
+//! exact when a later step prunes, how it is stored (its parts in `model.<ext>` with the
+//! description a loader reads, and its payload in `model.mpz`), what fine-tuning trains in
+//! it, and how it lowers itself into `model.onnx` (through [`super::lower::Graph`]). Each
+//! form is implemented in the file of the method that makes it; an [`Encoding`] holds any
+//! of them, so a new form needs no change outside its file.
 
-use super::cast::Halves;
 use super::coding::{CodingStats, Payload, StageBytes};
-use super::kmeans::Clustered;
+use super::lower::Graph;
 use super::lowrank::Factors;
-use super::quantize::Quantized;
-use super::separable::{Separable, Tucker2};
 use crate::model::{DType, Role, Tensor};
 use serde_json::Value;
 
-/// How a compressed tensor is stored. Invariant: decoding gives exactly the working values.
-#[derive(Debug, Clone)]
-pub enum Encoding {
-    Quantized(Quantized),
-    Cast(Halves),
-    Clustered(Clustered),
-    LowRank(Factors),
-    Separable(Separable),
-    Tucker(Tucker2),
+/// How a compressed tensor is stored: one method's form. Invariant: decoding gives exactly
+/// the working values.
+#[derive(Debug)]
+pub struct Encoding(Box<dyn Form>);
+
+impl Clone for Encoding {
+    fn clone(&self) -> Encoding {
+        Encoding(self.0.boxed())
+    }
 }
 
 impl Encoding {
+    pub fn new(form: impl Form + Clone + 'static) -> Encoding {
+        Encoding(Box::new(form))
+    }
     pub fn form(&self) -> &dyn Form {
-        match self {
-            Encoding::Quantized(f) => f,
-            Encoding::Cast(f) => f,
-            Encoding::Clustered(f) => f,
-            Encoding::LowRank(f) => f,
-            Encoding::Separable(f) => f,
-            Encoding::Tucker(f) => f,
-        }
+        self.0.as_ref()
     }
     pub fn form_mut(&mut self) -> &mut dyn Form {
-        match self {
-            Encoding::Quantized(f) => f,
-            Encoding::Cast(f) => f,
-            Encoding::Clustered(f) => f,
-            Encoding::LowRank(f) => f,
-            Encoding::Separable(f) => f,
-            Encoding::Tucker(f) => f,
-        }
+        self.0.as_mut()
     }
     pub fn decode(&self, shape: &[usize]) -> Vec<f32> {
         self.form().decode(shape)
+    }
+}
+
+/// A form as a new box (what [`Encoding`]'s `Clone` needs of a trait object).
+pub trait Boxed {
+    fn boxed(&self) -> Box<dyn Form>;
+}
+
+impl<T: Form + Clone + 'static> Boxed for T {
+    fn boxed(&self) -> Box<dyn Form> {
+        Box::new(self.clone())
     }
 }
 
@@ -74,7 +71,7 @@ pub enum Trained {
     Shared(super::SharedValues),
 }
 
-pub trait Form {
+pub trait Form: std::fmt::Debug + Send + Sync + Boxed {
     /// The dense values, bit for bit the working values of the run.
     fn decode(&self, shape: &[usize]) -> Vec<f32>;
     /// What fine-tuning updates in a tensor of this form.
@@ -92,6 +89,14 @@ pub trait Form {
         huffman: bool,
         pruned: bool,
     ) -> (Payload, Option<CodingStats>, StageBytes);
+    /// Why the form cannot go into `model.onnx` for a weight of `shape` in a model of
+    /// `opset` (the weight then stays dense there, and the report says why).
+    fn deploy_refusal(&self, _shape: &[usize], _opset: i64) -> Option<String> {
+        None
+    }
+    /// Writes the form into `model.onnx` through `g`; returns the form's name for the report
+    /// (e.g. `Cast+Mul`, `unpack(uint4)+Gather(codebook)`).
+    fn lower(&self, g: &mut dyn Graph, shape: &[usize]) -> String;
 }
 
 /// The tensors of `model.<ext>` being written; parts of tensor `base` are named

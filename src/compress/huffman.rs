@@ -18,6 +18,7 @@ pub const METHOD: Registration = Registration {
     about: "lets model.mpz Huffman-code index streams and sparse gaps (Deep Compression, stage 3)",
     file: "src/compress/huffman.rs",
     parse,
+    forms: &[],
 };
 
 #[derive(serde::Deserialize)]

@@ -26,7 +26,8 @@
 
 use super::coding::{self, f32_bytes, CodingStats, Payload, Repr, StageBytes};
 use super::form::{Encoding, Form, Parts, Stored, Trained};
-use super::method::{int_in, params, Applied, Kind, Method, Registration, Working};
+use super::lower::{gather, Graph};
+use super::method::{int_in, params, Applied, Decoder, Kind, Method, Registration, Working};
 use super::quantize::Granularity;
 use super::{is_conv, pack, CompressError};
 use crate::model::{DType, Tensor};
@@ -38,6 +39,10 @@ pub const METHOD: Registration = Registration {
     about: "k-means weight sharing: 2^bits shared values per tensor or channel (Deep Compression)",
     file: "src/compress/kmeans.rs",
     parse,
+    forms: &[Decoder {
+        encoding: "codebook",
+        decode: decode_archive,
+    }],
 };
 
 #[derive(serde::Deserialize)]
@@ -140,7 +145,7 @@ impl Method for Kmeans {
                 "inertia": inertia,
             }),
         );
-        w.encoding = Some(Encoding::Clustered(c));
+        w.encoding = Some(Encoding::new(c));
         Ok(Applied::Ran)
     }
 }
@@ -201,16 +206,62 @@ impl Form for Clustered {
             values,
             huffman,
             pruned,
-            |stream| Repr::Codebook {
-                bits: self.bits,
-                axis: self.axis,
-                k: self.k,
-                zeros_fixed: self.zeros_fixed,
-                algorithm: self.algorithm,
-                stream,
+            |stream| {
+                Repr::new(
+                    "codebook",
+                    &CodebookRepr {
+                        bits: self.bits,
+                        axis: self.axis,
+                        k: self.k,
+                        zeros_fixed: self.zeros_fixed,
+                        algorithm: self.algorithm,
+                        stream,
+                    },
+                )
             },
         )
     }
+    fn lower(&self, g: &mut dyn Graph, shape: &[usize]) -> String {
+        let width = pack::width_for(self.symbols());
+        let symbols: Vec<u32> = self.indices.iter().map(|&i| u32::from(i)).collect();
+        // Each group's book gains a zero at index k, the code of weights kept out of
+        // clustering.
+        let k = self.k.max(1);
+        let mut books = Vec::with_capacity(self.centroids.len() / k * (k + 1));
+        for book in self.centroids.chunks_exact(k) {
+            books.extend_from_slice(book);
+            books.push(0.0);
+        }
+        gather(g, &symbols, width, &books, k + 1, self.axis, shape);
+        format!("unpack(uint{width})+Gather(codebook)")
+    }
+}
+
+/// The archive entry: codebook indices; symbol k is an exact zero. Sections: the stream's,
+/// `centroids` (f32, groups × k).
+#[derive(Serialize, serde::Deserialize)]
+struct CodebookRepr {
+    bits: u8,
+    axis: Option<usize>,
+    k: usize,
+    zeros_fixed: bool,
+    algorithm: Algorithm,
+    stream: coding::Stream,
+}
+
+fn decode_archive(
+    repr: &Repr,
+    shape: &[usize],
+    section: &coding::Section<'_, '_>,
+) -> Result<Vec<f32>, coding::DecodeError> {
+    let p: CodebookRepr = repr.params()?;
+    let c = Clustered::from_archive(
+        (p.bits, p.axis, p.k, p.zeros_fixed, p.algorithm),
+        &p.stream,
+        shape,
+        section,
+    )?;
+    Ok(c.decode(shape))
 }
 
 /// Largest k·(distinct values) for which `Auto` runs the exact dynamic programme: 8 M
@@ -720,7 +771,7 @@ pub fn inertia_f64(values: &[f32], centroids: &[f64]) -> f64 {
 impl Clustered {
     /// The form from its archive entry (`model.mpz`): `(bits, axis, k, zeros_fixed,
     /// algorithm)` from the header, every length checked against the shape.
-    pub(super) fn from_archive<'a>(
+    fn from_archive<'a>(
         (bits, axis, k, zeros_fixed, algorithm): (u8, Option<usize>, usize, bool, Algorithm),
         stream: &coding::Stream,
         shape: &[usize],

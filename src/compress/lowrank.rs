@@ -10,8 +10,9 @@
 
 use super::coding::{self, f32_bytes, CodingStats, Payload, Repr, StageBytes};
 use super::form::{Encoding, Form, Parts, Stored, Trained};
+use super::lower::{Consumers, Graph, Rewrite};
 use super::method::{
-    fraction, int_in, params, spec_err, Applied, Kind, Method, Registration, Working,
+    fraction, int_in, params, spec_err, Applied, Decoder, Kind, Method, Registration, Working,
 };
 use super::CompressError;
 use crate::model::Tensor;
@@ -24,7 +25,30 @@ pub const METHOD: Registration = Registration {
     about: "W ≈ A·B by truncated SVD, rank by rank, energy or parameter ratio",
     file: "src/compress/lowrank.rs",
     parse,
+    forms: &[Decoder {
+        encoding: "low_rank",
+        decode: decode_archive,
+    }],
 };
+
+/// The archive entry: W [rows, cols] = A·B. Sections `a` [rows, rank], `b` [rank, cols]
+/// (f32).
+#[derive(Serialize, serde::Deserialize)]
+struct LowRankRepr {
+    rows: usize,
+    cols: usize,
+    rank: usize,
+}
+
+fn decode_archive(
+    repr: &Repr,
+    shape: &[usize],
+    section: &coding::Section<'_, '_>,
+) -> Result<Vec<f32>, coding::DecodeError> {
+    let n = crate::model::element_count(shape).ok_or_else(|| coding::err("shape overflows"))?;
+    let p: LowRankRepr = repr.params()?;
+    Ok(Factors::from_archive(p.rows, p.cols, p.rank, n, section)?.reconstruct())
+}
 
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -135,7 +159,7 @@ impl Method for LowRank {
                     "low_rank".into(),
                     serde_json::to_value(&info).unwrap_or_default(),
                 );
-                w.encoding = Some(Encoding::LowRank(f));
+                w.encoding = Some(Encoding::new(f));
                 Ok(Applied::Ran)
             }
             Err(why) => Ok(Applied::Skipped(why)),
@@ -173,16 +197,64 @@ impl Form for Factors {
         _pruned: bool,
     ) -> (Payload, Option<CodingStats>, StageBytes) {
         coding::plain(
-            Repr::LowRank {
-                rows: self.rows,
-                cols: self.cols,
-                rank: self.rank,
-            },
+            Repr::new(
+                "low_rank",
+                &LowRankRepr {
+                    rows: self.rows,
+                    cols: self.cols,
+                    rank: self.rank,
+                },
+            ),
             vec![
                 ("a".into(), f32_bytes(&self.a)),
                 ("b".into(), f32_bytes(&self.b)),
             ],
         )
+    }
+    /// In the compute path where every consumer allows it (fewer multiply-adds, not only
+    /// fewer bytes): `X·W = (X·A)·B` for MatMul, `Conv(X, W) = Conv1×1(Conv(X, B as r
+    /// filters), A)` for Conv. Else `MatMul` of the factors and `Reshape`.
+    fn lower(&self, g: &mut dyn Graph, shape: &[usize]) -> String {
+        // The factors' rows are the weight's first axis: MatMul's inputs, Conv's output
+        // channels.
+        let consumers = if shape.first() == Some(&self.rows) {
+            g.consumers()
+        } else {
+            None
+        };
+        match consumers {
+            Some(Consumers::MatMul) => {
+                let a = g.floats(&[self.rows, self.rank], &self.a);
+                let b = g.floats(&[self.rank, self.cols], &self.b);
+                g.rewrite(Rewrite::MatMulFactors { a, b });
+                "MatMul·MatMul (factors in the compute path)".into()
+            }
+            Some(Consumers::Conv) => {
+                // A [O, r, 1…] and B [r, C, k…].
+                let mut a_dims = vec![self.rows, self.rank];
+                a_dims.extend(std::iter::repeat_n(1, shape.len() - 2));
+                let mut b_dims = vec![self.rank];
+                b_dims.extend_from_slice(&shape[1..]);
+                let pointwise = g.floats(&a_dims, &self.a);
+                let spatial = g.floats(&b_dims, &self.b);
+                g.rewrite(Rewrite::ConvFactors {
+                    first: None,
+                    spatial,
+                    pointwise,
+                });
+                "Conv·Conv1x1 (factors in the compute path)".into()
+            }
+            None => {
+                let a = g.floats(&[self.rows, self.rank], &self.a);
+                let b = g.floats(&[self.rank, self.cols], &self.b);
+                let same = shape == [self.rows, self.cols];
+                let w = g.binary("MatMul", a, b, same);
+                if !same {
+                    g.reshape(w, shape, true);
+                }
+                "MatMul(factors)".into()
+            }
+        }
     }
 }
 
@@ -494,7 +566,7 @@ pub fn singular_values(values: &[f32], rows: usize, cols: usize) -> Vec<f64> {
 
 impl Factors {
     /// The form from its archive entry (`model.mpz`) for a tensor of `n` elements.
-    pub(super) fn from_archive<'a>(
+    fn from_archive<'a>(
         rows: usize,
         cols: usize,
         rank: usize,

@@ -7,6 +7,7 @@
 //! list the spec parser, the OpenAPI enum and the README table follow.
 
 use super::activations::ActivationSpec;
+use super::coding::{DecodeError, Repr, Section};
 use super::form::Encoding;
 use super::gptq::Hessian;
 use super::CompressError;
@@ -203,6 +204,18 @@ pub struct Registration {
     /// The file that holds it.
     pub file: &'static str,
     pub parse: Parse,
+    /// The archive encodings of the forms it leaves, with their decoders.
+    pub forms: &'static [Decoder],
+}
+
+/// Rebuilds a tensor of `shape` from its archive entry and sections.
+pub type Decode = fn(&Repr, &[usize], &Section<'_, '_>) -> Result<Vec<f32>, DecodeError>;
+
+/// Rebuilds a tensor's values from a form's archive entry (`model.mpz`).
+pub struct Decoder {
+    /// The entry's `encoding`.
+    pub encoding: &'static str,
+    pub decode: Decode,
 }
 
 /// Every method, in the order the documentation lists them.
@@ -218,6 +231,14 @@ pub static METHODS: &[Registration] = &[
     super::separable::TUCKER2,
     super::huffman::METHOD,
 ];
+
+/// The decoder of an archive encoding, from the method that registers it.
+pub fn decoder(encoding: &str) -> Option<&'static Decoder> {
+    METHODS
+        .iter()
+        .flat_map(|m| m.forms)
+        .find(|d| d.encoding == encoding)
+}
 
 pub fn find(name: &str) -> Option<&'static Registration> {
     METHODS.iter().find(|m| m.name == name)

@@ -12,6 +12,7 @@ pub mod form;
 pub mod gptq;
 pub mod huffman;
 pub mod kmeans;
+pub mod lower;
 pub mod lowrank;
 pub mod method;
 pub mod pack;
@@ -594,7 +595,7 @@ fn assemble(tensors: &[Tensor], plan: &Plan, work: Vec<Option<Working>>) -> Outc
                     report::error_stats(&[], &[]),
                     None,
                     Payload {
-                        repr: coding::Repr::Raw,
+                        repr: coding::Repr::raw(),
                         sections: Vec::new(),
                     },
                     None,
@@ -632,14 +633,14 @@ fn assemble(tensors: &[Tensor], plan: &Plan, work: Vec<Option<Working>>) -> Outc
                     None => coding::floats(&w.values, &restored[i].data, w.huffman),
                     Some(enc) => enc.form().payload(&w.values, w.huffman, w.pruned),
                 };
-                if payload.repr == coding::Repr::Raw {
+                if payload.repr.is_raw() {
                     // The archive writer takes the restored bytes: no second copy here.
                     payload.sections.clear();
                 }
                 (bytes_after, nonzero, stats, axis, payload, cstats, stage)
             }
         };
-        let archive_bytes = if payload.repr == coding::Repr::Raw {
+        let archive_bytes = if payload.repr.is_raw() {
             bytes_before
         } else {
             payload.bytes()

@@ -17,6 +17,7 @@ pub const METHOD: Registration = Registration {
             (structure); N:M (pattern)",
     file: "src/compress/prune.rs, src/compress/structured.rs",
     parse,
+    forms: &[],
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]

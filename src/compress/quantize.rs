@@ -6,8 +6,9 @@ use super::activations::{ActivationSpec, RangeMethod, DEFAULT_PERCENTILE};
 use super::coding::{self, f32_bytes, CodingStats, Payload, Repr, StageBytes};
 use super::form::{Form, Parts, Stored, Trained};
 use super::gptq::{gptq, Grid, DEFAULT_DAMP};
+use super::lower::{channel_dims, unsigned_symbols, Attr, Consumers, Elem, Graph, Rewrite};
 use super::method::{self, int_in, spec_err, Applied, Kind, Method, Needs, Registration, Working};
-use super::{pack, CompressError};
+use super::{pack, CompressError, DeployStyle};
 use crate::model::{DType, Tensor};
 use serde::Serialize;
 use serde_json::{json, Map, Value};
@@ -17,7 +18,44 @@ pub const METHOD: Registration = Registration {
     about: "uniform int2..int8, symmetric or affine, per tensor, per channel or group-wise",
     file: "src/compress/quantize.rs",
     parse,
+    forms: &[method::Decoder {
+        encoding: "linear",
+        decode: decode_archive,
+    }],
 };
+
+/// The archive entry: integer codes `q`, `w = (q - zero_point)·scale`; symbol = q +
+/// 2^(bits-1) (bits ≥ 2) or (q + 1)/2 (bits = 1). Sections: the stream's, `scales` (f32),
+/// `zero_points` (i8).
+#[derive(Serialize, serde::Deserialize)]
+struct LinearRepr {
+    bits: u8,
+    scheme: Scheme,
+    axis: Option<usize>,
+    stream: coding::Stream,
+    /// Group-wise quantization: inputs per scale within each channel (absent in archives
+    /// written before it existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    group_size: Option<usize>,
+}
+
+fn decode_archive(
+    repr: &Repr,
+    shape: &[usize],
+    section: &coding::Section<'_, '_>,
+) -> Result<Vec<f32>, coding::DecodeError> {
+    let p: LinearRepr = repr.params()?;
+    let q = Quantized::from_archive(
+        p.bits,
+        p.scheme,
+        p.axis,
+        p.group_size,
+        &p.stream,
+        shape,
+        section,
+    )?;
+    Ok(dequantize(&q, shape))
+}
 
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -210,7 +248,7 @@ impl Method for Quantize {
             (None, None) => quantize(&w.values, &t.shape, self.bits, self.scheme, axis),
         };
         w.values = dequantize(&q, &t.shape);
-        w.encoding = Some(super::form::Encoding::Quantized(q));
+        w.encoding = Some(super::form::Encoding::new(q));
         w.activations = self.activations;
         Ok(Applied::Ran)
     }
@@ -359,14 +397,240 @@ impl Form for Quantized {
             values,
             huffman,
             pruned,
-            |stream| Repr::Linear {
-                bits: self.bits,
-                scheme: self.scheme,
-                axis: self.axis,
-                stream,
-                group_size: self.group_size,
+            |stream| {
+                Repr::new(
+                    "linear",
+                    &LinearRepr {
+                        bits: self.bits,
+                        scheme: self.scheme,
+                        axis: self.axis,
+                        stream,
+                        group_size: self.group_size,
+                    },
+                )
             },
         )
+    }
+    fn deploy_refusal(&self, shape: &[usize], _opset: i64) -> Option<String> {
+        let g = self.group_size?;
+        let l = GroupLayout::new(shape, self.axis, g);
+        (l.channel.outer > 1 && l.channel.inner > 1).then(|| {
+            "group-wise codes are rewritten when the channel axis is the first or the last".into()
+        })
+    }
+    fn lower(&self, g: &mut dyn Graph, shape: &[usize]) -> String {
+        if g.style() != DeployStyle::Folded
+            && self.nbits_fits(shape)
+            && g.consumers() == Some(Consumers::MatMul)
+        {
+            return self.lower_nbits(g, shape);
+        }
+        if let Some(size) = self.group_size {
+            return self.lower_grouped(g, shape, size);
+        }
+        let dims = channel_dims(shape, self.axis);
+        if self.bits == 8 {
+            return self.lower_int8(g, shape, &dims);
+        }
+        // (s - offset - zero_point) · scale: small integers until the scale, so the result
+        // equals dequantize() bit for bit. One bit is the sign: (s - ½) · 2.
+        let (symbols, offset) = unsigned_symbols(&self.codes, self.bits);
+        let mut x = g.unpack(&symbols, self.bits, offset);
+        x = g.reshape(x, shape, false);
+        if self.bits == 1 {
+            let two = g.floats(&[], &[2.0]);
+            x = g.binary("Mul", x, two, false);
+        }
+        if !self.zero_points.is_empty() {
+            let zp: Vec<f32> = self.zero_points.iter().map(|&z| f32::from(z)).collect();
+            let zp = g.floats(&dims, &zp);
+            x = g.binary("Sub", x, zp, false);
+        }
+        let scale = g.floats(&dims, &self.scales);
+        g.binary("Mul", x, scale, true);
+        format!("unpack(int{})+Mul", self.bits)
+    }
+}
+
+impl Quantized {
+    /// int8: `DequantizeLinear` where asked for operators (per tensor from opset 10, per
+    /// axis from 13), else `Cast`+`Mul`.
+    fn lower_int8(&self, g: &mut dyn Graph, shape: &[usize], dims: &[usize]) -> String {
+        let codes = self.codes.iter().map(|&c| c as u8).collect();
+        let codes = g.part(Elem::I8, shape, codes);
+        let per_axis = self.axis.is_some() && self.scales.len() > 1;
+        if (g.style() == DeployStyle::Operators || g.as_operator())
+            && (g.opset() >= 13 || (!per_axis && g.opset() >= 10))
+        {
+            let vec_dims: Vec<usize> = if per_axis {
+                vec![self.scales.len()]
+            } else {
+                Vec::new()
+            };
+            let mut inputs = vec![codes, g.floats(&vec_dims, &self.scales)];
+            if !self.zero_points.is_empty() {
+                let zp = self.zero_points.iter().map(|&z| z as u8).collect();
+                inputs.push(g.part(Elem::I8, &vec_dims, zp));
+            }
+            let attrs = match (per_axis, self.axis) {
+                (true, Some(a)) => vec![Attr::Int("axis", a as i64)],
+                _ => Vec::new(),
+            };
+            g.op("DequantizeLinear", inputs, attrs, true);
+            return "DequantizeLinear".into();
+        }
+        let mut x = g.cast(codes, Elem::F32, false);
+        if !self.zero_points.is_empty() {
+            let zp: Vec<f32> = self.zero_points.iter().map(|&z| f32::from(z)).collect();
+            let zp = g.floats(dims, &zp);
+            x = g.binary("Sub", x, zp, false);
+        }
+        let scale = g.floats(dims, &self.scales);
+        g.binary("Mul", x, scale, true);
+        "Cast+Mul".into()
+    }
+
+    /// Group-wise codes: the weight viewed as [channels, blocks, group] (channel axis first,
+    /// or no axis) or [blocks, group, channels] (channel axis last), padded to whole blocks,
+    /// scaled by [channels, blocks, 1] or [blocks, 1, channels], then cut back and reshaped.
+    fn lower_grouped(&self, g: &mut dyn Graph, shape: &[usize], group_size: usize) -> String {
+        let l = GroupLayout::new(shape, self.axis, group_size);
+        let (ch, nb, gs) = (l.channel.channels.max(1), l.blocks, l.group_size);
+        let k = l.channel.outer * l.channel.inner;
+        let kp = nb * gs;
+        let rows_first = l.channel.outer == 1;
+        let mut codes = Vec::with_capacity(ch * kp);
+        if rows_first {
+            for row in self.codes.chunks(k.max(1)) {
+                codes.extend_from_slice(row);
+                codes.extend(std::iter::repeat_n(0i8, kp - k));
+            }
+        } else {
+            codes.extend_from_slice(&self.codes);
+            codes.extend(std::iter::repeat_n(0i8, (kp - k) * ch));
+        }
+        let (view, scale_dims, flat) = if rows_first {
+            ([ch, nb, gs], [ch, nb, 1], [ch, kp])
+        } else {
+            ([nb, gs, ch], [nb, 1, ch], [kp, ch])
+        };
+        // Scales are stored channel-major (c·blocks + b); the second view wants block-major.
+        let reorder = |v: &[f32]| -> Vec<f32> {
+            if rows_first {
+                v.to_vec()
+            } else {
+                (0..nb)
+                    .flat_map(|b| (0..ch).map(move |c| v[c * nb + b]))
+                    .collect()
+            }
+        };
+        let zero_points: Vec<f32> = self.zero_points.iter().map(|&z| f32::from(z)).collect();
+        let (mut x, form) = if self.bits == 8 {
+            let raw = codes.iter().map(|&c| c as u8).collect();
+            let init = g.part(Elem::I8, &view, raw);
+            (
+                g.cast(init, Elem::F32, false),
+                format!("Cast+Mul(group {gs})"),
+            )
+        } else {
+            let (symbols, offset) = unsigned_symbols(&codes, self.bits);
+            let x = g.unpack(&symbols, self.bits, offset);
+            let mut x = g.reshape(x, &view, false);
+            if self.bits == 1 {
+                let two = g.floats(&[], &[2.0]);
+                x = g.binary("Mul", x, two, false);
+            }
+            (x, format!("unpack(int{})+Mul(group {gs})", self.bits))
+        };
+        if !zero_points.is_empty() {
+            let zp = g.floats(&scale_dims, &reorder(&zero_points));
+            x = g.binary("Sub", x, zp, false);
+        }
+        let scale = g.floats(&scale_dims, &reorder(&self.scales));
+        x = g.binary("Mul", x, scale, false);
+        if kp > k {
+            x = g.reshape(x, &flat, false);
+            x = g.slice(x, usize::from(rows_first), 0, k);
+        }
+        g.reshape(x, shape, true);
+        form
+    }
+
+    /// Whether the codes fit onnxruntime's int4 MatMul (`com.microsoft.MatMulNBits`) as a
+    /// [K, N] MatMul weight, group-wise along K.
+    fn nbits_fits(&self, shape: &[usize]) -> bool {
+        let Some(size) = self.group_size else {
+            return false;
+        };
+        self.bits == 4
+            && shape.len() == 2
+            && self.axis == Some(1)
+            && size >= 16
+            && size.is_power_of_two()
+    }
+
+    /// `com.microsoft.MatMulNBits` in place of each consumer MatMul: B [N, blocks,
+    /// block·bits/8] packed, scales [N·blocks], optional packed zero points; symbols are
+    /// unsigned with the default zero point 2^(bits-1), as `compress::pack` stores symmetric
+    /// codes. onnxruntime (and tract) run it with integer weights.
+    fn lower_nbits(&self, g: &mut dyn Graph, shape: &[usize]) -> String {
+        let (k, n) = (shape[0], shape[1]);
+        let size = self.group_size.unwrap_or(k);
+        let blocks = k.div_ceil(size);
+        let off = 1i32 << (self.bits - 1);
+        // Column-major blocks: B[n, blk, :] holds W[blk·size .. (blk+1)·size, n], padded
+        // with the zero symbol past K.
+        let mut symbols = Vec::with_capacity(n * blocks * size);
+        for col in 0..n {
+            for row in 0..blocks * size {
+                let code = if row < k {
+                    self.codes[row * n + col]
+                } else {
+                    0
+                };
+                let zp = if row < k {
+                    0
+                } else {
+                    i32::from(
+                        self.zero_points
+                            .get(col * blocks + row / size)
+                            .copied()
+                            .unwrap_or(0),
+                    )
+                };
+                symbols.push((i32::from(code) + off + zp) as u32);
+            }
+        }
+        let packed = pack::pack(&symbols, self.bits);
+        let blob = size * usize::from(self.bits) / 8;
+        let b = g.part(Elem::U8, &[n, blocks, blob], packed);
+        let scales = g.floats(&[n * blocks], &self.scales);
+        let mut inputs = vec![b, scales];
+        if !self.zero_points.is_empty() {
+            let per_col = (blocks * usize::from(self.bits)).div_ceil(8);
+            let mut raw = Vec::with_capacity(n * per_col);
+            for col in 0..n {
+                let zs: Vec<u32> = (0..blocks)
+                    .map(|b| (i32::from(self.zero_points[col * blocks + b]) + off) as u32)
+                    .collect();
+                let mut p = pack::pack(&zs, self.bits);
+                p.resize(per_col, 0);
+                raw.extend(p);
+            }
+            inputs.push(g.part(Elem::U8, &[n * per_col], raw));
+        }
+        g.rewrite(Rewrite::Kernel {
+            domain: "com.microsoft",
+            op_type: "MatMulNBits",
+            inputs,
+            attrs: vec![
+                Attr::Int("K", k as i64),
+                Attr::Int("N", n as i64),
+                Attr::Int("bits", i64::from(self.bits)),
+                Attr::Int("block_size", size as i64),
+            ],
+        });
+        format!("com.microsoft.MatMulNBits (int{}, block {size})", self.bits)
     }
 }
 

@@ -12,8 +12,9 @@
 
 use super::coding::{self, f32_bytes, CodingStats, Payload, Repr, StageBytes};
 use super::form::{Encoding, Form, Parts, Stored, Trained};
+use super::lower::{Consumers, Graph, Rewrite};
 use super::lowrank::{choose_rank, rank_rule, singular_values, thin_svd, RankRule};
-use super::method::{params, Applied, Kind, Method, Registration, Working};
+use super::method::{params, Applied, Decoder, Kind, Method, Registration, Working};
 use super::{is_conv, CompressError};
 use crate::model::Tensor;
 use faer::Mat;
@@ -25,6 +26,10 @@ pub const SEPARABLE: Registration = Registration {
     about: "conv kernels as a kh×1 then a 1×kw convolution per filter (Jaderberg et al.)",
     file: "src/compress/separable.rs",
     parse: parse_separable,
+    forms: &[Decoder {
+        encoding: "separable",
+        decode: decode_separable,
+    }],
 };
 
 pub const TUCKER2: Registration = Registration {
@@ -32,6 +37,10 @@ pub const TUCKER2: Registration = Registration {
     about: "conv kernels as 1×1, core and 1×1 convolutions by HOSVD (Kim et al.)",
     file: "src/compress/separable.rs",
     parse: parse_tucker2,
+    forms: &[Decoder {
+        encoding: "tucker2",
+        decode: decode_tucker2,
+    }],
 };
 
 #[derive(serde::Deserialize)]
@@ -112,11 +121,7 @@ impl Method for SeparableStep {
         factor_kernel(t, w, |v| {
             let s = separate(v, &t.shape, self.rule)?;
             let details = json!({"rank": s.rank, "cost": s.cost()});
-            Ok((
-                s.reconstruct(),
-                ("separable", details),
-                Encoding::Separable(s),
-            ))
+            Ok((s.reconstruct(), ("separable", details), Encoding::new(s)))
         })
     }
 }
@@ -135,7 +140,7 @@ impl Method for Tucker2Step {
         factor_kernel(t, w, |v| {
             let k = tucker2(v, &t.shape, self.rule)?;
             let details = json!({"rank_out": k.rank_out, "rank_in": k.rank_in, "cost": k.cost()});
-            Ok((k.reconstruct(), ("tucker2", details), Encoding::Tucker(k)))
+            Ok((k.reconstruct(), ("tucker2", details), Encoding::new(k)))
         })
     }
 }
@@ -171,12 +176,27 @@ impl Form for Separable {
         _pruned: bool,
     ) -> (Payload, Option<CodingStats>, StageBytes) {
         coding::plain(
-            Repr::Separable { rank: self.rank },
+            Repr::new("separable", &SeparableRepr { rank: self.rank }),
             vec![
                 ("v".into(), f32_bytes(&self.v)),
                 ("h".into(), f32_bytes(&self.h)),
             ],
         )
+    }
+    fn deploy_refusal(&self, shape: &[usize], _opset: i64) -> Option<String> {
+        (self.shape.iter().product::<usize>() != shape.iter().product::<usize>())
+            .then(|| "separable factors do not cover the kernel".into())
+    }
+    fn lower(&self, g: &mut dyn Graph, shape: &[usize]) -> String {
+        let [o, c, kh, kw] = self.shape;
+        let v = g.floats(&[o, c, kh, self.rank], &self.v);
+        let h = g.floats(&[o, c, self.rank, kw], &self.h);
+        let same = shape == self.shape;
+        let w = g.binary("MatMul", v, h, same);
+        if !same {
+            g.reshape(w, shape, true);
+        }
+        "MatMul(separable)".into()
     }
 }
 
@@ -213,10 +233,13 @@ impl Form for Tucker2 {
         _pruned: bool,
     ) -> (Payload, Option<CodingStats>, StageBytes) {
         coding::plain(
-            Repr::Tucker2 {
-                rank_out: self.rank_out,
-                rank_in: self.rank_in,
-            },
+            Repr::new(
+                "tucker2",
+                &Tucker2Repr {
+                    rank_out: self.rank_out,
+                    rank_in: self.rank_in,
+                },
+            ),
             vec![
                 ("u_out".into(), f32_bytes(&self.u_out)),
                 ("core".into(), f32_bytes(&self.core)),
@@ -224,6 +247,80 @@ impl Form for Tucker2 {
             ],
         )
     }
+    /// In the compute path where every consumer is an ungrouped Conv: a 1×1 convolution
+    /// C→R_in, the core R_in→R_out with the consumer's window, a 1×1 one R_out→O. Else the
+    /// kernel rebuilt by `MatMul`s.
+    fn lower(&self, g: &mut dyn Graph, shape: &[usize]) -> String {
+        if shape.len() >= 3
+            && shape[..2] == [self.out_channels, self.in_channels]
+            && g.consumers() == Some(Consumers::Conv)
+        {
+            let ones = shape.len() - 2;
+            let mut first_dims = vec![self.rank_in, self.in_channels];
+            first_dims.extend(std::iter::repeat_n(1, ones));
+            // u_in is [C, R_in]; the first convolution's filters are its columns.
+            let mut first = Vec::with_capacity(self.u_in.len());
+            for b in 0..self.rank_in {
+                for ci in 0..self.in_channels {
+                    first.push(self.u_in[ci * self.rank_in + b]);
+                }
+            }
+            let first = g.floats(&first_dims, &first);
+            let mut core_dims = vec![self.rank_out, self.rank_in];
+            core_dims.extend_from_slice(&shape[2..]);
+            let spatial = g.floats(&core_dims, &self.core);
+            let mut last_dims = vec![self.out_channels, self.rank_out];
+            last_dims.extend(std::iter::repeat_n(1, ones));
+            let pointwise = g.floats(&last_dims, &self.u_out);
+            g.rewrite(Rewrite::ConvFactors {
+                first: Some(first),
+                spatial,
+                pointwise,
+            });
+            return "Conv1x1·Conv·Conv1x1 (Tucker-2 in the compute path)".into();
+        }
+        let u_in = g.floats(&[self.in_channels, self.rank_in], &self.u_in);
+        let core = g.floats(&[self.rank_out, self.rank_in, self.window], &self.core);
+        let u_out = g.floats(&[self.out_channels, self.rank_out], &self.u_out);
+        // [C, R_in] · [R_out, R_in, window] broadcasts to [R_out, C, window].
+        let t = g.binary("MatMul", u_in, core, false);
+        let t = g.reshape(t, &[self.rank_out, self.in_channels * self.window], false);
+        let w = g.binary("MatMul", u_out, t, false);
+        g.reshape(w, shape, true);
+        "MatMul(tucker2)".into()
+    }
+}
+
+/// The archive entry of separable factors. Sections `v` [O,C,kh,r], `h` [O,C,r,kw] (f32).
+#[derive(Serialize, serde::Deserialize)]
+struct SeparableRepr {
+    rank: usize,
+}
+
+/// The archive entry of Tucker-2 factors. Sections `u_out` [O,R_out], `core`
+/// [R_out,R_in,window], `u_in` [C,R_in] (f32).
+#[derive(Serialize, serde::Deserialize)]
+struct Tucker2Repr {
+    rank_out: usize,
+    rank_in: usize,
+}
+
+fn decode_separable(
+    repr: &Repr,
+    shape: &[usize],
+    section: &coding::Section<'_, '_>,
+) -> Result<Vec<f32>, coding::DecodeError> {
+    let p: SeparableRepr = repr.params()?;
+    Ok(Separable::from_archive(p.rank, shape, section)?.reconstruct())
+}
+
+fn decode_tucker2(
+    repr: &Repr,
+    shape: &[usize],
+    section: &coding::Section<'_, '_>,
+) -> Result<Vec<f32>, coding::DecodeError> {
+    let p: Tucker2Repr = repr.params()?;
+    Ok(Tucker2::from_archive(p.rank_out, p.rank_in, shape, section)?.reconstruct())
 }
 
 /// Parameters and multiply-adds per output position, before and after.
@@ -575,7 +672,7 @@ pub fn separable_optimal_error(values: &[f32], shape: &[usize], rank: usize) -> 
 impl Separable {
     /// The form from its archive entry (`model.mpz`): a 4-D kernel's vertical and
     /// horizontal filters.
-    pub(super) fn from_archive<'a>(
+    fn from_archive<'a>(
         rank: usize,
         shape: &[usize],
         section: &coding::Section<'_, 'a>,
@@ -605,7 +702,7 @@ impl Separable {
 
 impl Tucker2 {
     /// The form from its archive entry (`model.mpz`): the two projections and the core.
-    pub(super) fn from_archive<'a>(
+    fn from_archive<'a>(
         rank_out: usize,
         rank_in: usize,
         shape: &[usize],

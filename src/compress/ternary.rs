@@ -15,6 +15,7 @@ pub const BINARY: Registration = Registration {
     about: "1-bit weights: sign × mean |w| per channel (XNOR-Net, BinaryConnect)",
     file: "src/compress/ternary.rs",
     parse: parse_binary,
+    forms: &[],
 };
 
 pub const TERNARY: Registration = Registration {
@@ -22,6 +23,7 @@ pub const TERNARY: Registration = Registration {
     about: "-1/0/+1 × a scale per channel (TWN)",
     file: "src/compress/ternary.rs",
     parse: parse_ternary,
+    forms: &[],
 };
 
 #[derive(serde::Deserialize)]
@@ -97,7 +99,7 @@ impl Method for Binary {
     fn apply(&self, t: &Tensor, w: &mut Working) -> Result<Applied, CompressError> {
         let q = binarize(&w.values, &t.shape, self.granularity.axis(t));
         w.values = dequantize(&q, &t.shape);
-        w.encoding = Some(Encoding::Quantized(q));
+        w.encoding = Some(Encoding::new(q));
         Ok(Applied::Ran)
     }
 }
@@ -120,7 +122,7 @@ impl Method for Ternary {
             self.threshold,
         );
         w.values = dequantize(&q, &t.shape);
-        w.encoding = Some(Encoding::Quantized(q));
+        w.encoding = Some(Encoding::new(q));
         Ok(Applied::Ran)
     }
 }
