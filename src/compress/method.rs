@@ -225,6 +225,7 @@ pub static METHODS: &[Registration] = &[
     super::kmeans::METHOD,
     super::ternary::BINARY,
     super::ternary::TERNARY,
+    super::nf4::METHOD,
     super::cast::METHOD,
     super::lowrank::METHOD,
     super::separable::SEPARABLE,

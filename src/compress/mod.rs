@@ -15,6 +15,7 @@ pub mod kmeans;
 pub mod lower;
 pub mod lowrank;
 pub mod method;
+pub mod nf4;
 pub mod pack;
 pub mod prune;
 pub mod quantize;
