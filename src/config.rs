@@ -161,6 +161,20 @@ pub struct ServeConfig {
     /// partial file removed.
     #[arg(long, env = "MODELPRESS_BODY_IDLE_SECS", default_value_t = 30)]
     pub body_idle_secs: u64,
+    /// A request's headers must arrive within this long, or the connection is closed (a
+    /// keep-alive connection idle this long is closed too).
+    #[arg(
+        long,
+        env = "MODELPRESS_HEADER_READ_TIMEOUT_SECS",
+        default_value_t = 30
+    )]
+    pub header_read_timeout_secs: u64,
+    /// Most HTTP connections at once (0: from the open-files limit, which is raised to its
+    /// hard limit at start-up, less what the database, blobs and jobs need). Past it, a
+    /// reserve of 64 more gets a one-second header deadline, so health probes are still
+    /// answered; beyond that a connection is closed at once.
+    #[arg(long, env = "MODELPRESS_MAX_CONNECTIONS", default_value_t = 0)]
+    pub max_connections: usize,
     /// After the first `body_idle_secs`, an upload slower than this on average is refused
     /// with 408 (a trickle would otherwise hold a connection and a staging file for hours).
     #[arg(
@@ -276,6 +290,8 @@ impl ServeConfig {
             retry_backoff_ms: 2_000,
             shutdown_grace_secs: 30,
             body_idle_secs: 30,
+            header_read_timeout_secs: 30,
+            max_connections: 0,
             min_upload_bytes_per_sec: 1024,
             max_inflated_bytes: 8 << 30,
             max_inflation_ratio: 200,

@@ -148,9 +148,16 @@ impl Application {
             tracing::info!("shutdown requested: no new jobs will be claimed");
             stop.cancel();
         });
-        let server = axum::serve(self.listener, app.into_make_service())
-            .with_graceful_shutdown(state.stop_claiming.clone().cancelled_owned());
-        let server = tokio::spawn(async move { server.await });
+        let limits = api::serve::Limits::new(
+            state.config.max_connections,
+            state.config.header_read_timeout_secs,
+        );
+        let server = tokio::spawn(api::serve::serve(
+            self.listener,
+            app,
+            limits,
+            state.stop_claiming.clone(),
+        ));
         state.stop_claiming.cancelled().await;
         let grace = std::time::Duration::from_secs(state.config.shutdown_grace_secs);
         let hard = state.hard_stop.clone();

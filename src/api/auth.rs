@@ -52,9 +52,11 @@ pub async fn authorize(State(state): State<AppState>, mut req: Request, next: Ne
         .map(|v| v.to_str().unwrap_or("").to_string());
     let caller = match header {
         Some(h) => {
+            // The scheme is case-insensitive (RFC 9110, 11.1).
             let Some(key) = h
-                .strip_prefix("Bearer ")
-                .map(str::trim)
+                .split_once(' ')
+                .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+                .map(|(_, key)| key.trim())
                 .filter(|k| k.starts_with(KEY_PREFIX) && k.len() <= 128)
             else {
                 return unauthorized("the Authorization header must be `Bearer mp_…`");

@@ -36,7 +36,10 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
             let s = v
                 .to_str()
                 .ok()
-                .filter(|s| !s.is_empty() && s.len() <= 255)
+                .filter(|s| {
+                    // `^[!-~]+$`, as openapi.yaml documents it: no space, no tab.
+                    !s.is_empty() && s.len() <= 255 && s.bytes().all(|b| (b'!'..=b'~').contains(&b))
+                })
                 .ok_or_else(|| {
                     ApiError::new(
                         ErrorCode::InvalidRequest,

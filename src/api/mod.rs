@@ -11,6 +11,7 @@ pub mod health;
 pub mod jobs;
 pub mod models;
 pub mod quota;
+pub mod serve;
 pub mod webhooks;
 
 use crate::error::{ApiError, ErrorCode};
@@ -105,8 +106,19 @@ pub fn router(state: AppState) -> Router {
     guarded(routes, &state)
         // Uploads are streamed to disk with their own limit; nothing is buffered whole.
         .layer(DefaultBodyLimit::disable())
+        .layer(axum::middleware::map_response(nosniff))
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)
+}
+
+/// Every answer says what it is: browsers must not guess a type from the content (an
+/// artifact or a chart a user uploaded the inputs of could otherwise be run as a page).
+async fn nosniff(mut resp: axum::response::Response) -> axum::response::Response {
+    resp.headers_mut().insert(
+        axum::http::header::X_CONTENT_TYPE_OPTIONS,
+        axum::http::HeaderValue::from_static("nosniff"),
+    );
+    resp
 }
 
 /// A worker process's listener: liveness, readiness and metrics, nothing else.

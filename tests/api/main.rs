@@ -20,6 +20,7 @@ mod helpers;
 mod jobs;
 mod models;
 mod openapi;
+mod outside;
 mod processes;
 mod readme;
 mod snapshots;
