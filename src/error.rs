@@ -54,6 +54,8 @@ pub enum ErrorCode {
     MethodNotAllowed,
     /// 409: a queued or running job uses the model.
     ModelInUse,
+    /// 409: finished jobs were made from the model; `?cascade=true` deletes them with it.
+    ModelHasJobs,
     /// 409: a queued or running job evaluates on the dataset.
     DatasetInUse,
     /// 409: the Idempotency-Key was used with a different request.
@@ -96,6 +98,7 @@ impl ErrorCode {
             ErrorCode::NotFound => "not_found",
             ErrorCode::MethodNotAllowed => "method_not_allowed",
             ErrorCode::ModelInUse => "model_in_use",
+            ErrorCode::ModelHasJobs => "model_has_jobs",
             ErrorCode::DatasetInUse => "dataset_in_use",
             ErrorCode::IdempotencyConflict => "idempotency_conflict",
             ErrorCode::JobNotCancellable => "job_not_cancellable",
@@ -131,6 +134,7 @@ impl ErrorCode {
             | ErrorCode::NotFound => StatusCode::NOT_FOUND,
             ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ErrorCode::ModelInUse
+            | ErrorCode::ModelHasJobs
             | ErrorCode::DatasetInUse
             | ErrorCode::IdempotencyConflict
             | ErrorCode::JobNotCancellable => StatusCode::CONFLICT,

@@ -671,7 +671,7 @@ async function showModels() {
       }),
       el("button", { type: "button", class: "danger", text: "Delete", "aria-label": "Delete model " + m.name, onclick: async () => {
         if (!confirm("Delete model " + m.name + " and its finished jobs?")) return;
-        try { await api("/v1/models/" + m.id, { method: "DELETE" }); showModels(); }
+        try { await api("/v1/models/" + m.id + "?cascade=true", { method: "DELETE" }); showModels(); }
         catch (e) { $("err-models").textContent = e.code + ": " + e.message; }
       } })))));
 }

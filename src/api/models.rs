@@ -8,7 +8,7 @@ use crate::formats;
 use crate::queue::{ModelRecord, QueueError};
 use crate::state::AppState;
 use crate::util::rfc3339;
-use axum::extract::{Extension, Path, Query, Request, State};
+use axum::extract::{Extension, Path, Query, RawQuery, Request, State};
 use axum::http::StatusCode;
 use axum::Json;
 use serde_json::{json, Value};
@@ -145,13 +145,33 @@ pub async fn tensors(
     Ok(Json(json!({"model_id": m.id, "items": items})))
 }
 
+/// `?cascade=true` (or `1`): the model's finished jobs and their artifacts go with it.
+fn cascade(query: Option<&str>) -> Result<bool, ApiError> {
+    let mut cascade = false;
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        cascade = match pair.split_once('=') {
+            Some(("cascade", "true" | "1")) => true,
+            Some(("cascade", "false" | "0")) => false,
+            _ => {
+                return Err(ApiError::new(
+                    ErrorCode::InvalidRequest,
+                    "the only query parameter is cascade=true|false",
+                ))
+            }
+        };
+    }
+    Ok(cascade)
+}
+
 pub async fn delete(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
+    RawQuery(query): RawQuery,
 ) -> Result<StatusCode, ApiError> {
     let id = parse_id(&id, ErrorCode::ModelNotFound, "model")?;
-    let deleted = match state.models.delete_model(&caller.tenant, id).await {
+    let cascade = cascade(query.as_deref())?;
+    let deleted = match state.models.delete_model(&caller.tenant, id, cascade).await {
         Ok(d) => d,
         Err(QueueError::NotFound) => {
             return Err(ApiError::new(

@@ -488,16 +488,26 @@ pub async fn completion_records_artifacts_once(db: Db, _clock: Arc<ManualClock>)
 pub async fn deleting_a_model_waits_for_its_jobs(db: Db, _clock: Arc<ManualClock>) {
     let m = with_model(&db).await;
     let job = enqueue(&db, T, m.id, 3).await;
+    // Not while a job of it is queued, cascade or not.
+    for cascade in [false, true] {
+        assert!(matches!(
+            db.delete_model(T, m.id, cascade).await,
+            Err(QueueError::ModelInUse)
+        ));
+    }
     assert!(matches!(
-        db.delete_model(T, m.id).await,
-        Err(QueueError::ModelInUse)
-    ));
-    assert!(matches!(
-        db.delete_model("other", m.id).await,
+        db.delete_model("other", m.id, true).await,
         Err(QueueError::NotFound)
     ));
     db.request_cancel(T, job.id).await.unwrap();
-    let gone = db.delete_model(T, m.id).await.unwrap();
+    // A finished job keeps the model unless the caller asks for both to go.
+    assert!(matches!(
+        db.delete_model(T, m.id, false).await,
+        Err(QueueError::ModelHasJobs(1))
+    ));
+    assert!(db.get_model(T, m.id).await.unwrap().is_some());
+    assert!(db.get_job(T, job.id).await.unwrap().is_some());
+    let gone = db.delete_model(T, m.id, true).await.unwrap();
     assert_eq!(
         (gone.blob_key, gone.job_ids),
         (m.blob_key.clone(), vec![job.id])

@@ -32,6 +32,13 @@ impl From<QueueError> for ApiError {
                 ErrorCode::ModelInUse,
                 "a queued or running job uses this model",
             ),
+            Q::ModelHasJobs(n) => ApiError::new(
+                ErrorCode::ModelHasJobs,
+                format!(
+                    "{n} job(s) were made from this model; their artifacts would go with it. \
+                     DELETE /v1/models/{{id}}?cascade=true deletes them too"
+                ),
+            ),
             Q::DatasetInUse => ApiError::new(
                 ErrorCode::DatasetInUse,
                 "a queued or running job evaluates on this dataset",
@@ -58,6 +65,8 @@ pub enum QueueError {
     IdempotencyConflict,
     #[error("model is used by a queued or running job")]
     ModelInUse,
+    #[error("{0} finished job(s) were made from the model")]
+    ModelHasJobs(usize),
     #[error("dataset is used by a queued or running job")]
     DatasetInUse,
     #[error("job is already {0}")]
@@ -237,8 +246,15 @@ pub trait ModelCatalog: Send + Sync + 'static {
         limit: u32,
         before: Option<Uuid>,
     ) -> Result<Vec<ModelRecord>, QueueError>;
-    /// Deletes the model with its finished jobs; returns what to remove from the blob store.
-    async fn delete_model(&self, tenant: &str, id: Uuid) -> Result<DeletedModel, QueueError>;
+    /// Deletes the model; returns what to remove from the blob store. Never while a job of
+    /// it is queued or running ([`QueueError::ModelInUse`]); with finished jobs only when
+    /// `cascade` (they go with it), else [`QueueError::ModelHasJobs`].
+    async fn delete_model(
+        &self,
+        tenant: &str,
+        id: Uuid,
+        cascade: bool,
+    ) -> Result<DeletedModel, QueueError>;
     async fn insert_dataset(&self, d: &DatasetRecord) -> Result<(), QueueError>;
     async fn get_dataset(
         &self,

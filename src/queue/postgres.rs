@@ -321,7 +321,12 @@ impl ModelCatalog for PgStore {
         rows.iter().map(model_from_row).collect()
     }
 
-    async fn delete_model(&self, tenant: &str, id: Uuid) -> Result<DeletedModel, QueueError> {
+    async fn delete_model(
+        &self,
+        tenant: &str,
+        id: Uuid,
+        cascade: bool,
+    ) -> Result<DeletedModel, QueueError> {
         let mut tx = self.pool.begin().await?;
         // The row lock makes a concurrent enqueue (whose foreign key check shares-locks the
         // model) wait for this deletion, or this deletion wait for its commit.
@@ -348,6 +353,9 @@ impl ModelCatalog for PgStore {
             .bind(id)
             .fetch_all(&mut *tx)
             .await?;
+        if !cascade && !job_ids.is_empty() {
+            return Err(QueueError::ModelHasJobs(job_ids.len()));
+        }
         sqlx::query("DELETE FROM models WHERE id = $1")
             .bind(id)
             .execute(&mut *tx)

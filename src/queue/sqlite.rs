@@ -202,7 +202,12 @@ impl ModelCatalog for SqliteStore {
         rows.iter().map(model_from_row).collect()
     }
 
-    async fn delete_model(&self, tenant: &str, id: Uuid) -> Result<DeletedModel, QueueError> {
+    async fn delete_model(
+        &self,
+        tenant: &str,
+        id: Uuid,
+        cascade: bool,
+    ) -> Result<DeletedModel, QueueError> {
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         let model_key: Option<String> =
             sqlx::query_scalar("SELECT blob_key FROM models WHERE id = ? AND tenant_id = ?")
@@ -230,6 +235,9 @@ impl ModelCatalog for SqliteStore {
             .iter()
             .map(|j| Uuid::parse_str(j).map_err(|e| QueueError::Corrupt(e.to_string())))
             .collect::<Result<Vec<_>, _>>()?;
+        if !cascade && !job_ids.is_empty() {
+            return Err(QueueError::ModelHasJobs(job_ids.len()));
+        }
         sqlx::query("DELETE FROM models WHERE id = ?")
             .bind(id.to_string())
             .execute(&mut *tx)

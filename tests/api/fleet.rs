@@ -307,7 +307,10 @@ async fn a_fleet_on_postgres_and_s3_shares_no_directory() {
     // Deleting the model removes its objects from the store.
     let r = api
         .client
-        .delete(api.url(&format!("/v1/models/{}", model["id"].as_str().unwrap())))
+        .delete(api.url(&format!(
+            "/v1/models/{}?cascade=true",
+            model["id"].as_str().unwrap()
+        )))
         .send()
         .await
         .unwrap();

@@ -140,10 +140,34 @@ async fn model_in_use_cannot_be_deleted() {
     let v: Value = r.json().await.unwrap();
     assert_eq!(error_code(&v), "model_in_use");
     app.drain().await;
-    // Finished: deleting removes the model, its jobs and their artifact files.
+    // Finished: the job's artifacts are what the user came for; the model stays unless
+    // they go with it (issue 30 item 9).
     let r = app
         .client
         .delete(app.url(&format!("/v1/models/{id}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 409);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(error_code(&v), "model_has_jobs");
+    assert!(
+        v["error"]["message"].as_str().unwrap().starts_with("1 job"),
+        "{v}"
+    );
+    let (_, jobs) = app.get_json("/v1/jobs").await;
+    assert_eq!(jobs["items"].as_array().unwrap().len(), 1);
+    let r = app
+        .client
+        .delete(app.url(&format!("/v1/models/{id}?cascade=yes")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    // Asked for: deleting removes the model, its jobs and their artifact files.
+    let r = app
+        .client
+        .delete(app.url(&format!("/v1/models/{id}?cascade=true")))
         .send()
         .await
         .unwrap();
