@@ -19,6 +19,9 @@ fn main() -> anyhow::Result<()> {
 
 fn serve(cfg: modelpress::config::ServeConfig, role: Role) -> anyhow::Result<()> {
     modelpress::telemetry::init_logging(&cfg.log_format);
+    // What the server writes (the database with every tenant's webhook secret, the signing
+    // key, models, artifacts) is the owner's alone: files 0600, directories 0700.
+    modelpress::startup::private_umask();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

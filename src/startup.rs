@@ -13,6 +13,20 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+/// New files 0600 and directories 0700 in this process (`modelpress serve` and `worker`).
+pub fn private_umask() {
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+}
+
+/// Sets `path`'s mode; a failure (a directory the user owns but this process may not chmod)
+/// is a warning, not a refusal to start.
+fn make_private(path: &std::path::Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Err(e) = std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)) {
+        tracing::warn!(path = %path.display(), error = %e, "could not make private");
+    }
+}
+
 /// What a process runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -42,12 +56,20 @@ impl Application {
             anyhow::bail!("`modelpress worker` needs at least one worker (--workers)");
         }
         std::fs::create_dir_all(&config.data_dir)?;
+        make_private(&config.data_dir, 0o700);
         config
             .webhook_allow
             .parse::<crate::webhook::AllowList>()
             .map_err(|e| anyhow::anyhow!("MODELPRESS_WEBHOOK_ALLOW: {e}"))?;
         let db =
             crate::queue::open(&config.database_url(), Arc::new(crate::queue::SystemClock)).await?;
+        // Files a release before 0700/0600 left readable by everyone.
+        for name in ["modelpress.db", "modelpress.db-wal", "modelpress.db-shm"] {
+            let path = config.data_dir.join(name);
+            if path.exists() {
+                make_private(&path, 0o600);
+            }
+        }
         let blobs = crate::store::open(
             config.blob_url.as_deref(),
             &config.blob_options,

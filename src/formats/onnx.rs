@@ -475,6 +475,46 @@ fn refuse_external_data(model: &ModelProto) -> Result<(), FormatError> {
     Ok(())
 }
 
+/// Every output of the graph (and of each subgraph) is produced by something: a node, a
+/// graph input or an initializer (in a subgraph, also anything of the graphs around it). A
+/// runtime cannot run a model that names an output nothing writes, and tract asserts it
+/// (it panicked on such a model, one byte away from mnist-8).
+fn check_outputs_are_produced(g: &GraphProto) -> Result<(), FormatError> {
+    fn walk<'a>(
+        g: &'a GraphProto,
+        outer: &mut Vec<std::collections::HashSet<&'a str>>,
+    ) -> Result<(), FormatError> {
+        let mut here: std::collections::HashSet<&str> = g
+            .node
+            .iter()
+            .flat_map(|n| n.output.iter().map(String::as_str))
+            .chain(g.input.iter().map(|v| v.name.as_str()))
+            .chain(g.initializer.iter().map(|t| t.name.as_str()))
+            .collect();
+        here.remove("");
+        for o in &g.output {
+            if !here.contains(o.name.as_str()) && !outer.iter().any(|s| s.contains(o.name.as_str()))
+            {
+                return Err(FormatError::invalid(format!(
+                    "not a valid ONNX model: graph output {:?} is not produced by any node, input or initializer",
+                    crate::util::clip(&o.name)
+                )));
+            }
+        }
+        outer.push(here);
+        for n in &g.node {
+            for a in &n.attribute {
+                for sub in a.g.iter().chain(&a.graphs) {
+                    walk(sub, outer)?;
+                }
+            }
+        }
+        outer.pop();
+        Ok(())
+    }
+    walk(g, &mut Vec::new())
+}
+
 pub fn read(bytes: &[u8]) -> Result<TensorSet, FormatError> {
     let model = ModelProto::decode(bytes)
         .map_err(|e| FormatError::invalid(format!("not a valid ONNX model: {e}")))?;
@@ -490,6 +530,7 @@ pub fn read(bytes: &[u8]) -> Result<TensorSet, FormatError> {
     if graph.initializer.len() > super::limits::MAX_TENSORS {
         return Err(FormatError::invalid("too many initializers"));
     }
+    check_outputs_are_produced(graph)?;
     // Consumers across the main graph and every subgraph: a branch of an `If` may read an
     // initializer of the main graph (an outer-scope reference) or a Constant of its own.
     let mut nodes = Vec::new();

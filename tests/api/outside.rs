@@ -154,3 +154,86 @@ print(json.dumps(sorted(ok)))
     );
     assert!(documented.contains("application/json"), "{documented}");
 }
+
+/// Item 8: the data directory is the owner's alone: the directory 0700, the database (with
+/// every tenant's webhook secret), the signing key and every stored model 0600, also where
+/// an earlier release left the database world-readable.
+#[tokio::test]
+async fn the_data_directory_is_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let server = Process::start(
+        &["serve", "--workers", "0"],
+        &[("MODELPRESS_DATA_DIR", data.display().to_string())],
+    );
+    let client = reqwest::Client::new();
+    let r = client
+        .post(format!("{}/v1/models?name=m.onnx", server.base))
+        .body(case_file("mnist8/mnist-8.onnx"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&data), 0o700, "data directory");
+    let mut files = Vec::new();
+    let mut dirs = vec![data.clone()];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).unwrap().map(Result::unwrap) {
+            if e.file_type().unwrap().is_dir() {
+                assert_eq!(mode(&e.path()), 0o700, "{}", e.path().display());
+                dirs.push(e.path());
+            } else {
+                files.push(e.path());
+            }
+        }
+    }
+    assert!(files.iter().any(|f| f.ends_with("modelpress.db")));
+    assert!(files.len() >= 3, "{files:?}");
+    for f in &files {
+        assert_eq!(mode(f), 0o600, "{}", f.display());
+    }
+    server.terminate();
+}
+
+/// Item 5: mnist-8 with its graph output renamed (a one-byte change) made tract panic while
+/// building the model: the job failed `internal` and the CLI crashed (exit 101). It is
+/// refused at upload with `invalid_model` and the reason, and the CLI says so.
+#[tokio::test]
+async fn a_model_whose_output_nothing_produces_is_refused_at_upload_and_by_the_cli() {
+    use prost::Message;
+    let mut m =
+        tract_onnx::pb::ModelProto::decode(case_file("mnist8/mnist-8.onnx").as_slice()).unwrap();
+    let out = &mut m.graph.as_mut().unwrap().output[0].name;
+    let last = out.pop().unwrap();
+    out.push(if last == '0' { '1' } else { '0' });
+    let bytes = m.encode_to_vec();
+    let app = spawn_app().await;
+    let (status, body) = app
+        .post_bytes("/v1/models?name=m.onnx", bytes.clone())
+        .await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(error_code(&body), "invalid_model", "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("is not produced"),
+        "{body}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("m.onnx");
+    std::fs::write(&file, &bytes).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_modelpress"))
+        .args(["compress", file.to_str().unwrap(), "--preset", "int8", "-o"])
+        .arg(dir.path().join("out"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(101), "the CLI panicked: {stderr}");
+    assert!(!out.status.success());
+    assert!(stderr.contains("is not produced"), "{stderr}");
+}
