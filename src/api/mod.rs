@@ -106,9 +106,41 @@ pub fn router(state: AppState) -> Router {
     guarded(routes, &state)
         // Uploads are streamed to disk with their own limit; nothing is buffered whole.
         .layer(DefaultBodyLimit::disable())
+        .layer(axum::middleware::map_response(json_errors))
         .layer(axum::middleware::map_response(nosniff))
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)
+}
+
+/// Every error is `{"error": {"code", "message"}}`, also the ones axum's extractors answer
+/// in plain text before a handler runs (a path that is not UTF-8, a malformed query).
+async fn json_errors(resp: axum::response::Response) -> axum::response::Response {
+    use axum::http::header::CONTENT_TYPE;
+    use axum::response::IntoResponse;
+    let status = resp.status();
+    let plain = resp
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| t.starts_with("text/plain"));
+    if !(status.is_client_error() || status.is_server_error()) || !plain {
+        return resp;
+    }
+    let code = match status.as_u16() {
+        404 => ErrorCode::NotFound,
+        405 => ErrorCode::MethodNotAllowed,
+        413 => ErrorCode::PayloadTooLarge,
+        415 => ErrorCode::UnsupportedMediaType,
+        400..=499 => ErrorCode::InvalidRequest,
+        _ => ErrorCode::Internal,
+    };
+    let message = match axum::body::to_bytes(resp.into_body(), 4096).await {
+        Ok(b) if code != ErrorCode::Internal => String::from_utf8_lossy(&b).into_owned(),
+        _ => status.canonical_reason().unwrap_or("error").to_string(),
+    };
+    let mut out = ApiError::new(code, message).into_response();
+    *out.status_mut() = status;
+    out
 }
 
 /// Every answer says what it is: browsers must not guess a type from the content (an

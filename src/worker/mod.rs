@@ -238,11 +238,15 @@ async fn try_execute_one_as(state: &AppState, worker: &str) -> anyhow::Result<Ou
         Err(e) => {
             let (code, message) = attempt_error(&e);
             let backoff = retry_backoff_ms(state.config.retry_backoff_ms, attempt);
-            let _g = span.enter();
-            tracing::error!(error = %e, code = code.as_str(), backoff_ms = backoff, "attempt failed");
+            // In the job's span, but not across the await below: a span guard held over an
+            // await is entered on whichever thread resumes it (tracing-subscriber panicked).
+            span.in_scope(|| {
+                tracing::error!(error = %e, code = code.as_str(), backoff_ms = backoff, "attempt failed");
+            });
             match state
                 .queue
                 .retry_later(id, worker, code, &message, backoff as i64)
+                .instrument(span.clone())
                 .await
             {
                 Ok(Some(crate::queue::JobState::Failed)) => Ok(Outcome::Failed),

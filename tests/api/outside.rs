@@ -237,3 +237,18 @@ async fn a_model_whose_output_nothing_produces_is_refused_at_upload_and_by_the_c
     assert!(!out.status.success());
     assert!(stderr.contains("is not produced"), "{stderr}");
 }
+
+/// Item 10: an error axum answers before a handler runs (a path that is not UTF-8) has the
+/// JSON error shape too.
+#[tokio::test]
+async fn a_path_that_is_not_utf8_gets_the_json_error_shape() {
+    let app = spawn_app().await;
+    for path in ["/v1/models/%FF%FE", "/v1/jobs/%C3%28/artifacts/x"] {
+        let r = app.client.get(app.url(path)).send().await.unwrap();
+        let status = r.status().as_u16();
+        assert!((400..500).contains(&status), "{path}: {status}");
+        assert_eq!(r.headers()["content-type"], "application/json", "{path}");
+        let body: serde_json::Value = r.json().await.unwrap();
+        assert!(!error_code(&body).is_empty(), "{path}: {body}");
+    }
+}
