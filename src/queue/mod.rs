@@ -1,6 +1,7 @@
-//! Durable job queue and model catalog. Handlers and workers use the traits; `sqlite.rs` is
-//! the embedded implementation, `postgres.rs` the one a fleet of processes shares. The
-//! database URL picks one ([`open`]).
+//! Durable job queue and model catalog. Handlers and workers use the traits; `sql.rs` holds
+//! the statements both databases run, `sqlite.rs` the embedded database's own part and
+//! `postgres.rs` that of the one a fleet of processes shares. The database URL picks one
+//! ([`open`]).
 
 #[cfg(test)]
 mod contract;
@@ -8,6 +9,7 @@ mod contract;
 mod schema;
 
 pub mod postgres;
+mod sql;
 pub mod sqlite;
 
 use crate::error::{ApiError, ErrorCode};
