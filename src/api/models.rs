@@ -135,14 +135,45 @@ pub async fn get_one(
     Ok(Json(model_view(&find(&state, &caller.tenant, &id).await?)))
 }
 
+/// Most inventory entries one page holds, and how many a page holds unless `limit` says.
+const TENSOR_PAGE_MAX: usize = 10_000;
+const TENSOR_PAGE_DEFAULT: usize = 1_000;
+
+/// A page of the model's tensors in file order: `limit` entries from `cursor` (the
+/// `next_cursor` of the page before), with `total` and the next page's cursor.
 pub async fn tensors(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
+    let bad = |m: &str| ApiError::new(ErrorCode::InvalidRequest, m);
+    let limit = match q.get("limit") {
+        None => TENSOR_PAGE_DEFAULT,
+        Some(l) => l
+            .parse::<usize>()
+            .ok()
+            .filter(|l| (1..=TENSOR_PAGE_MAX).contains(l))
+            .ok_or_else(|| bad("limit must be an integer from 1 to 10000"))?,
+    };
+    let start = match q.get("cursor") {
+        None => 0,
+        // Digits only; a number past any model's end is an empty last page.
+        Some(c) if !c.is_empty() && c.bytes().all(|b| b.is_ascii_digit()) => {
+            c.parse::<usize>().unwrap_or(usize::MAX)
+        }
+        Some(_) => return Err(bad("cursor is not a value this API returned")),
+    };
     let m = find(&state, &caller.tenant, &id).await?;
-    let items: Value = serde_json::from_str(&m.tensors_json).map_err(ApiError::internal)?;
-    Ok(Json(json!({"model_id": m.id, "items": items})))
+    let mut items: Vec<Value> =
+        serde_json::from_str(&m.tensors_json).map_err(ApiError::internal)?;
+    let total = items.len();
+    let end = start.saturating_add(limit).min(total);
+    let page: Vec<Value> = items.drain(start.min(total)..end).collect();
+    let next = (end < total).then(|| end.to_string());
+    Ok(Json(
+        json!({"model_id": m.id, "items": page, "total": total, "next_cursor": next}),
+    ))
 }
 
 /// `?cascade=true` (or `1`): the model's finished jobs and their artifacts go with it.

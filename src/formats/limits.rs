@@ -1,8 +1,13 @@
 //! Caps applied to every parsed model. Each length read from a file is checked against
 //! these before anything is allocated (convention 8).
 
-/// Most tensors one model may hold.
-pub const MAX_TENSORS: usize = 1_000_000;
+/// Most tensors one model may hold. Real files hold hundreds to a few thousand (a large
+/// language model's shard about a thousand); every tensor costs memory in the inventory and
+/// in a job whatever its size, so a file of a million empty tensors is refused, not held.
+pub const MAX_TENSORS: usize = 100_000;
+/// Largest safetensors header: a hundred thousand entries of ~120 bytes with room for the
+/// free-form `__metadata__` (the `safetensors` crate itself allows 100 MB).
+pub const MAX_SAFETENSORS_HEADER_BYTES: usize = 32 << 20;
 pub use crate::model::{MAX_ELEMENTS, MAX_NAME_BYTES, MAX_RANK};
 /// Largest .npy header (numpy itself never writes more than a few hundred bytes).
 pub const MAX_NPY_HEADER_BYTES: usize = 1 << 20;

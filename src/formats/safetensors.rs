@@ -1,6 +1,7 @@
 //! safetensors, through the `safetensors` crate (which validates the header, offsets and
 //! overlaps itself; see its `Metadata::validate`).
 
+use super::limits::{MAX_SAFETENSORS_HEADER_BYTES, MAX_TENSORS};
 use super::{Container, DType, Format, FormatError, Tensor, TensorSet};
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
@@ -48,7 +49,9 @@ fn dtype_to(d: DType) -> Dtype {
 }
 
 /// The keys of a JSON object in file order, a repeated key kept each time (serde's maps
-/// and the safetensors crate keep only the last).
+/// and the safetensors crate keep only the last). Read before anything else parses the
+/// header, it stops at the tensor cap: a header of a million entries is refused having
+/// held a hundred thousand names, not a million parsed entries three times over.
 struct HeaderKeys(Vec<String>);
 
 impl<'de> serde::Deserialize<'de> for HeaderKeys {
@@ -63,10 +66,16 @@ impl<'de> serde::Deserialize<'de> for HeaderKeys {
                 self,
                 mut m: A,
             ) -> Result<HeaderKeys, A::Error> {
-                let mut keys = Vec::new();
+                let (mut keys, mut tensors) = (Vec::new(), 0usize);
                 while let Some(k) = m.next_key::<String>()? {
                     m.next_value::<serde::de::IgnoredAny>()?;
+                    tensors += usize::from(k != "__metadata__");
                     keys.push(k);
+                    if tensors > MAX_TENSORS {
+                        return Err(serde::de::Error::custom(format!(
+                            "too many tensors (at most {MAX_TENSORS})"
+                        )));
+                    }
                 }
                 Ok(HeaderKeys(keys))
             }
@@ -75,22 +84,50 @@ impl<'de> serde::Deserialize<'de> for HeaderKeys {
     }
 }
 
+/// The header's JSON text: its length (the file's first 8 bytes) is checked against the
+/// file and [`MAX_SAFETENSORS_HEADER_BYTES`] before it is read.
+fn header(bytes: &[u8]) -> Result<&[u8], FormatError> {
+    let len = bytes
+        .get(..8)
+        .map(|b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])))
+        .ok_or_else(|| {
+            FormatError::invalid("safetensors: shorter than its 8-byte header length")
+        })?;
+    if len > MAX_SAFETENSORS_HEADER_BYTES as u64 {
+        return Err(FormatError::invalid(format!(
+            "safetensors: a {len}-byte header (at most {MAX_SAFETENSORS_HEADER_BYTES})"
+        )));
+    }
+    bytes.get(8..8 + len as usize).ok_or_else(|| {
+        FormatError::invalid(format!(
+            "safetensors: a {len}-byte header in a shorter file"
+        ))
+    })
+}
+
 pub fn read(bytes: &[u8]) -> Result<TensorSet, FormatError> {
-    let (header_len, meta) = SafeTensors::read_metadata(bytes)
-        .map_err(|e| FormatError::invalid(format!("safetensors: {e}")))?;
-    // read_metadata checked the header's length against the file and parsed it.
-    let header = bytes.get(8..8 + header_len).unwrap_or_default();
-    let keys: HeaderKeys = serde_json::from_slice(header)
+    let keys: HeaderKeys = serde_json::from_slice(header(bytes)?)
         .map_err(|e| FormatError::invalid(format!("safetensors header: {e}")))?;
     super::limits::unique_names(keys.0.iter().map(String::as_str), "safetensors header key")?;
+    let (_, meta) = SafeTensors::read_metadata(bytes)
+        .map_err(|e| FormatError::invalid(format!("safetensors: {e}")))?;
     let st = SafeTensors::deserialize(bytes)
         .map_err(|e| FormatError::invalid(format!("safetensors: {e}")))?;
-    if st.len() > super::limits::MAX_TENSORS {
-        return Err(FormatError::invalid("too many tensors"));
-    }
-    // Keep the file's own order (by offset) so inventories read the way the file does.
+    // Keep the file's own order (by offset) so inventories read the way the file does;
+    // empty tensors share an offset, and keep their order in the header.
+    let position: HashMap<&str, usize> = keys
+        .0
+        .iter()
+        .enumerate()
+        .map(|(i, k)| (k.as_str(), i))
+        .collect();
+    let mut names = meta.offset_keys();
+    names.sort_by_key(|n| {
+        let offset = meta.info(n).map(|i| i.data_offsets.0);
+        (offset, position.get(n.as_str()).copied())
+    });
     let mut tensors = Vec::with_capacity(st.len());
-    for name in meta.offset_keys() {
+    for name in names {
         let view = st
             .tensor(&name)
             .map_err(|e| FormatError::invalid(format!("safetensors: {e}")))?;
@@ -173,4 +210,42 @@ fn canonical_header(bytes: Vec<u8>) -> Result<Vec<u8>, FormatError> {
     out.extend_from_slice(&text);
     out.extend_from_slice(&bytes[end..]);
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A safetensors file of `n` empty tensors (the header amplification of the outside test:
+    /// every entry costs memory, none costs bytes).
+    fn empty_tensors(n: usize) -> Vec<u8> {
+        let entries: Vec<String> = (0..n)
+            .map(|i| format!(r#""t{i}":{{"dtype":"F32","shape":[0],"data_offsets":[0,0]}}"#))
+            .collect();
+        let header = format!("{{{}}}", entries.join(","));
+        let mut out = (header.len() as u64).to_le_bytes().to_vec();
+        out.extend_from_slice(header.as_bytes());
+        out
+    }
+
+    #[test]
+    fn a_header_of_more_tensors_than_the_cap_is_refused() {
+        let err = read(&empty_tensors(MAX_TENSORS + 1))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("too many tensors"), "{err}");
+        assert_eq!(read(&empty_tensors(1000)).unwrap().tensors.len(), 1000);
+    }
+
+    #[test]
+    fn a_header_longer_than_the_cap_is_refused_before_it_is_read() {
+        let len = MAX_SAFETENSORS_HEADER_BYTES + 8;
+        let mut file = (len as u64).to_le_bytes().to_vec();
+        file.extend_from_slice(b"{}");
+        file.resize(8 + len, b' ');
+        let err = read(&file).unwrap_err().to_string();
+        assert!(err.contains("-byte header (at most"), "{err}");
+        let err = read(&file[..100]).unwrap_err().to_string();
+        assert!(err.contains("-byte header"), "{err}");
+    }
 }
