@@ -79,6 +79,18 @@ impl Signer {
         }
     }
 
+    /// A 32-byte key for `purpose`, derived from the signing key's seed (HMAC-SHA256 keyed
+    /// by the seed over the purpose): what must stay out of the database is keyed by what
+    /// lives beside the signing key, in its 0600 file.
+    pub fn derive_key(&self, purpose: &str) -> [u8; 32] {
+        use hmac::{KeyInit, Mac};
+        let mut mac = hmac::Hmac::<sha2_11::Sha256>::new_from_slice(&self.key.to_bytes())
+            .expect("HMAC takes any key length");
+        mac.update(b"modelpress derived key\0");
+        mac.update(purpose.as_bytes());
+        mac.finalize().into_bytes().into()
+    }
+
     pub fn public_key(&self) -> VerifyingKey {
         self.key.verifying_key()
     }

@@ -121,6 +121,15 @@ impl Application {
             instance_id: format!("{}-{}", std::process::id(), Uuid::new_v4().simple()),
             config,
         }));
+        // Secrets an earlier version stored in plain text are sealed before anything reads them.
+        let seal = crate::webhook::SecretSeal::of(&state.signer);
+        let sealed = crate::webhook::seal_plain_secrets(state.webhooks.as_ref(), &seal).await?;
+        if sealed > 0 {
+            tracing::info!(
+                tenants = sealed,
+                "sealed webhook secrets stored in plain text"
+            );
+        }
         if db.shared() {
             connect_processes(&state, &db).await?;
         }
@@ -157,6 +166,7 @@ impl Application {
                 poll_ms: state.config.webhook_poll_ms,
                 retry_base_ms: state.config.webhook_retry_base_ms,
                 give_up_secs: state.config.webhook_give_up_secs,
+                seal: crate::webhook::SecretSeal::of(&state.signer),
             },
             deliveries_stop.clone(),
         );

@@ -14,7 +14,7 @@
 //!   the addresses that were checked (pinned, no second lookup), through no proxy, and
 //!   redirects are not followed.
 
-use crate::queue::{DeliveryOutcome, DeliveryRecord, JobQueue, WebhookOutbox};
+use crate::queue::{DeliveryOutcome, DeliveryRecord, JobQueue, QueueError, WebhookOutbox};
 use hmac::{KeyInit, Mac};
 use serde_json::{json, Value};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -279,6 +279,120 @@ pub fn new_secret() -> String {
     format!("whsec_{}", hex::encode(b))
 }
 
+/// How tenants' webhook secrets rest in the database: sealed, never in plain text (issue 30
+/// item 8). A stored value is `sealed:v1:NONCE:CIPHERTEXT:TAG` (hex): the secret XORed with an
+/// HMAC-SHA256 keystream over a random nonce, and an HMAC tag binding it to its tenant. The
+/// key is derived from the server's signing key, which lives in its own 0600 file (a fleet's
+/// processes share it): a copy of the database alone yields no secret.
+#[derive(Clone)]
+pub struct SecretSeal {
+    key: [u8; 32],
+}
+
+const SEALED: &str = "sealed:v1:";
+
+impl SecretSeal {
+    pub fn new(key: [u8; 32]) -> SecretSeal {
+        SecretSeal { key }
+    }
+
+    /// The seal of the server whose signing key is `signer`.
+    pub fn of(signer: &crate::manifest::Signer) -> SecretSeal {
+        SecretSeal::new(signer.derive_key("webhook secrets"))
+    }
+
+    /// HMAC-SHA256 under the seal's key over length-prefixed parts.
+    fn mac(&self, parts: &[&[u8]]) -> HmacSha256 {
+        let mut mac = HmacSha256::new_from_slice(&self.key).expect("HMAC takes any key length");
+        for p in parts {
+            mac.update(&(p.len() as u64).to_le_bytes());
+            mac.update(p);
+        }
+        mac
+    }
+
+    fn xor_keystream(&self, nonce: &[u8], data: &mut [u8]) {
+        for (block, chunk) in data.chunks_mut(32).enumerate() {
+            let pad = self.mac(&[b"stream", nonce, &(block as u64).to_le_bytes()]);
+            for (d, k) in chunk.iter_mut().zip(pad.finalize().into_bytes()) {
+                *d ^= k;
+            }
+        }
+    }
+
+    pub fn seal(&self, tenant: &str, secret: &str) -> String {
+        let mut nonce = [0u8; 16];
+        getrandom::fill(&mut nonce).expect("the OS has randomness");
+        let mut data = secret.as_bytes().to_vec();
+        self.xor_keystream(&nonce, &mut data);
+        let tag = self.mac(&[b"tag", tenant.as_bytes(), &nonce, &data]);
+        let tag = &tag.finalize().into_bytes()[..16];
+        format!(
+            "{SEALED}{}:{}:{}",
+            hex::encode(nonce),
+            hex::encode(&data),
+            hex::encode(tag)
+        )
+    }
+
+    /// The secret a stored value seals for `tenant`.
+    pub fn open(&self, tenant: &str, stored: &str) -> Result<String, String> {
+        let parts: Vec<Vec<u8>> = stored
+            .strip_prefix(SEALED)
+            .ok_or("not a sealed value")?
+            .split(':')
+            .map(hex::decode)
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("a sealed webhook secret: {e}"))?;
+        let [nonce, data, tag] = parts.as_slice() else {
+            return Err("a sealed webhook secret has three parts".into());
+        };
+        self.mac(&[b"tag", tenant.as_bytes(), nonce, data])
+            .verify_truncated_left(tag)
+            .map_err(|_| {
+                "a webhook secret sealed under another signing key (every process of a fleet \
+                 must name one --signing-key-file) or altered"
+                    .to_string()
+            })?;
+        let mut data = data.clone();
+        self.xor_keystream(nonce, &mut data);
+        String::from_utf8(data).map_err(|_| "a sealed webhook secret is not text".into())
+    }
+}
+
+/// The tenant's webhook secret, made and stored sealed on first use. A value some earlier
+/// server stored in plain text is sealed in its place.
+pub async fn tenant_secret(
+    outbox: &dyn WebhookOutbox,
+    seal: &SecretSeal,
+    tenant: &str,
+) -> Result<String, QueueError> {
+    let stored = outbox
+        .webhook_secret(tenant, &seal.seal(tenant, &new_secret()))
+        .await?;
+    if stored.starts_with(SEALED) {
+        return seal.open(tenant, &stored).map_err(QueueError::Corrupt);
+    }
+    outbox
+        .reseal_webhook_secret(tenant, &stored, &seal.seal(tenant, &stored))
+        .await?;
+    Ok(stored)
+}
+
+/// Seals every webhook secret an earlier server stored in plain text (at start-up).
+pub async fn seal_plain_secrets(
+    outbox: &dyn WebhookOutbox,
+    seal: &SecretSeal,
+) -> Result<usize, QueueError> {
+    let plain = outbox.plain_webhook_secrets(SEALED).await?;
+    for (tenant, secret) in &plain {
+        outbox
+            .reseal_webhook_secret(tenant, secret, &seal.seal(tenant, secret))
+            .await?;
+    }
+    Ok(plain.len())
+}
+
 /// The backoff after `attempts` failed deliveries: `base_ms` doubled each time, at most an hour.
 pub fn backoff_ms(base_ms: u64, attempts: i64) -> i64 {
     let doublings = (attempts.clamp(1, 30) - 1) as u32;
@@ -299,6 +413,8 @@ pub struct Deliverer {
     pub retry_base_ms: u64,
     /// A delivery not made this long after its job ended is given up.
     pub give_up_secs: u64,
+    /// How the tenants' secrets rest in the outbox.
+    pub seal: SecretSeal,
 }
 
 /// Sends due deliveries every second until shutdown.
@@ -393,9 +509,7 @@ async fn attempt_delivery(
         "job": crate::views::job_view(&job, &artifacts),
     }))
     .map_err(|e| (None, e.to_string(), true))?;
-    let secret = state
-        .outbox
-        .webhook_secret(&d.tenant_id, &new_secret())
+    let secret = tenant_secret(state.outbox.as_ref(), &state.seal, &d.tenant_id)
         .await
         .map_err(|e| (None, e.to_string(), false))?;
     let t = crate::util::now_ms() / 1000;
@@ -427,6 +541,68 @@ async fn attempt_delivery(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_sealed_secret_opens_for_its_tenant_under_its_key_only() {
+        let seal = SecretSeal::new([7; 32]);
+        let secret = new_secret();
+        let stored = seal.seal("acme", &secret);
+        assert!(stored.starts_with(SEALED) && !stored.contains(&secret["whsec_".len()..]));
+        assert_eq!(seal.open("acme", &stored).unwrap(), secret);
+        assert_ne!(
+            stored,
+            seal.seal("acme", &secret),
+            "a fresh nonce each time"
+        );
+        assert!(seal.open("other", &stored).is_err(), "bound to its tenant");
+        assert!(SecretSeal::new([8; 32]).open("acme", &stored).is_err());
+        let mut flipped = stored.clone().into_bytes();
+        let at = SEALED.len() + 40;
+        flipped[at] = if flipped[at] == b'0' { b'1' } else { b'0' };
+        let flipped = String::from_utf8(flipped).unwrap();
+        assert!(seal.open("acme", &flipped).is_err(), "altered ciphertext");
+        for bad in ["whsec_00", "sealed:v1:zz:00:00", "sealed:v1:00:00"] {
+            assert!(seal.open("acme", bad).is_err(), "{bad}");
+        }
+    }
+
+    /// A database an earlier version wrote holds secrets in plain text: the start-up pass
+    /// seals them in place, and the tenant keeps the secret its receivers verify with.
+    #[tokio::test]
+    async fn secrets_stored_in_plain_text_are_sealed_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("q.db").display());
+        let db = crate::queue::sqlite::SqliteStore::open(&url).await.unwrap();
+        use crate::queue::KeyStore;
+        for tenant in ["acme", "beta"] {
+            let key = crate::queue::KeyRecord {
+                id: uuid::Uuid::now_v7(),
+                tenant_id: tenant.into(),
+                scope: "admin".into(),
+                prefix: "mp_test".into(),
+                created_at: 1,
+                revoked_at: None,
+                last_used_at: None,
+            };
+            db.insert_key(&key, &format!("hash-{tenant}"))
+                .await
+                .unwrap();
+        }
+        let old = new_secret();
+        assert_eq!(db.webhook_secret("acme", &old).await.unwrap(), old);
+        let seal = SecretSeal::new([9; 32]);
+        assert_eq!(seal_plain_secrets(&db, &seal).await.unwrap(), 1);
+        assert_eq!(seal_plain_secrets(&db, &seal).await.unwrap(), 0);
+        let stored = db.webhook_secret("acme", "unused").await.unwrap();
+        assert!(stored.starts_with(SEALED), "{stored}");
+        assert_eq!(tenant_secret(&db, &seal, "acme").await.unwrap(), old);
+        // A new tenant's secret is made sealed, and is the same on every read.
+        let fresh = tenant_secret(&db, &seal, "beta").await.unwrap();
+        assert!(fresh.starts_with("whsec_"));
+        assert_eq!(tenant_secret(&db, &seal, "beta").await.unwrap(), fresh);
+        assert!(db.plain_webhook_secrets(SEALED).await.unwrap().is_empty());
+        db.close().await;
+    }
 
     /// 6to4 and Teredo carry an IPv4 address, NAT64 reaches one: each is judged by it.
     #[test]

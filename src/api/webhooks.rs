@@ -29,10 +29,9 @@ pub async fn secret(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
 ) -> Result<Json<Value>, ApiError> {
-    let secret = state
-        .webhooks
-        .webhook_secret(&caller.tenant, &crate::webhook::new_secret())
-        .await?;
+    let seal = crate::webhook::SecretSeal::of(&state.signer);
+    let secret =
+        crate::webhook::tenant_secret(state.webhooks.as_ref(), &seal, &caller.tenant).await?;
     Ok(Json(json!({
         "tenant": caller.tenant,
         "secret": secret,

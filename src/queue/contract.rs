@@ -636,6 +636,26 @@ pub async fn the_webhook_outbox(db: Db, clock: Arc<ManualClock>) {
         db.webhook_secret(T, "whsec_second").await.unwrap(),
         "whsec_first"
     );
+    // Sealing a secret stored in plain text: replaced only while it is still the old value.
+    let plain = db.plain_webhook_secrets("sealed:").await.unwrap();
+    assert_eq!(plain, vec![(T.to_string(), "whsec_first".to_string())]);
+    assert!(!db
+        .reseal_webhook_secret(T, "whsec_other", "sealed:x")
+        .await
+        .unwrap());
+    assert!(db
+        .reseal_webhook_secret(T, "whsec_first", "sealed:x")
+        .await
+        .unwrap());
+    assert!(db
+        .plain_webhook_secrets("sealed:")
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        db.webhook_secret(T, "whsec_third").await.unwrap(),
+        "sealed:x"
+    );
     let spec =
         serde_json::json!({"preset": "int8", "webhook": {"url": "https://example.com/hook"}});
     let Enqueued::Created(job) = db.enqueue(new_job(T, m.id, spec, 3)).await.unwrap() else {

@@ -372,6 +372,20 @@ pub enum DeliveryOutcome {
 pub trait WebhookOutbox: Send + Sync + 'static {
     /// The tenant's webhook secret; `fresh` becomes it if the tenant has none yet.
     async fn webhook_secret(&self, tenant: &str, fresh: &str) -> Result<String, QueueError>;
+    /// Replaces the tenant's stored secret `old` by `new` (sealing it); false when it is no
+    /// longer `old`.
+    async fn reseal_webhook_secret(
+        &self,
+        tenant: &str,
+        old: &str,
+        new: &str,
+    ) -> Result<bool, QueueError>;
+    /// The (tenant, secret) pairs whose stored secret does not start with `sealed` (written
+    /// by a server that did not seal them).
+    async fn plain_webhook_secrets(
+        &self,
+        sealed: &str,
+    ) -> Result<Vec<(String, String)>, QueueError>;
     /// Pending deliveries due at `now`, locked for `lock_ms` so that no other process sends
     /// them meanwhile.
     async fn due_deliveries(

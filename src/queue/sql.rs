@@ -909,6 +909,28 @@ macro_rules! sql_store {
                     )
                 }
 
+                async fn reseal_webhook_secret(&self, tenant: &str, old: &str, new: &str) -> Result<bool, QueueError> {
+                    let r = sqlx::query(
+                        "UPDATE tenant_secrets SET webhook_secret = $3 WHERE tenant_id = $1 AND webhook_secret = $2",
+                    )
+                    .bind(tenant)
+                    .bind(old)
+                    .bind(new)
+                    .execute(&self.writer)
+                    .await?;
+                    Ok(r.rows_affected() == 1)
+                }
+
+                async fn plain_webhook_secrets(&self, sealed: &str) -> Result<Vec<(String, String)>, QueueError> {
+                    Ok(sqlx::query_as(
+                        "SELECT tenant_id, webhook_secret FROM tenant_secrets \
+                         WHERE substr(webhook_secret, 1, length($1)) <> $1 ORDER BY tenant_id",
+                    )
+                    .bind(sealed)
+                    .fetch_all(&self.writer)
+                    .await?)
+                }
+
                 async fn due_deliveries(
                     &self,
                     now: i64,

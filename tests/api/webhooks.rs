@@ -373,3 +373,37 @@ async fn every_job_has_a_signed_manifest_that_verify_checks() {
     assert!(said.contains("missing  model.onnx"), "{said}");
     app.stop().await;
 }
+
+/// The data directory never holds a tenant's webhook secret in plain text (issue 30 item 8):
+/// the database keeps it sealed under a key derived from the signing key.
+#[tokio::test]
+async fn no_file_of_the_data_directory_holds_the_webhook_secret() {
+    let app = spawn_app().await;
+    let (status, first) = app.get_json("/v1/webhook-secret").await;
+    assert_eq!(status, 200, "{first}");
+    let secret = first["secret"].as_str().unwrap().to_string();
+    let (_, again) = app.get_json("/v1/webhook-secret").await;
+    assert_eq!(again["secret"], first["secret"], "made once, then kept");
+    let digits = secret.trim_start_matches("whsec_").as_bytes().to_vec();
+    assert_eq!(digits.len(), 64);
+    let mut files = 0;
+    let mut stack = vec![app.dir.path().to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            let bytes = std::fs::read(&path).unwrap();
+            files += 1;
+            assert!(
+                !bytes.windows(digits.len()).any(|w| w == digits.as_slice()),
+                "{} holds the secret",
+                path.display()
+            );
+        }
+    }
+    assert!(files >= 2, "the database and the signing key were read");
+    app.stop().await;
+}
