@@ -152,7 +152,15 @@ pub struct ApiError {
     pub message: String,
     /// Seconds for a `Retry-After` header (429).
     pub retry_after: Option<u64>,
+    /// A write failed for lack of space (not a quota or floor refusal): the response carries
+    /// [`DiskFull`], so `/readyz` can say so.
+    pub disk_full: bool,
 }
+
+/// The mark of a response to a write that the file system or database refused for lack of
+/// space.
+#[derive(Debug, Clone, Copy)]
+pub struct DiskFull;
 
 impl ApiError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> ApiError {
@@ -160,6 +168,7 @@ impl ApiError {
             code,
             message: message.into(),
             retry_after: None,
+            disk_full: false,
         }
     }
 
@@ -180,10 +189,13 @@ impl ApiError {
     }
 
     pub fn disk_full() -> ApiError {
-        ApiError::new(
-            ErrorCode::InsufficientStorage,
-            "the server's disk is full; nothing was stored (delete models, datasets or jobs, or free space on the server)",
-        )
+        ApiError {
+            disk_full: true,
+            ..ApiError::new(
+                ErrorCode::InsufficientStorage,
+                "the server's disk is full; nothing was stored (delete models, datasets or jobs, or free space on the server)",
+            )
+        }
     }
 }
 
@@ -208,6 +220,9 @@ impl IntoResponse for ApiError {
         let body =
             serde_json::json!({"error": {"code": self.code.as_str(), "message": self.message}});
         let mut r = (self.code.status(), Json(body)).into_response();
+        if self.disk_full {
+            r.extensions_mut().insert(DiskFull);
+        }
         if let Some(secs) = self.retry_after {
             r.headers_mut()
                 .insert(axum::http::header::RETRY_AFTER, secs.into());

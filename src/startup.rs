@@ -119,6 +119,7 @@ impl Application {
                 None => crate::manifest::Signer::load_or_create(&config.data_dir)?,
             }),
             instance_id: format!("{}-{}", std::process::id(), Uuid::new_v4().simple()),
+            disk_full_at: std::sync::atomic::AtomicI64::new(0),
             config,
         }));
         // Secrets an earlier version stored in plain text are sealed before anything reads them.

@@ -45,6 +45,37 @@ pub struct Inner {
     pub signer: Arc<crate::manifest::Signer>,
     /// Distinguishes this process's leases from another's.
     pub instance_id: String,
+    /// When (Unix ms; 0: never) a write last failed for lack of space, with no write done
+    /// since: `/readyz` answers 503 for a while after ([`Inner::disk_full_recently`]).
+    pub disk_full_at: std::sync::atomic::AtomicI64,
+}
+
+/// How long `/readyz` says "not ready" after a write failed for lack of space (unless a write
+/// succeeds first): long enough for a load balancer to turn away, short enough that a
+/// server nothing is sent to can be tried again.
+pub const DISK_FULL_HOLD_MS: i64 = 30_000;
+
+impl Inner {
+    /// Records a write that failed for lack of space.
+    pub fn note_disk_full(&self) {
+        let now = crate::util::now_ms();
+        self.disk_full_at
+            .store(now, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Records a write that succeeded: there is room again.
+    pub fn note_write_done(&self) {
+        self.disk_full_at
+            .store(0, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// How many ms ago a write failed for lack of space, if within [`DISK_FULL_HOLD_MS`] and
+    /// no write succeeded since.
+    pub fn disk_full_recently(&self) -> Option<i64> {
+        let at = self.disk_full_at.load(std::sync::atomic::Ordering::Relaxed);
+        let ago = crate::util::now_ms() - at;
+        (at != 0 && ago < DISK_FULL_HOLD_MS).then_some(ago)
+    }
 }
 
 #[derive(Clone)]

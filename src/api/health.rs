@@ -25,13 +25,14 @@ pub async fn readyz(State(state): State<AppState>) -> Result<Json<Value>, ApiErr
     } else {
         None
     };
-    if db && blobs && disk_ok && scratch.is_none() && !draining {
+    let refused = state.disk_full_recently();
+    if db && blobs && disk_ok && scratch.is_none() && !draining && refused.is_none() {
         Ok(Json(json!({"status": "ready", "free_bytes": free})))
     } else {
         Err(ApiError::new(
             ErrorCode::Unavailable,
             format!(
-                "not ready: database {}, blob store {}, disk {}, scratch {}, draining {draining}",
+                "not ready: database {}, blob store {}, disk {}{}, scratch {}, draining {draining}",
                 if db { "ok" } else { "down" },
                 if blobs { "ok" } else { "down" },
                 match free {
@@ -41,6 +42,10 @@ pub async fn readyz(State(state): State<AppState>) -> Result<Json<Value>, ApiErr
                     ),
                     _ => "ok".into(),
                 },
+                refused.map_or(String::new(), |ms| format!(
+                    " (a write failed for lack of space {:.1} s ago)",
+                    ms as f64 / 1000.0
+                )),
                 scratch.as_deref().unwrap_or("ok"),
             ),
         ))

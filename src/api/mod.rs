@@ -107,6 +107,10 @@ pub fn router(state: AppState) -> Router {
         // Uploads are streamed to disk with their own limit; nothing is buffered whole.
         .layer(DefaultBodyLimit::disable())
         .layer(axum::middleware::map_response(json_errors))
+        .layer(axum::middleware::map_response_with_state(
+            state.clone(),
+            watch_space,
+        ))
         .layer(axum::middleware::map_response(nosniff))
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)
@@ -141,6 +145,21 @@ async fn json_errors(resp: axum::response::Response) -> axum::response::Response
     let mut out = ApiError::new(code, message).into_response();
     *out.status_mut() = status;
     out
+}
+
+/// A write refused for lack of space makes `/readyz` say so for a while; a write that
+/// succeeds (any 2xx to a POST, PUT or DELETE) shows there is room again.
+async fn watch_space(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    method: axum::http::Method,
+    resp: axum::response::Response,
+) -> axum::response::Response {
+    if resp.extensions().get::<crate::error::DiskFull>().is_some() {
+        state.note_disk_full();
+    } else if resp.status().is_success() && method != axum::http::Method::GET {
+        state.note_write_done();
+    }
+    resp
 }
 
 /// Every answer says what it is: browsers must not guess a type from the content (an

@@ -98,6 +98,9 @@ pub fn spawn_pool(state: AppState, workers: usize) -> Vec<tokio::task::JoinHandl
                             // The queue itself failed (a database error): back off, doubling
                             // up to 30 s, so a broken database does not spin the loop.
                             errors += 1;
+                            if attempt_error(&e).0 == ErrorCode::InsufficientStorage {
+                                state.note_disk_full();
+                            }
                             let pause = retry_backoff_ms(500, errors).min(30_000);
                             tracing::error!(error = %e, pause_ms = pause, "worker loop error");
                             tokio::select! {
@@ -237,6 +240,9 @@ async fn try_execute_one_as(state: &AppState, worker: &str) -> anyhow::Result<Ou
     let outcome = match outcome {
         Err(e) => {
             let (code, message) = attempt_error(&e);
+            if code == ErrorCode::InsufficientStorage {
+                state.note_disk_full();
+            }
             let backoff = retry_backoff_ms(state.config.retry_backoff_ms, attempt);
             // In the job's span, but not across the await below: a span guard held over an
             // await is entered on whichever thread resumes it (tracing-subscriber panicked).
@@ -256,6 +262,10 @@ async fn try_execute_one_as(state: &AppState, worker: &str) -> anyhow::Result<Ou
                 // the job (the attempt was counted when it was claimed).
                 Err(db) => Err(anyhow::Error::from(db).context(e.to_string())),
             }
+        }
+        Ok(Outcome::Succeeded) => {
+            state.note_write_done();
+            Ok(Outcome::Succeeded)
         }
         ok => ok,
     };

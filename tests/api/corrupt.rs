@@ -832,6 +832,34 @@ async fn writes_that_hit_enospc_get_507_and_deletes_still_work() {
     app.stop().await;
 }
 
+/// With no free-space floor, a write that hits ENOSPC makes `/readyz` answer 503 (a load
+/// balancer turns away from a server whose disk refuses writes, though the floor check sees
+/// nothing wrong) until a write succeeds again.
+#[tokio::test]
+async fn after_a_write_fails_for_space_readyz_says_so_until_a_write_succeeds() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mnt, _guard) = small_tmpfs(dir.path());
+    let app = crate::helpers::spawn_app_with(|c| {
+        c.data_dir = mnt.join("data");
+        c.min_free_bytes = 0;
+    })
+    .await;
+    let (s, v) = app.get_json("/readyz").await;
+    assert_eq!(s, 200, "{v}");
+    let (stored, _) = fill_with_datasets(&app).await;
+    let (s, v) = app.get_json("/readyz").await;
+    assert_eq!(s, 503, "{v}");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("a write failed for lack of space"), "{msg}");
+    // Liveness is not readiness: the process itself is fine.
+    let (s, _) = app.get_json("/healthz").await;
+    assert_eq!(s, 200);
+    free_and_upload_again(&app, &stored, &mnt.join("data")).await;
+    let (s, v) = app.get_json("/readyz").await;
+    assert_eq!(s, 200, "{v}");
+    app.stop().await;
+}
+
 /// A full disk: uploads get 507 insufficient_storage (never a 500), nothing half-stored is
 /// listed, /readyz says the disk is nearly full, and deleting frees room again without a
 /// restart. The data directory is a 4 MiB tmpfs (the test machines run as root).
