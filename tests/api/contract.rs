@@ -48,8 +48,19 @@ print("valid", len(doc["paths"]))
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn schemathesis_finds_no_mismatch_between_the_server_and_openapi_yaml() {
     let app = spawn_app().await;
-    mnist_int8_job(&app).await;
+    let job = mnist_int8_job(&app).await;
     app.drain().await;
+    let (_, j) = app.get_json(&format!("/v1/jobs/{job}")).await;
+    assert_eq!(j["state"], "succeeded", "{j}");
+    let model = j["model_id"].as_str().unwrap().to_string();
+    let dataset = upload_dataset(&app, "mnist8/eval.npz").await;
+    let dataset = dataset["id"].as_str().unwrap().to_string();
+    let spare_model = app
+        .upload(case_file("mnist8/mnist-8.onnx"), "spare.onnx")
+        .await;
+    let spare_model = spare_model["id"].as_str().unwrap().to_string();
+    let spare_dataset = upload_dataset(&app, "mnist8/eval.npz").await;
+    let spare_dataset = spare_dataset["id"].as_str().unwrap().to_string();
     let base = app.base.clone();
     let report = app.dir.path().join("schemathesis");
     let (ok, out) = tokio::task::spawn_blocking(move || {
@@ -75,7 +86,13 @@ async fn schemathesis_finds_no_mismatch_between_the_server_and_openapi_yaml() {
             .arg("--report-dir")
             .arg(&report)
             .env("NO_COLOR", "1")
-            .env("SCHEMATHESIS_TELEMETRY", "false"))
+            .env("SCHEMATHESIS_TELEMETRY", "false")
+            // The ids tests/schemathesis.toml gives the operations on one thing.
+            .env("MP_MODEL_ID", &model)
+            .env("MP_DATASET_ID", &dataset)
+            .env("MP_JOB_ID", &job)
+            .env("MP_SPARE_MODEL_ID", &spare_model)
+            .env("MP_SPARE_DATASET_ID", &spare_dataset))
     })
     .await
     .unwrap();
@@ -89,6 +106,11 @@ async fn schemathesis_finds_no_mismatch_between_the_server_and_openapi_yaml() {
         .collect::<Vec<_>>()
         .join("\n");
     assert!(ok, "schemathesis found mismatches:\n{tail}");
+    // With the real ids, every operation on one thing reaches its handler.
+    assert!(
+        !out.contains("Missing test data"),
+        "operations that only met 404:\n{tail}"
+    );
     app.stop().await;
 }
 
