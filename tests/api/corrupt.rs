@@ -814,21 +814,31 @@ async fn free_and_upload_again(
     assert!(staged.is_empty(), "refused uploads left files: {staged:?}");
 }
 
+/// A server on a small tmpfs under `dir` with no free-space floor, so that writes really hit
+/// ENOSPC; its data directory, and the guard that unmounts the tmpfs.
+async fn app_without_a_floor(
+    dir: &std::path::Path,
+) -> (crate::helpers::TestApp, std::path::PathBuf, Unmount) {
+    let (mnt, guard) = small_tmpfs(dir);
+    let data = mnt.join("data");
+    let app = crate::helpers::spawn_app_with(|c| {
+        c.data_dir = data.clone();
+        c.min_free_bytes = 0;
+    })
+    .await;
+    (app, data, guard)
+}
+
 /// With no free-space floor the disk really fills: the write that hits ENOSPC (or the
 /// database's SQLITE_FULL) answers 507, never 500, and deleting through the API recovers.
 #[tokio::test]
 async fn writes_that_hit_enospc_get_507_and_deletes_still_work() {
     let dir = tempfile::tempdir().unwrap();
-    let (mnt, _guard) = small_tmpfs(dir.path());
-    let app = crate::helpers::spawn_app_with(|c| {
-        c.data_dir = mnt.join("data");
-        c.min_free_bytes = 0;
-    })
-    .await;
+    let (app, data, _guard) = app_without_a_floor(dir.path()).await;
     let (stored, refused) = fill_with_datasets(&app).await;
     let msg = refused["error"]["message"].as_str().unwrap();
     assert!(msg.contains("disk is full"), "{msg}");
-    free_and_upload_again(&app, &stored, &mnt.join("data")).await;
+    free_and_upload_again(&app, &stored, &data).await;
     app.stop().await;
 }
 
@@ -838,12 +848,7 @@ async fn writes_that_hit_enospc_get_507_and_deletes_still_work() {
 #[tokio::test]
 async fn after_a_write_fails_for_space_readyz_says_so_until_a_write_succeeds() {
     let dir = tempfile::tempdir().unwrap();
-    let (mnt, _guard) = small_tmpfs(dir.path());
-    let app = crate::helpers::spawn_app_with(|c| {
-        c.data_dir = mnt.join("data");
-        c.min_free_bytes = 0;
-    })
-    .await;
+    let (app, data, _guard) = app_without_a_floor(dir.path()).await;
     let (s, v) = app.get_json("/readyz").await;
     assert_eq!(s, 200, "{v}");
     let (stored, _) = fill_with_datasets(&app).await;
@@ -854,7 +859,7 @@ async fn after_a_write_fails_for_space_readyz_says_so_until_a_write_succeeds() {
     // Liveness is not readiness: the process itself is fine.
     let (s, _) = app.get_json("/healthz").await;
     assert_eq!(s, 200);
-    free_and_upload_again(&app, &stored, &mnt.join("data")).await;
+    free_and_upload_again(&app, &stored, &data).await;
     let (s, v) = app.get_json("/readyz").await;
     assert_eq!(s, 200, "{v}");
     app.stop().await;
